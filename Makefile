@@ -1,0 +1,35 @@
+# Hand-written build file. `make book` runs the book, `make test` runs every test; both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Pinned for reproducible notebook outputs: the outputs committed in chapters/*.ipynb come from these versions.
+PINS := "torch==2.13.0" "triton==3.6.0; sys_platform == 'linux' and (platform_machine == 'x86_64' or platform_machine == 'aarch64')"
+CHAPTERS ?=
+
+.PHONY: book test check export setup clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check $(PINS)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]" $(PINS)
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+book: $(STAMP)
+	$(PY) -m lrn_lib.book run $(CHAPTERS)
+
+test: $(STAMP)
+	$(PY) -m lrn_lib.book check
+	$(PY) -m pytest -q tests
+	LRN_DEVICE=cpu $(PY) -m pytest -q --nbval --nbval-current-env --nbval-sanitize-with tests/sanitize.cfg chapters
+
+check: $(STAMP)
+	$(PY) -m lrn_lib.book check
+
+export: $(STAMP)
+	$(PY) -m lrn_lib.book export
+
+clean:
+	rm -rf $(VENV) _build .pytest_cache

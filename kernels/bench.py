@@ -1,0 +1,138 @@
+"""Benchmarks of the book's kernels against PyTorch, measured side by side in one run.
+
+Hand-written tool (not exported from a chapter).
+
+    python -m kernels.bench [NAME ...] [--out DIR]
+
+Each case first checks our result against PyTorch's on the same fresh random input, then
+times both with ``triton.testing.do_bench`` (median of many runs, warm-up excluded, L2
+flushed between runs), and prints effective bandwidth (GB/s from the fewest bytes the
+operation must move) and the ratio ours/torch (above 1 means we are faster). A JSON file
+with the device, versions and date goes to ``--out`` (default ``benchmarks/results``).
+Needs a CUDA GPU and refuses clearly without one.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+
+@dataclass
+class Case:
+    """One timed comparison: our function and PyTorch's on the same input."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    ours: Callable[[], torch.Tensor]
+    torch_fn: Callable[[], torch.Tensor]
+    bytes_moved: int
+    tolerance: float
+
+
+def softmax_cases() -> Iterator[Case]:
+    """Row softmax at the sizes of issue 2's acceptance list, float32 and bfloat16."""
+    from kernels.softmax import softmax_triton
+
+    for dtype in (torch.float32, torch.bfloat16):
+        for shape in ((4096, 32768), (65536, 4096), (16384, 1024)):
+            x = torch.randn(shape, device="cuda", dtype=dtype) * 4
+            yield Case("softmax", shape, dtype, lambda x=x: softmax_triton(x),
+                       lambda x=x: torch.softmax(x, dim=-1), 2 * x.numel() * x.element_size(),
+                       tolerance=1e-5 if dtype == torch.float32 else 1e-2)
+
+
+BENCHMARKS: dict[str, Callable[[], Iterator[Case]]] = {"softmax": softmax_cases}
+
+
+def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """||ours - ref|| / ||ref|| in float64; NaN anywhere counts as infinitely wrong."""
+    ours, ref = ours.double(), ref.double()
+    if ours.isnan().any():
+        return float("inf")
+    return ((ours - ref).norm() / ref.norm()).item()
+
+
+def measure(case: Case) -> dict:
+    """Check, then time one case; return its row of the results table."""
+    from triton.testing import do_bench
+
+    error = relative_error(case.ours(), case.torch_fn())
+    if error > case.tolerance:
+        raise AssertionError(f"{case.name} {case.shape} {case.dtype}: relative error {error:.2e} "
+                             f"over {case.tolerance:.0e}; not timing a wrong kernel")
+    ours_ms = do_bench(case.ours, warmup=50, rep=300, return_mode="median")
+    torch_ms = do_bench(case.torch_fn, warmup=50, rep=300, return_mode="median")
+    return {
+        "name": case.name, "shape": list(case.shape), "dtype": str(case.dtype).replace("torch.", ""),
+        "ours_ms": ours_ms, "torch_ms": torch_ms,
+        "ours_GBps": case.bytes_moved / ours_ms / 1e6, "torch_GBps": case.bytes_moved / torch_ms / 1e6,
+        "ours_over_torch": torch_ms / ours_ms, "relative_error": error,
+    }
+
+
+def environment() -> dict:
+    """Device, versions and date, recorded with every result file."""
+    import triton
+
+    return {
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+        "cuda": torch.version.cuda, "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def table(rows: list[dict]) -> str:
+    """The results as a fixed-width text table."""
+    lines = [f"{'kernel':10s} {'shape':>14s} {'dtype':9s} {'ours ms':>8s} {'torch ms':>8s} "
+             f"{'ours GB/s':>9s} {'torch GB/s':>10s} {'ours/torch':>10s}"]
+    for r in rows:
+        shape = "x".join(map(str, r["shape"]))
+        lines.append(f"{r['name']:10s} {shape:>14s} {r['dtype']:9s} {r['ours_ms']:8.3f} {r['torch_ms']:8.3f} "
+                     f"{r['ours_GBps']:9.0f} {r['torch_GBps']:10.0f} {r['ours_over_torch']:9.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("names", nargs="*", help=f"benchmarks to run (default all: {', '.join(BENCHMARKS)})")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for the JSON file")
+    args = parser.parse_args(argv)
+    unknown = [n for n in args.names if n not in BENCHMARKS]
+    if unknown:
+        print(f"error: unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}", file=sys.stderr)
+        return 2
+    if not torch.cuda.is_available():
+        print("error: kernels.bench times compiled Triton kernels and needs a CUDA GPU; none was found "
+              "(on a CPU the kernels run in Triton's interpreter, whose speed means nothing).", file=sys.stderr)
+        return 2
+    from kernels import runtime
+
+    if runtime.MODE != "compiled":
+        print(f"error: Triton kernels would run {runtime.MODE} here; unset TRITON_INTERPRET and LRN_DEVICE",
+              file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    env = environment()
+    rows = [measure(case) for name in (args.names or list(BENCHMARKS)) for case in BENCHMARKS[name]()]
+    print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']} | {env['date']}")
+    print(table(rows))
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "-".join(args.names or ["all"])
+    device = env["device"].replace(" ", "_")
+    path = args.out / f"{stem}_{device}_{env['date'][:10]}.json"
+    path.write_text(json.dumps({"environment": env, "results": rows}, indent=2) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
