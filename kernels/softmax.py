@@ -8,7 +8,7 @@ import torch
 from kernels.runtime import check_launchable, tl, triton
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-FUSED_MAX_COLS = 32768  # longest row the fused kernel holds on chip; longer rows loop
+FUSED_MAX_COLS = 65536  # longest row the fused kernel holds on chip; longer rows loop
 LONG_ROW_BLOCK = 4096   # columns per step of the looped kernel
 
 
@@ -90,7 +90,7 @@ def fused_launch_config(n_cols: int) -> tuple[int, int, int]:
     block_n = triton.next_power_of_2(n_cols)
     block_m = max(1, min(16, 4096 // block_n))
     tile = block_m * block_n
-    num_warps = 4 if tile <= 4096 else 8 if tile <= 8192 else 16 if tile <= 16384 else 32
+    num_warps = 4 if tile <= 2048 else 8 if tile <= 8192 else 16
     return block_m, block_n, num_warps
 
 
@@ -115,13 +115,16 @@ def softmax_triton(x: torch.Tensor, dim: int = -1, out: torch.Tensor | None = No
     check_launchable("x", x)
     if out is not None:
         _check_out(out, x)
-    rows = x.movedim(dim, -1)
-    y_rows = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
-    x2 = rows.reshape(-1, rows.shape[-1])
+    if dim % x.dim() != x.dim() - 1:  # move the softmax axis last, compute, move it back
+        y = softmax_triton(x.movedim(dim, -1)).movedim(-1, dim)
+        return y if out is None else out.copy_(y)
+    n_cols = x.shape[-1]
+    x2 = x.reshape(-1, n_cols)  # a view whenever the rows are evenly spaced
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    y2 = y_rows.view(-1, rows.shape[-1])
-    n_rows, n_cols = x2.shape
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
+    y2 = y.view(-1, n_cols)
+    n_rows = x2.shape[0]
     if n_cols <= FUSED_MAX_COLS:
         block_m, block_n, num_warps = fused_launch_config(n_cols)
         softmax_fused_kernel[(triton.cdiv(n_rows, block_m),)](
@@ -129,9 +132,5 @@ def softmax_triton(x: torch.Tensor, dim: int = -1, out: torch.Tensor | None = No
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
     else:
         softmax_looped_kernel[(n_rows,)](
-            x2, y2, n_cols, x2.stride(0), y2.stride(0), BLOCK=LONG_ROW_BLOCK, num_warps=16)
-    y = y_rows.movedim(-1, dim)
-    if out is None:
-        return y
-    out.copy_(y)
-    return out
+            x2, y2, n_cols, x2.stride(0), y2.stride(0), BLOCK=LONG_ROW_BLOCK, num_warps=32)
+    return y

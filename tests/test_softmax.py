@@ -118,7 +118,7 @@ def test_kernel_matches_float64_softmax_on_odd_shapes(shape, dtype):
 
 
 @needs_triton
-@pytest.mark.parametrize("n_cols", [40000, 65537])
+@pytest.mark.parametrize("n_cols", [65537, 100_003])
 def test_kernel_handles_rows_longer_than_the_fused_limit(n_cols):
     if runtime.MODE == "compiled":
         pytest.skip("interpreter sizes; compiled kernels are tested under the gpu marker")

@@ -1,0 +1,111 @@
+"""book.toml is the single chapter list: the files, the README, the packaging and the
+import order of the library must all agree with it."""
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+from lrn_lib.book import load_book
+
+BOOK = load_book(Path(__file__).resolve().parent.parent)
+ROOT = BOOK.root
+PLANNED_IDS = [f"{n:02d}" for n in range(1, 11)]
+
+
+def test_book_plans_ten_chapters_in_order():
+    assert [c.id for c in BOOK.chapters] == PLANNED_IDS
+    assert all(c.status in ("written", "planned") for c in BOOK.chapters)
+    assert all(c.notebook.name.startswith(c.id + "_") for c in BOOK.chapters)
+
+
+def test_every_written_chapter_has_its_pair():
+    for chapter in BOOK.chapters:
+        if chapter.written:
+            assert chapter.source.is_file(), chapter.source
+            assert chapter.notebook.is_file(), chapter.notebook
+
+
+def test_every_notebook_in_chapters_is_listed():
+    listed = {c.notebook for c in BOOK.chapters if c.written} | {c.source for c in BOOK.chapters if c.written}
+    on_disk = set((ROOT / "chapters").glob("*.ipynb")) | set((ROOT / "chapters").glob("[0-9][0-9]_*.py"))
+    assert on_disk <= listed, f"not in book.toml as written chapters: {sorted(on_disk - listed)}"
+
+
+def test_each_module_belongs_to_one_chapter_and_exists_once_written():
+    owners = [m for c in BOOK.chapters for m in c.modules] + list(BOOK.infrastructure) + list(BOOK.tools)
+    assert len(owners) == len(set(owners)), "a module is listed twice in book.toml"
+    for chapter in BOOK.chapters:
+        for module in chapter.modules if chapter.written else ():
+            assert BOOK.module_path(module).is_file(), f"{module} of chapter {chapter.id} is missing"
+
+
+def module_chapter() -> dict[str, int]:
+    """Module name -> the chapter number that introduces it (0 for infrastructure)."""
+    order = {m: 0 for m in BOOK.infrastructure}
+    for chapter in BOOK.chapters:
+        order.update({m: int(chapter.id) for m in chapter.modules})
+    return order
+
+
+def imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return {n for n in names if n.split(".")[0] in ("lrn_lib", "kernels")}
+
+
+def test_chapter_modules_import_only_earlier_or_same_chapters():
+    order = module_chapter()
+    for module, chapter in order.items():
+        path = BOOK.module_path(module)
+        if not path.is_file():
+            continue
+        for name in imported_modules(path):
+            if name in ("lrn_lib", "kernels"):
+                continue
+            target = name if name in order else name.rsplit(".", 1)[0]
+            assert target in order, f"{module} imports {name}, which book.toml does not know"
+            assert order[target] <= chapter, f"{module} (chapter {chapter}) imports {target} (chapter {order[target]})"
+
+
+def test_every_library_file_is_in_the_manifest():
+    known = set(module_chapter()) | set(BOOK.tools)
+    for folder in ("lrn_lib", "kernels"):
+        for path in (ROOT / folder).glob("*.py"):
+            if path.name != "__init__.py":
+                assert f"{folder}.{path.stem}" in known, f"{path} is not listed in book.toml"
+
+
+def test_readme_chapter_table_matches_book_toml():
+    rows = re.findall(r"^\| (\d\d) \| (.+?) \| (.+?) \|", (ROOT / "README.md").read_text(), re.MULTILINE)
+    assert [(r[0], r[1]) for r in rows] == [(c.id, c.title) for c in BOOK.chapters]
+    for (_, _, status_cell), chapter in zip(rows, BOOK.chapters):
+        assert chapter.status in status_cell
+
+
+def requirement_names(lines) -> set[str]:
+    names = set()
+    for line in lines:
+        name = re.split(r"[<>=;\s\[]", line.strip(), maxsplit=1)[0].lower()
+        names.add({"pytorch": "torch"}.get(name, name))
+    return names
+
+
+def test_environment_yml_lists_the_same_packages_as_pyproject():
+    try:
+        import tomllib
+    except ModuleNotFoundError:
+        tomllib = pytest.importorskip("tomli")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = requirement_names(project["dependencies"] + project["optional-dependencies"]["dev"])
+    wanted.discard("tomli")  # a back-port for Python 3.10 only; conda installs a newer Python
+    text = (ROOT / "environment.yml").read_text().split("dependencies:", 1)[1]
+    conda = [line.strip()[2:] for line in text.splitlines()
+             if line.startswith("  - ") and not line.strip().endswith(":")]
+    have = requirement_names(conda) - {"python", "pip"}
+    assert have == wanted

@@ -1,0 +1,67 @@
+"""Execution profiles, the doctor and the benchmark command, each in a fresh process so
+that environment variables act as they do for a reader."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_python(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=full_env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_lrn_device_cpu_forces_the_cpu_profile_and_the_interpreter():
+    code = ("from lrn_lib import config; import kernels; "
+            "print(config.DEVICE.type, config.PROFILE, config.pick(cpu='small', gpu='big'), kernels.runtime.MODE)")
+    env = {"LRN_DEVICE": "cpu"}
+    env_without = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env_without, **env},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["cpu", "cpu", "small", "interpreted"]
+
+
+def test_unknown_lrn_device_is_a_clear_error():
+    result = run_python("-c", "import lrn_lib.config", env={"LRN_DEVICE": "tpu"})
+    assert result.returncode != 0
+    assert "LRN_DEVICE='tpu': expected one of cpu, cuda, mps" in result.stderr
+
+
+def test_seed_everything_repeats_random_draws():
+    from lrn_lib import config
+
+    config.seed_everything(3)
+    first = torch.randn(4)
+    config.seed_everything(3)
+    assert torch.equal(first, torch.randn(4))
+
+
+def test_doctor_prints_one_ok_or_fail_line_per_requirement():
+    result = run_python("-m", "lrn_lib.doctor")
+    lines = result.stdout.splitlines()
+    assert lines and all(line.startswith(("OK   ", "FAIL ")) for line in lines), result.stdout
+    assert any(line.startswith("OK   Python") for line in lines)
+    assert any("torch" in line for line in lines)
+    assert any(line.startswith("OK   device: ") for line in lines)
+    assert any("kernels run" in line or "triton not installed" in line for line in lines)
+    assert result.returncode == (1 if any(line.startswith("FAIL") for line in lines) else 0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_bench_refuses_clearly_without_a_gpu():
+    result = run_python("-m", "kernels.bench", "softmax")
+    assert result.returncode == 2
+    assert "needs a CUDA GPU" in result.stderr
+
+
+def test_bench_rejects_unknown_benchmark_names():
+    result = run_python("-m", "kernels.bench", "no_such_kernel")
+    assert result.returncode == 2
+    assert "unknown benchmark(s) no_such_kernel; known: softmax" in result.stderr
