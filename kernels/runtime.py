@@ -16,7 +16,6 @@ dispatching functions of ``lrn_lib`` use their PyTorch references, saying so onc
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import types
 import warnings
@@ -43,16 +42,16 @@ def _stand_in() -> tuple[types.SimpleNamespace, types.SimpleNamespace]:
                                  Config=lambda *a, **k: None, language=language), language
 
 
-if importlib.util.find_spec("triton") is None:
-    MODE = "unavailable"
-    triton, tl = _stand_in()
-else:
-    if "TRITON_INTERPRET" not in os.environ:
-        os.environ["TRITON_INTERPRET"] = "0" if config.DEVICE.type == "cuda" else "1"
+if "TRITON_INTERPRET" not in os.environ:
+    os.environ["TRITON_INTERPRET"] = "0" if config.DEVICE.type == "cuda" else "1"
+try:
     import triton
     import triton.language as tl
 
     MODE = "interpreted" if os.environ["TRITON_INTERPRET"] == "1" else "compiled"
+except ImportError:
+    MODE = "unavailable"
+    triton, tl = _stand_in()
 
 _warned = False
 

@@ -82,12 +82,12 @@ def softmax(x: torch.Tensor, dim: int = -1, impl: str = "auto") -> torch.Tensor:
     if impl not in ("auto", "triton", "torch"):
         raise ValueError(f"impl={impl!r}; expected 'auto', 'triton' or 'torch'")
     dim = check_softmax_input(x, dim)
+    if impl == "auto":
+        use_kernel = x.is_cuda and x.dtype != torch.float64 and runtime.MODE != "interpreted"
+        impl = "triton" if use_kernel else "torch"
     if impl == "triton" and runtime.MODE == "unavailable":
         runtime.note_fallback()
         impl = "torch"
-    if impl == "auto":
-        use_kernel = runtime.MODE == "compiled" and x.is_cuda and x.dtype != torch.float64
-        impl = "triton" if use_kernel else "torch"
     if impl == "torch":
         return safe_softmax(x, dim)
     from kernels.softmax import softmax_triton

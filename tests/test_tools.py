@@ -65,3 +65,30 @@ def test_bench_rejects_unknown_benchmark_names():
     result = run_python("-m", "kernels.bench", "no_such_kernel")
     assert result.returncode == 2
     assert "unknown benchmark(s) no_such_kernel; known: softmax" in result.stderr
+
+
+def test_without_triton_the_reference_runs_with_one_clear_warning():
+    code = """
+import sys, warnings
+sys.modules["triton"] = None  # as on macOS or Windows, where triton has no wheels
+import torch
+from kernels import runtime
+from kernels.softmax import softmax_triton
+from lrn_lib.softmax import safe_softmax, softmax
+x = torch.randn(3, 7)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    assert torch.equal(softmax(x, impl="triton"), safe_softmax(x))
+    assert torch.equal(softmax(x, impl="triton"), safe_softmax(x))
+assert len(caught) == 1 and "Triton is not installed" in str(caught[0].message), caught
+try:
+    softmax_triton(x)
+except RuntimeError as err:
+    assert "Triton is not installed" in str(err)
+else:
+    raise AssertionError("the launcher ran without triton")
+print(runtime.MODE)
+"""
+    result = run_python("-c", code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "unavailable"
