@@ -431,17 +431,41 @@ def softmax_looped_kernel(x_ptr, y_ptr, n_cols, x_row_stride, y_row_stride, BLOC
 
 # %%
 #| export kernels.softmax
-def _check_out(out: torch.Tensor, x: torch.Tensor) -> None:
-    """Raise if ``out`` cannot receive softmax(x)."""
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
-    if out.device != x.device:
-        raise ValueError(f"out is on {out.device} but x is on {x.device}; they must share a device")
-    if out.shape != x.shape or out.dtype != x.dtype:
-        raise ValueError(f"out has shape {tuple(out.shape)} and dtype {out.dtype}; "
-                         f"expected x's {tuple(x.shape)} and {x.dtype}")
-    if not out.is_contiguous():
-        raise ValueError("out must be contiguous")
+def check_row_kernel_input(x: torch.Tensor, dim: int, out: torch.Tensor | None = None,
+                           name: str = "x") -> int:
+    """Validate the input (and optional ``out``) of a row-wise kernel; return ``dim`` >= 0.
+
+    Raises TypeError for a non-tensor or an unsupported dtype, ValueError for an empty or
+    0-d tensor, a ``dim`` out of range, a device the kernels cannot run on, or an ``out``
+    whose device, shape, dtype or layout does not match. Messages name the argument.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} has dtype {x.dtype}; the kernels take float16, bfloat16 or float32")
+    if x.dim() == 0 or x.numel() == 0:
+        raise ValueError(f"{name} has shape {tuple(x.shape)}; the kernels need a non-empty tensor "
+                         "with at least one dimension")
+    if not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
+        raise ValueError(f"dim={dim!r} is out of range for {name} with {x.dim()} dimension(s)")
+    check_launchable(name, x)
+    if out is not None:
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+        if out.device != x.device:
+            raise ValueError(f"out is on {out.device} but {name} is on {x.device}; they must share a device")
+        if out.shape != x.shape or out.dtype != x.dtype:
+            raise ValueError(f"out has shape {tuple(out.shape)} and dtype {out.dtype}; "
+                             f"expected {name}'s {tuple(x.shape)} and {x.dtype}")
+        if not out.is_contiguous():
+            raise ValueError("out must be contiguous")
+    return dim % x.dim()
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """x of shape (..., n) as a (rows, n) tensor with unit column stride; a view when possible."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
 def fused_launch_config(n_cols: int) -> tuple[int, int, int]:
@@ -460,28 +484,14 @@ def softmax_triton(x: torch.Tensor, dim: int = -1, out: torch.Tensor | None = No
     interpreter). out: optional contiguous tensor of x's shape and dtype.
     Returns a tensor of x's shape and dtype.
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"x has dtype {x.dtype}; the softmax kernel takes float16, bfloat16 or float32")
-    if x.dim() == 0 or x.numel() == 0:
-        raise ValueError(f"x has shape {tuple(x.shape)}; the softmax kernel needs a non-empty tensor "
-                         "with at least one dimension")
-    if not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
-        raise ValueError(f"dim={dim!r} is out of range for x with {x.dim()} dimension(s)")
-    check_launchable("x", x)
-    if out is not None:
-        _check_out(out, x)
-    if dim % x.dim() != x.dim() - 1:  # move the softmax axis last, compute, move it back
+    dim = check_row_kernel_input(x, dim, out)
+    if dim != x.dim() - 1:  # move the softmax axis last, compute, move it back
         y = softmax_triton(x.movedim(dim, -1)).movedim(-1, dim)
         return y if out is None else out.copy_(y)
-    n_cols = x.shape[-1]
-    x2 = x.reshape(-1, n_cols)  # a view whenever the rows are evenly spaced
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = as_rows(x)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
-    y2 = y.view(-1, n_cols)
-    n_rows = x2.shape[0]
+    y2 = y.view(x2.shape)
+    n_rows, n_cols = x2.shape
     if n_cols <= FUSED_MAX_COLS:
         block_m, block_n, num_warps = fused_launch_config(n_cols)
         softmax_fused_kernel[(triton.cdiv(n_rows, block_m),)](
@@ -678,4 +688,5 @@ print("the fused softmax beats the eager five-op version:", fused_speedup > 1.2)
 #
 # Exported to the library: `lrn_lib.softmax` (`safe_softmax`, `logsumexp`, `softmax`,
 # `check_softmax_input`) and `kernels.softmax` (`softmax_fused_kernel`,
-# `softmax_looped_kernel`, `softmax_triton`).
+# `softmax_looped_kernel`, `softmax_triton`, and the input checks `check_row_kernel_input`
+# and `as_rows` that chapter 2's kernels reuse).

@@ -36,6 +36,7 @@ class Case:
     torch_fn: Callable[[], torch.Tensor]
     bytes_moved: int
     tolerance: float
+    flops: int = 0  # arithmetic of the operation, for compute-bound kernels (0: report GB/s only)
 
 
 def softmax_cases() -> Iterator[Case]:
@@ -50,7 +51,50 @@ def softmax_cases() -> Iterator[Case]:
                        tolerance=1e-5 if dtype == torch.float32 else 1e-2)
 
 
-BENCHMARKS: dict[str, Callable[[], Iterator[Case]]] = {"softmax": softmax_cases}
+def online_softmax_cases() -> Iterator[Case]:
+    """Chapter 2's two-pass online softmax at issue 3's sizes, against torch.softmax."""
+    from kernels.online_softmax import online_softmax_triton
+
+    for dtype in (torch.float32, torch.bfloat16):
+        for shape in ((4096, 32768), (1024, 262144)):
+            x = torch.randn(shape, device="cuda", dtype=dtype) * 4
+            yield Case("online_softmax", shape, dtype, lambda x=x: online_softmax_triton(x),
+                       lambda x=x: torch.softmax(x, dim=-1), 2 * x.numel() * x.element_size(),
+                       tolerance=1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def softmax_backward_cases() -> Iterator[Case]:
+    """Chapter 2's softmax backward (2.4) against PyTorch's own softmax backward kernel."""
+    from kernels.online_softmax import softmax_backward_triton
+
+    for dtype in (torch.float32, torch.bfloat16):
+        for shape in ((4096, 32768), (16384, 1024), (1024, 262144)):
+            y = torch.softmax(torch.randn(shape, device="cuda") * 4, dim=-1).to(dtype)
+            dy = torch.randn(shape, device="cuda", dtype=dtype)
+            yield Case("softmax_backward", shape, dtype, lambda y=y, dy=dy: softmax_backward_triton(y, dy),
+                       lambda y=y, dy=dy: torch.ops.aten._softmax_backward_data(dy, y, -1, dtype),
+                       3 * y.numel() * y.element_size(), tolerance=1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def matmul_cases() -> Iterator[Case]:
+    """Chapter 3's autotuned Triton matmul against torch.matmul (cuBLAS) at issue 3's sizes."""
+    from kernels.matmul import matmul
+
+    for dtype, shapes in ((torch.bfloat16, ((4096, 4096, 4096), (8192, 8192, 8192), (16384, 1024, 4096))),
+                          (torch.float16, ((8192, 8192, 8192),))):
+        for m, n, k in shapes:
+            a = torch.randn(m, k, device="cuda", dtype=dtype)
+            b = torch.randn(k, n, device="cuda", dtype=dtype)
+            yield Case("matmul", (m, n, k), dtype, lambda a=a, b=b: matmul(a, b), lambda a=a, b=b: a @ b,
+                       (m * k + k * n + m * n) * a.element_size(), tolerance=1e-2, flops=2 * m * n * k)
+
+
+BENCHMARKS: dict[str, Callable[[], Iterator[Case]]] = {
+    "softmax": softmax_cases,
+    "online_softmax": online_softmax_cases,
+    "softmax_backward": softmax_backward_cases,
+    "matmul": matmul_cases,
+}
 
 
 def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -75,6 +119,8 @@ def measure(case: Case) -> dict:
         "name": case.name, "shape": list(case.shape), "dtype": str(case.dtype).replace("torch.", ""),
         "ours_ms": ours_ms, "torch_ms": torch_ms,
         "ours_GBps": case.bytes_moved / ours_ms / 1e6, "torch_GBps": case.bytes_moved / torch_ms / 1e6,
+        "ours_TFLOPs": case.flops / ours_ms / 1e9 if case.flops else None,
+        "torch_TFLOPs": case.flops / torch_ms / 1e9 if case.flops else None,
         "ours_over_torch": torch_ms / ours_ms, "relative_error": error,
     }
 
@@ -92,12 +138,15 @@ def environment() -> dict:
 
 def table(rows: list[dict]) -> str:
     """The results as a fixed-width text table."""
-    lines = [f"{'kernel':10s} {'shape':>14s} {'dtype':9s} {'ours ms':>8s} {'torch ms':>8s} "
-             f"{'ours GB/s':>9s} {'torch GB/s':>10s} {'ours/torch':>10s}"]
+    lines = [f"{'kernel':16s} {'shape':>15s} {'dtype':9s} {'ours ms':>8s} {'torch ms':>8s} "
+             f"{'ours GB/s':>9s} {'torch GB/s':>10s} {'ours TFLOP/s':>12s} {'torch TFLOP/s':>13s} {'ours/torch':>10s}"]
     for r in rows:
         shape = "x".join(map(str, r["shape"]))
-        lines.append(f"{r['name']:10s} {shape:>14s} {r['dtype']:9s} {r['ours_ms']:8.3f} {r['torch_ms']:8.3f} "
-                     f"{r['ours_GBps']:9.0f} {r['torch_GBps']:10.0f} {r['ours_over_torch']:9.2f}x")
+        rates = [f"{r[key]:{width}.0f}" if r.get(key) is not None else f"{'-':>{width}s}"
+                 for key, width in (("ours_TFLOPs", 12), ("torch_TFLOPs", 13))]  # only kernels that count FLOPs
+        lines.append(f"{r['name']:16s} {shape:>15s} {r['dtype']:9s} {r['ours_ms']:8.3f} {r['torch_ms']:8.3f} "
+                     f"{r['ours_GBps']:9.0f} {r['torch_GBps']:10.0f} {rates[0]} {rates[1]} "
+                     f"{r['ours_over_torch']:9.2f}x")
     return "\n".join(lines)
 
 
