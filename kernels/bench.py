@@ -89,11 +89,56 @@ def matmul_cases() -> Iterator[Case]:
                        (m * k + k * n + m * n) * a.element_size(), tolerance=1e-2, flops=2 * m * n * k)
 
 
+def flash_attention_cases() -> Iterator[Case]:
+    """Chapter 4's attention kernels against SDPA's FlashAttention-2 and cuDNN backends, bf16.
+
+    Sequence 1k/4k/16k, head dims 64 and 128, causal and not, batch x heads filling the GPU
+    (batch x sequence = 16384 tokens, heads x head_dim = 2048). Forward alone, and forward
+    plus backward (the check compares dQ).
+    """
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from kernels.flash_attention import flash_attention_backward, flash_attention_forward
+
+    def sdpa(backend, q, k, v, causal):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    def sdpa_fwd_bwd(backend, q, k, v, do, causal):
+        return torch.autograd.grad(sdpa(backend, q, k, v, causal), (q, k, v), do)[0]
+
+    def ours_fwd_bwd(q, k, v, do, causal):
+        o, lse = flash_attention_forward(q, k, v, causal)
+        return flash_attention_backward(q, k, v, o, lse, do, causal)[0]
+
+    for d in (64, 128):
+        for n in (1024, 4096, 16384):
+            for causal in (False, True):
+                b, h = max(1, 16384 // n), 2048 // d
+                q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                           for _ in range(3))
+                do = torch.randn_like(q)
+                flops = 4 * b * h * n * n * d // (2 if causal else 1)
+                io = 4 * q.numel() * q.element_size()
+                mask = "causal" if causal else "full"
+                for label, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+                    yield Case(f"attn {mask} fwd/{label}", (b, h, n, d), q.dtype,
+                               lambda q=q, k=k, v=v, c=causal: flash_attention_forward(q, k, v, c)[0],
+                               lambda q=q, k=k, v=v, c=causal, be=backend: sdpa(be, q, k, v, c),
+                               io, tolerance=2e-2, flops=flops)
+                    yield Case(f"attn {mask} f+b/{label}", (b, h, n, d), q.dtype,
+                               lambda q=q, k=k, v=v, do=do, c=causal: ours_fwd_bwd(q, k, v, do, c),
+                               lambda q=q, k=k, v=v, do=do, c=causal, be=backend: sdpa_fwd_bwd(be, q, k, v, do, c),
+                               2 * io, tolerance=3e-2, flops=flops * 7 // 2)
+
+
 BENCHMARKS: dict[str, Callable[[], Iterator[Case]]] = {
     "softmax": softmax_cases,
     "online_softmax": online_softmax_cases,
     "softmax_backward": softmax_backward_cases,
     "matmul": matmul_cases,
+    "flash_attention": flash_attention_cases,
 }
 
 
@@ -138,13 +183,13 @@ def environment() -> dict:
 
 def table(rows: list[dict]) -> str:
     """The results as a fixed-width text table."""
-    lines = [f"{'kernel':16s} {'shape':>15s} {'dtype':9s} {'ours ms':>8s} {'torch ms':>8s} "
+    lines = [f"{'kernel':22s} {'shape':>15s} {'dtype':9s} {'ours ms':>8s} {'torch ms':>8s} "
              f"{'ours GB/s':>9s} {'torch GB/s':>10s} {'ours TFLOP/s':>12s} {'torch TFLOP/s':>13s} {'ours/torch':>10s}"]
     for r in rows:
         shape = "x".join(map(str, r["shape"]))
         rates = [f"{r[key]:{width}.0f}" if r.get(key) is not None else f"{'-':>{width}s}"
                  for key, width in (("ours_TFLOPs", 12), ("torch_TFLOPs", 13))]  # only kernels that count FLOPs
-        lines.append(f"{r['name']:16s} {shape:>15s} {r['dtype']:9s} {r['ours_ms']:8.3f} {r['torch_ms']:8.3f} "
+        lines.append(f"{r['name']:22s} {shape:>15s} {r['dtype']:9s} {r['ours_ms']:8.3f} {r['torch_ms']:8.3f} "
                      f"{r['ours_GBps']:9.0f} {r['torch_GBps']:10.0f} {rates[0]} {rates[1]} "
                      f"{r['ours_over_torch']:9.2f}x")
     return "\n".join(lines)

@@ -1,0 +1,886 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Chapter 3. Tiling
+#
+# Chapter 1 found softmax to be *memory-bound*: a few operations per byte, so its speed
+# is the speed of memory. Matrix multiplication is the opposite case. It does $2MNK$
+# operations on only $MK + KN + MN$ numbers, so in principle each byte can feed hundreds of
+# operations. Whether a kernel gets that reuse depends on how it walks through the
+# matrices, and the way to get it is *tiling*: cut the matrices into blocks small enough
+# to sit on chip, and multiply block by block.
+#
+# This chapter covers the bookkeeping (arithmetic intensity and the roofline model), a
+# tiled matmul written as plain PyTorch loops, and then a Triton kernel that is competitive
+# with cuBLAS on an H100. The last section explains why the same idea does not carry over
+# directly to attention, because of softmax. That is the problem chapter 2's online
+# softmax solves and chapter 4's FlashAttention builds on.
+#
+# Exported: `lrn_lib.tiling` (cost model, roofline, the tiled reference, operand checks)
+# and `kernels.matmul` (the Triton kernel and its launcher).
+
+# %%
+import math
+
+import matplotlib.pyplot as plt
+import torch
+from matplotlib.patches import Rectangle
+
+import kernels
+from lrn_lib import config
+
+config.seed_everything(0)
+torch.set_printoptions(precision=4, sci_mode=False)
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+print(config.describe())
+print("Triton kernels run:", kernels.runtime.MODE)
+
+# %% [markdown]
+# ## 3.1 A matrix product is a sum of tile products
+#
+# For $A \in \mathbb{R}^{M \times K}$ and $B \in \mathbb{R}^{K \times N}$, each entry of
+# $C = AB$ is a dot product, $C_{ij} = \sum_{k} A_{ik} B_{kj}$. Group the rows of $C$ into
+# blocks of $b_M$, its columns into blocks of $b_N$ and the shared index $k$ into blocks
+# of $b_K$. Write $A_{[I,P]}$ for the $b_M \times b_K$ block of $A$ in row block $I$ and
+# column block $P$, and likewise for $B$ and $C$. The sum over $k$ splits into a sum over
+# blocks, and so
+#
+# $$C_{[I,J]} = \sum_{P=1}^{\lceil K / b_K \rceil} A_{[I,P]}\, B_{[P,J]} \qquad (3.1)$$
+#
+# Each output tile is a sum of small matrix products. This is the same formula for the
+# whole matrix, applied at the scale of blocks. Blocks at the edges are smaller when
+# $b_M$, $b_N$ or $b_K$ does not divide the matrix sizes, and (3.1) still holds. Here it
+# is checked for one tile:
+
+# %%
+A = torch.randn(6, 10, dtype=torch.float64)
+B = torch.randn(10, 4, dtype=torch.float64)
+bm, bn, bk = 3, 2, 4
+I, J = 1, 1                                       # the tile C[3:6, 2:4]
+tile = sum(A[I * bm:(I + 1) * bm, p:p + bk] @ B[p:p + bk, J * bn:(J + 1) * bn] for p in range(0, 10, bk))
+print("K blocks:", [(p, min(p + bk, 10)) for p in range(0, 10, bk)], "(the last one is shorter)")
+print("tile from (3.1) equals (A @ B)[3:6, 2:4]:", torch.allclose(tile, (A @ B)[3:6, 2:4], atol=1e-12))
+
+# %% [markdown]
+# Why bother with blocks? A program (one GPU thread block) that owns the tile
+# $C_{[I,J]}$ needs only the row panel $A_{[I,:]}$ ($b_M \times K$) and the column panel
+# $B_{[:,J]}$ ($K \times b_N$), and it can stream through them one $b_K$ slice at a time.
+# Only three small blocks have to be on chip at any moment: the two input slices and the
+# float32 accumulator for $C_{[I,J]}$. Each number loaded from memory is then used
+# $b_N$ times (an element of $A$) or $b_M$ times (an element of $B$). A naive program that
+# computes one $C_{ij}$ at a time uses each loaded number exactly once.
+#
+# ## 3.2 Arithmetic intensity and the roofline
+#
+# Counting one multiply and one add per term, a matmul does
+#
+# $$F = 2MNK \qquad (3.2)$$
+#
+# floating-point operations. At the very least it must read $A$ and $B$ and write $C$,
+# which moves
+#
+# $$Q_{\min} = (MK + KN + MN)\, s \qquad (3.3)$$
+#
+# bytes of memory traffic for $s$-byte elements. The ratio is the *arithmetic intensity*
+#
+# $$I = F / Q \quad \text{(FLOP per byte)}. \qquad (3.4)$$
+#
+# Using $Q_{\min}$ gives the best intensity an algorithm could have. A real kernel moves
+# more bytes. If each program reads its own panels of $A$ and $B$ from memory, with no
+# sharing through the cache, then $A$ is read once for each of the $\lceil N/b_N \rceil$
+# column blocks and $B$ once for each of the $\lceil M/b_M \rceil$ row blocks:
+#
+# $$Q_{\text{tiled}} = \left(MK \left\lceil \tfrac{N}{b_N} \right\rceil + KN \left\lceil \tfrac{M}{b_M} \right\rceil + MN\right) s,
+# \qquad I_{\text{tile}} \approx \frac{2\, b_M b_N}{(b_M + b_N)\, s} \qquad (3.5)$$
+#
+# Bigger tiles give more reuse. The *roofline model* (Williams, Waterman and Patterson,
+# 2009) then bounds the speed of any kernel by two ceilings, the peak arithmetic rate
+# $\pi$ and the memory bandwidth $\beta$:
+#
+# $$\text{attainable FLOP/s} = \min(\pi,\; I \cdot \beta) \qquad (3.6)$$
+#
+# The two ceilings cross at the *ridge point* $I^{*} = \pi / \beta$. A kernel below it is
+# memory-bound and one above it is compute-bound. The helpers below implement (3.2) to (3.6).
+
+# %%
+#| export lrn_lib.tiling
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Ceilings:
+    """The two ceilings of a roofline: peak FLOP/s and memory bandwidth in bytes/s.
+
+    name: what the figures describe; source: where they come from (datasheet or measured).
+    """
+
+    name: str
+    peak_flops: float
+    bandwidth: float
+    source: str
+
+    @property
+    def ridge(self) -> float:
+        """The ridge point pi / beta in FLOP/byte: the intensity where the ceilings cross."""
+        return self.peak_flops / self.bandwidth
+
+
+# NVIDIA H100 SXM5 datasheet: dense BF16 tensor-core peak (no sparsity) and HBM3 bandwidth.
+H100_SXM_DATASHEET = Ceilings("H100 SXM (datasheet)", 989e12, 3.35e12,
+                              "NVIDIA H100 datasheet: 989 TFLOP/s dense BF16, 3.35 TB/s HBM3")
+
+
+def matmul_flops(m: int, n: int, k: int) -> int:
+    """Floating-point operations of an (m, k) @ (k, n) product, equation (3.2)."""
+    return 2 * m * n * k
+
+
+def matmul_min_bytes(m: int, n: int, k: int, bytes_per_element: int) -> int:
+    """Fewest bytes an (m, k) @ (k, n) product can move: read A and B, write C once, (3.3)."""
+    return (m * k + k * n + m * n) * bytes_per_element
+
+
+def arithmetic_intensity(flops: float, bytes_moved: float) -> float:
+    """FLOP per byte of memory traffic, equation (3.4)."""
+    if bytes_moved <= 0:
+        raise ValueError(f"bytes_moved={bytes_moved!r}; it must be positive")
+    return flops / bytes_moved
+
+
+def tiled_traffic_bytes(m: int, n: int, k: int, block_m: int, block_n: int, bytes_per_element: int) -> int:
+    """Bytes moved by a tiled matmul whose programs share nothing through a cache, (3.5).
+
+    Each of the ceil(m/block_m) * ceil(n/block_n) programs reads a (block_m, k) panel of A
+    and a (k, block_n) panel of B, and writes its (block_m, block_n) tile of C.
+    """
+    row_blocks, col_blocks = math.ceil(m / block_m), math.ceil(n / block_n)
+    return (m * k * col_blocks + k * n * row_blocks + m * n) * bytes_per_element
+
+
+def attainable_flops(intensity: float, ceilings: Ceilings) -> float:
+    """The roofline bound min(pi, I * beta) in FLOP/s, equation (3.6)."""
+    return min(ceilings.peak_flops, intensity * ceilings.bandwidth)
+
+
+# %% [markdown]
+# The numbers for the three acceptance shapes of this chapter's benchmark, in bfloat16
+# (2 bytes), against the H100 SXM datasheet ceilings. These are NVIDIA's published figures,
+# not measurements: 989 TFLOP/s dense bfloat16 on the tensor cores and 3.35 TB/s of HBM3.
+# For comparison, the same arithmetic for a float32 softmax (about 5 operations per
+# element, 8 bytes moved per element) is included.
+
+# %%
+from lrn_lib.tiling import (H100_SXM_DATASHEET, arithmetic_intensity, attainable_flops, matmul_flops,
+                            matmul_min_bytes, tiled_traffic_bytes)
+
+h100 = H100_SXM_DATASHEET
+print(f"{h100.name}: ridge point {h100.ridge:.0f} FLOP/byte")
+SHAPES = {"4096^3": (4096, 4096, 4096), "8192^3": (8192, 8192, 8192), "16384x1024x4096": (16384, 1024, 4096)}
+for label, (m, n, k) in SHAPES.items():
+    intensity = arithmetic_intensity(matmul_flops(m, n, k), matmul_min_bytes(m, n, k, 2))
+    bound = attainable_flops(intensity, h100)
+    print(f"matmul {label:16s} I = {intensity:6.0f} FLOP/B  -> bound {bound / 1e12:4.0f} TFLOP/s "
+          f"({'compute' if intensity > h100.ridge else 'memory'}-bound)")
+softmax_intensity = arithmetic_intensity(5, 8)
+print(f"softmax float32         I = {softmax_intensity:6.3f} FLOP/B -> bound "
+      f"{attainable_flops(softmax_intensity, h100) / 1e12:4.1f} TFLOP/s (memory-bound)")
+
+# %% [markdown]
+# A large matmul sits far to the right of the ridge point, and softmax sits far to the
+# left. That holds only if the matmul actually achieves intensity close to $F/Q_{\min}$.
+# Equation (3.5) says what happens when each program loads its panels from HBM on its own:
+
+# %%
+m = n = k = 8192
+print(f"8192^3 bfloat16, minimum traffic: {matmul_min_bytes(m, n, k, 2) / 1e9:6.2f} GB")
+for block_m, block_n in [(16, 16), (64, 64), (128, 128), (128, 256)]:
+    q = tiled_traffic_bytes(m, n, k, block_m, block_n, 2)
+    intensity = arithmetic_intensity(matmul_flops(m, n, k), q)
+    print(f"tiles {block_m:3d} x {block_n:3d}: {q / 1e9:6.2f} GB, I = {intensity:4.0f} FLOP/B, "
+          f"above the ridge ({h100.ridge:.0f}): {intensity > h100.ridge}")
+
+# %% [markdown]
+# Even 128 x 256 tiles leave the kernel below the ridge if every panel comes from HBM,
+# since (3.5) gives $2 \cdot 128 \cdot 256 / (384 \cdot 2) \approx 85$ FLOP/byte. Tiles
+# cannot grow much further: the accumulator alone takes 128 KB of registers at 128 x 256,
+# and the input slices need shared memory, times the number of pipeline stages. The rest
+# of the reuse has to come from the 50 MB L2 cache, which is shared by all programs. When
+# programs that run at the same time read the *same* panels, only the first read goes to
+# HBM. Section 3.5 arranges the order of the programs so that this happens.
+#
+# ## 3.3 A tiled matmul in plain PyTorch
+#
+# Equation (3.1) translates directly into loops over tiles. Slicing with `a[i:i + b]`
+# quietly shortens the last block, so the PyTorch version needs no special edge handling,
+# while the Triton kernel will need masks. Products accumulate in float32, or in float64
+# for float64 input, and the result comes back in the input's dtype, as in
+# `torch.matmul`. The operand checks sit in a separate function that the Triton launcher
+# reuses.
+
+# %%
+#| export lrn_lib.tiling
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_matmul_operands(a: torch.Tensor, b: torch.Tensor, dtypes=FLOAT_DTYPES) -> tuple[int, int, int]:
+    """Validate the operands of a @ b and return (M, N, K).
+
+    a: (M, K), b: (K, N), both non-empty 2-D tensors of one dtype from ``dtypes`` on one
+    device. Raises TypeError (not a tensor, wrong dtype) or ValueError (not 2-D, empty,
+    inner dimensions or devices differ); each message names the argument.
+    """
+    names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+    for name, x in (("a", a), ("b", b)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in dtypes:
+            raise TypeError(f"{name} has dtype {x.dtype}; matmul takes {names}")
+        if x.dim() != 2:
+            raise ValueError(f"{name} has shape {tuple(x.shape)}; matmul needs a 2-D matrix")
+        if x.numel() == 0:
+            raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); matmul needs non-empty matrices")
+    if b.dtype != a.dtype:
+        raise TypeError(f"b has dtype {b.dtype} but a has {a.dtype}; they must match")
+    if b.device != a.device:
+        raise ValueError(f"b is on {b.device} but a is on {a.device}; they must share a device")
+    if a.shape[1] != b.shape[0]:
+        raise ValueError(f"inner dimensions differ: a has {a.shape[1]} columns but b has {b.shape[0]} rows")
+    return a.shape[0], b.shape[1], a.shape[1]
+
+
+def tiled_matmul(a: torch.Tensor, b: torch.Tensor, block_m: int = 32, block_n: int = 32,
+                 block_k: int = 32) -> torch.Tensor:
+    """a @ b computed tile by tile, equation (3.1): the reference the Triton kernel follows.
+
+    a: (M, K), b: (K, N), floating. Each (block_m, block_n) tile of C is a float32 (float64
+    for float64 input) sum over K of block products. Returns (M, N) in a's dtype.
+    """
+    m, n, k = check_matmul_operands(a, b)
+    for name, value in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}; it must be a positive int")
+    acc_dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+    c = torch.empty((m, n), dtype=a.dtype, device=a.device)
+    for i in range(0, m, block_m):                 # one iteration = one program of the kernel
+        for j in range(0, n, block_n):
+            acc = torch.zeros((min(block_m, m - i), min(block_n, n - j)), dtype=acc_dtype, device=a.device)
+            for p in range(0, k, block_k):         # the K loop of (3.1)
+                acc += a[i:i + block_m, p:p + block_k].to(acc_dtype) @ b[p:p + block_k, j:j + block_n].to(acc_dtype)
+            c[i:i + block_m, j:j + block_n] = acc.to(a.dtype)
+    return c
+
+
+# %%
+from lrn_lib.tiling import tiled_matmul
+
+UNIT_ROUNDOFF = {torch.float16: 2**-11, torch.bfloat16: 2**-8, torch.float32: 2**-24, torch.float64: 2**-53}
+
+
+def close_to_float64(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, atol: float = 1e-5) -> bool:
+    """|c - a @ b| <= u |a @ b| + atol sqrt(K) + 16 u32 K entrywise, the reference in float64.
+
+    u (the output format's unit roundoff) covers the final rounding; the other two terms
+    cover the rounding of a float32 sum of K terms of size about 1 (u32 = 2**-24).
+    """
+    k = a.shape[1]
+    ref = a.double() @ b.double()
+    bound = UNIT_ROUNDOFF[c.dtype] * ref.abs() + atol * math.sqrt(k) + 16 * 2**-24 * k
+    return bool(((c.double() - ref).abs() <= bound).all())
+
+
+for (m, n, k), dtype in [((1, 1, 1), torch.float64), ((17, 1000, 33), torch.float64),
+                         ((100, 17, 1000), torch.float32), ((64, 48, 80), torch.bfloat16),
+                         ((1000, 17, 1), torch.bfloat16)]:
+    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    atol = 1e-13 if dtype == torch.float64 else 1e-5
+    print(f"M, N, K = {m:4d}, {n:4d}, {k:4d}  {str(dtype):15s} close to float64: "
+          f"{close_to_float64(tiled_matmul(a, b), a, b, atol)}")
+
+# %% [markdown]
+# The bound has two parts. The last step rounds each entry to the output format, which
+# moves it by at most the *unit roundoff* $u$ times its size: $u = 2^{-8}$ for
+# bfloat16's 8 significant bits, $2^{-11}$ for float16, $2^{-24}$ for float32. Before
+# that, the float32 sum of $K$ terms carries its own rounding. The $k$-th addition errs by
+# up to $u_{32} = 2^{-24}$ times a partial sum of size about $\sqrt{k}$, and these errors
+# add up randomly to about $u_{32} K / \sqrt{2}$. The bound allows $16\, u_{32} K$, plus
+# `atol`$\sqrt{K}$ for small $K$. Products of two bfloat16 or float16 numbers are exact in
+# float32, so nothing else is lost. (Our first GPU run used only the $\sqrt{K}$ term. It
+# failed float16 and float32 at $K = 4096$ and passed bfloat16, whose own rounding hides
+# the sum's error.)
+#
+# ## 3.4 A Triton matmul kernel
+#
+# The kernel is the innermost body of `tiled_matmul`, run by many programs at once. One
+# program owns one `BLOCK_M x BLOCK_N` tile of C:
+#
+# 1. **Which tile.** The program id is turned into a tile position (`pid_m`, `pid_n`).
+#    The order of that mapping decides cache reuse (section 3.5).
+# 2. **Pointers to the first K slice.** `rows` and `cols` are the tile's global row and
+#    column indices. For loading they are wrapped with `% M` and `% N`, so rows past the
+#    matrix edge read valid memory (row 0 again) instead of going out of bounds. Their
+#    results land in rows of C that are never stored. This keeps the loads free of row
+#    and column masks.
+# 3. **The K loop** of (3.1). Load a `BLOCK_M x BLOCK_K` slice of A and a
+#    `BLOCK_K x BLOCK_N` slice of B, multiply them with `tl.dot` (tensor cores on a GPU)
+#    into a float32 accumulator, and move both pointers `BLOCK_K` along K. When K is not a
+#    multiple of `BLOCK_K`, the last slice is masked, with zeros loaded past the end,
+#    which adds nothing to the sum. `EVEN_K`, computed by `triton.heuristics` from the
+#    actual K and `BLOCK_K`, compiles the mask out when it cannot be needed.
+# 4. **Store** the tile once, rounded to the output dtype, under the mask `rows < M` and
+#    `cols < N`.
+#
+# All strides are arguments, so transposed or sliced (non-contiguous) inputs are read in
+# place with no copy.
+#
+# Two points about precision. **float32 inputs**: on NVIDIA GPUs since Ampere, Triton's
+# `tl.dot` defaults to TF32 for float32 operands, meaning inputs rounded to 10 mantissa
+# bits before the tensor-core product (relative error around $10^{-3}$). `torch.matmul` does
+# *not* use TF32 by default (`torch.backends.cuda.matmul.allow_tf32` is `False`). The
+# launcher therefore follows PyTorch's setting and passes `input_precision="ieee"` (true
+# float32) or `"tf32"` explicitly. **bfloat16 under the interpreter**: Triton 3.6's CPU
+# interpreter returns garbage from `tl.dot` on bfloat16 blocks. We found this with this
+# chapter's tests, and the error was about $10^{10}$. Under the interpreter only, the
+# kernel therefore widens bfloat16 slices to float32 before the dot (`WIDEN_BF16`). This
+# changes no result: a product of two bfloat16 numbers (8-bit significands) fits exactly in
+# float32, and the sum is in float32 either way. The same interpreter also *truncates*
+# when it converts float32 to bfloat16, where the GPU rounds to nearest. Under the
+# interpreter only, bfloat16 results are therefore stored in a float32 buffer and rounded
+# by PyTorch. The interpreter then gives the answers the compiled kernel gives.
+
+# %%
+#| export kernels.matmul
+import torch
+
+from kernels import runtime
+from kernels.runtime import check_launchable, tl, triton
+from lrn_lib.tiling import check_matmul_operands
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def grouped_program_id(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Map a program id to its tile (pid_m, pid_n), going down GROUP_M tile rows at a time.
+
+    Within a group of GROUP_M tile rows, consecutive programs walk down a column, so the
+    programs running together share B column panels and a few A row panels (section 3.5).
+    GROUP_M = 1 is plain row-major order. Same formulas as lrn_lib.tiling.program_order.
+    """
+    per_group = GROUP_M * num_pid_n
+    first_m = (pid // per_group) * GROUP_M
+    rows_in_group = tl.minimum(num_pid_m - first_m, GROUP_M)   # the last group may be short
+    pid_m = first_m + (pid % per_group) % rows_in_group
+    pid_n = (pid % per_group) // rows_in_group
+    return pid_m, pid_n
+
+
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+@triton.jit
+def matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K,
+                  stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                  WIDEN_BF16: tl.constexpr):
+    """C = A @ B, one (BLOCK_M, BLOCK_N) tile of C per program, float32 accumulation (3.1).
+
+    A: (M, K), B: (K, N), C: (M, N), any strides. Grid: ceil(M/BLOCK_M) * ceil(N/BLOCK_N).
+    """
+    pid_m, pid_n = grouped_program_id(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + (rows % M)[:, None] * stride_am + ks[None, :] * stride_ak   # wrapped: in bounds
+    b_ptrs = b_ptr + ks[:, None] * stride_bk + (cols % N)[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for step in range(0, tl.cdiv(K, BLOCK_K)):                                  # the sum over P in (3.1)
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_left = K - step * BLOCK_K
+            a = tl.load(a_ptrs, mask=ks[None, :] < k_left, other=0.0)
+            b = tl.load(b_ptrs, mask=ks[:, None] < k_left, other=0.0)
+        if WIDEN_BF16:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)               # A[I,P] B[P,J]
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    c_ptrs = c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+# %% [markdown]
+# ## 3.5 Program order and the L2 cache
+#
+# Programs are launched in order of id, and the GPU runs about one *wave* of them at a
+# time (132 streaming multiprocessors on an H100 SXM, one big-tile program on each). In
+# plain row-major order, a wave covers a few whole tile rows of C. It reads those few A
+# panels and *every* B panel. `grouped_program_id` walks instead down columns inside
+# bands of `GROUP_M` tile rows. A wave then covers a squarer patch of C, and it reads
+# `GROUP_M` A panels and only as many B panels as it has columns. The same mapping in plain
+# Python lets us draw it and count panels:
+
+# %%
+#| export lrn_lib.tiling
+def program_order(pid: int, num_pid_m: int, num_pid_n: int, group_m: int) -> tuple[int, int]:
+    """The tile (pid_m, pid_n) that program ``pid`` computes under grouped ordering.
+
+    Python twin of kernels.matmul.grouped_program_id; group_m = 1 is row-major order.
+    """
+    per_group = group_m * num_pid_n
+    first_m = (pid // per_group) * group_m
+    rows_in_group = min(num_pid_m - first_m, group_m)
+    return first_m + (pid % per_group) % rows_in_group, (pid % per_group) // rows_in_group
+
+
+def wave_panels(programs: int, num_pid_m: int, num_pid_n: int, group_m: int) -> tuple[int, int]:
+    """(A row panels, B column panels) read by programs 0 .. programs-1 together.
+
+    When those programs run at once and share the L2 cache, these are the panels that
+    must come from HBM: the wave's traffic is (a_panels * BLOCK_M + b_panels * BLOCK_N) * K
+    elements.
+    """
+    tiles = [program_order(p, num_pid_m, num_pid_n, group_m)
+             for p in range(min(programs, num_pid_m * num_pid_n))]
+    return len({t[0] for t in tiles}), len({t[1] for t in tiles})
+
+
+# %% [markdown]
+# The first figure shows what one program reads (the drawn case is M = 10, N = 12,
+# K = 9 with 2 x 3 x 3 blocks, and the program computing tile (3, 2)). The second shows
+# the launch order of the tiles of C, with the first "wave" of 16 programs shaded, in
+# row-major order and with `GROUP_M = 4`.
+
+# %%
+from lrn_lib.tiling import program_order, wave_panels
+
+
+def draw_tiles(ax, rows, cols, bm, bn, title, highlight=(), dark=(), color="C0"):
+    """A rows x cols matrix cut into bm x bn blocks; highlight/dark: sets of (block row, block col)."""
+    for i in range(math.ceil(rows / bm)):
+        for j in range(math.ceil(cols / bn)):
+            h, w = min(bm, rows - i * bm), min(bn, cols - j * bn)
+            alpha = 0.85 if (i, j) in dark else 0.35 if (i, j) in highlight else 0.0
+            ax.add_patch(Rectangle((j * bn, i * bm), w, h, facecolor=color, alpha=alpha, edgecolor="none"))
+            ax.add_patch(Rectangle((j * bn, i * bm), w, h, fill=False, edgecolor="0.4", lw=0.8))
+    ax.set_xlim(0, cols)
+    ax.set_ylim(rows, 0)
+    ax.set_aspect("equal")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=10)
+
+
+M_, N_, K_, bm, bn, bk, ti, tj, step = 10, 12, 9, 2, 3, 3, 3, 2, 1
+fig, axes = plt.subplots(1, 3, figsize=(10, 3.6), gridspec_kw={"width_ratios": [K_, N_, N_]})
+draw_tiles(axes[0], M_, K_, bm, bk, f"A ({M_} x {K_}): row panel {ti}",
+           {(ti, p) for p in range(3)}, {(ti, step)}, "C0")
+draw_tiles(axes[1], K_, N_, bk, bn, f"B ({K_} x {N_}): column panel {tj}",
+           {(p, tj) for p in range(3)}, {(step, tj)}, "C1")
+draw_tiles(axes[2], M_, N_, bm, bn, f"C ({M_} x {N_}): tile ({ti}, {tj}), float32 acc",
+           set(), {(ti, tj)}, "C2")
+fig.suptitle(f"One program: C[{ti},{tj}] = sum over P of A[{ti},P] B[P,{tj}]; dark = the K step P = {step} "
+             "on chip now", fontsize=10)
+plt.show()
+
+grid_m, grid_n, wave = 8, 8, 16
+fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
+for ax, group_m in zip(axes, (1, 4)):
+    order = torch.zeros(grid_m, grid_n, dtype=torch.long)
+    for pid in range(grid_m * grid_n):
+        order[program_order(pid, grid_m, grid_n, group_m)] = pid
+    ax.imshow(order < wave, cmap="Blues", vmin=0, vmax=1.6)
+    for (i, j), pid in zip(torch.cartesian_prod(torch.arange(grid_m), torch.arange(grid_n)).tolist(),
+                           order.flatten().tolist()):
+        ax.text(j, i, pid, ha="center", va="center", fontsize=8)
+    a_panels, b_panels = wave_panels(wave, grid_m, grid_n, group_m)
+    ax.set_title(f"GROUP_M = {group_m}: first {wave} programs read\n{a_panels} A panels + {b_panels} B panels",
+                 fontsize=10)
+    ax.set_xticks([])
+    ax.set_yticks([])
+plt.show()
+
+# %% [markdown]
+# With square tiles, row-major order makes the first wave read 2 + 8 = 10 panels, while
+# `GROUP_M = 4` reads 4 + 4 = 8 for the same 16 tiles of output. The same count for the
+# real case, an 8192^3 bfloat16 matmul with 128 x 256 tiles and one wave of 132 programs,
+# gives the wave's arithmetic intensity against HBM when its panel reads are shared
+# through L2:
+
+# %%
+m = n = k = 8192
+block_m, block_n, programs = 128, 256, 132
+grid_m, grid_n = math.ceil(m / block_m), math.ceil(n / block_n)
+for group_m in (1, 8):
+    a_panels, b_panels = wave_panels(programs, grid_m, grid_n, group_m)
+    wave_bytes = (a_panels * block_m + b_panels * block_n) * k * 2
+    wave_intensity = arithmetic_intensity(programs * matmul_flops(block_m, block_n, k), wave_bytes)
+    print(f"GROUP_M = {group_m}: one wave reads {a_panels:2d} A + {b_panels:2d} B panels = "
+          f"{wave_bytes / 1e6:5.1f} MB, I = {wave_intensity:4.0f} FLOP/B")
+
+# %% [markdown]
+# Grouping cuts a wave's HBM traffic by about 40%. Both orders land above the ridge point
+# (295 FLOP/byte) under this idealised model, so the gain on a GPU should be modest.
+# Section 3.7 measures it. The model assumes that a panel, once read, stays in L2 until
+# the whole wave has used it. A wave's panels (88 to 145 MB here) do not fit in the 50 MB
+# cache. What saves the model is that the programs of a wave move along K at roughly the
+# same pace, so only the current K slices of the panels need to be cached at once. How
+# well that holds is a property of the hardware and the scheduling, and only a
+# measurement can tell.
+#
+# ## 3.6 The launcher: sizes, autotuning and checks
+#
+# Block sizes are compile-time constants, and the best ones depend on the GPU, the dtype
+# and the shape. Compiled on CUDA, `matmul_kernel` is wrapped in `triton.autotune`. The
+# first call for each (M, N, K, dtype) times a handful of configurations and remembers
+# the fastest. The candidates are configurations that did well on an H100 in
+# `benchmarks/sweep_matmul.py`: 128 x 256 and 128 x 128 tiles for large problems, and
+# narrower ones for small ones. `num_stages` is how many K slices are in flight at once
+# (the software pipeline that hides memory latency behind the tensor cores), and
+# `num_warps` is the number of warps of 32 threads per program. Configurations whose
+# pipeline would not fit in shared memory (float32 inputs take twice the bytes) are
+# pruned before timing. Under the interpreter, autotuning would time every configuration
+# by running it in NumPy, so the launcher uses one small fixed configuration there.
+# `matmul(..., config=...)` runs a fixed configuration on any device, which is how
+# section 3.7 compares `GROUP_M` values.
+
+# %%
+#| export kernels.matmul
+INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
+SHARED_MEMORY_BUDGET = 220 * 1024  # bytes of shared memory per program on an H100 (228 KB, minus slack)
+MAX_OFFSET = 2**31 - 1              # the kernel's pointer offsets are 32-bit
+
+
+def hopper_configs() -> list:
+    """The autotuning candidates: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_stages, num_warps)."""
+    table = [(128, 256, 64, 8, 4, 8), (128, 256, 64, 8, 3, 8), (256, 128, 64, 8, 4, 8),
+             (128, 128, 64, 8, 5, 4), (64, 256, 32, 8, 4, 4), (128, 64, 64, 8, 4, 4),
+             (64, 128, 64, 8, 4, 4), (64, 64, 64, 8, 4, 4)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g},
+                          num_stages=stages, num_warps=warps) for bm, bn, bk, g, stages, warps in table]
+
+
+def pipeline_bytes(block_m: int, block_n: int, block_k: int, num_stages: int, element_size: int) -> int:
+    """Shared memory for num_stages in-flight (block_m, block_k) and (block_k, block_n) slices."""
+    return num_stages * (block_m * block_k + block_k * block_n) * element_size
+
+
+def prune_configs(configs: list, named_args: dict, **kwargs) -> list:
+    """Drop autotuning configs whose pipeline does not fit in shared memory for this dtype."""
+    size = named_args["a_ptr"].element_size()
+    kept = [c for c in configs if pipeline_bytes(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
+                                                 c.num_stages, size) <= SHARED_MEMORY_BUDGET]
+    return kept or configs[-1:]
+
+
+if runtime.MODE == "compiled":
+    matmul_kernel_autotuned = triton.autotune(configs=hopper_configs(), key=["M", "N", "K"],
+                                              prune_configs_by={"early_config_prune": prune_configs})(matmul_kernel)
+else:
+    matmul_kernel_autotuned = None
+
+
+def _max_offset(x: torch.Tensor) -> int:
+    """The largest element offset a kernel computes for x: sum of (size - 1) * stride."""
+    return sum((size - 1) * stride for size, stride in zip(x.shape, x.stride()))
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, *, allow_tf32: bool | None = None,
+           config: dict | None = None) -> torch.Tensor:
+    """a @ b with the Triton kernel: float32 accumulation, output in the inputs' dtype.
+
+    a: (M, K), b: (K, N): float16, bfloat16 or float32, one dtype, on CUDA (or on the CPU
+    under Triton's interpreter); any strides. allow_tf32: for float32 inputs, use TF32
+    tensor cores; None follows torch.backends.cuda.matmul.allow_tf32 (False by default,
+    like torch.matmul). config: a fixed {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"} plus
+    optional "num_warps", "num_stages"; None autotunes when compiled. Returns (M, N).
+    """
+    m, n, k = check_matmul_operands(a, b, SUPPORTED_DTYPES)
+    check_launchable("a", a)
+    for name, x in (("a", a), ("b", b)):
+        if _max_offset(x) > MAX_OFFSET:
+            raise ValueError(f"{name} spans more than 2**31 elements; the kernel's offsets are 32-bit")
+    if m * n > MAX_OFFSET:
+        raise ValueError(f"the output would have {m * n} elements, more than the kernel's 2**31 limit")
+    if allow_tf32 is None:
+        allow_tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
+    # Triton 3.6's interpreter truncates float32 -> bfloat16; let torch round instead.
+    round_in_torch = runtime.MODE == "interpreted" and a.dtype == torch.bfloat16
+    c = torch.empty((m, n), dtype=torch.float32 if round_in_torch else a.dtype, device=a.device)
+    options = {"INPUT_PRECISION": "tf32" if allow_tf32 and a.dtype == torch.float32 else "ieee",
+               "WIDEN_BF16": runtime.MODE == "interpreted" and a.dtype == torch.bfloat16}
+    args = (a, b, c, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    if config is None and runtime.MODE == "compiled":
+        matmul_kernel_autotuned[grid](*args, **options)
+    else:
+        chosen = dict(INTERPRETER_CONFIG if config is None else config)
+        missing = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"} - set(chosen)
+        if missing:
+            raise ValueError(f"config lacks {sorted(missing)}")
+        matmul_kernel[grid](*args, **options, **chosen)
+    return c.to(a.dtype) if round_in_torch else c
+
+
+# %% [markdown]
+# The kernel is now checked against float64 on fresh random inputs, with the same bound
+# as the PyTorch reference. The shapes include dimensions of 1, 17 and 1000, sizes that are
+# not multiples of any block, and a transposed and a sliced operand. float32 agrees to
+# float32 rounding: under the interpreter `tl.dot` is NumPy's float32 product, and
+# compiled, the launcher asks for IEEE float32.
+
+# %%
+from kernels.matmul import matmul
+
+shapes = config.pick(cpu=[(1, 1, 1), (17, 1000, 33), (1000, 17, 1), (1, 17, 1000), (100, 77, 300)],
+                     gpu=[(1, 1, 1), (17, 1000, 33), (1000, 17, 1), (1, 17, 1000), (4097, 1000, 4095),
+                          (4096, 4096, 4096)])
+for m, n, k in shapes:
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        a = torch.randn(m, k, device=config.DEVICE).to(dtype)
+        b = torch.randn(k, n, device=config.DEVICE).to(dtype)
+        print(f"M, N, K = {m:4d}, {n:4d}, {k:4d}  {str(dtype):15s} close to float64: "
+              f"{close_to_float64(matmul(a, b), a, b)}")
+
+# %%
+a = torch.randn(90, 50, device=config.DEVICE).t()            # (50, 90), column-major
+b = torch.randn(90, 130, device=config.DEVICE)[:, ::2]       # (90, 65), every other column
+print("strided a and b are not contiguous:", not a.is_contiguous() and not b.is_contiguous())
+print("transposed and sliced operands, close to float64:", close_to_float64(matmul(a, b), a, b))
+a32, b32 = torch.randn(64, 256, device=config.DEVICE), torch.randn(256, 48, device=config.DEVICE)
+print("float32 with allow_tf32=True, close to float64 with atol = 4e-3:",
+      close_to_float64(matmul(a32, b32, allow_tf32=True), a32, b32, atol=4e-3))
+
+# %% [markdown]
+# TF32 rounds each input to 11 significant bits, a relative error of up to $2^{-11}$ per
+# input, so a sum of $K$ such products is off by about $10^{-3}\sqrt{K}$. That is why the
+# TF32 check uses `atol = 4e-3`. On the CPU this check passes trivially, because the
+# interpreter computes in full float32. On a GPU it measures real TF32 rounding. Bad input is rejected with an error that names the argument:
+
+# %%
+bad_calls = {
+    "integer matrix": lambda: matmul(torch.ones(2, 3, dtype=torch.int32), torch.ones(3, 2, dtype=torch.int32)),
+    "float64 into the kernel": lambda: matmul(torch.randn(2, 3, dtype=torch.float64),
+                                              torch.randn(3, 2, dtype=torch.float64)),
+    "inner dimensions differ": lambda: matmul(torch.randn(2, 3), torch.randn(4, 2)),
+    "a 1-D operand": lambda: matmul(torch.randn(3), torch.randn(3, 2)),
+    "an empty operand": lambda: matmul(torch.randn(2, 0), torch.randn(0, 2)),
+    "dtypes differ": lambda: matmul(torch.randn(2, 3), torch.randn(3, 2).half()),
+    "devices differ": lambda: matmul(torch.randn(2, 3), torch.randn(3, 2, device="meta")),
+}
+for what, call in bad_calls.items():
+    try:
+        call()
+        print(f"{what}: no error (unexpected)")
+    except (TypeError, ValueError) as err:
+        print(f"{what}: {type(err).__name__}: {err}")
+
+# %% [markdown]
+# ## 3.7 Measuring: the roofline of your device
+#
+# With a CUDA GPU, the cell below measures both ceilings of *this* device. Bandwidth comes
+# from a 1 GiB device-to-device copy (bytes read plus bytes written, divided by the time).
+# Peak FLOP/s comes from the best of a few large `torch.matmul` calls in bfloat16, and
+# cuBLAS is the practical ceiling. It then times our kernel and `torch.matmul` at several
+# shapes, from compute-bound cubes down to a skinny product whose intensity is below the
+# ridge. On a CPU the cell prints the datasheet ceilings and times nothing: the interpreter
+# runs the kernel in NumPy, and its speed says nothing about the kernel.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+from lrn_lib.tiling import Ceilings
+
+BENCH_SHAPES = [(4096, 4096, 4096), (8192, 8192, 8192), (16384, 1024, 4096), (8192, 8192, 512),
+                (8192, 8192, 128), (64, 8192, 8192)]
+measured = {}
+if config.PROFILE == "gpu":
+    from triton.testing import do_bench
+
+    def tflops(fn, m, n, k):
+        return matmul_flops(m, n, k) / do_bench(fn, warmup=50, rep=200, return_mode="median") / 1e9
+
+    src = torch.empty(2**29, dtype=torch.bfloat16, device="cuda")      # 1 GiB
+    dst = torch.empty_like(src)
+    copy_ms = do_bench(lambda: dst.copy_(src), warmup=10, rep=100, return_mode="median")
+    peak = max(tflops(lambda a=a, b=b: a @ b, *shape) for shape in [(8192, 8192, 8192), (16384, 8192, 8192)]
+               for a, b in [(torch.randn(shape[0], shape[2], device="cuda", dtype=torch.bfloat16),
+                             torch.randn(shape[2], shape[1], device="cuda", dtype=torch.bfloat16))])
+    del src, dst
+    ceilings = Ceilings(f"{torch.cuda.get_device_name()} (measured)", peak * 1e12,
+                        2 * 2**30 / copy_ms * 1e3, "1 GiB copy; best torch.matmul bf16")
+    for m, n, k in BENCH_SHAPES:
+        a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
+        measured[(m, n, k)] = (tflops(lambda: matmul(a, b), m, n, k), tflops(lambda: a @ b, m, n, k))
+    print(f"{ceilings.name}: {ceilings.peak_flops / 1e12:.0f} TFLOP/s, {ceilings.bandwidth / 1e12:.2f} TB/s, "
+          f"ridge {ceilings.ridge:.0f} FLOP/B")
+    for (m, n, k), (ours, cublas) in measured.items():
+        print(f"{m:5d} x {n:5d} x {k:5d}: ours {ours:5.0f} TFLOP/s, torch.matmul {cublas:5.0f} TFLOP/s, "
+              f"ours/torch {ours / cublas:.2f}")
+else:
+    ceilings = H100_SXM_DATASHEET
+    print(f"no GPU: using the {ceilings.source} (datasheet numbers, not measured here)")
+
+# %%
+fig, ax = plt.subplots(figsize=(7.5, 4.5))
+intensities = torch.logspace(-1, 4, 200).tolist()
+ax.plot(intensities, [attainable_flops(i, ceilings) / 1e12 for i in intensities], "k-",
+        label=f"roofline: {ceilings.name}")
+ax.axvline(ceilings.ridge, color="0.6", ls=":", lw=1)
+for (m, n, k) in BENCH_SHAPES:
+    intensity = arithmetic_intensity(matmul_flops(m, n, k), matmul_min_bytes(m, n, k, 2))
+    if measured:
+        ours, cublas = measured[(m, n, k)]
+        ax.plot(intensity, ours, "o", color="C0", label="ours (Triton), measured" if (m, n, k) == BENCH_SHAPES[0] else None)
+        ax.plot(intensity, cublas, "x", color="C3", label="torch.matmul, measured" if (m, n, k) == BENCH_SHAPES[0] else None)
+    else:
+        ax.plot(intensity, attainable_flops(intensity, ceilings) / 1e12, "o", mfc="none", color="C0",
+                label="our matmul shapes (intensity only)" if (m, n, k) == BENCH_SHAPES[0] else None)
+    ax.annotate(f"{m}x{n}x{k}", (intensity, attainable_flops(intensity, ceilings) / 1e12),
+                textcoords="offset points", xytext=(-10, -14 if k > 1000 else 6), fontsize=7, rotation=-30)
+ax.axvline(softmax_intensity, color="C2", ls="--", lw=1)
+ax.text(softmax_intensity * 1.1, 2, "softmax (ch. 1)", color="C2", fontsize=8)
+ax.set_xscale("log")
+ax.set_yscale("log")
+ax.set_xlabel("arithmetic intensity (FLOP per byte, bfloat16, minimum traffic)")
+ax.set_ylabel("TFLOP/s")
+ax.set_title("Roofline: " + ("measured ceilings and points" if measured else "datasheet ceilings, no measurements"))
+ax.legend(fontsize=8, loc="lower right")
+plt.show()
+
+# %%
+if measured:
+    worst_large = min(measured[s][0] / measured[s][1] for s in BENCH_SHAPES[:3])
+    print("ours is at least 0.8x torch.matmul at the three acceptance shapes:", worst_large >= 0.8)
+else:
+    big = [arithmetic_intensity(matmul_flops(*s), matmul_min_bytes(*s, 2)) for s in BENCH_SHAPES[:3]]
+    print("timings need a GPU; the three acceptance shapes are compute-bound on the datasheet roofline:",
+          all(i > ceilings.ridge for i in big))
+
+# %% [markdown]
+# Then the effect of program order. The same fixed configuration (128 x 256 x 64 tiles,
+# 4 stages, 8 warps) is run with `GROUP_M = 1` (row-major) and `GROUP_M = 8`, on a large
+# square product where the panels do not all fit in L2. On the H100, grouping gained
+# between 1.05x and 1.12x over row-major in our runs (`benchmarks/sweep_matmul.py`). That
+# is real but modest, as section 3.5's model predicted for two orders that are both above
+# the ridge.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+FIXED = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "num_stages": 4, "num_warps": 8}
+if config.PROFILE == "gpu":
+    m = n = k = 8192
+    a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
+    grouping = {g: tflops(lambda g=g: matmul(a, b, config={**FIXED, "GROUP_M": g}), m, n, k) for g in (1, 8)}
+    for g, rate in grouping.items():
+        print(f"8192^3 bfloat16, GROUP_M = {g}: {rate:.0f} TFLOP/s")
+    print(f"grouped over row-major: {grouping[8] / grouping[1]:.3f}x")
+else:
+    grouping = {}
+    print("no GPU: the effect of GROUP_M is measured only on a GPU (section 3.5 gives the model)")
+
+# %%
+if grouping:
+    print("GROUP_M = 8 is at least as fast as row-major (within 2%):", grouping[8] >= 0.98 * grouping[1])
+else:
+    print("GROUP_M measurement skipped without a GPU")
+
+# %% [markdown]
+# Our measurements on an H100 80GB HBM3 (torch 2.11, Triton 3.6, in
+# `benchmarks/results/matmul_NVIDIA_H100_80GB_HBM3_2026-11-23.json`, from
+# `python -m kernels.bench matmul`) put the autotuned bfloat16 kernel at 0.95x
+# `torch.matmul` at 4096^3, 1.01x at 8192^3 and 0.94x at 16384 x 1024 x 4096, at
+# 650 to 700 TFLOP/s. Repeated runs moved the 4096^3 ratio between 0.89x and 1.02x. At
+# that size one matmul takes 0.2 ms, and clocks and the autotuner's choice between two
+# near-equal configurations both matter. The chapter's GPU run measured 724 TFLOP/s
+# for cuBLAS and 3.0 TB/s for the copy, against the datasheet's 989 TFLOP/s and 3.35
+# TB/s. The low-intensity shapes (K = 512 and 128, M = 64) reached 0.80x to 0.93x.
+# There the tile shape and the number of programs matter more than the tensor cores, and
+# cuBLAS has dedicated kernels (split-K, smaller tiles) that ours lacks.
+#
+# ## 3.8 Why attention does not tile like this, yet
+#
+# Attention for one head computes $S = QK^\top / \sqrt{d}$, then $P = \mathrm{softmax}(S)$
+# row by row, then $O = PV$, with $Q, K, V \in \mathbb{R}^{N \times d}$. Both products are
+# matmuls, and each would tile as above. The obstacle is the softmax in between. A tile
+# $P_{[I,J]}$ depends on the *whole* row block $S_{[I,:]}$, through the row maximum and
+# the row sum of (1.2). So no tile of $P$, and no contribution $P_{[I,J]} V_{[J,:]}$ to
+# $O$, can be finished until every tile of that row of $S$ has been computed. A plain
+# tiled implementation has to write all of $S$ (and then $P$) to memory and read it back.
+# Softmax applied to each tile on its own gives the wrong answer:
+
+# %%
+s_row = torch.randn(1, 8, dtype=torch.float64) * 3
+whole = torch.softmax(s_row, dim=-1)
+per_tile = torch.cat([torch.softmax(s_row[:, :4], -1), torch.softmax(s_row[:, 4:], -1)], dim=-1)
+print("softmax of the whole row :", whole)
+print("softmax tile by tile     :", per_tile)
+print("tile-by-tile equals whole:", torch.allclose(whole, per_tile))
+
+# %% [markdown]
+# Each tile sums to 1 on its own, so the concatenated row sums to 2. Each tile is also
+# normalised with its own maximum rather than the row's. What it costs to materialise $S$
+# for one head at a long context, in bfloat16:
+
+# %%
+for n_ctx, d in [(4096, 128), (32768, 128)]:
+    flops = 2 * matmul_flops(n_ctx, n_ctx, d)                      # S = Q K^T and O = P V
+    qkvo = 4 * n_ctx * d * 2                                        # read Q, K, V, write O
+    with_s = qkvo + 2 * 2 * n_ctx * n_ctx * 2                       # + write and read S, then P
+    print(f"N = {n_ctx:5d}, d = {d}: S is {n_ctx * n_ctx * 2 / 2**20:6.0f} MiB; "
+          f"I = {arithmetic_intensity(flops, with_s):4.0f} FLOP/B with S in memory, "
+          f"{arithmetic_intensity(flops, qkvo):5.0f} FLOP/B if S never leaves the chip")
+
+# %% [markdown]
+# With $S$ in memory, attention sits far below the ridge point (memory-bound) at any
+# context length, and $S$ grows quadratically. If $S$ never leaves the chip, attention
+# becomes a compute-bound pair of matmuls. The step that makes that possible is chapter
+# 2's *online softmax*. Its running maximum and rescaled running sum let each tile of a
+# row be folded in as it arrives. When a later tile raises the maximum, partial results
+# already accumulated are corrected by a factor of $e^{m_{\text{old}} - m_{\text{new}}}$.
+# Chapter 4 applies that merge to the output accumulator $O_{[I,:]}$ inside a kernel
+# built like this one, a K loop (over key tiles) with a float32 accumulator, and the
+# result is FlashAttention.
+#
+# ## Summary
+#
+# * A matmul is a sum of tile products (3.1). A program that owns one tile of C streams
+#   panels of A and B through the chip, reusing each loaded number $b_M$ or $b_N$ times.
+# * Arithmetic intensity (3.4) against the ridge point of the roofline (3.6) tells whether
+#   memory or arithmetic limits a kernel. Large matmuls are compute-bound and softmax is
+#   memory-bound.
+# * Tiles alone leave a matmul below the ridge (3.5). The L2 cache supplies the rest of
+#   the reuse, and grouped program order makes concurrent programs share their panels.
+# * The Triton kernel: block tiles, a K loop, float32 accumulation, masks only on the K
+#   tail and the store, any strides, autotuned block sizes on CUDA and a fixed small
+#   configuration under the interpreter. float32 inputs use IEEE float32 unless TF32 is
+#   allowed, following PyTorch.
+# * Softmax's normalization couples all tiles of a row, which is why attention needs the
+#   online softmax before it can be tiled (chapters 2 and 4).
+#
+# Exported to the library: `lrn_lib.tiling` (`Ceilings`, `H100_SXM_DATASHEET`,
+# `matmul_flops`, `matmul_min_bytes`, `arithmetic_intensity`, `tiled_traffic_bytes`,
+# `attainable_flops`, `check_matmul_operands`, `tiled_matmul`, `program_order`,
+# `wave_panels`) and `kernels.matmul` (`grouped_program_id`, `matmul_kernel`,
+# `hopper_configs`, `prune_configs`, `matmul`).

@@ -1,0 +1,270 @@
+"""Chapter 3: the tiling cost model, the tiled PyTorch reference and the Triton matmul.
+
+The kernel runs in Triton's interpreter on CPU at small sizes, and compiled (autotuned) at
+real sizes under the ``gpu`` marker. Every check draws fresh random inputs and compares
+with torch.matmul on float64 copies of the same inputs.
+"""
+import math
+
+import pytest
+import torch
+
+from kernels import runtime
+from lrn_lib import tiling
+
+needs_triton = pytest.mark.skipif(runtime.MODE == "unavailable", reason="triton is not installed")
+interpreter_only = pytest.mark.skipif(runtime.MODE != "interpreted",
+                                      reason="interpreter sizes; compiled kernels are tested under the gpu marker")
+UNIT_ROUNDOFF = {torch.float16: 2**-11, torch.bfloat16: 2**-8, torch.float32: 2**-24, torch.float64: 2**-53}
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def assert_close_to_float64(c, a, b, atol=1e-5):
+    """|c - a @ b| <= u |a @ b| + atol sqrt(K) + 16 u32 K: output rounding plus a float32 sum of K terms.
+
+    A float32 sum of K unit-size products accumulates about u32 K / sqrt(2) of rounding
+    error (u32 = 2**-24); the bound allows 16 u32 K, and atol sqrt(K) for small K.
+    """
+    k = a.shape[1]
+    ref = a.double() @ b.double()
+    assert c.shape == ref.shape and c.dtype == a.dtype and c.device == a.device
+    bound = UNIT_ROUNDOFF[c.dtype] * ref.abs() + atol * math.sqrt(k) + 16 * 2**-24 * k
+    excess = (c.double() - ref).abs() - bound
+    assert excess.max().item() <= 0, f"{tuple(a.shape)} @ {tuple(b.shape)} {a.dtype}: over by {excess.max():.2e}"
+
+
+def operands(m, n, k, dtype, device="cpu"):
+    return torch.randn(m, k, device=device).to(dtype), torch.randn(k, n, device=device).to(dtype)
+
+
+def kernel_device() -> str:
+    return "cuda" if runtime.MODE == "compiled" else "cpu"
+
+
+# ------------------------------------------------------------------ cost model and roofline
+
+def test_matmul_flops_and_minimum_bytes_follow_their_formulas():
+    assert tiling.matmul_flops(2, 3, 4) == 48
+    assert tiling.matmul_min_bytes(2, 3, 4, 2) == (8 + 12 + 6) * 2
+    assert tiling.arithmetic_intensity(48, 52) == pytest.approx(48 / 52)
+
+
+def test_arithmetic_intensity_rejects_non_positive_bytes():
+    with pytest.raises(ValueError, match="bytes_moved"):
+        tiling.arithmetic_intensity(10, 0)
+
+
+def test_tiled_traffic_reduces_to_minimum_with_one_tile_and_grows_with_smaller_tiles():
+    m, n, k = 300, 200, 50
+    assert tiling.tiled_traffic_bytes(m, n, k, m, n, 4) == tiling.matmul_min_bytes(m, n, k, 4)
+    sizes = [tiling.tiled_traffic_bytes(m, n, k, b, b, 4) for b in (8, 16, 64, 512)]
+    assert sizes == sorted(sizes, reverse=True)
+    # 8 row blocks, 4 column blocks (the last ones partial): A read 4 times, B read 8 times
+    assert tiling.tiled_traffic_bytes(300, 200, 50, 40, 64, 1) == 300 * 50 * 4 + 50 * 200 * 8 + 300 * 200
+
+
+def test_roofline_is_bandwidth_bound_below_the_ridge_and_flat_above():
+    ceilings = tiling.H100_SXM_DATASHEET
+    assert ceilings.peak_flops == 989e12 and ceilings.bandwidth == 3.35e12
+    assert ceilings.ridge == pytest.approx(295.2, abs=0.1)
+    assert tiling.attainable_flops(10, ceilings) == pytest.approx(10 * 3.35e12)
+    assert tiling.attainable_flops(ceilings.ridge, ceilings) == pytest.approx(989e12)
+    assert tiling.attainable_flops(1e5, ceilings) == 989e12
+
+
+@pytest.mark.parametrize("grid_m,grid_n,group_m", [(1, 1, 1), (8, 8, 1), (8, 8, 4), (7, 5, 3), (13, 3, 8), (5, 9, 16)])
+def test_program_order_visits_every_tile_once(grid_m, grid_n, group_m):
+    tiles = [tiling.program_order(p, grid_m, grid_n, group_m) for p in range(grid_m * grid_n)]
+    assert sorted(tiles) == [(i, j) for i in range(grid_m) for j in range(grid_n)]
+
+
+def test_program_order_with_group_one_is_row_major_and_groups_go_down_columns():
+    assert [tiling.program_order(p, 3, 4, 1) for p in range(5)] == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0)]
+    assert [tiling.program_order(p, 4, 4, 2) for p in range(5)] == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2)]
+
+
+def test_grouping_reduces_the_panels_a_wave_reads():
+    assert tiling.wave_panels(16, 8, 8, 1) == (2, 8)
+    assert tiling.wave_panels(16, 8, 8, 4) == (4, 4)
+    assert tiling.wave_panels(132, 64, 32, 8) == (8, 17)
+    assert tiling.wave_panels(1000, 2, 2, 1) == (2, 2)  # more programs than tiles
+
+
+# ------------------------------------------------------------------ tiled PyTorch reference
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (17, 1000, 33), (1000, 17, 1), (1, 17, 1000), (65, 31, 97)])
+def test_tiled_matmul_matches_float64_on_odd_shapes(m, n, k, dtype):
+    a, b = operands(m, n, k, dtype)
+    atol = 1e-13 if dtype == torch.float64 else 1e-5
+    assert_close_to_float64(tiling.tiled_matmul(a, b, 16, 32, 8), a, b, atol)
+
+
+def test_tiled_matmul_handles_non_contiguous_operands_and_any_block_sizes():
+    a = torch.randn(40, 23, dtype=torch.float64).t()
+    b = torch.randn(40, 60, dtype=torch.float64)[:, ::3]
+    for blocks in [(1, 1, 1), (7, 5, 3), (100, 100, 100)]:
+        assert_close_to_float64(tiling.tiled_matmul(a, b, *blocks), a, b, atol=1e-13)
+
+
+@pytest.mark.parametrize("name", ["block_m", "block_n", "block_k"])
+def test_tiled_matmul_rejects_bad_block_sizes(name):
+    with pytest.raises(ValueError, match=name):
+        tiling.tiled_matmul(torch.randn(2, 3), torch.randn(3, 2), **{name: 0})
+
+
+# ------------------------------------------------------------------ bad input
+
+BAD_CASES = {
+    "non-tensor a": (lambda: ([[1.0]], torch.randn(1, 1)), TypeError, "a must be a torch.Tensor"),
+    "integer a": (lambda: (torch.ones(2, 3, dtype=torch.int64), torch.ones(3, 2)), TypeError,
+                  "a has dtype torch.int64"),
+    "integer b": (lambda: (torch.ones(2, 3), torch.ones(3, 2, dtype=torch.int32)), TypeError,
+                  "b has dtype torch.int32"),
+    "mismatched dtypes": (lambda: (torch.ones(2, 3), torch.ones(3, 2).half()), TypeError,
+                          "b has dtype torch.float16 but a has torch.float32"),
+    "mismatched inner dims": (lambda: (torch.ones(2, 3), torch.ones(4, 2)), ValueError,
+                              "inner dimensions differ: a has 3 columns but b has 4 rows"),
+    "1-D a": (lambda: (torch.ones(3), torch.ones(3, 2)), ValueError, r"a has shape \(3,\); matmul needs a 2-D"),
+    "3-D b": (lambda: (torch.ones(2, 3), torch.ones(1, 3, 2)), ValueError, r"b has shape \(1, 3, 2\)"),
+    "empty a": (lambda: (torch.ones(0, 3), torch.ones(3, 2)), ValueError, r"a is empty \(shape \(0, 3\)\)"),
+    "empty inner dim": (lambda: (torch.ones(2, 0), torch.ones(0, 2)), ValueError, "a is empty"),
+    "empty b": (lambda: (torch.ones(2, 3), torch.ones(3, 0)), ValueError, "b is empty"),
+    "mismatched devices": (lambda: (torch.ones(2, 3), torch.ones(3, 2, device="meta")), ValueError,
+                           "b is on meta but a is on cpu"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CASES))
+def test_tiled_matmul_rejects_bad_input_naming_the_argument(case):
+    make, error, message = BAD_CASES[case]
+    with pytest.raises(error, match=message):
+        tiling.tiled_matmul(*make())
+
+
+@needs_triton
+@pytest.mark.parametrize("case", list(BAD_CASES))
+def test_kernel_rejects_bad_input_naming_the_argument(case):
+    from kernels.matmul import matmul
+
+    make, error, message = BAD_CASES[case]
+    a, b = make()
+    if runtime.MODE == "compiled" and isinstance(a, torch.Tensor) and case != "mismatched devices":
+        a, b = a.cuda(), b.cuda()
+        message = message.replace("cpu", "cuda:0")
+    with pytest.raises(error, match=message):
+        matmul(a, b)
+
+
+@needs_triton
+def test_kernel_rejects_float64_which_it_does_not_implement():
+    from kernels.matmul import matmul
+
+    a, b = operands(2, 3, 4, torch.float64, kernel_device())
+    with pytest.raises(TypeError, match="a has dtype torch.float64; matmul takes float16, bfloat16, float32"):
+        matmul(a, b)
+
+
+@needs_triton
+def test_kernel_rejects_an_incomplete_config():
+    from kernels.matmul import matmul
+
+    a, b = operands(2, 3, 4, torch.float32, kernel_device())
+    with pytest.raises(ValueError, match="config lacks"):
+        matmul(a, b, config={"BLOCK_M": 16, "BLOCK_N": 16})
+
+
+# ------------------------------------------------------------------ kernel, interpreter on CPU
+
+@needs_triton
+@interpreter_only
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (17, 1000, 33), (1000, 17, 1), (1, 17, 1000), (33, 65, 64),
+                                   (100, 77, 300)])
+def test_kernel_matches_float64_on_odd_shapes_in_the_interpreter(m, n, k, dtype):
+    from kernels.matmul import matmul
+
+    a, b = operands(m, n, k, dtype)
+    assert_close_to_float64(matmul(a, b), a, b)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_kernel_reads_transposed_and_sliced_operands_in_place(dtype):
+    from kernels.matmul import matmul
+
+    device = kernel_device()
+    a = torch.randn(70, 45, device=device).to(dtype).t()          # (45, 70), column-major
+    b = torch.randn(70, 99, device=device).to(dtype)[:, 1::2]     # (70, 49), column stride 2
+    assert not a.is_contiguous() and not b.is_contiguous()
+    assert_close_to_float64(matmul(a, b), a, b)
+    assert_close_to_float64(matmul(b.t(), a.t()), b.t(), a.t())
+
+
+@needs_triton
+@interpreter_only
+@pytest.mark.parametrize("group_m", [1, 2, 3, 8])
+@pytest.mark.parametrize("blocks", [(16, 16, 16), (32, 16, 64), (16, 64, 32)])
+def test_kernel_is_correct_for_any_fixed_config_and_program_order(blocks, group_m):
+    from kernels.matmul import matmul
+
+    a, b = operands(75, 90, 50, torch.float16)
+    config = {"BLOCK_M": blocks[0], "BLOCK_N": blocks[1], "BLOCK_K": blocks[2], "GROUP_M": group_m}
+    assert_close_to_float64(matmul(a, b, config=config), a, b)
+
+
+@needs_triton
+def test_bfloat16_results_are_rounded_to_nearest_like_torch():
+    from kernels.matmul import matmul
+
+    a, b = operands(40, 30, 1, torch.bfloat16, kernel_device())  # K = 1: each product is exact in float32
+    torch.testing.assert_close(matmul(a, b), (a.float() @ b.float()).bfloat16(), rtol=0, atol=0)
+
+
+@needs_triton
+def test_float32_follows_torch_tf32_setting_and_tf32_stays_within_its_tolerance():
+    from kernels.matmul import matmul
+
+    a, b = operands(64, 48, 512, torch.float32, kernel_device())
+    assert not torch.backends.cuda.matmul.allow_tf32  # PyTorch's default: full float32 matmuls
+    assert_close_to_float64(matmul(a, b), a, b, atol=1e-5)
+    assert_close_to_float64(matmul(a, b, allow_tf32=True), a, b, atol=4e-3)
+
+
+def test_pruning_drops_configs_that_overflow_shared_memory_for_float32():
+    from kernels.matmul import SHARED_MEMORY_BUDGET, pipeline_bytes
+
+    assert pipeline_bytes(128, 256, 64, 4, 2) <= SHARED_MEMORY_BUDGET
+    assert pipeline_bytes(128, 256, 64, 4, 4) > SHARED_MEMORY_BUDGET
+
+
+# ------------------------------------------------------------------ kernel, compiled on a GPU
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (17, 1000, 33), (1000, 17, 1), (1, 17, 1000), (1000, 1000, 1000),
+                                   (4097, 1000, 4095), (4096, 4096, 4096), (16384, 1024, 4096), (129, 8191, 257)])
+def test_compiled_autotuned_kernel_matches_float64(m, n, k, dtype):
+    from kernels.matmul import matmul
+
+    a, b = operands(m, n, k, dtype, "cuda")
+    assert_close_to_float64(matmul(a, b), a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group_m", [1, 8])
+def test_compiled_fixed_configs_match_float64(group_m):
+    from kernels.matmul import hopper_configs, matmul
+
+    a, b = operands(1000, 3000, 777, torch.bfloat16, "cuda")
+    for cfg in hopper_configs():
+        config = {**cfg.kwargs, "GROUP_M": group_m, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        assert_close_to_float64(matmul(a, b, config=config), a, b)
+
+
+@pytest.mark.gpu
+def test_compiled_kernel_rejects_cpu_tensors():
+    from kernels.matmul import matmul
+
+    with pytest.raises(ValueError, match="a is on cpu"):
+        matmul(torch.randn(2, 3), torch.randn(3, 2))
