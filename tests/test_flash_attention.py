@@ -191,3 +191,21 @@ def test_flash_attention_on_cuda_uses_the_kernel_and_its_gradients():
     o64, _ = attention_reference(q64, k64, v64, causal=True)
     for a, e in zip(grads, torch.autograd.grad(o64, (q64, k64, v64), do.double())):
         assert (a.double() - e).abs().max().item() < 0.1
+
+
+@needs_triton
+@pytest.mark.parametrize("causal", [False, True])
+def test_kernels_honour_the_scale_argument(causal):
+    from kernels.flash_attention import flash_attention_backward, flash_attention_forward
+
+    q, k, v = random_qkv(1, 4, 2, 45, 70, 64, torch.float16, kernel_device())
+    do = torch.randn(q.shape, device=q.device).half()
+    o, lse = flash_attention_forward(q, k, v, causal, scale=0.37)
+    grads = flash_attention_backward(q, k, v, o, lse, do, causal, scale=0.37)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    o64, lse64 = attention_reference(q64, k64, v64, causal, scale=0.37)
+    assert (o.double() - o64).abs().max().item() < 2e-3
+    finite = lse64.isfinite()
+    assert (lse.double()[finite] - lse64[finite]).abs().max().item() < 1e-3
+    for a, e in zip(grads, torch.autograd.grad(o64, (q64, k64, v64), do.double())):
+        assert (a.double() - e).abs().max().item() < 5e-3
