@@ -7,7 +7,9 @@ Hand-written infrastructure (not exported from a chapter).
     python -m lrn_lib.book check               # pairs in sync, outputs present, library fresh
 
 A chapter is a jupytext pair: ``chapters/NN_slug.py`` (percent format, the source) and
-``chapters/NN_slug.ipynb`` (executed, outputs committed). A code cell whose first line is
+``chapters/NN_slug.ipynb`` (executed, outputs committed); its exercise solutions, if any, are
+a second pair under ``chapters/solutions/``. book.toml also records each chapter's expected
+run time per profile, which ``run`` compares with the measured one. A code cell whose first line is
 ``#| export MODULE`` (for example ``#| export lrn_lib.softmax``) is written into that
 module by ``export``, in book order, with a generated-file header; every function and
 class it defines gets "Defined in chapter NN." appended to its docstring.
@@ -43,11 +45,18 @@ class Chapter:
     notebook: Path
     modules: tuple[str, ...]
     status: str
+    solutions: Path | None = None
+    minutes: dict[str, float] | None = None  # expected run time per profile ("cpu", "gpu")
 
     @property
     def source(self) -> Path:
         """The jupytext percent-format source beside the notebook."""
         return self.notebook.with_suffix(".py")
+
+    @property
+    def notebooks(self) -> list[Path]:
+        """The chapter's executed notebooks: the chapter itself, then its solutions if any."""
+        return [self.notebook] + ([self.solutions] if self.solutions else [])
 
     @property
     def written(self) -> bool:
@@ -90,27 +99,65 @@ def load_book(root: Path | None = None) -> Book:
     data = tomllib.loads((root / "book.toml").read_text())
     chapters = tuple(
         Chapter(id=c["id"], title=c["title"], notebook=root / c["notebook"],
-                modules=tuple(c.get("modules", [])), status=c["status"])
+                modules=tuple(c.get("modules", [])), status=c["status"],
+                solutions=root / c["solutions"] if "solutions" in c else None,
+                minutes={k: c[f"{k}_minutes"] for k in ("cpu", "gpu") if f"{k}_minutes" in c} or None)
         for c in data["chapter"]
     )
     return Book(root=root, title=data["title"], chapters=chapters,
                 infrastructure=tuple(data.get("infrastructure", [])), tools=tuple(data.get("tools", [])))
 
 
+# ---------------------------------------------------------------- the library's shape
+
+def module_chapters(book: Book) -> dict[str, int]:
+    """Library module -> the number of the chapter that introduces it (0 for infrastructure)."""
+    order = {module: 0 for module in book.infrastructure}
+    for chapter in book.chapters:
+        order.update({module: int(chapter.id) for module in chapter.modules})
+    return order
+
+
+def module_imports(book: Book, module: str) -> set[str]:
+    """The book's modules (those of module_chapters) that ``module``'s source imports.
+
+    Raises BookError for an import of an lrn_lib/kernels name that book.toml does not know.
+    """
+    known = module_chapters(book)
+    found = set()
+    for node in ast.walk(ast.parse(book.module_path(module).read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for name in names:
+            if name.split(".")[0] not in ("lrn_lib", "kernels"):
+                continue
+            target = next((m for m in (name, name.rsplit(".", 1)[0]) if m in known), None)
+            if target is None:
+                raise BookError(f"{module} imports {name}, which book.toml does not know")
+            found.add(target)
+    return found - {module}
+
+
 # ---------------------------------------------------------------- export
 
-def _read_source(chapter: Chapter):
+def _read_source(notebook: Path):
+    """The notebook parsed from its jupytext source (the .py beside ``notebook``)."""
     import jupytext
 
-    if not chapter.source.is_file():
-        raise BookError(f"chapter {chapter.id}: source {chapter.source} is missing")
-    return jupytext.read(chapter.source)
+    source = notebook.with_suffix(".py")
+    if not source.is_file():
+        raise BookError(f"source {source} is missing")
+    return jupytext.read(source)
 
 
 def export_cells(chapter: Chapter) -> dict[str, list[tuple[int, str]]]:
     """The export cells of a chapter: module -> [(cell number, source without the marker)]."""
     found: dict[str, list[tuple[int, str]]] = {}
-    for number, cell in enumerate(_read_source(chapter).cells, start=1):
+    for number, cell in enumerate(_read_source(chapter.notebook).cells, start=1):
         if cell.cell_type != "code" or not cell.source.startswith(EXPORT_MARKER):
             continue
         marker, _, body = cell.source.partition("\n")
@@ -188,24 +235,26 @@ def export(book: Book) -> list[Path]:
 
 # ---------------------------------------------------------------- run
 
-def sync(chapter: Chapter):
-    """The notebook built from the chapter's .py, with stable cell ids (no outputs yet)."""
-    nb = _read_source(chapter)
+def sync(notebook: Path):
+    """The notebook built from its .py source, with stable cell ids (no outputs yet)."""
+    nb = _read_source(notebook)
     for number, cell in enumerate(nb.cells, start=1):
         cell.id = f"cell-{number:03d}"
     return nb
 
 
-def execute(chapter: Chapter, timeout: int = 1800) -> float:
-    """Execute a chapter in a fresh kernel and write its notebook; return the wall time in s."""
+def execute(chapter: Chapter, notebook: Path | None = None, timeout: int = 1800) -> float:
+    """Execute one of a chapter's notebooks (the chapter itself by default) in a fresh kernel,
+    write it, and return the wall time in s."""
     import nbformat
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
     from tqdm import tqdm
 
-    nb = sync(chapter)
+    notebook = notebook or chapter.notebook
+    nb = sync(notebook)
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False,
-                            resources={"metadata": {"path": str(chapter.notebook.parent)}})
+                            resources={"metadata": {"path": str(notebook.parent)}})
     start = time.perf_counter()
     with client.setup_kernel():
         cells = tqdm(list(enumerate(nb.cells, start=1)), desc=f"chapter {chapter.id}", unit="cell",
@@ -216,23 +265,41 @@ def execute(chapter: Chapter, timeout: int = 1800) -> float:
             except CellExecutionError as err:
                 first = cell.source.strip().split("\n")[0][:80]
                 raise BookError(
-                    f"chapter {chapter.id} ({chapter.source.name}), cell {number} [{first}]: "
+                    f"chapter {chapter.id} ({notebook.with_suffix('.py').name}), cell {number} [{first}]: "
                     f"{err.ename}: {err.evalue}"
                 ) from None
-    nbformat.write(nb, chapter.notebook)
+    nbformat.write(nb, notebook)
     return time.perf_counter() - start
 
 
+def time_check(chapter: Chapter, seconds: float, profile: str) -> str | None:
+    """A warning if the chapter ran longer than book.toml expects for this profile, else None."""
+    expected = (chapter.minutes or {}).get(profile)
+    if expected is None:
+        return f"chapter {chapter.id} has no {profile}_minutes in book.toml"
+    if seconds > 60 * expected:
+        return (f"chapter {chapter.id} took {seconds / 60:.1f} min, over the {expected:g} min that "
+                f"book.toml expects on the {profile} profile")
+    return None
+
+
 def run(book: Book, keys: list[str]) -> None:
-    """Export the library, then execute the chosen chapters (all written ones by default)."""
+    """Export the library, then execute the chosen chapters (all written ones by default),
+    each followed by its solutions notebook, and compare each chapter's time with book.toml."""
+    from lrn_lib.config import PROFILE
+
     chapters = [book.chapter(k) for k in keys] or [c for c in book.chapters if c.written]
     for path in export(book):
         print(f"exported {path.relative_to(book.root)}")
     for i, chapter in enumerate(chapters, start=1):
-        print(f"[{i}/{len(chapters)}] chapter {chapter.id} {chapter.title} ...", flush=True)
-        seconds = execute(chapter)
-        print(f"[{i}/{len(chapters)}] chapter {chapter.id} done in {seconds:.1f} s "
-              f"-> {chapter.notebook.relative_to(book.root)}", flush=True)
+        for notebook in chapter.notebooks:
+            print(f"[{i}/{len(chapters)}] chapter {chapter.id} {chapter.title}: {notebook.name} ...", flush=True)
+            seconds = execute(chapter, notebook)
+            print(f"[{i}/{len(chapters)}] chapter {chapter.id} done in {seconds:.1f} s "
+                  f"-> {notebook.relative_to(book.root)}", flush=True)
+            warning = time_check(chapter, seconds, PROFILE) if notebook == chapter.notebook else None
+            if warning:
+                print(f"WARNING {warning}", flush=True)
 
 
 # ---------------------------------------------------------------- check
@@ -245,19 +312,23 @@ def problems(book: Book) -> list[str]:
     for chapter in book.chapters:
         if not chapter.written:
             continue
-        if not chapter.notebook.is_file():
-            found.append(f"chapter {chapter.id}: {chapter.notebook.name} missing: run `make book CHAPTERS={chapter.id}`")
-            continue
-        want = sync(chapter)
-        have = nbformat.read(chapter.notebook, as_version=4)
-        if [(c.cell_type, c.source) for c in want.cells] != [(c.cell_type, c.source) for c in have.cells]:
-            found.append(f"chapter {chapter.id}: {chapter.notebook.name} is out of sync with "
-                         f"{chapter.source.name}: run `make book CHAPTERS={chapter.id}`")
-            continue
-        counts = [c.execution_count for c in have.cells if c.cell_type == "code"]
-        if counts != list(range(1, len(counts) + 1)):
-            found.append(f"chapter {chapter.id}: {chapter.notebook.name} was not executed top to bottom "
-                         f"in one kernel: run `make book CHAPTERS={chapter.id}`")
+        if not chapter.minutes or set(chapter.minutes) != {"cpu", "gpu"}:
+            found.append(f"chapter {chapter.id}: book.toml needs its expected cpu_minutes and gpu_minutes")
+        for notebook in chapter.notebooks:
+            rerun = f"run `make book CHAPTERS={chapter.id}`"
+            if not notebook.is_file():
+                found.append(f"chapter {chapter.id}: {notebook.name} missing: {rerun}")
+                continue
+            want = sync(notebook)
+            have = nbformat.read(notebook, as_version=4)
+            if [(c.cell_type, c.source) for c in want.cells] != [(c.cell_type, c.source) for c in have.cells]:
+                found.append(f"chapter {chapter.id}: {notebook.name} is out of sync with "
+                             f"{notebook.with_suffix('.py').name}: {rerun}")
+                continue
+            counts = [c.execution_count for c in have.cells if c.cell_type == "code"]
+            if counts != list(range(1, len(counts) + 1)):
+                found.append(f"chapter {chapter.id}: {notebook.name} was not executed top to bottom "
+                             f"in one kernel: {rerun}")
     for path, text in build_library(book).items():
         if not path.is_file() or path.read_text() != text:
             found.append(f"{path.relative_to(book.root)} differs from a fresh export: run `make export`")

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from lrn_lib.book import BookError, export, execute, load_book, problems, stamp_docstrings
+from lrn_lib.book import BookError, export, execute, load_book, problems, stamp_docstrings, time_check
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,6 +23,8 @@ def make_book(tmp_path: Path, chapter_source: str, modules=("lrn_lib.demo",)) ->
         notebook = "chapters/01_demo.ipynb"
         modules = {list(modules)!r}
         status = "written"
+        cpu_minutes = 1
+        gpu_minutes = 1
         """).replace("'", '"'))
     (tmp_path / "chapters" / "01_demo.py").write_text(textwrap.dedent(chapter_source))
     return tmp_path
@@ -88,3 +90,9 @@ def test_a_failing_cell_is_reported_with_chapter_cell_and_error(tmp_path):
     book = load_book(make_book(tmp_path, GOOD_CHAPTER.replace("print(double(21))", "1 / 0"), modules=()))
     with pytest.raises(BookError, match=r"chapter 01 \(01_demo.py\), cell 3 \[1 / 0\]: ZeroDivisionError"):
         execute(book.chapters[0])
+
+
+def test_time_check_warns_only_past_the_expected_minutes(tmp_path):
+    chapter = load_book(make_book(tmp_path, GOOD_CHAPTER)).chapters[0]
+    assert time_check(chapter, 59.0, "cpu") is None
+    assert "took 1.5 min, over the 1 min that book.toml expects on the gpu profile" in time_check(chapter, 90.0, "gpu")
