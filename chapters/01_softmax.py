@@ -639,11 +639,14 @@ def best_cpu_ms(fn, *args, repeats: int = 15) -> float:
 # %%
 # NBVAL_IGNORE_OUTPUT
 if config.PROFILE == "gpu":
+    import sys
+
+    from tqdm.auto import tqdm
     from triton.testing import do_bench
 
     lengths = [256, 1024, 4096, 16384, 32768, 131072]
     results = {"ours (Triton)": [], "torch.softmax": [], "eager, 5 ops": []}
-    for n in lengths:
+    for n in tqdm(lengths, desc="row lengths", file=sys.stderr):
         x = torch.randn(2**26 // n, n, device="cuda")
         for name, fn in zip(results, (softmax_triton, lambda t: torch.softmax(t, -1), eager_softmax)):
             ms = do_bench(lambda: fn(x), return_mode="median")
@@ -690,3 +693,51 @@ print("the fused softmax beats the eager five-op version:", fused_speedup > 1.2)
 # `check_softmax_input`) and `kernels.softmax` (`softmax_fused_kernel`,
 # `softmax_looped_kernel`, `softmax_triton`, and the input checks `check_row_kernel_input`
 # and `as_rows` that chapter 2's kernels reuse).
+
+# %% [markdown]
+# ## Exercises
+#
+# Each exercise says what kind it is: *derive* (on paper, stating what to show),
+# *implement* (a function with the given signature, then one line that checks it) or
+# *measure* (an experiment with this chapter's code, and what to look for). The checker
+# `check("01.name", your_function)` from `lrn_lib.exercises` runs randomized tests you do
+# not see (huge scores, `-inf` entries, odd shapes) against the library's float64
+# references and prints one line: the number of cases passed, or the first input your
+# function got wrong, what it returned, what was expected, and a hint. Run
+# `print("\n".join(exercises("01")))` for the list. Worked solutions are in
+# `chapters/solutions/01_softmax_solutions.ipynb`; try first.
+#
+# ```python
+# from lrn_lib.exercises import check, exercises
+# ```
+#
+# **Exercise 1 (derive): how large can the denominator be?** With $m = \max_k x_k$ and
+# $d = \sum_{j=1}^{V} e^{x_j - m}$ the denominator of (1.2), show that $1 \le d \le V$, and
+# deduce $m \le \mathrm{LSE}(x) \le m + \log V$ for the log-sum-exp (1.3). Say when each
+# bound is attained. Then show that $\partial\,\mathrm{LSE}(x) / \partial x_i =
+# \mathrm{softmax}(x)_i$: log-sum-exp is a smooth maximum whose gradient is the softmax.
+#
+# **Exercise 2 (implement): a safe log-sum-exp.** Write
+# `logsumexp(x: torch.Tensor) -> torch.Tensor` that reduces the last dimension (shape
+# `(..., V)` in, `(...)` out) by equation (1.3), without overflow for scores of 1000 and
+# with `-inf`, not `nan`, for a row whose scores are all `-inf`. Use `amax`, `exp`, `sum`
+# and `log`, not `torch.logsumexp`. Then run `check("01.logsumexp", logsumexp)`.
+#
+# **Exercise 3 (implement): log-softmax.** A cross-entropy loss needs
+# $\log \mathrm{softmax}(x)_i$ for scores that may lie far apart, where
+# `torch.log(safe_softmax(x))` returns `-inf`. Write
+# `log_softmax(x: torch.Tensor) -> torch.Tensor` over the last dimension, finite wherever
+# $x_i$ is, and run `check("01.log_softmax", log_softmax)`.
+#
+# **Exercise 4 (implement): temperature.** Write
+# `temperature_softmax(x: torch.Tensor, temperature: float) -> torch.Tensor`, the softmax of
+# $x / T$ over the last dimension (property 3 of section 1.1), safe for every temperature
+# from $10^{-3}$ to $10^{3}$, and run `check("01.temperature", temperature_softmax)`. What
+# does it return as $T \to 0$ when two scores tie for the maximum?
+#
+# **Exercise 5 (measure): where the naive softmax breaks.** For float16, bfloat16 and
+# float32, find the smallest integer $c \ge 0$ for which
+# `naive_softmax(torch.tensor([c, 0.0], dtype=dtype))` contains `nan`, and run
+# `safe_softmax` on the same inputs. Look for: $c$ is the first integer above the overflow
+# threshold $\ln(\text{largest finite number})$ printed in section 1.2 for each format
+# (bfloat16 and float32 share theirs), and the safe softmax never fails.

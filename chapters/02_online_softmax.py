@@ -418,13 +418,16 @@ def three_pass_softmax(x: torch.Tensor) -> torch.Tensor:
 lengths = [1024, 4096, 16384, 65536, 262144, 1048576]
 fig, ax = plt.subplots(figsize=(7, 3.5))
 if config.PROFILE == "gpu":
+    import sys
+
+    from tqdm.auto import tqdm
     from triton.testing import do_bench
 
     kernels_to_time = {"fused (ch. 1)": softmax_triton, "online, 2 passes": online_softmax_triton,
                        "safe, 3 passes (ch. 1)": three_pass_softmax,
                        "torch.softmax": lambda t: torch.softmax(t, -1)}
     measured = {name: [] for name in kernels_to_time}
-    for n in lengths:
+    for n in tqdm(lengths, desc="row lengths", file=sys.stderr):
         x = torch.randn(2**28 // n, n, device="cuda")
         for name, fn in kernels_to_time.items():
             if name.startswith("fused") and n > FUSED_MAX_COLS:
@@ -622,3 +625,48 @@ for shape, dim in config.pick(cpu=[((5, 37), -1), ((4, 6, 9), 1), ((2, 70_000), 
 # `state_lse`, `merge_lse`, `online_softmax_reference`, `softmax_backward_reference`,
 # `TritonSoftmax`, `ReferenceSoftmax`) and `kernels.online_softmax` (`softmax_online_kernel`,
 # `online_softmax_triton`, `softmax_backward_kernel`, `softmax_backward_triton`).
+
+# %% [markdown]
+# ## Exercises
+#
+# As in chapter 1: *derive* on paper, *implement* a function with the given signature and
+# check it with `check("02.name", your_function)` from `lrn_lib.exercises` (randomized
+# tests you do not see, against the library's float64 references; one line of verdict),
+# *measure* with this chapter's code. `print("\n".join(exercises("02")))` lists the checkers.
+# Worked solutions: `chapters/solutions/02_online_softmax_solutions.ipynb`.
+#
+# ```python
+# from lrn_lib.exercises import check, exercises
+# ```
+#
+# **Exercise 1 (derive): from states to log-sum-exps.** Starting from the merge (2.2), show
+# that $\ell = m + \log d$ of the merged state is
+# $\log\big(e^{\ell_A} + e^{\ell_B}\big)$, which is (2.3) with the maximum taken out, and
+# that $(-\infty, 0)$ is the identity of (2.2) (what does $\ell = -\infty$ mean?). Then show
+# from (2.4) that every row of $dx$ sums to zero, and explain why it must: what does adding
+# the same constant to every score do to $y$?
+#
+# **Exercise 2 (implement): the merge.** Write
+# `merge(m_a, d_a, m_b, d_b) -> tuple[torch.Tensor, torch.Tensor]` returning the state
+# $(m, d)$ of $A \cup B$ by equation (2.2), elementwise over tensors of one shape. Either
+# piece may be empty, state $(-\infty, 0)$, and two empty pieces must merge to
+# $(-\infty, 0)$ without a `nan`. Run `check("02.merge", merge)`.
+#
+# **Exercise 3 (implement): the log-sum-exp merge.** Write
+# `merge_lse(lse_a: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor` by equation (2.3),
+# safe for log-sum-exps of $\pm 1000$ and for `-inf` on either or both sides, without
+# calling `torch.logaddexp`. Run `check("02.merge_lse", merge_lse)`.
+#
+# **Exercise 4 (implement): softmax backward.** Write
+# `softmax_backward(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor`, the gradient
+# $dx$ of equation (2.4) for a softmax over the last dimension, where `y` is the softmax
+# output and `dy` the gradient with respect to it (any number of leading dimensions). Run
+# `check("02.softmax_backward", softmax_backward)`.
+#
+# **Exercise 5 (measure): how often does the maximum move?** Count the rescalings of (2.1),
+# the steps $j \ge 2$ with $m_j > m_{j-1}$, using `online_normalizer` and its trace, on rows
+# of length $V = 10, 100, 1000, 10000$: sorted ascending, sorted descending, and the average
+# over 20 random permutations. Look for: $V - 1$ ascending, 0 descending, and for random
+# order about $H_V - 1 \approx \ln V - 0.42$ (the harmonic number $H_V$), so on typical data
+# a new maximum is rare and almost every step only adds. A kernel cannot know that in
+# advance, which is why it computes the factor $e^{m - m_{\text{new}}}$ once per block anyway.

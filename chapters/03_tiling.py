@@ -714,6 +714,9 @@ BENCH_SHAPES = [(4096, 4096, 4096), (8192, 8192, 8192), (16384, 1024, 4096), (81
                 (8192, 8192, 128), (64, 8192, 8192)]
 measured = {}
 if config.PROFILE == "gpu":
+    import sys
+
+    from tqdm.auto import tqdm
     from triton.testing import do_bench
 
     def tflops(fn, m, n, k):
@@ -728,7 +731,7 @@ if config.PROFILE == "gpu":
     del src, dst
     ceilings = Ceilings(f"{torch.cuda.get_device_name()} (measured)", peak * 1e12,
                         2 * 2**30 / copy_ms * 1e3, "1 GiB copy; best torch.matmul bf16")
-    for m, n, k in BENCH_SHAPES:
+    for m, n, k in tqdm(BENCH_SHAPES, desc="matmul shapes", file=sys.stderr):
         a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         b = torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
         measured[(m, n, k)] = (tflops(lambda: matmul(a, b), m, n, k), tflops(lambda: a @ b, m, n, k))
@@ -884,3 +887,44 @@ for n_ctx, d in [(4096, 128), (32768, 128)]:
 # `attainable_flops`, `check_matmul_operands`, `tiled_matmul`, `program_order`,
 # `wave_panels`) and `kernels.matmul` (`grouped_program_id`, `matmul_kernel`,
 # `hopper_configs`, `prune_configs`, `matmul`).
+
+# %% [markdown]
+# ## Exercises
+#
+# *Derive* on paper, *implement* a function with the given signature and check it with
+# `check("03.name", your_function)` from `lrn_lib.exercises` (randomized tests you do not
+# see, against the library's float64 references; one line of verdict), *measure* with this
+# chapter's code. `print("\n".join(exercises("03")))` lists the checkers. Worked solutions:
+# `chapters/solutions/03_tiling_solutions.ipynb`.
+#
+# ```python
+# from lrn_lib.exercises import check, exercises
+# ```
+#
+# **Exercise 1 (derive): the best tile shape.** Show that when $b_M$ divides $M$, $b_N$
+# divides $N$ and $K$ is large, the intensity $F / Q_{\text{tiled}}$ from (3.2) and (3.5)
+# tends to $I_{\text{tile}} = 2 b_M b_N / ((b_M + b_N)\, s)$ as $M, N \to \infty$, and that it
+# does not depend on $b_K$. Then fix the accumulator size $b_M b_N = A$ (registers limit it)
+# and show that $I_{\text{tile}}$ is largest for a square tile, $b_M = b_N = \sqrt{A}$. How
+# much does a 181 x 181 tile gain over 128 x 256 in bfloat16?
+#
+# **Exercise 2 (implement): a tiled matmul.** Without looking at `lrn_lib.tiling`, write
+# `tiled_matmul(a, b, block_m: int, block_n: int, block_k: int) -> torch.Tensor` that
+# computes $C = AB$ by equation (3.1): a loop over the tiles of $C$, and inside it a loop
+# over blocks of $K$ that accumulates block products (no product of the whole matrices).
+# Any $M, N, K \ge 1$ and any block sizes, including blocks that do not divide the sizes or
+# exceed them. Run `check("03.tiled_matmul", tiled_matmul)`.
+#
+# **Exercise 3 (implement): the intensity of a tiling.** Write
+# `tiled_intensity(m, n, k, block_m, block_n, bytes_per_element) -> float`, the arithmetic
+# intensity (3.4) of a tiled matmul whose programs share nothing through a cache: $F$ from
+# (3.2) and the exact traffic $Q_{\text{tiled}}$ of (3.5), partial edge tiles included. Run
+# `check("03.tiled_intensity", tiled_intensity)`.
+#
+# **Exercise 4 (measure): the best group size.** For the 8192^3 bfloat16 matmul of section
+# 3.5 (128 x 256 tiles, one wave of 132 programs), compute with `wave_panels` the wave's
+# intensity against HBM for `GROUP_M` = 1, 2, 4, 8, 16, 32 and 64. Look for: the intensity
+# peaks at the group size that makes the wave's patch of $C$ closest to square in elements
+# (rows $\times$ 128 against columns $\times$ 256), falls off on both sides, and every value is
+# above the H100's ridge point of 295 FLOP/byte, which is why section 3.7 found only a
+# modest gain from grouping.

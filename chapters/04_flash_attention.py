@@ -1062,8 +1062,11 @@ plt.show()
 # %%
 # NBVAL_IGNORE_OUTPUT
 if config.PROFILE == "gpu":
+    import sys
+
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
+    from tqdm.auto import tqdm
     from triton.testing import do_bench
 
     def sdpa(backend):
@@ -1082,7 +1085,7 @@ if config.PROFILE == "gpu":
                   "standard": standard}
     lengths = [512, 1024, 2048, 4096, 8192, 16384]
     tflops = {name: [] for name in contenders}
-    for n in lengths:
+    for n in tqdm(lengths, desc="sequence lengths", file=sys.stderr):
         q, k, v = (torch.randn(max(1, 16384 // n), 16, n, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         flops = 2 * q.shape[0] * 16 * n * n * 128      # causal: half of 4 N^2 d per head
         for name, fn in contenders.items():
@@ -1137,3 +1140,48 @@ else:
 # `check_attention_inputs`, `flash_attention_blocks`, `flash_attention_backward_blocks`,
 # `FlashAttention`, `kernel_can_run`, `flash_attention`) and `kernels.flash_attention` (the
 # forward, preprocessing, dK/dV and dQ kernels with their launchers).
+
+# %% [markdown]
+# ## Exercises
+#
+# *Derive* on paper, *implement* a function with the given signature and check it with
+# `check("04.name", your_function)` from `lrn_lib.exercises` (randomized tests you do not
+# see, against the library's float64 references; one line of verdict), *measure* with this
+# chapter's code. `print("\n".join(exercises("04")))` lists the checkers. Worked solutions:
+# `chapters/solutions/04_flash_attention_solutions.ipynb`.
+#
+# ```python
+# from lrn_lib.exercises import check, exercises
+# ```
+#
+# **Exercise 1 (derive): deferred normalization is exact.** For one query row, let key
+# blocks $1, \dots, T$ arrive in order and run FlashAttention-2's update (change 2 of section
+# 4.4) from $\tilde o = 0$, $\ell = 0$, $m = -\infty$. Show by induction that after block
+# $t$: $m^{(t)}$ is the maximum of the scores seen so far, $\ell^{(t)} = \sum_{j \le t}
+# e^{S_j - m^{(t)}}$ and $\tilde o^{(t)} = \sum_{j \le t} e^{S_j - m^{(t)}} V_j$ (sums over the
+# keys of those blocks). Conclude that $\tilde o^{(T)} / \ell^{(T)}$ is the row of $O$ in
+# (4.1) and $m^{(T)} + \log \ell^{(T)}$ is $L$. Then show that
+# $D_i = \mathrm{rowsum}(dO_i \odot O_i)$ equals $\mathrm{rowsum}(dP_i \odot P_i)$ (use
+# $O = PV$ and $dP = dO\, V^\top$).
+#
+# **Exercise 2 (implement): one FlashAttention-2 step.** Write
+# `block_update(acc, l, m, s, v) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]` that
+# merges one block of scores into a query block's state: `acc` $(B_r, d)$ the unnormalized
+# output $\tilde O_i$, `l` and `m` $(B_r,)$ the running sum and maximum, `s` $(B_r, B_c)$ the
+# scaled scores of the block with masked entries at `-inf`, `v` $(B_c, d)$ the block's
+# values. Return the new `(acc, l, m)`, unnormalized. A row whose scores so far are all
+# masked must stay $(0, 0, -\infty)$ without a `nan`. Run `check("04.block_update", block_update)`.
+#
+# **Exercise 3 (implement): causal attention with $N_q \ne N_k$.** Write
+# `causal_attention(q, k, v) -> torch.Tensor` for one head, `q` $(N_q, d)$, `k` and `v`
+# $(N_k, d)$, scale $\tau = 1/\sqrt{d}$, with the bottom-right causal mask of section 4.1
+# (query $i$ sees key $j$ when $j \le i + N_k - N_q$) and output 0 for queries that see no
+# key. Run `check("04.causal_attention", causal_attention)`.
+#
+# **Exercise 4 (measure): does blocking cost accuracy?** On float32 inputs
+# ($N_q = 200$, $N_k = 256$, $d = 64$, causal), compare `flash_attention_blocks` with
+# `block_n` = 1, 7, 64 and 256 and the float32 `attention_reference` against the float64
+# `attention_reference`, and print the maximum errors of $O$ and $L$. Look for: every
+# blocking gives an error of the same order (float32 rounding, around $10^{-7}$) as the
+# unblocked float32 reference, so the online merge trades no accuracy for its memory
+# savings, even when each block holds a single key.

@@ -1,0 +1,853 @@
+"""Checkers for the exercises at the end of each chapter.
+
+Hand-written tool (not exported from a chapter; listed under ``tools`` in book.toml).
+
+    from lrn_lib.exercises import check, exercises
+    exercises("02")                  # the chapter's exercise ids, each with one line about it
+    check("02.merge", my_merge)      # hidden randomized tests: prints one line, returns True/False
+
+``check`` draws fresh random inputs on every call (odd shapes, huge and tiny scores,
+``-inf`` entries, empty pieces, whatever the exercise makes risky), calls the reader's
+function on each, and compares the answer with the library's float64 reference. It
+prints a single plain line: how many cases passed, or the first failing input, what the
+function returned, what was expected, and a hint at the likely mistake. The hint comes
+from running plausible wrong implementations (the *mistake models* below) on the failing
+input: when the reader's answer matches one, its hint names that mistake. An exception
+raised by the reader's function is reported the same way, never raised. ``check(...,
+seed=S)`` repeats a run; the failure line names the seed it used.
+"""
+from __future__ import annotations
+
+import math
+import random
+import secrets
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+
+from lrn_lib.attention import attention_reference, causal_visible
+from lrn_lib.online_softmax import SoftmaxState, merge_lse, merge_states, softmax_backward_reference
+from lrn_lib.softmax import logsumexp, safe_softmax
+from lrn_lib.tiling import matmul_flops, matmul_min_bytes, tiled_traffic_bytes
+
+INF = float("inf")
+F64 = torch.float64
+
+
+# ---------------------------------------------------------------- the machinery
+
+@dataclass
+class Case:
+    """One test input: the arguments, their names for the message, the expected answer.
+
+    note: what is special about this input ("a row of only -inf scores"), or "random".
+    """
+
+    args: tuple
+    names: tuple[str, ...]
+    expected: Any
+    note: str = "random"
+
+
+@dataclass(frozen=True)
+class Mistake:
+    """A plausible wrong implementation (same signature as the reader's) and the hint it earns."""
+
+    model: Callable[..., Any]
+    hint: str
+
+
+@dataclass(frozen=True)
+class Exercise:
+    """A code exercise: its id ("NN.name"), a one-line summary, the signature the reader writes,
+    the case generator and what to say when an answer is wrong."""
+
+    id: str
+    summary: str
+    signature: str
+    cases: Callable[[random.Random, torch.Generator], Iterator[Case]]
+    n_cases: int
+    outputs: tuple[str, ...]
+    fallback: str                                   # the hint when nothing more specific fits
+    mistakes: tuple[Mistake, ...] = ()
+    shape_hint: str = ""
+    nonfinite_hint: str = ""                        # for inf/nan where the answer is finite
+    diagnose: Callable[[Case, list[torch.Tensor]], str | None] | None = None
+    rtol: float = 1e-5
+    atol: float = 1e-6
+
+    @property
+    def chapter(self) -> str:
+        return self.id.split(".")[0]
+
+
+class _BadReturn(Exception):
+    """The reader's function returned something that is not the expected kind of value."""
+
+
+def _num(x: float) -> str:
+    """A number in at most four significant digits; inf and nan spelled out."""
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    if float(x).is_integer() and abs(x) < 1e15:
+        return str(int(x))
+    return f"{x:.6g}"
+
+
+def _show(value: Any) -> str:
+    """A short, one-line rendering of an argument or a result."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() <= 12:
+            def nested(t: torch.Tensor) -> str:
+                if t.dim() == 0:
+                    return _num(t.item())
+                return "[" + ", ".join(nested(row) for row in t) + "]"
+            return nested(value.detach().double().cpu())
+        return f"<tensor of shape {tuple(value.shape)}>"
+    if isinstance(value, float):
+        return _num(value)
+    return repr(value)
+
+
+def _clone(value: Any) -> Any:
+    """A copy of an argument, so a function that writes into its inputs cannot spoil a case."""
+    return value.clone() if isinstance(value, torch.Tensor) else value
+
+
+def _as_tensors(result: Any, names: tuple[str, ...]) -> list[torch.Tensor]:
+    """The reader's result as a list of float64 tensors, one per output name."""
+    if len(names) > 1:
+        if not isinstance(result, (tuple, list)) or len(result) != len(names):
+            what = f"a {type(result).__name__}" if not isinstance(result, (tuple, list)) else \
+                f"{len(result)} values"
+            raise _BadReturn(f"you returned {what}; expected a tuple ({', '.join(names)})")
+        parts = list(result)
+    else:
+        parts = [result]
+    tensors = []
+    for name, part in zip(names, parts):
+        try:
+            tensors.append(torch.as_tensor(part).detach().to("cpu", F64))
+        except (TypeError, ValueError, RuntimeError):
+            raise _BadReturn(f"you returned {name} as a {type(part).__name__}; expected a number or a tensor") \
+                from None
+    return tensors
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rtol: float, atol: float) -> torch.Tensor:
+    """Entrywise closeness; equal infinities and nan against nan count as equal."""
+    return torch.isclose(a, b, rtol=rtol, atol=atol, equal_nan=True)
+
+
+def _same_shape(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor | None:
+    """got reshaped to want's shape when they agree (a 1-element answer for a scalar), else None."""
+    if got.shape == want.shape:
+        return got
+    if want.dim() == 0 and got.numel() == 1:
+        return got.reshape(())
+    return None
+
+
+def _first_difference(got: list[torch.Tensor], want: list[torch.Tensor], names: tuple[str, ...],
+                      rtol: float, atol: float) -> str | None:
+    """None when every output agrees, else a phrase naming the first wrong entry."""
+    for name, g, w in zip(names, got, want):
+        g = _same_shape(g, w)
+        if g is None:
+            return None  # shape problems are reported separately
+        wrong = ~_close(g, w, rtol, atol)
+        if wrong.any():
+            index = tuple(int(i) for i in wrong.nonzero()[0])
+            where = f"{name}[{', '.join(map(str, index))}]" if index else name
+            return f"{where} = {_num(g[index].item())}, expected {_num(w[index].item())}"
+    return None
+
+
+def _agrees(got: list[torch.Tensor], want: list[torch.Tensor], rtol: float, atol: float) -> bool:
+    """Whether two lists of outputs agree in shape and value."""
+    for g, w in zip(got, want):
+        g = _same_shape(g, w)
+        if g is None or not bool(_close(g, w, rtol, atol).all()):
+            return False
+    return True
+
+
+def _hint(exercise: Exercise, case: Case, got: list[torch.Tensor], want: list[torch.Tensor]) -> str:
+    """The most specific hint for a wrong answer: shape, a matching mistake model, the exercise's
+    own diagnosis, inf/nan where the answer is finite, or the general hint."""
+    for g, w in zip(got, want):
+        if _same_shape(g, w) is None:
+            return exercise.shape_hint or exercise.fallback
+    for mistake in exercise.mistakes:
+        try:
+            with torch.no_grad():
+                modelled = _as_tensors(mistake.model(*map(_clone, case.args)), exercise.outputs)
+        except Exception:  # a mistake model may itself fail on some inputs
+            continue
+        if _agrees(got, modelled, exercise.rtol, exercise.atol):
+            return mistake.hint
+    if exercise.diagnose is not None:
+        specific = exercise.diagnose(case, got)
+        if specific:
+            return specific
+    if exercise.nonfinite_hint and any(bool((~g.isfinite() & w.isfinite()).any()) for g, w in zip(got, want)):
+        return exercise.nonfinite_hint
+    return exercise.fallback
+
+
+def _inputs(case: Case) -> str:
+    return ", ".join(f"{name} = {_show(arg)}" for name, arg in zip(case.names, case.args))
+
+
+def _outputs(values: list[torch.Tensor], names: tuple[str, ...]) -> str:
+    if len(names) == 1:
+        return _show(values[0])
+    return "(" + ", ".join(f"{n} = {_show(v)}" for n, v in zip(names, values)) + ")"
+
+
+def _shapes(values: list[torch.Tensor], names: tuple[str, ...]) -> str:
+    return ", ".join(f"{n} of shape {tuple(v.shape)}" for n, v in zip(names, values))
+
+
+def check(exercise_id: str, fn: Callable, seed: int | None = None) -> bool:
+    """Run the hidden randomized tests of exercise ``exercise_id`` on ``fn``; print one line.
+
+    Returns True when every case agrees with the float64 reference. On the first wrong
+    answer (or exception) prints the input, what ``fn`` returned, what was expected and a
+    hint, and returns False. ``seed`` repeats a run (each call draws a fresh one otherwise).
+    Raises ValueError for an unknown exercise id.
+    """
+    exercise = _find(exercise_id)
+    seed = secrets.randbits(32) if seed is None else seed
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    names = exercise.outputs
+    for number, case in enumerate(exercise.cases(rng, gen), start=1):
+        if number > exercise.n_cases:
+            break
+        where = f"{exercise.id}: failed on case {number} of {exercise.n_cases} ({case.note}; seed {seed})"
+        want = _as_tensors(case.expected, names)
+        try:
+            got = _as_tensors(fn(*map(_clone, case.args)), names)
+        except _BadReturn as err:
+            print(f"{where}: input {_inputs(case)}; {err} (the answer here is {_outputs(want, names)}). "
+                  f"Hint: write {exercise.signature}.")
+            return False
+        except Exception as err:  # the reader's code failed: report it, do not raise
+            print(f"{where}: input {_inputs(case)}; your function raised {type(err).__name__}: {err}; "
+                  f"expected {_outputs(want, names)}. Hint: check it runs on this input; it should be "
+                  f"{exercise.signature}.")
+            return False
+        difference = _first_difference(got, want, names, exercise.rtol, exercise.atol)
+        shapes_ok = all(_same_shape(g, w) is not None for g, w in zip(got, want))
+        if shapes_ok and difference is None:
+            continue
+        if shapes_ok:
+            returned = f"you returned {_outputs(got, names)}, expected {_outputs(want, names)} " \
+                       f"(first difference: {difference})"
+        else:
+            returned = f"you returned {_shapes(got, names)}, expected {_shapes(want, names)}"
+        print(f"{where}: input {_inputs(case)}; {returned}. Hint: {_hint(exercise, case, got, want)}")
+        return False
+    print(f"{exercise.id}: passed {exercise.n_cases} random cases")
+    return True
+
+
+def exercises(chapter_id: str) -> list[str]:
+    """The code exercises of a chapter ("02" or "2"), one line each: "id: summary; signature"."""
+    chapter = f"{int(chapter_id):02d}" if str(chapter_id).isdigit() else str(chapter_id)
+    found = [f"{e.id}: {e.summary}; write {e.signature}" for e in EXERCISES.values() if e.chapter == chapter]
+    if not found:
+        chapters = sorted({e.chapter for e in EXERCISES.values()})
+        raise ValueError(f"no exercises for chapter {chapter_id!r}; chapters with exercises: {', '.join(chapters)}")
+    return found
+
+
+def _find(exercise_id: str) -> Exercise:
+    if exercise_id not in EXERCISES:
+        raise ValueError(f"no exercise {exercise_id!r}; known ids: {', '.join(EXERCISES)}")
+    return EXERCISES[exercise_id]
+
+
+# ---------------------------------------------------------------- random inputs
+
+def _randn(gen: torch.Generator, *shape: int) -> torch.Tensor:
+    return torch.randn(shape, generator=gen, dtype=F64)
+
+
+def _random_shape(rng: random.Random, number: int, max_len: int = 300) -> tuple[int, ...]:
+    """1 to 3 dimensions; the last one (the softmax axis) grows with the case number."""
+    last = rng.randint(1, min(max_len, 4 + 3 * number))
+    lead = [rng.randint(1, 5) for _ in range(rng.choice([0, 1, 1, 2]))]
+    return (*lead, last)
+
+
+def _scores(rng: random.Random, gen: torch.Generator, shape: tuple[int, ...], masked_rows: bool = True,
+            finite_per_row: bool = False) -> torch.Tensor:
+    """Random scores at a random scale (up to 1000), some entries -inf, sometimes whole rows."""
+    x = _randn(gen, *shape) * rng.choice([0.1, 1.0, 30.0, 300.0, 1000.0])
+    if rng.random() < 0.5:
+        x[torch.rand(shape, generator=gen) < rng.choice([0.1, 0.3, 0.7])] = -INF
+    if masked_rows and len(shape) > 1 and rng.random() < 0.3:
+        x.view(-1, shape[-1])[rng.randrange(x.numel() // shape[-1])] = -INF
+    if finite_per_row:  # every row keeps at least one finite score
+        rows = x.view(-1, shape[-1])
+        for r in range(rows.shape[0]):
+            if not rows[r].isfinite().any():
+                rows[r, rng.randrange(shape[-1])] = rng.gauss(0, 10)
+    return x
+
+
+def _loguniform_int(rng: random.Random, low: int, high: int) -> int:
+    return int(round(math.exp(rng.uniform(math.log(low), math.log(high)))))
+
+
+# ---------------------------------------------------------------- chapter 01
+
+def _lse(x: torch.Tensor) -> torch.Tensor:
+    return logsumexp(x, dim=-1)
+
+
+def _cases_logsumexp(rng: random.Random, gen: torch.Generator) -> Iterator[Case]:
+    fixed = [([[1000.0, 0.0]], "a score of 1000"), ([[-1000.0, -1001.0]], "very negative scores"),
+             ([[3.0]], "a single score"), ([[-INF, -INF, -INF], [0.0, 1.0, 2.0]], "a row of only -inf scores"),
+             ([[-INF, 2.0, -INF, 800.0]], "-inf entries and a large score")]
+    for rows, note in fixed:
+        x = torch.tensor(rows, dtype=F64)
+        yield Case((x,), ("x",), _lse(x), note)
+    number = len(fixed)
+    while True:
+        number += 1
+        x = _scores(rng, gen, _random_shape(rng, number))
+        yield Case((x,), ("x",), _lse(x))
+
+
+def _no_standin_lse(x: torch.Tensor) -> torch.Tensor:
+    m = x.amax(-1, keepdim=True)
+    return (m + torch.log(torch.exp(x - m).sum(-1, keepdim=True))).squeeze(-1)
+
+
+def _cases_log_softmax(rng: random.Random, gen: torch.Generator) -> Iterator[Case]:
+    fixed = [([[1000.0, 0.0]], "scores 1000 apart"), ([[-INF, 0.0, 1.0]], "a -inf entry"),
+             ([[7.0]], "a single score"), ([[800.0, 799.0], [-800.0, -801.0]], "large and very negative scores")]
+    for rows, note in fixed:
+        x = torch.tensor(rows, dtype=F64)
+        yield Case((x,), ("x",), x - _lse(x)[..., None], note)
+    number = len(fixed)
+    while True:
+        number += 1
+        x = _scores(rng, gen, _random_shape(rng, number), masked_rows=False, finite_per_row=True)
+        yield Case((x,), ("x",), x - _lse(x)[..., None])
+
+
+def _log_softmax_row_offset(case: Case, got: list[torch.Tensor]) -> str | None:
+    """A hint when the answer is off by one constant per row (log softmax is shift-sensitive)."""
+    x = case.args[0]
+    diff = got[0] - (x - _lse(x)[..., None])
+    finite = diff.isfinite()
+    if not finite.any():
+        return None
+    filled = torch.where(finite, diff, diff[finite][0])
+    spread = (filled.amax(-1) - filled.amin(-1)).abs().max().item()
+    if spread < 1e-6 * (1 + x[x.isfinite()].abs().max().item()):
+        return ("each row of yours is off by one constant: log softmax(x)_i = x_i - LSE(x), with "
+                "LSE(x) = m + log sum_j e^(x_j - m) from equation (1.3)")
+    return None
+
+
+def _cases_temperature(rng: random.Random, gen: torch.Generator) -> Iterator[Case]:
+    fixed = [([[3.0, 2.0, 1.0]], 1.0, "temperature 1"), ([[2.0, 1.0, 0.0]], 0.001, "a tiny temperature"),
+             ([[5.0, -5.0]], 1000.0, "a huge temperature"), ([[1.0, 3.0, -INF]], 0.5, "a -inf entry")]
+    for rows, temperature, note in fixed:
+        x = torch.tensor(rows, dtype=F64)
+        yield Case((x, temperature), ("x", "temperature"), safe_softmax(x / temperature), note)
+    number = len(fixed)
+    while True:
+        number += 1
+        x = _scores(rng, gen, _random_shape(rng, number, 100), masked_rows=False, finite_per_row=True)
+        x = torch.where(x.isfinite(), x / 30, x)     # scores of a few units; the temperature does the rest
+        temperature = round(math.exp(rng.uniform(math.log(1e-3), math.log(1e3))), 4)
+        yield Case((x, temperature), ("x", "temperature"), safe_softmax(x / temperature))
+
+
+# ---------------------------------------------------------------- chapter 02
+
+def _state(piece: torch.Tensor, rows: int) -> SoftmaxState:
+    """The state (m, d) of each row of a (rows, n) piece; (-inf, 0) for an empty piece."""
+    if piece.shape[-1] == 0:
+        return SoftmaxState(torch.full((rows,), -INF, dtype=F64), torch.zeros(rows, dtype=F64))
+    m = piece.amax(-1)
+    m_safe = torch.where(m == -INF, torch.zeros_like(m), m)
+    return SoftmaxState(m, torch.exp(piece - m_safe[:, None]).sum(-1))
+
+
+def _cases_merge(rng: random.Random, gen: torch.Generator) -> Iterator[Case]:
+    def case(x: torch.Tensor, cut: int, note: str) -> Case:
+        a, b = _state(x[:, :cut], x.shape[0]), _state(x[:, cut:], x.shape[0])
+        return Case((a.m, a.d, b.m, b.d), ("m_a", "d_a", "m_b", "d_b"), tuple(merge_states(a, b)), note)
+
+    yield case(torch.tensor([[1.0, 2.0, 5.0, 3.0], [9.0, 2.0, 5.0, 3.0]], dtype=F64), 2,
+               "B holds the larger maximum in row 0, A in row 1")
+    yield case(torch.tensor([[4.0, 1.0]], dtype=F64), 0, "A is empty: its state is (-inf, 0)")
+    yield case(torch.tensor([[-INF, -INF], [1.0, 2.0]], dtype=F64), 1,
+               "both pieces of the first row are all -inf")
+    number = 3
+    while True:
+        number += 1
+        rows, n = rng.randint(1, 5), rng.randint(0, min(200, 3 + 3 * number))
+        x = _scores(rng, gen, (rows, max(n, 1)))[:, :n]
+        yield case(x, rng.randint(0, n), "random")
+
+
+def _merge_no_standin(m_a, d_a, m_b, d_b):
+    m = torch.maximum(m_a, m_b)
+    return m, d_a * torch.exp(m_a - m) + d_b * torch.exp(m_b - m)
+
+
+def _cases_merge_lse(rng: random.Random, gen: torch.Generator) -> Iterator[Case]:
+    fixed = [([1000.0], [999.0], "large log-sum-exps"), ([-1000.0], [-1000.0], "very negative log-sum-exps"),
+             ([-INF], [-INF], "two empty sets (-inf, -inf)"), ([-INF, 3.0], [2.0, -INF], "one side empty"),
+             ([0.5, 1.0], [0.25, 1.0], "small values")]
+    for a, b, note in fixed:
+        a, b = torch.tensor(a, dtype=F64), torch.tensor(b, dtype=F64)
+        yield Case((a, b), ("lse_a", "lse_b"), merge_lse(a, b), note)
+    number = len(fixed)
+    while True:
+        number += 1
+        shape = _random_shape(rng, number, 50)[-rng.randint(1, 2):]
+        a, b = (_scores(rng, gen, shape, masked_rows=False) for _ in range(2))
+        yield Case((a, b), ("lse_a", "lse_b"), merge_lse(a, b))
+
+
+def _cases_softmax_backward(rng: random.Random, gen: torch.Generator) -> Iterator[Case]:
+    def case(y: torch.Tensor, dy: torch.Tensor, note: str = "random") -> Case:
+        return Case((y, dy), ("y", "dy"), softmax_backward_reference(y, dy, -1), note)
+
+    yield case(torch.tensor([[0.2, 0.3, 0.5], [0.6, 0.1, 0.3]], dtype=F64),
+               torch.tensor([[1.0, -2.0, 0.5], [0.0, 3.0, 1.0]], dtype=F64), "two small rows")
+    yield case(torch.tensor([[1.0]], dtype=F64), torch.tensor([[2.5]], dtype=F64), "a single column")
+    yield case(torch.tensor([[0.0, 1.0, 0.0], [0.5, 0.5, 0.0]], dtype=F64),
+               torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], dtype=F64), "one-hot and zero probabilities")
+    number = 3
+    while True:
+        number += 1
+        shape = _random_shape(rng, number, 200)
+        if len(shape) == 1 and rng.random() < 0.7:
+            shape = (rng.randint(2, 6), *shape)
+        y = safe_softmax(_scores(rng, gen, shape, masked_rows=False, finite_per_row=True) / 100)
+        yield case(y, _randn(gen, *shape) * rng.choice([0.1, 1.0, 10.0]))
+
+
+# ---------------------------------------------------------------- chapter 03
+
+def _cases_tiled_matmul(rng: random.Random, gen: torch.Generator) -> Iterator[Case]:
+    names = ("a", "b", "block_m", "block_n", "block_k")
+
+    def case(m: int, n: int, k: int, bm: int, bn: int, bk: int, note: str = "random") -> Case:
+        a, b = _randn(gen, m, k), _randn(gen, k, n)
+        return Case((a, b, bm, bn, bk), names, a @ b, note)
+
+    yield case(1, 1, 1, 1, 1, 1, "1 x 1 matrices")
+    yield case(8, 8, 8, 4, 4, 4, "blocks that divide every size")
+    yield case(4, 4, 10, 4, 4, 4, "K = 10 with block_k = 4: a shorter last K block")
+    yield case(7, 9, 4, 4, 4, 4, "M = 7 and N = 9 with blocks of 4: smaller edge tiles")
+    yield case(5, 3, 7, 8, 8, 8, "blocks larger than the matrices")
+    while True:
+        m, n, k = (rng.randint(1, 48) for _ in range(3))
+        while True:
+            bm, bn, bk = (rng.randint(1, 32) for _ in range(3))
+            if math.ceil(m / bm) * math.ceil(n / bn) * math.ceil(k / bk) <= 300:
+                break
+        yield case(m, n, k, bm, bn, bk)
+
+
+def _matmul_without_k_tail(a, b, block_m, block_n, block_k):
+    full = a.shape[1] // block_k * block_k
+    return a[:, :full] @ b[:full]
+
+
+def _matmul_without_edge_tiles(a, b, block_m, block_n, block_k):
+    c = torch.zeros(a.shape[0], b.shape[1], dtype=a.dtype)
+    rows, cols = a.shape[0] // block_m * block_m, b.shape[1] // block_n * block_n
+    c[:rows, :cols] = (a @ b)[:rows, :cols]
+    return c
+
+
+def _tiled_matmul_edges(case: Case, got: list[torch.Tensor]) -> str | None:
+    """A hint when only entries in the last (shorter) row or column block are wrong."""
+    a, b, bm, bn, _ = case.args
+    wrong = ~_close(got[0], a @ b, 1e-5, 1e-6)
+    inner = wrong[: a.shape[0] // bm * bm, : b.shape[1] // bn * bn]
+    if wrong.any() and not inner.any():
+        return ("only entries in the edge tiles (the last row or column block, shorter when the block "
+                "size does not divide M or N) are wrong: slice a[i:i + block_m] and write back what "
+                "the slice gives, equation (3.1)")
+    return None
+
+
+def _intensity(m: int, n: int, k: int, block_m: int, block_n: int, bytes_per_element: int) -> float:
+    return matmul_flops(m, n, k) / tiled_traffic_bytes(m, n, k, block_m, block_n, bytes_per_element)
+
+
+def _cases_tiled_intensity(rng: random.Random, gen: torch.Generator) -> Iterator[Case]:
+    names = ("m", "n", "k", "block_m", "block_n", "bytes_per_element")
+    fixed = [((4096, 4096, 4096, 128, 128, 2), "large square, blocks divide"),
+             ((100, 100, 100, 64, 64, 4), "blocks that do not divide"),
+             ((1, 1, 1, 16, 16, 2), "1 x 1 x 1"), ((8192, 512, 1024, 128, 256, 2), "rectangular blocks")]
+    for args, note in fixed:
+        yield Case(args, names, _intensity(*args), note)
+    while True:
+        m, n, k = (_loguniform_int(rng, 1, 20000) for _ in range(3))
+        if rng.random() < 0.5:
+            block_m, block_n = rng.choice([16, 32, 64, 128, 256]), rng.choice([16, 32, 64, 128, 256])
+        else:
+            block_m, block_n = rng.randint(1, 300), rng.randint(1, 300)
+        args = (m, n, k, block_m, block_n, rng.choice([1, 2, 4, 8]))
+        yield Case(args, names, _intensity(*args))
+
+
+def _traffic_floor(m, n, k, block_m, block_n, s):
+    return 2 * m * n * k / ((m * k * (n // block_n) + k * n * (m // block_m) + m * n) * s)
+
+
+def _traffic_swapped(m, n, k, block_m, block_n, s):
+    return 2 * m * n * k / ((m * k * math.ceil(m / block_m) + k * n * math.ceil(n / block_n) + m * n) * s)
+
+
+def _traffic_no_c(m, n, k, block_m, block_n, s):
+    return 2 * m * n * k / ((m * k * math.ceil(n / block_n) + k * n * math.ceil(m / block_m)) * s)
+
+
+# ---------------------------------------------------------------- chapter 04
+
+def _block_update_reference(acc, l, m, s, v):
+    """One FlashAttention-2 step for a block of keys: the merge (2.2) with deferred normalization."""
+    m_new = torch.maximum(m, s.amax(-1))
+    m_safe = torch.where(m_new == -INF, torch.zeros_like(m_new), m_new)
+    p = torch.exp(s - m_safe[:, None])
+    alpha = torch.exp(m - m_safe)
+    return alpha[:, None] * acc + p @ v, alpha * l + p.sum(-1), m_new
+
+
+def _cases_block_update(rng: random.Random, gen: torch.Generator) -> Iterator[Case]:
+    names = ("acc", "l", "m", "s", "v")
+
+    def walk(s_all: torch.Tensor, v_all: torch.Tensor, cuts: list[int], step: int, note: str) -> Case:
+        rows, d = s_all.shape[0], v_all.shape[1]
+        state = (torch.zeros(rows, d, dtype=F64), torch.zeros(rows, dtype=F64), torch.full((rows,), -INF, dtype=F64))
+        bounds = [0, *cuts, s_all.shape[1]]
+        for j in range(step):
+            state = _block_update_reference(*state, s_all[:, bounds[j]:bounds[j + 1]], v_all[bounds[j]:bounds[j + 1]])
+        s, v = s_all[:, bounds[step]:bounds[step + 1]], v_all[bounds[step]:bounds[step + 1]]
+        return Case((*state, s, v), names, _block_update_reference(*state, s, v), note)
+
+    s = torch.tensor([[0.5, 2.0, 1.0, 8.0], [3.0, -1.0, 0.0, 1.0]], dtype=F64)
+    v = _randn(gen, 4, 3)
+    yield walk(s, v, [2], 0, "the first key block: acc = 0, l = 0, m = -inf")
+    yield walk(s, v, [2], 1, "the second block raises the first row's maximum from 2 to 8")
+    masked = s.clone()
+    masked[0, :2] = -INF
+    yield walk(masked, v, [2], 0, "a first block whose first row is all masked (-inf)")
+    yield walk(masked, v, [2], 1, "a row whose scores so far were all masked")
+    while True:
+        rows, d, n_keys = rng.randint(1, 8), rng.randint(1, 16), rng.randint(1, 50)
+        s_all = _randn(gen, rows, n_keys) * rng.choice([1.0, 5.0, 30.0])
+        if rng.random() < 0.6:
+            s_all[torch.rand(rows, n_keys, generator=gen) < rng.choice([0.2, 0.5, 0.9])] = -INF
+        if rng.random() < 0.3:
+            s_all[rng.randrange(rows), : rng.randint(1, n_keys)] = -INF      # a masked stretch
+        cuts = sorted(rng.sample(range(1, n_keys), k=min(n_keys - 1, rng.randint(0, 5)))) if n_keys > 1 else []
+        yield walk(s_all, _randn(gen, n_keys, d), cuts, rng.randint(0, len(cuts)), "random")
+
+
+def _update_l_not_rescaled(acc, l, m, s, v):
+    new_acc, _, new_m = _block_update_reference(acc, l, m, s, v)
+    m_safe = torch.where(new_m == -INF, torch.zeros_like(new_m), new_m)
+    return new_acc, l + torch.exp(s - m_safe[:, None]).sum(-1), new_m
+
+
+def _update_acc_not_rescaled(acc, l, m, s, v):
+    _, new_l, new_m = _block_update_reference(acc, l, m, s, v)
+    m_safe = torch.where(new_m == -INF, torch.zeros_like(new_m), new_m)
+    return acc + torch.exp(s - m_safe[:, None]) @ v, new_l, new_m
+
+
+def _update_normalized(acc, l, m, s, v):
+    new_acc, new_l, new_m = _block_update_reference(acc, l, m, s, v)
+    return new_acc / new_l[:, None], new_l, new_m
+
+
+def _update_no_standin(acc, l, m, s, v):
+    m_new = torch.maximum(m, s.amax(-1))
+    p = torch.exp(s - m_new[:, None])
+    alpha = torch.exp(m - m_new)
+    return alpha[:, None] * acc + p @ v, alpha * l + p.sum(-1), m_new
+
+
+def _update_m_kept(acc, l, m, s, v):
+    new_acc, new_l, _ = _block_update_reference(acc, l, m, s, v)
+    return new_acc, new_l, m
+
+
+def _causal_case(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, note: str) -> Case:
+    o, _ = attention_reference(q[None, None], k[None, None], v[None, None], causal=True)
+    return Case((q, k, v), ("q", "k", "v"), o[0, 0], note)
+
+
+def _cases_causal_attention(rng: random.Random, gen: torch.Generator) -> Iterator[Case]:
+    for n_q, n_k, d, note in [(4, 4, 2, "N_q = N_k"), (2, 5, 3, "N_q < N_k: the diagonal moves right"),
+                              (5, 3, 2, "N_q > N_k: the first two queries see no key"),
+                              (1, 1, 1, "one query, one key")]:
+        yield _causal_case(_randn(gen, n_q, d), _randn(gen, n_k, d), _randn(gen, n_k, d), note)
+    while True:
+        n_q, n_k, d = rng.randint(1, 40), rng.randint(1, 40), rng.randint(1, 16)
+        scale = rng.choice([0.5, 1.0, 3.0])
+        yield _causal_case(_randn(gen, n_q, d) * scale, _randn(gen, n_k, d) * scale, _randn(gen, n_k, d), "random")
+
+
+def _attention_with(visible: Callable[[int, int], torch.Tensor], scale: bool = True, zero_empty: bool = True):
+    """A one-head attention with a given mask rule; the model behind several mistake hints."""
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        s = q @ k.T / (math.sqrt(q.shape[-1]) if scale else 1.0)
+        s = s.masked_fill(~visible(q.shape[0], k.shape[0]), -INF)
+        p = torch.softmax(s, -1)
+        return (p.nan_to_num(0.0) if zero_empty else p) @ v
+    return attend
+
+
+def _top_left(n_q: int, n_k: int) -> torch.Tensor:
+    return torch.arange(n_k)[None, :] <= torch.arange(n_q)[:, None]
+
+
+def _strict(n_q: int, n_k: int) -> torch.Tensor:
+    return torch.arange(n_k)[None, :] < torch.arange(n_q)[:, None] + (n_k - n_q)
+
+
+def _no_mask(n_q: int, n_k: int) -> torch.Tensor:
+    return torch.ones(n_q, n_k, dtype=torch.bool)
+
+
+# ---------------------------------------------------------------- the catalogue
+
+_OVERFLOW_01 = ("your answer has inf or nan where the true one is finite: e^x overflows for x > 709 in "
+                "float64 (88.7 in float32); subtract the row maximum m before exponentiating, equation (1.2)")
+
+EXERCISES: dict[str, Exercise] = {e.id: e for e in [
+    Exercise(
+        id="01.logsumexp", summary="log-sum-exp over the last dim without overflow, equation (1.3)",
+        signature="logsumexp(x: torch.Tensor) -> torch.Tensor  (x of shape (..., V), result of shape (...))",
+        cases=_cases_logsumexp, n_cases=200, outputs=("lse",),
+        fallback="LSE(x) = m + log sum_j e^(x_j - m) with m the row maximum, equation (1.3)",
+        shape_hint="reduce over the last dimension only, and drop it: x of shape (..., V) gives (...)",
+        nonfinite_hint=_OVERFLOW_01,
+        mistakes=(
+            Mistake(lambda x: torch.log(torch.exp(x).sum(-1)),
+                    "you exponentiated x directly, and e^x overflows to inf (or every term underflows to 0): "
+                    "subtract the row maximum m first and add it back, equation (1.3)"),
+            Mistake(_no_standin_lse,
+                    "a row of only -inf scores must give -inf (the log of an empty sum), not nan: "
+                    "-inf - (-inf) is undefined, so when m = -inf subtract a stand-in 0 instead"),
+            Mistake(lambda x: torch.log(torch.exp(x - x.amax(-1, keepdim=True)).sum(-1)),
+                    "you forgot to add m back: LSE(x) = m + log sum_j e^(x_j - m), equation (1.3)"),
+            Mistake(lambda x: x.amax(-1),
+                    "LSE(x) is m plus log sum_j e^(x_j - m), which lies between 0 and log V; the maximum alone "
+                    "is only its lower bound"),
+        )),
+    Exercise(
+        id="01.log_softmax", summary="log softmax over the last dim, finite wherever the score is, (1.3)",
+        signature="log_softmax(x: torch.Tensor) -> torch.Tensor  (same shape as x)",
+        cases=_cases_log_softmax, n_cases=200, outputs=("log_y",),
+        fallback="log softmax(x)_i = x_i - LSE(x), with LSE(x) = m + log sum_j e^(x_j - m), equation (1.3)",
+        shape_hint="return a tensor of x's shape: log softmax is taken along the last dimension",
+        nonfinite_hint=_OVERFLOW_01,
+        diagnose=_log_softmax_row_offset,
+        mistakes=(
+            Mistake(lambda x: torch.log(safe_softmax(x)),
+                    "log(softmax(x)) loses small probabilities: e^(x_i - m) rounds to 0 when x_i - m < -745, "
+                    "and log 0 = -inf; compute x_i - LSE(x) directly, equation (1.3)"),
+            Mistake(lambda x: x - torch.log(torch.exp(x).sum(-1, keepdim=True)),
+                    "e^x overflows (or all terms underflow to 0): compute LSE(x) with the maximum subtracted "
+                    "and added back, equation (1.3)"),
+            Mistake(lambda x: x - x.amax(-1, keepdim=True),
+                    "you subtracted only m: log softmax(x)_i = x_i - m - log sum_j e^(x_j - m)"),
+        )),
+    Exercise(
+        id="01.temperature", summary="softmax(x / T) over the last dim, safe for tiny and huge T",
+        signature="temperature_softmax(x: torch.Tensor, temperature: float) -> torch.Tensor",
+        cases=_cases_temperature, n_cases=200, outputs=("y",),
+        fallback="y = softmax(x / T): divide the scores by T, then apply the safe softmax (1.2)",
+        shape_hint="return a tensor of x's shape: the softmax is taken along the last dimension",
+        nonfinite_hint=("inf or nan: x / T is huge for a small T, so e^(x / T) overflows; subtract the "
+                        "maximum of x / T (not of x) before exponentiating, equation (1.2)"),
+        mistakes=(
+            Mistake(lambda x, t: safe_softmax(x * t),
+                    "you multiplied the scores by T; a temperature divides them: softmax(x / T)"),
+            Mistake(lambda x, t: safe_softmax(x),
+                    "your result does not depend on T: the scores must be divided by T first"),
+            Mistake(lambda x, t: safe_softmax(x) / t,
+                    "dividing the probabilities by T breaks their sum of 1: divide the scores, softmax(x / T)"),
+        )),
+    Exercise(
+        id="02.merge", summary="merge two online-softmax states (m, d), equation (2.2)",
+        signature="merge(m_a, d_a, m_b, d_b) -> tuple[torch.Tensor, torch.Tensor]  (returns (m, d))",
+        cases=_cases_merge, n_cases=200, outputs=("m", "d"),
+        fallback="m = max(m_A, m_B) and d = d_A e^(m_A - m) + d_B e^(m_B - m), equation (2.2)",
+        shape_hint="m and d have one entry per row, the shape of m_a",
+        nonfinite_hint=("nan or inf: when both states are empty, (-inf, 0), e^(-inf - (-inf)) is nan; "
+                        "subtract a stand-in 0 when m = -inf, so the result is (-inf, 0) (section 2.3)"),
+        mistakes=(
+            Mistake(lambda ma, da, mb, db: (torch.maximum(ma, mb), da + db),
+                    "your d ignores the rescaling e^(m_a - m) and e^(m_b - m): each sum was measured against "
+                    "its own maximum; check equation (2.2)"),
+            Mistake(lambda ma, da, mb, db: (lambda m: (m, da * torch.exp(ma - m).nan_to_num(0.0) + db))(
+                        torch.maximum(ma, mb)),
+                    "your d rescales A's sum but not B's: d = d_A e^(m_A - m) + d_B e^(m_B - m), equation (2.2)"),
+            Mistake(lambda ma, da, mb, db: (lambda m: (m, da + db * torch.exp(mb - m).nan_to_num(0.0)))(
+                        torch.maximum(ma, mb)),
+                    "your d rescales B's sum but not A's: d = d_A e^(m_A - m) + d_B e^(m_B - m), equation (2.2)"),
+            Mistake(_merge_no_standin,
+                    "merging two empty states (-inf, 0) gave nan: e^(-inf - (-inf)) is undefined; subtract a "
+                    "stand-in 0 when m = -inf, so the result is (-inf, 0) (section 2.3)"),
+            Mistake(lambda ma, da, mb, db: (lambda m, ms: (m, da * torch.exp(ms - ma) + db * torch.exp(ms - mb)))(
+                        torch.maximum(ma, mb), torch.maximum(ma, mb).clamp(min=-1e300)),
+                    "your rescaling factor is upside down: it is e^(m_A - m) <= 1, equation (2.2)"),
+            Mistake(lambda ma, da, mb, db: (torch.minimum(ma, mb), da + db),
+                    "m must be the larger of the two maxima, max(m_A, m_B), equation (2.2)"),
+        )),
+    Exercise(
+        id="02.merge_lse", summary="merge two log-sum-exps, equation (2.3)",
+        signature="merge_lse(lse_a: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor",
+        cases=_cases_merge_lse, n_cases=200, outputs=("lse",),
+        fallback="lse = M + log(e^(lse_a - M) + e^(lse_b - M)) with M = max(lse_a, lse_b), equation (2.3)",
+        shape_hint="the result has the shape of lse_a (elementwise)",
+        nonfinite_hint=("inf or nan where the answer is finite: e^lse overflows above 709; subtract "
+                        "M = max(lse_a, lse_b) inside the exponentials and add it back, equation (2.3)"),
+        mistakes=(
+            Mistake(lambda a, b: torch.log(torch.exp(a) + torch.exp(b)),
+                    "you exponentiated the log-sum-exps directly: e^1000 is inf and e^-1000 is 0 in float64; "
+                    "subtract M = max(lse_a, lse_b) first and add it back, equation (2.3)"),
+            Mistake(lambda a, b: (lambda m: m + torch.log(torch.exp(a - m) + torch.exp(b - m)))(torch.maximum(a, b)),
+                    "two empty sets (-inf, -inf) must merge to -inf, not nan: subtract a stand-in 0 when "
+                    "M = -inf (section 2.3)"),
+            Mistake(lambda a, b: torch.maximum(a, b),
+                    "you returned max(lse_a, lse_b) and dropped log(e^(lse_a - M) + e^(lse_b - M)), equation (2.3)"),
+            Mistake(lambda a, b: (lambda m: torch.log(torch.exp(a - m) + torch.exp(b - m)))(
+                        torch.where(torch.maximum(a, b) == -INF, 0.0, torch.maximum(a, b))),
+                    "you forgot to add M = max(lse_a, lse_b) back, equation (2.3)"),
+        )),
+    Exercise(
+        id="02.softmax_backward", summary="softmax's backward pass dx from y and dy, equation (2.4)",
+        signature="softmax_backward(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor  (softmax over the last dim)",
+        cases=_cases_softmax_backward, n_cases=200, outputs=("dx",),
+        fallback="dx = y * (dy - <dy, y>), with one dot product per row, equation (2.4)",
+        shape_hint="dx has the shape of y and dy",
+        mistakes=(
+            Mistake(lambda y, dy: y * dy,
+                    "you left out the term -y <dy, y>: dx = y * (dy - <dy, y>), equation (2.4)"),
+            Mistake(lambda y, dy: y * (dy - (dy * y).sum()),
+                    "the dot product <dy, y> is one number per row (sum over the last dim only, keepdim=True), "
+                    "not over the whole tensor"),
+            Mistake(lambda y, dy: y * (dy - (dy * y).sum(0, keepdim=True)),
+                    "the dot product <dy, y> is taken along the softmax axis, the last dim, not the first"),
+            Mistake(lambda y, dy: dy - (dy * y).sum(-1, keepdim=True),
+                    "multiply by y: dx = y * (dy - <dy, y>), equation (2.4)"),
+            Mistake(lambda y, dy: y * (1 - y) * dy,
+                    "that is only the diagonal of the Jacobian, y_i (1 - y_i); the off-diagonal terms -y_i y_j "
+                    "add up to -y_j <dy, y>, equation (2.4)"),
+        )),
+    Exercise(
+        id="03.tiled_matmul", summary="a @ b computed tile by tile, equation (3.1)",
+        signature="tiled_matmul(a, b, block_m: int, block_n: int, block_k: int) -> torch.Tensor",
+        cases=_cases_tiled_matmul, n_cases=60, outputs=("c",), atol=1e-5,
+        fallback="C[I, J] = sum over P of A[I, P] B[P, J], equation (3.1): loop over tiles of C, and for each "
+                 "over blocks of K, accumulating",
+        shape_hint="C = A B has shape (M, N): M rows of a, N columns of b",
+        diagnose=_tiled_matmul_edges,
+        mistakes=(
+            Mistake(_matmul_without_k_tail,
+                    "your sum misses the last, shorter block along K (K is not a multiple of block_k): "
+                    "loop with range(0, K, block_k) and slice, as in (3.1)"),
+            Mistake(_matmul_without_edge_tiles,
+                    "the edge tiles are missing: when block_m or block_n does not divide M or N the last "
+                    "tiles are smaller, and range(0, M, block_m) with slicing covers them"),
+        )),
+    Exercise(
+        id="03.tiled_intensity", summary="the arithmetic intensity of a tiled matmul, equations (3.2), (3.4), (3.5)",
+        signature="tiled_intensity(m, n, k, block_m, block_n, bytes_per_element) -> float  (FLOP per byte)",
+        cases=_cases_tiled_intensity, n_cases=200, outputs=("intensity",), rtol=1e-9, atol=0.0,
+        fallback="I = 2MNK / Q_tiled with Q_tiled = (MK ceil(N / b_N) + KN ceil(M / b_M) + MN) s, "
+                 "equations (3.2), (3.4) and (3.5)",
+        shape_hint="return one number",
+        mistakes=(
+            Mistake(lambda m, n, k, bm, bn, s: 2 * bm * bn / ((bm + bn) * s),
+                    "that is the large-matrix approximation I_tile of (3.5); count the exact traffic, with "
+                    "ceilings and the write of C"),
+            Mistake(_traffic_floor,
+                    "partial tiles count: use ceil(N / b_N) and ceil(M / b_M), since a program at the edge "
+                    "still reads whole panels (3.5)"),
+            Mistake(_traffic_swapped,
+                    "A is read once per column block of C, ceil(N / b_N) times, and B once per row block, "
+                    "ceil(M / b_M) times: you swapped them (3.5)"),
+            Mistake(lambda m, n, k, bm, bn, s: _intensity(m, n, k, bm, bn, s) / 2,
+                    "a multiply-add is two floating-point operations: F = 2MNK, equation (3.2)"),
+            Mistake(lambda m, n, k, bm, bn, s: matmul_flops(m, n, k) / matmul_min_bytes(m, n, k, s),
+                    "that is the best case Q_min of (3.3); a tiled kernel rereads panels of A and B, (3.5)"),
+            Mistake(_traffic_no_c,
+                    "count the write of C, MN elements, in the traffic (3.5)"),
+            Mistake(lambda m, n, k, bm, bn, s: _intensity(m, n, k, bm, bn, s) * s,
+                    "traffic is in bytes: multiply the element count by bytes_per_element (3.5)"),
+        )),
+    Exercise(
+        id="04.block_update", summary="one FlashAttention-2 step: merge a block of scores into (acc, l, m)",
+        signature="block_update(acc, l, m, s, v) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]  "
+                  "(acc: (B_r, d), l and m: (B_r,), s: (B_r, B_c) scaled, masked scores, v: (B_c, d))",
+        cases=_cases_block_update, n_cases=200, outputs=("acc", "l", "m"),
+        fallback="m_new = max(m, rowmax(s)); P = e^(s - m_new); l_new = e^(m - m_new) l + rowsum(P); "
+                 "acc_new = e^(m - m_new) acc + P v (section 4.4, change 2)",
+        shape_hint="return acc of shape (B_r, d) and l, m of shape (B_r,)",
+        nonfinite_hint=("nan where the answer is finite: a row whose scores so far are all -inf has m = -inf, "
+                        "and e^(-inf - (-inf)) is nan; use a stand-in maximum 0 there (sections 2.3 and 4.5)"),
+        mistakes=(
+            Mistake(_update_l_not_rescaled,
+                    "your l ignores the rescaling e^(m - m_new) of the old sum: l_new = e^(m - m_new) l + "
+                    "rowsum(P), the merge (2.2)"),
+            Mistake(_update_acc_not_rescaled,
+                    "your acc is not rescaled by e^(m - m_new) when the maximum grows: acc_new = "
+                    "e^(m - m_new) acc + P v (change 2 of section 4.4)"),
+            Mistake(_update_normalized,
+                    "you normalized acc; FlashAttention-2 keeps it unnormalized and divides by l once, after "
+                    "the last key block (change 2 of section 4.4)"),
+            Mistake(_update_no_standin,
+                    "a row whose scores so far are all masked (-inf) gave nan: e^(-inf - (-inf)) is undefined; "
+                    "exponentiate against a stand-in maximum 0 there, so the row stays (0, 0, -inf)"),
+            Mistake(_update_m_kept,
+                    "m must become the new running maximum, max(m, rowmax(s))"),
+        )),
+    Exercise(
+        id="04.causal_attention",
+        summary="one head of attention with a bottom-right causal mask, N_q != N_k allowed (section 4.1)",
+        signature="causal_attention(q, k, v) -> torch.Tensor  (q: (N_q, d), k, v: (N_k, d); returns (N_q, d))",
+        cases=_cases_causal_attention, n_cases=150, outputs=("o",),
+        fallback="S = Q K^T / sqrt(d); hide key j from query i unless j <= i + (N_k - N_q); O = softmax(S) V, "
+                 "with O = 0 for queries that see no key (section 4.1)",
+        shape_hint="O has one row per query and d columns: (N_q, d)",
+        nonfinite_hint=("nan rows: when N_q > N_k the first N_q - N_k queries see no key, and their output "
+                        "is defined as 0 (section 4.1)"),
+        mistakes=(
+            Mistake(_attention_with(_top_left),
+                    "your mask is aligned to the top left (j <= i); the book aligns it to the bottom right, "
+                    "j <= i + (N_k - N_q), so the last query sees every key (section 4.1)"),
+            Mistake(_attention_with(causal_visible, zero_empty=False),
+                    "queries that see no key (the first N_q - N_k when N_q > N_k) must output 0, not nan "
+                    "(section 4.1)"),
+            Mistake(_attention_with(causal_visible, scale=False),
+                    "scale the scores by tau = 1 / sqrt(d) before the softmax, equation (4.1)"),
+            Mistake(_attention_with(_strict),
+                    "off by one: query i sees key j when j <= i + (N_k - N_q), the diagonal included"),
+            Mistake(_attention_with(_no_mask),
+                    "no key is masked: a causal mask hides key j from query i when j > i + (N_k - N_q)"),
+        )),
+]}

@@ -1,0 +1,225 @@
+"""The exercise checkers of lrn_lib.exercises: each accepts a correct solution, rejects a
+plausible wrong one with a message that names the mistake, reports (never raises) errors
+in the reader's code, and the chapters, their solutions and the catalogue agree."""
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from lrn_lib.attention import attention_reference, causal_visible, flash_attention_blocks
+from lrn_lib.book import load_book
+from lrn_lib.exercises import EXERCISES, check, exercises
+from lrn_lib.online_softmax import SoftmaxState, merge_lse, merge_states, softmax_backward_reference
+from lrn_lib.softmax import logsumexp, safe_softmax
+from lrn_lib.tiling import matmul_flops, tiled_matmul, tiled_traffic_bytes
+
+BOOK = load_book(Path(__file__).resolve().parent.parent)
+INF = float("inf")
+
+
+# ---------------------------------------------------------------- correct solutions
+
+def block_update(acc, l, m, s, v):
+    """One FlashAttention-2 step, written as in flash_attention_blocks' inner loop."""
+    m_new = torch.maximum(m, s.amax(-1))
+    m_safe = torch.where(m_new == -INF, torch.zeros_like(m_new), m_new)
+    p = torch.exp(s - m_safe[:, None])
+    alpha = torch.exp(m - m_safe)
+    return alpha[:, None] * acc + p @ v, alpha * l + p.sum(-1), m_new
+
+
+def merge(m_a, d_a, m_b, d_b):
+    return tuple(merge_states(SoftmaxState(m_a, d_a), SoftmaxState(m_b, d_b)))
+
+
+def causal_attention(q, k, v):
+    o, _ = attention_reference(q[None, None], k[None, None], v[None, None], causal=True)
+    return o[0, 0]
+
+
+SOLUTIONS = {
+    "01.logsumexp": lambda x: logsumexp(x, -1),
+    "01.log_softmax": lambda x: x - logsumexp(x, -1)[..., None],
+    "01.temperature": lambda x, t: safe_softmax(x / t),
+    "02.merge": merge,
+    "02.merge_lse": merge_lse,
+    "02.softmax_backward": softmax_backward_reference,
+    "03.tiled_matmul": tiled_matmul,
+    "03.tiled_intensity": lambda m, n, k, bm, bn, s: matmul_flops(m, n, k) / tiled_traffic_bytes(m, n, k, bm, bn, s),
+    "04.block_update": block_update,
+    "04.causal_attention": causal_attention,
+}
+
+
+# ---------------------------------------------------------------- plausible wrong answers
+
+def merge_without_rescaling(m_a, d_a, m_b, d_b):
+    return torch.maximum(m_a, m_b), d_a + d_b
+
+
+def merge_without_standin(m_a, d_a, m_b, d_b):
+    m = torch.maximum(m_a, m_b)
+    return m, d_a * torch.exp(m_a - m) + d_b * torch.exp(m_b - m)
+
+
+def matmul_dropping_k_tail(a, b, block_m, block_n, block_k):
+    c = torch.zeros(a.shape[0], b.shape[1], dtype=a.dtype)
+    for p in range(0, a.shape[1] - block_k + 1, block_k):       # stops before a short last block
+        c += a[:, p:p + block_k] @ b[p:p + block_k]
+    return c
+
+
+def intensity_with_floor(m, n, k, block_m, block_n, s):
+    return 2 * m * n * k / ((m * k * (n // block_n) + k * n * (m // block_m) + m * n) * s)
+
+
+def update_without_rescaling_l(acc, l, m, s, v):
+    new_acc, _, m_new = block_update(acc, l, m, s, v)
+    m_safe = torch.where(m_new == -INF, torch.zeros_like(m_new), m_new)
+    return new_acc, l + torch.exp(s - m_safe[:, None]).sum(-1), m_new
+
+
+def attention_top_left(q, k, v):
+    s = q @ k.T / math.sqrt(q.shape[-1])
+    s = s.masked_fill(torch.arange(k.shape[0])[None, :] > torch.arange(q.shape[0])[:, None], -INF)
+    return torch.softmax(s, -1).nan_to_num(0.0) @ v
+
+
+WRONG = [  # (id, wrong function, words the message must contain)
+    ("01.logsumexp", lambda x: torch.log(torch.exp(x).sum(-1)), ["overflows", "row maximum", "(1.3)"]),
+    ("01.log_softmax", lambda x: torch.log(safe_softmax(x)), ["log 0 = -inf", "x_i - LSE(x)"]),
+    ("01.log_softmax", lambda x: x - x.amax(-1, keepdim=True), ["subtracted only m"]),
+    ("01.temperature", lambda x, t: safe_softmax(x * t), ["multiplied the scores by T", "softmax(x / T)"]),
+    ("02.merge", merge_without_rescaling, ["your d ignores the rescaling e^(m_a - m)", "(2.2)"]),
+    ("02.merge", merge_without_standin, ["(-inf, 0)", "nan", "stand-in"]),
+    ("02.merge_lse", lambda a, b: torch.log(torch.exp(a) + torch.exp(b)), ["exponentiated", "(2.3)"]),
+    ("02.merge_lse", lambda a, b: torch.maximum(a, b), ["dropped log(e^(lse_a - M)"]),
+    ("02.softmax_backward", lambda y, dy: y * dy, ["left out the term", "(2.4)"]),
+    ("02.softmax_backward", lambda y, dy: y * (dy - (dy * y).sum()), ["one number per row"]),
+    ("03.tiled_matmul", matmul_dropping_k_tail, ["shorter block along K", "(3.1)"]),
+    ("03.tiled_intensity", intensity_with_floor, ["use ceil", "(3.5)"]),
+    ("03.tiled_intensity", lambda m, n, k, bm, bn, s: 2 * bm * bn / ((bm + bn) * s), ["approximation"]),
+    ("04.block_update", update_without_rescaling_l, ["your l ignores the rescaling e^(m - m_new)"]),
+    ("04.causal_attention", attention_top_left, ["top left", "bottom right", "section 4.1"]),
+]
+
+
+# ---------------------------------------------------------------- the tests
+
+@pytest.mark.parametrize("exercise_id", sorted(EXERCISES))
+def test_checker_accepts_the_reference_solution(exercise_id, capsys):
+    assert check(exercise_id, SOLUTIONS[exercise_id]) is True
+    out = capsys.readouterr().out.strip()
+    assert out == f"{exercise_id}: passed {EXERCISES[exercise_id].n_cases} random cases"
+
+
+def test_every_checker_has_a_solution_and_a_wrong_answer_here():
+    assert set(SOLUTIONS) == set(EXERCISES)
+    assert {exercise_id for exercise_id, _, _ in WRONG} == set(EXERCISES)
+
+
+@pytest.mark.parametrize("exercise_id, wrong, words", WRONG,
+                         ids=[f"{e}-{i}" for i, (e, _, _) in enumerate(WRONG)])
+def test_checker_rejects_a_plausible_mistake_and_names_it(exercise_id, wrong, words, capsys):
+    assert check(exercise_id, wrong) is False
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1, "the verdict is one line"
+    assert out.startswith(f"{exercise_id}: failed on case ")
+    assert "input " in out and "you returned" in out and "expected" in out and "Hint:" in out
+    for word in words:
+        assert word in out, f"{word!r} missing from: {out}"
+
+
+def test_an_exception_in_the_readers_function_is_reported_not_raised(capsys):
+    def broken(x):
+        return x.sum(-1) / 0 + {}["missing"]
+
+    assert check("01.logsumexp", broken) is False
+    out = capsys.readouterr().out
+    assert "your function raised KeyError" in out
+    assert "expected" in out and "Hint:" in out
+
+
+def test_a_result_of_the_wrong_kind_is_reported(capsys):
+    assert check("02.merge", lambda m_a, d_a, m_b, d_b: "m, d") is False
+    out = capsys.readouterr().out
+    assert "expected a tuple (m, d)" in out and "merge(m_a, d_a, m_b, d_b)" in out
+
+
+def test_a_result_of_the_wrong_shape_is_reported(capsys):
+    assert check("01.logsumexp", lambda x: torch.logsumexp(x, -1, keepdim=True)) is False
+    out = capsys.readouterr().out
+    assert "of shape" in out and "reduce over the last dimension only" in out
+
+
+def test_each_call_draws_fresh_inputs_and_a_seed_repeats_them(capsys):
+    def recorder(seen):
+        def lse(x):
+            seen.append(x.clone())
+            return logsumexp(x, -1)
+        return lse
+
+    first, second, again = [], [], []
+    check("01.logsumexp", recorder(first))
+    check("01.logsumexp", recorder(second))
+    check("01.logsumexp", recorder(again), seed=12345)
+    repeat = []
+    check("01.logsumexp", recorder(repeat), seed=12345)
+    random_part = slice(10, None)  # after the fixed edge cases
+    assert any(a.shape != b.shape or not torch.equal(a, b) for a, b in zip(first[random_part], second[random_part]))
+    assert all(torch.equal(a, b) for a, b in zip(again, repeat)) and len(again) == len(repeat) == 200
+
+
+def test_a_function_that_overwrites_its_inputs_cannot_spoil_the_check(capsys):
+    def destructive(x):
+        result = logsumexp(x, -1)
+        x.zero_()
+        return result
+
+    assert check("01.logsumexp", destructive) is True
+
+
+def test_block_update_checker_agrees_with_the_librarys_flash_attention_blocks():
+    q, k, v = torch.randn(1, 1, 9, 4, dtype=torch.float64), torch.randn(1, 1, 13, 4, dtype=torch.float64), \
+        torch.randn(1, 1, 13, 4, dtype=torch.float64)
+    o_ref, lse_ref = flash_attention_blocks(q, k, v, causal=True, block_m=16, block_n=5)
+    s = (q[0, 0] @ k[0, 0].T / 2.0).masked_fill(~causal_visible(9, 13), -INF)
+    state = (torch.zeros(9, 4, dtype=torch.float64), torch.zeros(9, dtype=torch.float64),
+             torch.full((9,), -INF, dtype=torch.float64))
+    for start in range(0, 13, 5):
+        state = block_update(*state, s[:, start:start + 5], v[0, 0, start:start + 5])
+    acc, l, m = state
+    assert torch.allclose(acc / l[:, None], o_ref[0, 0], atol=1e-12)
+    assert torch.allclose(m + torch.log(l), lse_ref[0, 0], atol=1e-12)
+
+
+def test_exercises_lists_the_chapters_ids_with_a_description():
+    lines = exercises("02")
+    assert [line.split(":")[0] for line in lines] == ["02.merge", "02.merge_lse", "02.softmax_backward"]
+    assert all(len(line) > 40 for line in lines)
+    assert exercises("2") == lines
+
+
+def test_unknown_ids_and_chapters_are_clear_errors():
+    with pytest.raises(ValueError, match="known ids"):
+        check("02.merj", merge)
+    with pytest.raises(ValueError, match="chapters with exercises: 01, 02, 03, 04"):
+        exercises("09")
+
+
+@pytest.mark.parametrize("chapter_id", ["01", "02", "03", "04"])
+def test_chapter_exercises_section_and_solutions_name_every_checker(chapter_id):
+    chapter = BOOK.chapter(chapter_id)
+    ids = {line.split(":")[0] for line in exercises(chapter_id)}
+    text = chapter.source.read_text()
+    exercises_section = text.split("# ## Exercises", 1)[1]
+    assert "## Summary" in text.split("# ## Exercises", 1)[0], "Exercises come after the Summary"
+    named = set(re.findall(r'check\("(\d\d\.\w+)"', exercises_section)) - {f"{chapter_id}.name"}  # the placeholder
+    assert named == ids
+    for kind in ("(derive)", "(implement)", "(measure)"):
+        assert kind in exercises_section
+    assert chapter.solutions is not None
+    solutions = chapter.solutions.with_suffix(".py").read_text()
+    assert set(re.findall(r'check\("(\d\d\.\w+)"', solutions)) == ids
