@@ -1326,3 +1326,65 @@ else:
 # * Expert parallelism is two all-to-alls around a grouped GEMM, exactly equal to the
 #   single-process layer; the grouped GEMM runs all experts in one launch, forward and
 #   backward.
+
+# %% [markdown]
+# ## Exercises
+#
+# *Derive* on paper, *implement* a function with the given signature and check it with
+# `check("05.name", your_function)` from `lrn_lib.exercises` (randomized tests you do not
+# see, against the library's references; one line of verdict), *measure* with this
+# chapter's code. `print("\n".join(exercises("05")))` lists the checkers. Worked solutions:
+# `chapters/solutions/05_moe_solutions.ipynb`.
+#
+# ```python
+# from lrn_lib.exercises import check, exercises
+# ```
+#
+# **Exercise 1 (derive): what the Switch loss rewards, and where its gradient comes from.**
+# With $f$ and $P$ as in (5.8), show that $\mathcal{L}_{bal} = n\sum_i f_i P_i$ (5.9) lies
+# between 0 and $n$ and equals $n$ when every token picks expert 1 with $p_1 \to 1$. Then
+# suppose the load follows the probabilities, $f = P$, and use Cauchy-Schwarz to show that
+# $n\sum_i P_i^2 \ge 1$, with equality exactly at uniform routing $P_i = 1/n$. Explain why
+# $f$, a count of top-k decisions, carries no gradient, and, holding $f$ fixed, derive the
+# gradient of (5.9) with respect to token $t$'s logit $h_j(x_t)$, where $p = \mathrm{softmax}(h)$:
+# $\partial \mathcal{L}_{bal} / \partial h_j(x_t) = \frac{n}{T}\, p_j(x_t)\big(f_j - \sum_i f_i p_i(x_t)\big)$.
+# Which logits does a gradient step lower, and why is the gradient 0 at perfect balance?
+#
+# **Exercise 2 (implement): the Switch loss.** Write
+# `switch_loss(probs: torch.Tensor, indices: torch.Tensor) -> torch.Tensor` that returns
+# (5.9) as a 0-dim tensor: `probs` $(T, E)$ holds each token's router probabilities, `indices`
+# $(T, k)$ the $k$ different experts each token was sent to (not necessarily its top $k$:
+# a noisy or biased gate chooses otherwise), $f_i$ is the fraction of the $kT$ assignments
+# that went to expert $i$ and $P_i$ the mean of $p_i$ over the $T$ tokens. Run
+# `check("05.switch_loss", switch_loss)`.
+#
+# **Exercise 3 (implement): top-k gating and capacity.** (a) Write
+# `top_k_gate(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]`:
+# `logits` $(T, E)$ to `(weights, indices)`, both $(T, k)$, the experts with the $k$ largest
+# probabilities $p = \mathrm{softmax}(h)$, largest first, weighted by $p_i$ (Switch, (5.4),
+# when $k = 1$) or, when `renormalize`, by $p_i$ divided by the sum of the $k$ chosen
+# probabilities (Mixtral). The checker's logits have no ties. Run
+# `check("05.top_k_gate", top_k_gate)`. (b) Write
+# `capacity_mask(indices: torch.Tensor, n_experts: int, capacity: int) -> torch.Tensor`
+# that returns a boolean `keep` $(T, k)$: each expert takes at most `capacity` assignments
+# in the priority order of section 5.3, all first choices (column 0) in token order, then
+# all second choices, and so on; the rest are dropped. Run
+# `check("05.capacity_mask", capacity_mask)`.
+#
+# **Exercise 4 (implement): DeepSeek-V3's bias update.** Write
+# `bias_update(bias: torch.Tensor, indices: torch.Tensor, rate: float) -> torch.Tensor`
+# that returns the new selection bias $(E,)$ after one step of (5.13): $c_i$ is the number of
+# assignments in `indices` $(T, k)$ that went to expert $i$ (0 for an expert no token
+# chose), $\bar c$ their mean over the $E$ experts, and $\gamma$ = `rate`. Run
+# `check("05.bias_update", bias_update)`.
+#
+# **Exercise 5 (measure): dropped tokens with and without balancing.** Take section 5.3's
+# router (4096 tokens, 16 experts, top-2 with renormalized weights, random logits plus 1.5
+# on two favourite experts). Run your `bias_update` for 200 steps with $\gamma = 10^{-3}$ on
+# fresh batches, selecting with the bias as `top_k_gate(logits, 2, True, bias)` does. Then,
+# on a new batch, print the busiest expert's load and the drop rate (your
+# `capacity_mask`, capacity (5.7)) at capacity factors 1.0, 1.25 and 2.0, for the router
+# without the skew, the skewed router, and the skewed router with the learned bias. Look for:
+# the skewed router drops over a quarter of its assignments even at factor 2, while the
+# bias brings the busiest expert back near $1/16$ and the drop rate down to the balanced
+# router's, without changing any weight.

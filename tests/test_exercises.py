@@ -11,6 +11,7 @@ import torch
 from lrn_lib.attention import attention_reference, causal_visible, flash_attention_blocks
 from lrn_lib.book import load_book
 from lrn_lib.exercises import EXERCISES, check, exercises
+from lrn_lib.moe import apply_capacity, switch_balance_loss, top_k_gate, update_balance_bias
 from lrn_lib.online_softmax import SoftmaxState, merge_lse, merge_states, softmax_backward_reference
 from lrn_lib.softmax import logsumexp, safe_softmax
 from lrn_lib.tiling import matmul_flops, tiled_matmul, tiled_traffic_bytes
@@ -39,6 +40,15 @@ def causal_attention(q, k, v):
     return o[0, 0]
 
 
+def capacity_mask(indices, n_experts, capacity):
+    """All assignments active, as in apply_capacity's choice-major priority."""
+    return apply_capacity(indices, torch.ones_like(indices, dtype=torch.bool), n_experts, capacity)
+
+
+def bias_update(bias, indices, rate):
+    return update_balance_bias(bias.clone(), indices, rate)
+
+
 SOLUTIONS = {
     "01.logsumexp": lambda x: logsumexp(x, -1),
     "01.log_softmax": lambda x: x - logsumexp(x, -1)[..., None],
@@ -50,6 +60,10 @@ SOLUTIONS = {
     "03.tiled_intensity": lambda m, n, k, bm, bn, s: matmul_flops(m, n, k) / tiled_traffic_bytes(m, n, k, bm, bn, s),
     "04.block_update": block_update,
     "04.causal_attention": causal_attention,
+    "05.switch_loss": switch_balance_loss,
+    "05.top_k_gate": top_k_gate,
+    "05.capacity_mask": capacity_mask,
+    "05.bias_update": bias_update,
 }
 
 
@@ -87,6 +101,31 @@ def attention_top_left(q, k, v):
     return torch.softmax(s, -1).nan_to_num(0.0) @ v
 
 
+def switch_loss_f_per_token(probs, indices):
+    t, n = probs.shape
+    f = torch.bincount(indices.reshape(-1), minlength=n).double() / t       # forgets the k in kT
+    return n * (f * probs.mean(0)).sum()
+
+
+def capacity_token_by_token(indices, n_experts, capacity):
+    keep, used = torch.zeros_like(indices, dtype=torch.bool), [0] * n_experts
+    for t in range(indices.shape[0]):                                        # token-major: wrong priority
+        for j in range(indices.shape[1]):
+            e = int(indices[t, j])
+            keep[t, j], used[e] = used[e] < capacity, used[e] + 1
+    return keep
+
+
+def bias_update_flipped(bias, indices, rate):
+    c = torch.bincount(indices.reshape(-1), minlength=bias.numel()).double()
+    return bias + rate * torch.sign(c - c.mean())
+
+
+def bias_update_without_minlength(bias, indices, rate):
+    c = torch.bincount(indices.reshape(-1)).double()
+    return bias[: c.numel()] + rate * torch.sign(c.mean() - c)
+
+
 WRONG = [  # (id, wrong function, words the message must contain)
     ("01.logsumexp", lambda x: torch.log(torch.exp(x).sum(-1)), ["overflows", "row maximum", "(1.3)"]),
     ("01.log_softmax", lambda x: torch.log(safe_softmax(x)), ["log 0 = -inf", "x_i - LSE(x)"]),
@@ -103,6 +142,18 @@ WRONG = [  # (id, wrong function, words the message must contain)
     ("03.tiled_intensity", lambda m, n, k, bm, bn, s: 2 * bm * bn / ((bm + bn) * s), ["approximation"]),
     ("04.block_update", update_without_rescaling_l, ["your l ignores the rescaling e^(m - m_new)"]),
     ("04.causal_attention", attention_top_left, ["top left", "bottom right", "section 4.1"]),
+    ("05.switch_loss", switch_loss_f_per_token, ["kT assignments", "(5.8)"]),
+    ("05.switch_loss", lambda probs, indices: probs.shape[1] * probs.mean(0).square().sum(),
+     ["used P in place of f", "(5.9)"]),
+    ("05.top_k_gate", lambda logits, k, renormalize: top_k_gate(logits, k, True),
+     ["renormalize=False", "(5.4)", "not renormalized"]),
+    ("05.top_k_gate", lambda logits, k, renormalize: top_k_gate(logits, k, False),
+     ["renormalize=True", "divide the k chosen probabilities by their sum"]),
+    ("05.capacity_mask", capacity_token_by_token, ["token by token", "all first choices before any second choice"]),
+    ("05.capacity_mask", lambda indices, n_experts, capacity: capacity_mask(indices, n_experts, capacity + 1),
+     ["off by one", "exactly `capacity`"]),
+    ("05.bias_update", bias_update_flipped, ["signs are flipped", "(5.13)"]),
+    ("05.bias_update", bias_update_without_minlength, ["of shape", "minlength=E"]),
 ]
 
 
@@ -205,11 +256,11 @@ def test_exercises_lists_the_chapters_ids_with_a_description():
 def test_unknown_ids_and_chapters_are_clear_errors():
     with pytest.raises(ValueError, match="known ids"):
         check("02.merj", merge)
-    with pytest.raises(ValueError, match="chapters with exercises: 01, 02, 03, 04"):
+    with pytest.raises(ValueError, match="chapters with exercises: 01, 02, 03, 04, 05"):
         exercises("09")
 
 
-@pytest.mark.parametrize("chapter_id", ["01", "02", "03", "04"])
+@pytest.mark.parametrize("chapter_id", ["01", "02", "03", "04", "05"])
 def test_chapter_exercises_section_and_solutions_name_every_checker(chapter_id):
     chapter = BOOK.chapter(chapter_id)
     ids = {line.split(":")[0] for line in exercises(chapter_id)}
@@ -223,3 +274,16 @@ def test_chapter_exercises_section_and_solutions_name_every_checker(chapter_id):
     assert chapter.solutions is not None
     solutions = chapter.solutions.with_suffix(".py").read_text()
     assert set(re.findall(r'check\("(\d\d\.\w+)"', solutions)) == ids
+
+
+def test_capacity_checker_agrees_with_the_moe_layers_routing():
+    """The keep mask the checker expects is the one MoELayer.route applies with capacity (5.7)."""
+    from lrn_lib.moe import MoELayer, expert_capacity
+
+    torch.manual_seed(0)
+    layer = MoELayer(8, 12, 4, 2, capacity_factor=0.75)
+    x = torch.randn(37, 8)
+    routing = layer.route(x)
+    capacity = expert_capacity(37, 4, 0.75, 2)
+    assert torch.equal(routing.keep, capacity_mask(routing.indices, 4, capacity))
+    assert not routing.keep.all(), "factor 0.75 must drop something"
