@@ -14,8 +14,8 @@ import importlib.metadata
 import platform
 import sys
 
-REQUIRED = ["torch", "numpy", "matplotlib", "tqdm", "jupytext", "nbclient", "ipykernel"]
-FOR_TESTS = ["pytest", "nbval"]
+REQUIRED = ["torch", "numpy", "matplotlib", "tqdm", "jupytext", "nbclient", "ipykernel", "nbconvert"]
+FOR_TESTS = ["pytest", "nbval", "selenium"]
 
 
 def version(package: str) -> str | None:
