@@ -161,9 +161,15 @@ def moe_cases() -> Iterator[Case]:
                    lambda x=x, w=same: x @ w[0], io, tolerance=2e-2, flops=flops)
         if hasattr(torch, "_grouped_mm"):
             offs = torch.cumsum(counts, 0).to(torch.int32)
+            w_cm = w.transpose(1, 2).contiguous().transpose(1, 2)  # same values, the column-major layout its tests use
+            try:
+                torch._grouped_mm(x, w_cm, offs=offs)
+            except RuntimeError as err:
+                print(f"torch._grouped_mm does not run here, not compared: {str(err)[:200]}", file=sys.stderr)
+                continue
             yield Case("moe grouped/_grouped_mm", shape, torch.bfloat16,
                        lambda x=x, w=w, c=counts: grouped_matmul(x, w, c),
-                       lambda x=x, w=w, o=offs: torch._grouped_mm(x, w, offs=o), io, tolerance=2e-2, flops=flops)
+                       lambda x=x, w=w_cm, o=offs: torch._grouped_mm(x, w, offs=o), io, tolerance=2e-2, flops=flops)
 
 
 BENCHMARKS: dict[str, Callable[[], Iterator[Case]]] = {
