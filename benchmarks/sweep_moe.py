@@ -7,14 +7,14 @@ d_ff 1408, and 8 experts top-2 at d_ff 14336), times the forward kernel
 (kernels.moe.grouped_matmul_kernel) and the weight-gradient kernel
 (kernels.moe.grouped_weight_grad_kernel) under each candidate (BLOCK_M, BLOCK_N, BLOCK_K,
 num_stages, num_warps), next to one dense torch.matmul of the same FLOPs. The config in
-kernels.moe.grouped_config (chapter 5) comes from this sweep.
+kernels.moe.grouped_config and weight_grad_config (chapter 5) come from this sweep.
 Results: benchmarks/results/moe_sweep_*.txt.
 """
 import torch
 import triton
 from triton.testing import do_bench
 
-from kernels.moe import expert_block_table, grouped_matmul_kernel, grouped_weight_grad_kernel
+from kernels.moe import expert_offsets, grouped_matmul_kernel, grouped_weight_grad_kernel
 
 SHAPES = [(8192, 2048, 1408, 64, 6), (8192, 2048, 14336, 8, 2)]  # tokens, d_model, d_ff, experts, top-k
 CANDIDATES = [  # BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps
@@ -29,11 +29,13 @@ def time_ms(fn) -> float:
 
 
 def forward(x, w, y, counts, bm, bn, bk, stages, warps):
-    expert, start, end = expert_block_table(counts, bm)
-    grid = (expert.numel(), triton.cdiv(w.shape[2], bn))
+    rows, blocks = expert_offsets(counts, bm)
+    n_experts = counts.numel()
+    grid = (triton.cdiv(x.shape[0], bm) + n_experts, triton.cdiv(w.shape[2], bn))
     return lambda: grouped_matmul_kernel[grid](
-        x, w, y, expert, start, end, w.shape[2], x.shape[1], x.stride(0), x.stride(1), w.stride(0), w.stride(1),
-        w.stride(2), y.stride(0), y.stride(1), IEEE=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        x, w, y, rows, blocks, n_experts, w.shape[2], x.shape[1], x.stride(0), x.stride(1), w.stride(0),
+        w.stride(1), w.stride(2), y.stride(0), y.stride(1), IEEE=False,
+        EXPERTS_POW2=triton.next_power_of_2(n_experts), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         num_warps=warps, num_stages=stages)
 
 

@@ -121,6 +121,7 @@ print(f"expert share of the parameters: {1 - (total - 32 * 8 * 3 * 4096 * 14336)
 import math
 import os
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -548,8 +549,8 @@ class GroupedMM(torch.autograd.Function):
 
         x, w, counts = ctx.saved_tensors
         dy = dy.contiguous()
-        dx = grouped_matmul(dy, w.transpose(1, 2), counts) if ctx.needs_input_grad[0] else None
-        dw = grouped_weight_grad(x, dy, counts) if ctx.needs_input_grad[1] else None
+        dx = grouped_matmul(dy, w.transpose(1, 2), counts, check_counts=False) if ctx.needs_input_grad[0] else None
+        dw = grouped_weight_grad(x, dy, counts, check_counts=False) if ctx.needs_input_grad[1] else None
         return dx, dw, None
 
 
@@ -660,10 +661,15 @@ print("layer equals the per-token loop:", torch.allclose(y, expected, atol=1e-12
 # all of them in one launch. With the rows sorted by expert, expert $e$ owns rows
 # $[o_e, o_{e+1})$. We cut each expert's rows into blocks of $B_M$ rows, so its last block
 # is padded up to the block size (the padding rows are masked: never loaded, never
-# stored), and list all blocks in a table (block $\to$ expert, first row, end row). One
-# program per (row block, column block) reads its entry and computes
-# $Y[\text{rows}] = X[\text{rows}]\, W_e$ like chapter 3's tiled matmul. An expert with no
-# tokens owns no blocks and costs nothing.
+# stored). Expert $e$ owns $n_e = \lceil c_e / B_M \rceil$ blocks, numbered from
+# $b_e = n_0 + \dots + n_{e-1}$. One program per (row block, column block): program $j$
+# finds its expert as the number of experts whose blocks all come before it,
+# $e = |\{e' : b_{e'+1} \le j\}|$, its rows as $o_e + (j - b_e) B_M$ up to $o_{e+1}$, and
+# computes $Y[\text{rows}] = X[\text{rows}]\, W_e$ like chapter 3's tiled matmul. An expert
+# with no tokens owns no blocks and costs nothing. The offsets $o$ and $b$ are two cumulative
+# sums computed on the GPU: the host never waits for the router's counts to know how many
+# programs to launch, because it launches the most there can be,
+# $\lceil M / B_M \rceil + E$, and the spare programs exit at once.
 #
 # The backward pass is two more grouped GEMMs. $dX_e = dY_e W_e^\top$ is the same kernel
 # with $W$ transposed (passed as strides, not copied). $dW_e = X_e^\top dY_e$ reduces over
@@ -687,19 +693,26 @@ GROUPED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def grouped_matmul_kernel(x_ptr, w_ptr, y_ptr, block_expert_ptr, block_start_ptr, block_end_ptr,
+def grouped_matmul_kernel(x_ptr, w_ptr, y_ptr, row_offsets_ptr, block_offsets_ptr, n_experts,
                           n_cols, k_dim, stride_xm, stride_xk, stride_we, stride_wk, stride_wn,
-                          stride_ym, stride_yn, IEEE: tl.constexpr,
+                          stride_ym, stride_yn, IEEE: tl.constexpr, EXPERTS_POW2: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Y[rows] = X[rows] @ W[e] for one (row block, column block); the block table gives e and the rows.
+    """Y[rows] = X[rows] @ W[e] for one (row block, column block); the block offsets give e and the rows.
 
-    x: (M, K); w: (E, K, N); y: (M, N); block tables: (n_blocks,) int32.
+    x: (M, K); w: (E, K, N); y: (M, N); row_offsets o and block_offsets b: (E + 1,) int32.
+    Programs past the last block (b[E]) do nothing.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-    start = tl.load(block_start_ptr + pid_m).to(tl.int64)
-    end = tl.load(block_end_ptr + pid_m).to(tl.int64)
+    experts = tl.arange(0, EXPERTS_POW2)
+    ends = tl.load(block_offsets_ptr + 1 + experts, mask=experts < n_experts, other=2**30)
+    e = tl.sum((ends <= pid_m).to(tl.int32), axis=0)          # experts whose blocks all precede this one
+    if e >= n_experts:
+        return
+    first_block = tl.load(block_offsets_ptr + e)
+    start = tl.load(row_offsets_ptr + e).to(tl.int64) + (pid_m - first_block).to(tl.int64) * BLOCK_M
+    end = tl.load(row_offsets_ptr + e + 1).to(tl.int64)
+    e = e.to(tl.int64)
     offs_m = start + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -761,8 +774,12 @@ def grouped_weight_grad_kernel(x_ptr, dy_ptr, dw_ptr, offsets_ptr, k_dim, n_cols
 # %%
 #| export kernels.moe
 def check_grouped_inputs(x: torch.Tensor, other: torch.Tensor, counts: torch.Tensor, other_name: str,
-                         other_dims: int) -> None:
-    """Raise TypeError/ValueError naming the argument unless x (M, K), other and counts (E,) fit a grouped GEMM."""
+                         other_dims: int, check_counts: bool = True) -> None:
+    """Raise TypeError/ValueError naming the argument unless x (M, K), other and counts (E,) fit a grouped GEMM.
+
+    check_counts: also check the values of counts (non-negative, summing to M), which makes
+    the host wait for the device; callers that built counts themselves skip it.
+    """
     for name, t in (("x", x), (other_name, other), ("counts", counts)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -783,36 +800,44 @@ def check_grouped_inputs(x: torch.Tensor, other: torch.Tensor, counts: torch.Ten
     if other.device != x.device or counts.device != x.device:
         raise ValueError(f"x, {other_name}, counts are on {x.device}, {other.device}, {counts.device}; "
                          "they must share a device")
-    if (counts < 0).any():
+    if not check_counts:
+        return
+    smallest, total = torch.stack([counts.min(), counts.sum()]).tolist()     # one wait for the device
+    if smallest < 0:
         raise ValueError("counts has negative entries")
-    if int(counts.sum()) != x.shape[0]:
-        raise ValueError(f"counts sum to {int(counts.sum())} but x has {x.shape[0]} rows")
+    if total != x.shape[0]:
+        raise ValueError(f"counts sum to {total} but x has {x.shape[0]} rows")
 
 
-def expert_block_table(counts: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Row blocks of BLOCK_M rows that never straddle two experts: counts (E,) -> (expert, start, end) (n_blocks,) int32.
+def expert_offsets(counts: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row offsets o and block offsets b, each (E + 1,) int32, from counts (E,), computed where counts live.
 
-    Expert e's rows [o_e, o_e+1) give ceil(count_e / block_m) blocks; the last is padded
-    (its rows at or past `end` are masked). Experts with no rows give no blocks.
+    Expert e owns rows [o_e, o_e+1) and row blocks [b_e, b_e+1) of block_m rows each: its last
+    block is padded (rows at or past o_e+1 are masked); an expert with no rows owns no block.
     """
-    counts = counts.long()
-    offsets = torch.cumsum(counts, 0) - counts
-    n_blocks = (counts + block_m - 1) // block_m
-    expert = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), n_blocks)
-    first = torch.cumsum(n_blocks, 0) - n_blocks
-    j = torch.arange(expert.numel(), device=counts.device) - first[expert]
-    start = offsets[expert] + j * block_m
-    end = offsets[expert] + counts[expert]
-    return expert.int(), start.int(), end.int()
+    zero = counts.new_zeros(1)
+    rows = torch.cat([zero, torch.cumsum(counts, 0)])
+    blocks = torch.cat([zero, torch.cumsum((counts + block_m - 1) // block_m, 0)])
+    return rows.int(), blocks.int()
 
 
 def grouped_config(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): small blocks under the interpreter, Hopper-sized compiled."""
+    """Forward (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): small under the interpreter, Hopper-sized
+    compiled (bfloat16 and float16 from benchmarks/sweep_moe.py on an H100)."""
     if runtime.MODE != "compiled":
         return 16, 32, 32, 4, 1
     if dtype == torch.float32:
         return 64, 64, 32, 4, 3
-    return 128, 128, 64, 8, 3
+    return 128, 256, 64, 8, 4
+
+
+def weight_grad_config(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    """Weight-gradient (BLOCK_M rows reduced per step, BLOCK_N, BLOCK_K, num_warps, num_stages), as grouped_config."""
+    if runtime.MODE != "compiled":
+        return 16, 32, 32, 4, 1
+    if dtype == torch.float32:
+        return 32, 64, 64, 4, 3
+    return 64, 128, 128, 4, 3
 
 
 def _interpreter_dtype(*tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -822,13 +847,14 @@ def _interpreter_dtype(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return list(tensors)
 
 
-def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, check_counts: bool = True) -> torch.Tensor:
     """All experts' matmuls in one launch: x (M, K) sorted by expert, w (E, K, N), counts (E,) -> (M, N).
 
     Rows [o_e, o_e + counts[e]) of x are multiplied by w[e]; any strides of w are accepted
-    (so w.transpose(1, 2) computes dY W^T for the backward pass without a copy).
+    (so w.transpose(1, 2) computes dY W^T for the backward pass without a copy). With
+    check_counts=False (counts known valid) nothing waits for the device.
     """
-    check_grouped_inputs(x, w, counts, "w", 3)
+    check_grouped_inputs(x, w, counts, "w", 3, check_counts)
     if w.shape[1] != x.shape[1] or w.shape[0] != counts.numel():
         raise ValueError(f"x {tuple(x.shape)}, w {tuple(w.shape)}, counts ({counts.numel()},): w must be "
                          "(experts, K, N) with K = x.shape[1] and one count per expert")
@@ -836,33 +862,35 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> to
     x, w = _interpreter_dtype(x, w)
     m, k_dim = x.shape
     n = w.shape[2]
+    n_experts = counts.numel()
     block_m, block_n, block_k, warps, stages = grouped_config(dtype)
-    expert, start, end = expert_block_table(counts, block_m)
+    rows, blocks = expert_offsets(counts, block_m)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    grid = (expert.numel(), triton.cdiv(n, block_n))
-    grouped_matmul_kernel[grid](x, w, y, expert, start, end, n, k_dim, x.stride(0), x.stride(1),
+    grid = (triton.cdiv(m, block_m) + n_experts, triton.cdiv(n, block_n))   # the most blocks there can be
+    grouped_matmul_kernel[grid](x, w, y, rows, blocks, n_experts, n, k_dim, x.stride(0), x.stride(1),
                                 w.stride(0), w.stride(1), w.stride(2), y.stride(0), y.stride(1),
-                                IEEE=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                                IEEE=x.dtype == torch.float32, EXPERTS_POW2=triton.next_power_of_2(n_experts),
+                                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                                 num_warps=warps, num_stages=stages)
     return y.to(dtype)
 
 
-def grouped_weight_grad(x: torch.Tensor, dy: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def grouped_weight_grad(x: torch.Tensor, dy: torch.Tensor, counts: torch.Tensor,
+                        check_counts: bool = True) -> torch.Tensor:
     """dW[e] = X_e^T dY_e for every expert in one launch: x (M, K), dy (M, N), counts (E,) -> (E, K, N).
 
     Experts with no rows get zero gradients.
     """
-    check_grouped_inputs(x, dy, counts, "dy", 2)
+    check_grouped_inputs(x, dy, counts, "dy", 2, check_counts)
     if dy.shape[0] != x.shape[0]:
         raise ValueError(f"x has {x.shape[0]} rows but dy has {dy.shape[0]}; they must match")
     dtype = x.dtype
     x, dy = _interpreter_dtype(x, dy)
     k_dim, n = x.shape[1], dy.shape[1]
     n_experts = counts.numel()
-    offsets = torch.zeros(n_experts + 1, dtype=torch.int32, device=x.device)
-    offsets[1:] = torch.cumsum(counts, 0)
+    block_m, block_n, block_k, warps, stages = weight_grad_config(dtype)
+    offsets, _ = expert_offsets(counts, block_m)
     dw = torch.empty((n_experts, k_dim, n), dtype=x.dtype, device=x.device)
-    block_m, block_n, block_k, warps, stages = grouped_config(dtype)
     grid = (n_experts, triton.cdiv(k_dim, block_k), triton.cdiv(n, block_n))
     grouped_weight_grad_kernel[grid](x, dy, dw, offsets, k_dim, n, x.stride(0), x.stride(1), dy.stride(0),
                                      dy.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
@@ -877,29 +905,34 @@ def grouped_weight_grad(x: torch.Tensor, dy: torch.Tensor, counts: torch.Tensor)
 
 # %%
 if kernels.runtime.MODE != "unavailable":
-    from kernels.moe import expert_block_table, grouped_matmul, grouped_weight_grad
+    from kernels.moe import expert_offsets, grouped_matmul, grouped_weight_grad
     from lrn_lib.moe import grouped_mm, grouped_mm_reference
 
+    dev = "cuda" if kernels.runtime.MODE == "compiled" else "cpu"   # compiled kernels take CUDA tensors
     config.seed_everything(0)
     counts = torch.tensor([5, 0, 23, 1, 0, 40])
-    print("block table for counts", counts.tolist(), "and BLOCK_M 16:")
-    for name, col in zip(("expert", "start", "end"), expert_block_table(counts, 16)):
-        print(f"  {name:6s}", col.tolist())
+    rows, blocks = expert_offsets(counts, 16)
+    print("counts", counts.tolist(), "with BLOCK_M 16: row offsets", rows.tolist(), "block offsets", blocks.tolist())
+    for j in range(int(blocks[-1])):
+        e = int((blocks[1:] <= j).sum())
+        start = int(rows[e]) + (j - int(blocks[e])) * 16
+        print(f"  program {j}: expert {e}, rows [{start}, {min(start + 16, int(rows[e + 1]))})")
     x = torch.randn(int(counts.sum()), 37, dtype=torch.float64)
     w = torch.randn(6, 37, 19, dtype=torch.float64)
     dy = torch.randn(x.shape[0], 19, dtype=torch.float64)
     y_ref = grouped_mm_reference(x, w, counts)
     dw_ref = torch.stack([xe.T @ ge for xe, ge in zip(torch.split(x, counts.tolist()), torch.split(dy, counts.tolist()))])
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
-        y = grouped_matmul(x.to(dtype), w.to(dtype), counts).double()
-        dx = grouped_matmul(dy.to(dtype), w.to(dtype).transpose(1, 2), counts).double()
-        dw = grouped_weight_grad(x.to(dtype), dy.to(dtype), counts).double()
+        xd, wd, dyd, cd = x.to(dev, dtype), w.to(dev, dtype), dy.to(dev, dtype), counts.to(dev)
+        y = grouped_matmul(xd, wd, cd).cpu().double()
+        dx = grouped_matmul(dyd, wd.transpose(1, 2), cd).cpu().double()
+        dw = grouped_weight_grad(xd, dyd, cd).cpu().double()
         errors = [((a - b).norm() / b.norm()).item() for a, b in
                   ((y, y_ref), (dx, grouped_mm_reference(dy, w.transpose(1, 2), counts)), (dw, dw_ref))]
         print(f"{str(dtype):15s} relative errors y {errors[0]:.1e}, dX {errors[1]:.1e}, dW {errors[2]:.1e}: "
               f"all below {tol:g}: {max(errors) < tol}")
-    layer = MoELayer(16, 32, 6, 2, capacity_factor=1.0)
-    xs = torch.randn(40, 16, requires_grad=True)
+    layer = MoELayer(16, 32, 6, 2, capacity_factor=1.0).to(dev)
+    xs = torch.randn(40, 16, device=dev, requires_grad=True)
     layer.use_kernel = False
     y_loop = layer(xs)
     g_loop = torch.autograd.grad(y_loop.square().sum(), (xs, layer.w_in, layer.router.weight))
@@ -1048,7 +1081,13 @@ def expert_parallel_check(world: int = 2, seed: int = 0) -> dict[str, float]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     queue = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_expert_parallel_worker, args=(world, port, queue, seed), nprocs=world, join=True)
+    main = sys.modules["__main__"]
+    script = main.__dict__.pop("__file__", None)     # children import lrn_lib.moe, never re-run a calling script
+    try:
+        mp.spawn(_expert_parallel_worker, args=(world, port, queue, seed), nprocs=world, join=True)
+    finally:
+        if script is not None:
+            main.__file__ = script
     return queue.get()
 
 

@@ -137,9 +137,11 @@ def moe_cases() -> Iterator[Case]:
     """Chapter 5's grouped GEMM (the experts' up-projection), bf16, 8192 tokens, d_model 2048.
 
     64 experts top-6 at d_ff 1408 and 8 experts top-2 at d_ff 14336, rows sorted by expert
-    from a random router. Against (a) a Python loop of per-expert matmuls, (b) one dense
+    from a random router. Against (a) a Python loop of per-expert matmuls on the sorted rows,
+    (a') the naive loop that also finds each expert's rows (nonzero) and scatters, (b) one dense
     matmul of the same FLOPs (ours then runs on copies of one matrix, so both give the same
-    result), (c) torch._grouped_mm where the installed torch has it.
+    result), (c) torch._grouped_mm where the installed torch has it. Ours runs with
+    check_counts=False, the path of the MoE layer's backward (counts built, not read back).
     """
     from kernels.moe import grouped_matmul
 
@@ -154,10 +156,21 @@ def moe_cases() -> Iterator[Case]:
         flops, io = 2 * m * d * d_ff, (m * d + n_experts * d * d_ff + m * d_ff) * 2
         splits = counts.tolist()
         shape = (m, d, d_ff, n_experts)
-        yield Case("moe grouped/loop", shape, torch.bfloat16, lambda x=x, w=w, c=counts: grouped_matmul(x, w, c),
+        yield Case("moe grouped/loop", shape, torch.bfloat16, lambda x=x, w=w, c=counts: grouped_matmul(x, w, c, check_counts=False),
                    lambda x=x, w=w, s=splits: torch.cat([a @ w[e] for e, a in enumerate(torch.split(x, s))]),
                    io, tolerance=2e-2, flops=flops)
-        yield Case("moe grouped/dense", shape, torch.bfloat16, lambda x=x, w=same, c=counts: grouped_matmul(x, w, c),
+        expert_of_row = torch.repeat_interleave(torch.arange(n_experts, device="cuda"), counts)
+
+        def naive_loop(x=x, w=w, owner=expert_of_row):
+            y = x.new_empty(x.shape[0], w.shape[2])
+            for e in range(w.shape[0]):           # the loop a first MoE layer writes: find the rows, multiply
+                rows = (owner == e).nonzero().squeeze(1)
+                y[rows] = x[rows] @ w[e]
+            return y
+
+        yield Case("moe grouped/naive loop", shape, torch.bfloat16, lambda x=x, w=w, c=counts: grouped_matmul(x, w, c, check_counts=False),
+                   naive_loop, io, tolerance=2e-2, flops=flops)
+        yield Case("moe grouped/dense", shape, torch.bfloat16, lambda x=x, w=same, c=counts: grouped_matmul(x, w, c, check_counts=False),
                    lambda x=x, w=same: x @ w[0], io, tolerance=2e-2, flops=flops)
         if hasattr(torch, "_grouped_mm"):
             offs = torch.cumsum(counts, 0).to(torch.int32)
@@ -168,7 +181,7 @@ def moe_cases() -> Iterator[Case]:
                 print(f"torch._grouped_mm does not run here, not compared: {str(err)[:200]}", file=sys.stderr)
                 continue
             yield Case("moe grouped/_grouped_mm", shape, torch.bfloat16,
-                       lambda x=x, w=w, c=counts: grouped_matmul(x, w, c),
+                       lambda x=x, w=w, c=counts: grouped_matmul(x, w, c, check_counts=False),
                        lambda x=x, w=w_cm, o=offs: torch._grouped_mm(x, w, offs=o), io, tolerance=2e-2, flops=flops)
 
 
