@@ -768,8 +768,8 @@ def grouped_weight_grad_kernel(x_ptr, dy_ptr, dw_ptr, offsets_ptr, k_dim, n_cols
 
 
 # %% [markdown]
-# The launchers validate their inputs, build the block table from the counts, and launch
-# once for all experts.
+# The launchers validate their inputs, compute the row and block offsets from the counts on
+# the device, and launch once for all experts.
 
 # %%
 #| export kernels.moe
