@@ -3,6 +3,7 @@
 """Chapter 06, LLaMA 3 and 4D parallelism: the code this chapter exports to lrn_lib.mesh."""
 
 
+import gc
 import os
 import socket
 import sys
@@ -32,7 +33,10 @@ def _spawned(rank: int, world: int, port: int, queue, worker: Callable, args: tu
     torch.set_num_threads(1)                         # W processes share the laptop's cores
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        queue.put((rank, worker(rank, world, *args)))
+        result = worker(rank, world, *args)
+        gc.collect()        # free garbage cycles (FSDP's modules and hooks) that hold gloo work, while the group lives
+        dist.barrier()      # and tear down no connection that another rank still uses
+        queue.put((rank, result))
     finally:
         dist.destroy_process_group()
 

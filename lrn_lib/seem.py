@@ -679,20 +679,27 @@ def bce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def matching_cost(class_logits: torch.Tensor, mask_logits: torch.Tensor, classes: torch.Tensor, masks: torch.Tensor,
                   weights: LossWeights = LossWeights()) -> torch.Tensor:
-    """(10.14) for all pairs: class_logits (Q, C + 1), mask_logits (Q, X), classes (N,) int64, masks (N, X) -> (Q, N).
+    """(10.14) for all pairs: class_logits (..., Q, C + 1), mask_logits (..., Q, X), classes (..., N) int64,
+    masks (..., N, X) -> (..., Q, N); leading dimensions (a batch of images) must agree.
 
     Defined in chapter 10 (SEEM: segmenting everything with any prompt).
     """
-    _check_tensor(class_logits, "class_logits", dims=2, floating=True)
-    _check_tensor(classes, "classes", dims=1, dtype=torch.int64)
-    _check_pair(mask_logits, masks)
-    if class_logits.shape[0] != mask_logits.shape[0] or classes.shape[0] != masks.shape[0]:
-        raise ValueError("class_logits and mask_logits need the same Q; classes and masks the same N")
+    _check_tensor(class_logits, "class_logits", floating=True)
+    _check_tensor(mask_logits, "mask_logits", dims=class_logits.dim(), floating=True)
+    _check_tensor(classes, "classes", dims=class_logits.dim() - 1, dtype=torch.int64)
+    _check_tensor(masks, "masks", dims=class_logits.dim())
+    lead = class_logits.shape[:-2]
+    if (class_logits.dim() < 2 or mask_logits.shape[:-1] != class_logits.shape[:-1] or classes.shape[:-1] != lead
+            or masks.shape[:-1] != classes.shape or masks.shape[-1] != mask_logits.shape[-1]):
+        raise ValueError("class_logits and mask_logits need the same (..., Q), classes and masks the same (..., N), "
+                         "mask_logits and masks the same X")
     t = masks.to(mask_logits.dtype)
     prob = mask_logits.sigmoid()
-    dice = 1 - (2 * prob @ t.T + 1) / (prob.sum(1)[:, None] + t.sum(1)[None, :] + 1)
-    bce = (F.softplus(mask_logits).sum(1)[:, None] - mask_logits @ t.T) / mask_logits.shape[1]
-    p_class = class_logits.softmax(-1)[:, classes]
+    overlap = prob @ t.transpose(-1, -2)                                                     # (..., Q, N)
+    dice = 1 - (2 * overlap + 1) / (prob.sum(-1)[..., :, None] + t.sum(-1)[..., None, :] + 1)
+    bce = (F.softplus(mask_logits).sum(-1)[..., :, None] - mask_logits @ t.transpose(-1, -2)) / mask_logits.shape[-1]
+    picked = classes[..., None, :].expand(*lead, class_logits.shape[-2], classes.shape[-1])
+    p_class = class_logits.softmax(-1).gather(-1, picked)
     return -weights.cls * p_class + weights.bce * bce + weights.dice * dice                   # (10.14)
 
 
@@ -736,18 +743,27 @@ def seem_loss(out: SeemOutput, object_classes: list[torch.Tensor], object_masks:
     class_weight = torch.ones(n_classes + 1, dtype=out.class_logits[0].dtype, device=out.class_logits[0].device)
     class_weight[-1] = weights.no_object
     n_targets = max(sum(len(c) for c in object_classes), 1)
+    # the targets padded to N_max per image, so that every image and step is matched from one cost tensor
+    counts = [len(c) for c in object_classes]
+    device = out.class_logits[0].device
+    target_classes = torch.zeros(b, max(counts), dtype=torch.int64, device=device)
+    target_masks = torch.zeros(b, max(counts), size[0] * size[1], dtype=torch.bool, device=device)
+    for i, (c, m) in enumerate(zip(object_classes, object_masks)):
+        target_classes[i, :len(c)], target_masks[i, :len(c)] = c, m.flatten(1)
+    steps = [(out.class_logits[layer], out.masks(size, layer).flatten(2)) for layer in range(len(out.class_logits))]
+    with torch.no_grad():      # (L + 1, B, Q, N_max), copied to the CPU once for the Hungarian algorithm
+        costs = torch.stack([matching_cost(logits[:, :q], masks[:, :q], target_classes, target_masks, weights)
+                             for logits, masks in steps]).cpu()
     terms = {k: 0.0 for k in ("object_class", "object_bce", "object_dice", "prompt_class", "prompt_bce", "prompt_dice")}
-    for layer in range(len(out.class_logits)):
-        logits, masks = out.class_logits[layer], out.masks(size, layer).flatten(2)        # (B, Q + P, X)
-        labels = torch.full((b, q), n_classes, dtype=torch.int64, device=logits.device)
-        for i in range(b):
-            target = object_masks[i].flatten(1)
-            with torch.no_grad():
-                cost = matching_cost(logits[i, :q], masks[i, :q], object_classes[i], target, weights)
-            rows, cols = hungarian_match(cost)
-            labels[i, rows] = object_classes[i][cols]
-            terms["object_bce"] = terms["object_bce"] + bce_loss(masks[i, rows], target[cols]).sum() / n_targets
-            terms["object_dice"] = terms["object_dice"] + dice_loss(masks[i, rows], target[cols]).sum() / n_targets
+    for (logits, masks), cost in zip(steps, costs):                       # logits (B, Q + P, C + 1), masks (B, Q + P, X)
+        pairs = [hungarian_match(cost[i, :, :n]) for i, n in enumerate(counts)]
+        image = torch.cat([torch.full((n,), i, dtype=torch.int64) for i, n in enumerate(counts)]).to(device)
+        rows, cols = (torch.cat(part).to(device) for part in zip(*pairs))
+        labels = torch.full((b, q), n_classes, dtype=torch.int64, device=device)
+        labels[image, rows] = target_classes[image, cols]
+        matched, target = masks[image, rows], target_masks[image, cols]
+        terms["object_bce"] = terms["object_bce"] + bce_loss(matched, target).sum() / n_targets
+        terms["object_dice"] = terms["object_dice"] + dice_loss(matched, target).sum() / n_targets
         terms["object_class"] = terms["object_class"] + F.cross_entropy(
             logits[:, :q].reshape(-1, n_classes + 1), labels.reshape(-1), weight=class_weight)
         if p:

@@ -400,8 +400,9 @@ def model_config(args: argparse.Namespace) -> LlamaConfig:
 
 def train(args: argparse.Namespace) -> list[dict]:
     """Train for --steps steps in an initialized process group; rank 0 prints each step's loss and
-    tokens/s and writes --log-file (the flags, the world size, rank 0's parameter layouts and the
-    records). Returns the per-step records [{'step', 'loss', 'tokens_per_s'}].
+    tokens/s and writes --log-file (the flags, the world size, rank 0's parameter layouts, the largest
+    peak GPU memory of any rank on CUDA, and the records). Returns the per-step records
+    [{'step', 'loss', 'tokens_per_s'}].
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
@@ -416,11 +417,15 @@ def train(args: argparse.Namespace) -> list[dict]:
         records.append({"step": step, "loss": loss, "tokens_per_s": rate})
         if dist.get_rank() == 0:
             print(f"step {step:3d}  loss {loss:.6f}  tokens/s {rate:,.0f}", flush=True)
+    peak = torch.zeros((), dtype=torch.int64, device=trainer.device)
+    if trainer.device.type == "cuda":
+        peak += torch.cuda.max_memory_allocated(trainer.device)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     if dist.get_rank() == 0 and args.log_file is not None:
         settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
         layout = {name: trainer.layout(name) for name, _ in trainer.stage.named_parameters()}
         args.log_file.write_text(json.dumps({"args": settings, "world": dist.get_world_size(), "rank0_layout": layout,
-                                             "steps": records}, indent=1))
+                                             "peak_memory_bytes": peak.item(), "steps": records}, indent=1))
     return records
 
 

@@ -479,3 +479,17 @@ def test_bad_inputs_raise_naming_the_argument():
         corrective_prompts(prompts, prompts.positive[:, :, :8], prompts.positive, memory=True)
     with pytest.raises(ValueError, match="cell"):
         coarse_mask(torch.ones(4, 4, dtype=torch.bool), 0)
+
+
+def test_matching_cost_of_a_batch_equals_each_image_alone():
+    g = torch.Generator().manual_seed(12)
+    class_logits = torch.randn(3, 5, 4, generator=g, dtype=torch.float64)
+    mask_logits = torch.randn(3, 5, 20, generator=g, dtype=torch.float64)
+    classes = torch.randint(3, (3, 2), generator=g)
+    masks = torch.rand(3, 2, 20, generator=g) < 0.5
+    batched = matching_cost(class_logits, mask_logits, classes, masks)
+    for i in range(3):
+        alone = matching_cost(class_logits[i], mask_logits[i], classes[i], masks[i])
+        assert torch.allclose(batched[i], alone, atol=1e-14)
+    with pytest.raises(ValueError, match="classes and masks"):
+        matching_cost(class_logits, mask_logits, classes, masks[:2])
