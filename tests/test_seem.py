@@ -413,6 +413,30 @@ def test_a_few_steps_of_training_reduce_the_loss():
     assert losses[-1] < 0.8 * losses[0]
 
 
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_forward_loss_and_gradients_match_the_cpu_in_float64():
+    g = torch.Generator().manual_seed(15)
+    scenes = make_scenes(3, g, size=32, max_objects=3, min_pixels=12)
+    prompts, objects = make_prompts(scenes, [["scribble", "point+text"]] * 3, g)
+    pc, pm = prompt_targets(scenes, objects)
+    images = torch.stack([s.image for s in scenes]).double()
+    results = []
+    for device in ("cpu", "cuda"):
+        model = small_model().to(device)
+        out = model(images.to(device), prompts.to(device), torch.Generator().manual_seed(0))
+        loss = seem_loss(out, [s.classes.to(device) for s in scenes], [s.masks.to(device) for s in scenes],
+                         pc.to(device), pm.to(device))["total"]
+        loss.backward()
+        grads = [p.grad.cpu() for p in model.parameters()]
+        results.append((out.mask_logits[-1].cpu(), loss.item(), grads))
+    (mask_cpu, loss_cpu, grads_cpu), (mask_gpu, loss_gpu, grads_gpu) = results
+    assert torch.allclose(mask_cpu, mask_gpu, atol=1e-9)
+    assert loss_gpu == pytest.approx(loss_cpu, abs=1e-9)
+    assert all(torch.allclose(a, b, atol=1e-8) for a, b in zip(grads_cpu, grads_gpu))
+
+
 # ------------------------------------------------------------------ bad inputs
 
 def test_bad_inputs_raise_naming_the_argument():
