@@ -2489,6 +2489,16 @@ plt.show()
 #
 # ## Exercises
 #
+# *Derive* on paper, *implement* with this chapter's library and, where a checker exists,
+# check your function with `check("10.name", your_function)` from `lrn_lib.exercises`
+# (randomized tests you do not see, against the library's references; one line of verdict),
+# *measure* with this chapter's code. `print("\n".join(exercises("10")))` lists the
+# checkers. Worked solutions: `chapters/solutions/10_seem_solutions.ipynb`.
+#
+# ```python
+# from lrn_lib.exercises import check, exercises
+# ```
+#
 # **Exercise 1 (derive): why the dice loss ignores object size.** Let a target mask have $n$
 # pixels and a prediction be right on a fraction $a$ of them and wrong (false alarm) on $b\,n$
 # others, with confident sigmoids ($\sigma \in \{0, 1\}$). Show that (10.12), without the $+1$
@@ -2510,3 +2520,32 @@ plt.show()
 # in training), and compare their IoU-versus-clicks curves with and without memory, and
 # their NoC@85. Then, for the first model, replace the memory prompt by the *target* mask in
 # round 2 (an oracle memory): how far is the learned memory from the best it could be given?
+#
+# **Exercise 4 (implement): the mask losses.** Write
+# `mask_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]`
+# that returns the dice loss (10.12) and the binary cross-entropy (10.13) of each mask, as
+# the pair `(dice, bce)` of $(N,)$ tensors: `logits` $(N, X)$ float, `targets` $(N, X)$
+# bool, one mask per row. Targets may be empty and logits as large as $\pm 1000$, so keep the
+# $+1$ terms of exercise 1 and write $\log(1 + e^{m})$ in a form that does not overflow. Run
+# `check("10.mask_losses", mask_losses)`.
+#
+# **Exercise 5 (implement): the corrective click.** Write
+# `next_click(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, bool]`, the
+# simulated user of section 10.3: the two error regions (10.3), the depth of each pixel in
+# its region (10.4) with the image border counting as outside, and the click, a $(2,)$
+# int64 tensor $(y, x)$, at the deepest pixel of the region whose deepest pixel is deeper;
+# the bool is `True` when that region is a miss (a positive click). Break ties as the
+# library does: two equally deep regions go to the false alarm, and among equally deep
+# pixels of a region the first in row-major order wins. `pred` and `target` are $(H, W)$
+# bool of any size and never equal. Run `check("10.next_click", next_click)`.
+#
+# **Exercise 6 (implement): the self-attention table.** Write
+# `prompt_table(kinds: torch.Tensor, groups: torch.Tensor, valid: torch.Tensor) -> torch.Tensor`
+# that builds section 10.6's table from a sequence's `kinds` $(S,)$ (`OBJECT`, `QUERY`,
+# `VISUAL`, `TEXT`, `MEMORY`, the integers 0 to 4 of `lrn_lib.seem`), its `groups` $(S,)$
+# (the prompt of each member, $-1$ for object queries) and `valid` $(B, S)$ bool (`False`
+# for padding): `allowed` $(B, S, S)$ bool, `True` where row $i$ may attend to key $j$. The
+# checker draws layouts with `sequence_layout`, some with no prompt, no object query, no
+# memory or a prompt whose tokens are all padding, and now and then shuffles the members:
+# the rules must follow from kinds and groups, not from positions. Run
+# `check("10.prompt_table", prompt_table)`.

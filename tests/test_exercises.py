@@ -5,8 +5,10 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from lrn_lib.attention import attention_reference, causal_visible, flash_attention_blocks
 from lrn_lib.book import load_book
@@ -18,6 +20,8 @@ from lrn_lib.moe import apply_capacity, switch_balance_loss, top_k_gate, update_
 from lrn_lib.online_softmax import SoftmaxState, merge_lse, merge_states, softmax_backward_reference
 from lrn_lib.patching import bytes_to_tensor, hash_ngram_ids
 from lrn_lib.pipeline_parallel import bubble_fraction, simulate_schedule
+from lrn_lib.seem import OBJECT, QUERY, VISUAL, bce_loss, dice_loss, query_prompt_mask
+from lrn_lib.shapes import next_click
 from lrn_lib.softmax import logsumexp, safe_softmax
 from lrn_lib.tiling import matmul_flops, tiled_matmul, tiled_traffic_bytes
 
@@ -101,6 +105,9 @@ SOLUTIONS = {
     "09.pretraining_loss": pretraining_loss,
     "09.transfer_schedule": transfer_schedule,
     "09.commit_low_confidence": commit_low_confidence,
+    "10.mask_losses": lambda logits, targets: (dice_loss(logits, targets), bce_loss(logits, targets)),
+    "10.next_click": next_click,
+    "10.prompt_table": lambda kinds, groups, valid: query_prompt_mask(kinds, groups, valid).allowed,
 }
 
 
@@ -216,6 +223,47 @@ def commit_anywhere(x, proposal, confidence, counts, mask_id):
     return torch.where(torch.zeros_like(x, dtype=torch.bool).scatter(1, top, keep), proposal, x)
 
 
+def dice_without_smoothing(logits, targets):
+    p, t = logits.sigmoid(), targets.double()
+    return 1 - 2 * (p * t).sum(1) / (p.sum(1) + t.sum(1)), bce_loss(logits, targets)
+
+
+def bce_summed(logits, targets):
+    return dice_loss(logits, targets), torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, targets.double(), reduction="none").sum(1)
+
+
+def click_without_border(pred, target):
+    """The depth measured inside the image only: the border does not count as outside."""
+    miss, false_alarm = (target & ~pred).numpy(), (pred & ~target).numpy()
+    d_miss, d_false = ndimage.distance_transform_edt(miss), ndimage.distance_transform_edt(false_alarm)
+    positive = bool(d_miss.max() > d_false.max())
+    y, x = np.unravel_index(int((d_miss if positive else d_false).argmax()), miss.shape)
+    return torch.tensor([y, x]), positive
+
+
+def click_on_the_larger_area(pred, target):
+    miss, false_alarm = target & ~pred, pred & ~target
+    positive = int(miss.sum()) > int(false_alarm.sum())
+    region = (miss if positive else false_alarm).numpy()
+    depth = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
+    y, x = np.unravel_index(int(depth.argmax()), depth.shape)
+    return torch.tensor([y, x]), positive
+
+
+def table_with_objects_seeing_prompts(kinds, groups, valid):
+    allowed = query_prompt_mask(kinds, groups, valid).allowed.clone()
+    allowed[:, kinds == OBJECT] |= valid[:, None, :]
+    return allowed
+
+
+def table_across_prompts(kinds, groups, valid):
+    """Prompt queries and tokens attend by kind, whatever their prompt."""
+    row, key = kinds[:, None], kinds[None, :]
+    rule = ((row == OBJECT) & (key == OBJECT)) | ((row == QUERY) & (key != OBJECT)) | ((row >= VISUAL) & (key == row))
+    return (rule[None] & valid[:, None, :]) | torch.eye(len(kinds), dtype=torch.bool)
+
+
 WRONG = [  # (id, wrong function, words the message must contain)
     ("01.logsumexp", lambda x: torch.log(torch.exp(x).sum(-1)), ["overflows", "row maximum", "(1.3)"]),
     ("01.log_softmax", lambda x: torch.log(safe_softmax(x)), ["log 0 = -inf", "x_i - LSE(x)"]),
@@ -270,6 +318,18 @@ WRONG = [  # (id, wrong function, words the message must contain)
     ("09.commit_low_confidence", commit_anywhere, ["only masked positions compete", "-inf"]),
     ("09.commit_low_confidence", lambda x, prop, conf, counts, mask_id: commit_low_confidence(
         x, prop, -conf, counts, mask_id), ["least confident"]),
+    ("10.mask_losses", dice_without_smoothing, ["no +1 terms", "(10.12)"]),
+    ("10.mask_losses", bce_summed, ["sum over the pixels", "(10.13)"]),
+    ("10.mask_losses", lambda logits, targets: (1 - dice_loss(logits, targets), bce_loss(logits, targets)),
+     ["dice coefficient", "1 minus"]),
+    ("10.next_click", lambda pred, target: (next_click(pred, target)[0].flip(0), next_click(pred, target)[1]),
+     ["(x, y)", "row first"]),
+    ("10.next_click", click_without_border, ["image border", "pad the region"]),
+    ("10.next_click", click_on_the_larger_area, ["deeper inscribed disc", "more pixels"]),
+    ("10.prompt_table", lambda kinds, groups, valid: ~query_prompt_mask(kinds, groups, valid).allowed,
+     ["inverted", "True means may attend"]),
+    ("10.prompt_table", table_with_objects_seeing_prompts, ["object queries only", "claim 1"]),
+    ("10.prompt_table", table_across_prompts, ["prompts never see each other", "claim 2"]),
 ]
 
 
@@ -297,6 +357,20 @@ def test_checker_rejects_a_plausible_mistake_and_names_it(exercise_id, wrong, wo
     assert "input " in out and "you returned" in out and "expected" in out and "Hint:" in out
     for word in words:
         assert word in out, f"{word!r} missing from: {out}"
+
+
+CHAPTER_10_MISTAKES = [(exercise_id, k) for exercise_id, exercise in sorted(EXERCISES.items())
+                       if exercise.chapter == "10" for k in range(len(exercise.mistakes))]
+
+
+@pytest.mark.parametrize("exercise_id, k", CHAPTER_10_MISTAKES, ids=[f"{e}-{k}" for e, k in CHAPTER_10_MISTAKES])
+def test_each_chapter_10_mistake_model_earns_its_own_hint(exercise_id, k, capsys):
+    """Every mistake model of chapter 10 fails its checker (on a fixed edge case, so whatever the seed) and
+    is named by its own hint, not another's."""
+    mistake = EXERCISES[exercise_id].mistakes[k]
+    assert check(exercise_id, mistake.model) is False
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "Hint: " + mistake.hint in out, out
 
 
 def test_an_exception_in_the_readers_function_is_reported_not_raised(capsys):
@@ -372,8 +446,8 @@ def test_exercises_lists_the_chapters_ids_with_a_description():
 def test_unknown_ids_and_chapters_are_clear_errors():
     with pytest.raises(ValueError, match="known ids"):
         check("02.merj", merge)
-    with pytest.raises(ValueError, match="chapters with exercises: 01, 02, 03, 04, 05, 06, 07, 08, 09"):
-        exercises("10")
+    with pytest.raises(ValueError, match="chapters with exercises: 01, 02, 03, 04, 05, 06, 07, 08, 09, 10$"):
+        exercises("11")
 
 
 @pytest.mark.parametrize("chapter_id", ["01", "02", "03", "04", "05"])
@@ -392,9 +466,9 @@ def test_chapter_exercises_section_and_solutions_name_every_checker(chapter_id):
     assert set(re.findall(r'check\("(\d\d\.\w+)"', solutions)) == ids
 
 
-@pytest.mark.parametrize("chapter_id", ["06", "07", "08", "09"])
+@pytest.mark.parametrize("chapter_id", ["06", "07", "08", "09", "10"])
 def test_later_chapters_exercises_and_solutions_name_every_checker(chapter_id):
-    """Chapters 06-09: the Exercises section ends the chapter and offers every kind of exercise; its
+    """Chapters 06-10: the Exercises section ends the chapter and offers every kind of exercise; its
     text names each checker; the solutions run every checker."""
     chapter = BOOK.chapter(chapter_id)
     ids = {line.split(":")[0] for line in exercises(chapter_id)}
