@@ -4696,7 +4696,9 @@ for name in ("layers.0.attention.wq.weight", "layers.0.attention.wo.weight", "la
 #
 # Every layout follows the one-GPU loss curve to within $6\cdot10^{-5}$ over all 40 steps:
 # float32 rounding in a different order of summation, nothing more. Every layout also cuts the
-# memory per GPU, CP and FSDP the most here, since at this size activations dominate. Speed is
+# memory per GPU: CP, FSDP and the pipeline to about half, since at this size the activations
+# dominate and each of them halves them (tokens, sequences, layers); TP less, since the
+# residual stream, the norms and the gathered logits stay whole on both GPUs. Speed is
 # another matter. A model this small gives each GPU too little work: TP pays two all-reduces
 # per block on every step for matrix products that were already fast, and halves the GPU's
 # throughput; CP and FSDP lose less; only the pipeline gains (its stages overlap, and each
