@@ -943,7 +943,7 @@ if kernels.runtime.MODE != "unavailable":
 # %%
 # NBVAL_IGNORE_OUTPUT
 if kernels.runtime.MODE != "unavailable":               # the digits depend on the BLAS's order of summation
-    for dtype, (tol, errors) in kernel_errors.items():
+    for dtype, (_, errors) in kernel_errors.items():
         print(f"{str(dtype):15s} relative errors y {errors[0]:.1e}, dX {errors[1]:.1e}, dW {errors[2]:.1e}")
 
 # %%

@@ -750,6 +750,7 @@ def seem_loss(out: SeemOutput, object_classes: list[torch.Tensor], object_masks:
     target_masks = torch.zeros(b, max(counts), size[0] * size[1], dtype=torch.bool, device=device)
     for i, (c, m) in enumerate(zip(object_classes, object_masks)):
         target_classes[i, :len(c)], target_masks[i, :len(c)] = c, m.flatten(1)
+    image = torch.cat([torch.full((n,), i) for i, n in enumerate(counts)]).to(device)     # the image of each target
     steps = [(out.class_logits[layer], out.masks(size, layer).flatten(2)) for layer in range(len(out.class_logits))]
     with torch.no_grad():      # (L + 1, B, Q, N_max), copied to the CPU once for the Hungarian algorithm
         costs = torch.stack([matching_cost(logits[:, :q], masks[:, :q], target_classes, target_masks, weights)
@@ -757,7 +758,6 @@ def seem_loss(out: SeemOutput, object_classes: list[torch.Tensor], object_masks:
     terms = {k: 0.0 for k in ("object_class", "object_bce", "object_dice", "prompt_class", "prompt_bce", "prompt_dice")}
     for (logits, masks), cost in zip(steps, costs):                       # logits (B, Q + P, C + 1), masks (B, Q + P, X)
         pairs = [hungarian_match(cost[i, :, :n]) for i, n in enumerate(counts)]
-        image = torch.cat([torch.full((n,), i, dtype=torch.int64) for i, n in enumerate(counts)]).to(device)
         rows, cols = (torch.cat(part).to(device) for part in zip(*pairs))
         labels = torch.full((b, q), n_classes, dtype=torch.int64, device=device)
         labels[image, rows] = target_classes[image, cols]
