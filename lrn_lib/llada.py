@@ -388,23 +388,69 @@ def commit_most_confident(x: torch.Tensor, proposal: torch.Tensor, confidence: t
     return torch.where(commit, proposal, x), commit
 
 
+def fill_after_eos(tokens: torch.Tensor, eos_id: int, start: int = 0) -> torch.Tensor:
+    """EOS handling after sampling: in tokens (B, L), every position of tokens[:, start:] after a row's first
+    eos_id becomes eos_id (the response ends there). Returns a new (B, L) tensor.
+
+    Defined in chapter 09 (LLaDA: masked diffusion language models).
+    """
+    _check_ids(tokens, "tokens", dims=2)
+    if not isinstance(eos_id, int) or eos_id < 0:
+        raise ValueError(f"eos_id must be a non-negative int, got {eos_id!r}")
+    if not isinstance(start, int) or not 0 <= start <= tokens.shape[1]:
+        raise ValueError(f"start must be an int in [0, {tokens.shape[1]}], got {start!r}")
+    tail = tokens[:, start:]
+    after = (tail == eos_id).long().cummax(1).values.bool()                      # at or after the first EOS
+    return torch.cat([tokens[:, :start], torch.where(after, torch.full_like(tail, eos_id), tail)], dim=1)
+
+
+def classifier_free_guidance(model: Model, prompt_length: int, mask_id: int, scale: float) -> Model:
+    """The guided mask predictor: logits = u + (1 + w)(c - u), c = model(x), u = model(x with the first
+    prompt_length positions masked). Returns a Model: tokens (B, L) -> logits (B, L, V).
+
+    Defined in chapter 09 (LLaDA: masked diffusion language models).
+    """
+    if not isinstance(prompt_length, int) or prompt_length < 0:
+        raise ValueError(f"prompt_length must be a non-negative int, got {prompt_length!r}")
+    if not isinstance(scale, (int, float)) or scale < 0:
+        raise ValueError(f"scale must be a number >= 0, got {scale!r}")
+
+    def guided(tokens: torch.Tensor) -> torch.Tensor:
+        _check_ids(tokens, "tokens", dims=2)
+        if prompt_length > tokens.shape[1]:
+            raise ValueError(f"prompt_length={prompt_length} exceeds the sequence length {tokens.shape[1]}")
+        uncond = tokens.clone()
+        uncond[:, :prompt_length] = mask_id                                        # the prompt hidden
+        both = model(torch.cat([tokens, uncond])).double()
+        c, u = both[:tokens.shape[0]], both[tokens.shape[0]:]
+        return u + (1.0 + scale) * (c - u)                                          # (9.10)
+
+    return guided
+
+
+REMASKING = ("low_confidence", "random", "independent")
+
+
 def fill_masks(model: Model, x: torch.Tensor, steps: int, mask_id: int, temperature: float = 0.0,
                remasking: str = "low_confidence", blocks: list[tuple[int, int]] | None = None,
                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Reverse process: fill every mask of x (B, L) in `steps` model calls; returns (tokens (B, L), order (B, L)).
 
     blocks: [(start, end), ...] decoded left to right with steps // len(blocks) steps each (default: one
-    block over the whole sequence); every mask must lie in a block. Per step, the counts (9.8) of the
-    block's masks are committed: those with the highest confidence (softmax probability of the proposal
-    for "low_confidence", uniform random for "random"). order holds the step at which a position was
+    block over the whole sequence); every mask must lie in a block. Per step:
+    "low_confidence" commits the counts (9.8) of the block's masks with the highest softmax probability of
+    their proposal (Algorithm 5); "random" commits the same counts, chosen uniformly at random;
+    "independent" is Algorithm 4: going from t to s = t - 1/N, each masked position stays masked with
+    probability s/t, independently, so the number committed per step is random (its mean follows (9.8))
+    and the last step of a block commits all that remain. order holds the step at which a position was
     committed, -1 for positions that were never masked.
 
     Defined in chapter 09 (LLaDA: masked diffusion language models).
     """
     _check_ids(x, "x", dims=2)
     _check_generator(generator)
-    if remasking not in ("low_confidence", "random"):
-        raise ValueError(f"remasking must be 'low_confidence' or 'random', got {remasking!r}")
+    if remasking not in REMASKING:
+        raise ValueError(f"remasking must be one of {REMASKING}, got {remasking!r}")
     if not isinstance(steps, int) or steps <= 0:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     L = x.shape[1]
@@ -431,12 +477,18 @@ def fill_masks(model: Model, x: torch.Tensor, steps: int, mask_id: int, temperat
             if mask_id < logits.shape[-1]:
                 logits[..., mask_id] = float("-inf")                                 # never propose a mask
             proposal = gumbel_argmax(logits, temperature, generator)                 # (B, L)
-            if remasking == "low_confidence":
-                conf = torch.softmax(logits, -1).gather(-1, proposal[..., None]).squeeze(-1)
+            if remasking == "independent":                                           # Algorithm 4
+                t = (per_block - s) / per_block                                      # s/t = 1 - 1/(per_block - s)
+                u = torch.rand(x.shape, generator=generator, dtype=torch.float64).to(x.device)
+                commit = (x == mask_id) & in_block & (u >= (t - 1.0 / per_block) / t)
+                x = torch.where(commit, proposal, x)
             else:
-                conf = torch.rand(x.shape, generator=generator, dtype=torch.float64).to(x.device)
-            conf = torch.where(in_block, conf, torch.full_like(conf, float("-inf")))
-            x, commit = commit_most_confident(x, proposal, conf, counts[:, s], mask_id)
+                if remasking == "low_confidence":
+                    conf = torch.softmax(logits, -1).gather(-1, proposal[..., None]).squeeze(-1)
+                else:
+                    conf = torch.rand(x.shape, generator=generator, dtype=torch.float64).to(x.device)
+                conf = torch.where(in_block, conf, torch.full_like(conf, float("-inf")))
+                x, commit = commit_most_confident(x, proposal, conf, counts[:, s], mask_id)
             order = torch.where(commit, torch.full_like(order, step), order)
             step += 1
     return x, order
@@ -444,11 +496,13 @@ def fill_masks(model: Model, x: torch.Tensor, steps: int, mask_id: int, temperat
 
 def diffusion_generate(model: Model, prompt: torch.Tensor, gen_length: int, steps: int, mask_id: int,
                        block_length: int | None = None, temperature: float = 0.0,
-                       remasking: str = "low_confidence",
+                       remasking: str = "low_confidence", eos_id: int | None = None, cfg_scale: float = 0.0,
                        generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """LLaDA's sampler: prompt (B, P) followed by gen_length masks, decoded in blocks of block_length.
 
-    Returns (tokens (B, P + gen_length), order (B, P + gen_length)) as fill_masks does.
+    eos_id: when given, every generated position after the first EOS becomes EOS (fill_after_eos).
+    cfg_scale: w > 0 samples from the classifier-free guided logits (9.10). Returns
+    (tokens (B, P + gen_length), order (B, P + gen_length)) as fill_masks does.
 
     Defined in chapter 09 (LLaDA: masked diffusion language models).
     """
@@ -461,7 +515,10 @@ def diffusion_generate(model: Model, prompt: torch.Tensor, gen_length: int, step
     if not isinstance(block_length, int) or block_length <= 0 or gen_length % block_length:
         raise ValueError(f"block_length={block_length!r} must be a positive divisor of gen_length={gen_length}")
     P = prompt.shape[1]
+    if cfg_scale:
+        model = classifier_free_guidance(model, P, mask_id, cfg_scale)
     x = torch.cat([prompt, torch.full((prompt.shape[0], gen_length), mask_id, dtype=torch.int64,
                                       device=prompt.device)], dim=1)
     blocks = [(P + s, P + s + block_length) for s in range(0, gen_length, block_length)]
-    return fill_masks(model, x, steps, mask_id, temperature, remasking, blocks, generator)
+    out, order = fill_masks(model, x, steps, mask_id, temperature, remasking, blocks, generator)
+    return (out if eos_id is None else fill_after_eos(out, eos_id, P)), order

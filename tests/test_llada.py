@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from lrn_lib.llada import (ExactConditionals, MaskPredictor, diffusion_generate, fill_masks, forward_mask,
-                           mask_probability, mc_log_likelihood, pretraining_loss, pretraining_step_loss,
+from lrn_lib.llada import (ExactConditionals, MaskPredictor, classifier_free_guidance, diffusion_generate,
+                           fill_after_eos, fill_masks, forward_mask, mask_probability, mc_log_likelihood, pretraining_loss, pretraining_step_loss,
                            prompt_mask_from_lengths, sft_loss, sft_step_loss, t_weighted_log_likelihood,
                            transfer_schedule)
 from lrn_lib.llama import tiny_config
@@ -174,3 +174,85 @@ def test_bad_input():
         mc_log_likelihood(stub, torch.zeros(0, dtype=torch.int64), torch.zeros(4, dtype=torch.int64), 4, 0)
     with pytest.raises(ValueError, match="eps"):
         mask_probability(torch.tensor([0.5]), eps=1.0)
+
+
+def _eos_reference(tokens, eos_id, start):
+    out = tokens.clone()
+    for row in out:
+        seen = False
+        for j in range(start, row.numel()):
+            seen = seen or bool(row[j] == eos_id)
+            if seen:
+                row[j] = eos_id
+    return out
+
+
+def test_fill_after_eos_makes_everything_after_the_first_eos_eos():
+    g = torch.Generator().manual_seed(6)
+    for B, L, start in ((1, 1, 0), (3, 7, 2), (5, 13, 0), (4, 9, 9)):
+        tokens = torch.randint(0, 4, (B, L), generator=g)          # eos_id = 3 occurs often
+        out = fill_after_eos(tokens, 3, start)
+        assert torch.equal(out, _eos_reference(tokens, 3, start))
+        assert torch.equal(out[:, :start], tokens[:, :start])       # the prompt is never touched
+    assert torch.equal(fill_after_eos(torch.tensor([[5, 1, 2]]), 3), torch.tensor([[5, 1, 2]]))   # no EOS: unchanged
+
+
+def test_classifier_free_guidance_is_uncond_plus_one_plus_w_times_the_difference():
+    torch.manual_seed(0)
+    model = MaskPredictor(tiny_config(vocab_size=9, max_seq_len=16), mask_id=8).eval()
+    x = torch.randint(0, 8, (3, 7))
+    x[:, 4:] = 8
+    with torch.no_grad():
+        c = model(x).double()
+        xu = x.clone()
+        xu[:, :3] = 8
+        u = model(xu).double()
+        for w in (0.0, 0.5, 2.0):
+            got = classifier_free_guidance(model, 3, 8, w)(x)
+            assert torch.allclose(got[..., :8], (u + (1 + w) * (c - u))[..., :8], atol=1e-5)
+        assert torch.allclose(classifier_free_guidance(model, 3, 8, 0.0)(x)[..., :8], c[..., :8], atol=1e-5)
+    out, _ = diffusion_generate(model, x[:, :3], 4, 4, 8, cfg_scale=1.0)
+    assert (out != 8).all() and torch.equal(out[:, :3], x[:, :3])
+
+
+def test_independent_remasking_commits_a_random_count_whose_mean_follows_the_schedule():
+    g = torch.Generator().manual_seed(7)
+    L, steps, n = 12, 4, 4000
+    stub = Stub(torch.randn(L, 5, generator=g))
+    out, order = fill_masks(stub, torch.full((n, L), 4), steps, 4, temperature=1.0, remasking="independent",
+                            generator=g)
+    assert (out != 4).all()                                          # the last step commits all that remain
+    per_step = torch.stack([(order == s).sum(1) for s in range(steps)], 1).double()    # (n, steps)
+    assert torch.allclose(per_step.mean(0), torch.full((steps,), L / steps, dtype=torch.float64), atol=0.1)
+    assert per_step[:, 0].var() > 1.0                                # Binomial(12, 1/4): variance 2.25, not 0
+    assert per_step[:, 0].var().item() == pytest.approx(L * (1 / steps) * (1 - 1 / steps), rel=0.1)
+    # blocks: the second block starts only after the first is done
+    out, order = diffusion_generate(stub, torch.zeros(2, 2, dtype=torch.int64), 10, 4, 4, block_length=5,
+                                    temperature=1.0, remasking="independent", generator=g)
+    assert order[:, 2:7].max() <= 1 and order[:, 7:].min() >= 2 and (out != 4).all()
+
+
+def test_generate_with_eos_id_ends_every_response_at_its_first_eos():
+    logits = torch.zeros(6, 5)
+    logits[3, 2] = 9.0                                               # position 3 is surely EOS (= 2)
+    logits[[0, 1, 2, 4, 5], 1] = 5.0                                 # the rest prefers token 1
+    out, _ = diffusion_generate(Stub(logits), torch.zeros(2, 1, dtype=torch.int64), 5, 5, 4, eos_id=2)
+    assert out[:, 1:].tolist() == [[1, 1, 2, 2, 2]] * 2
+
+
+def test_new_sampler_options_reject_bad_input():
+    stub = Stub(torch.zeros(4, 5))
+    with pytest.raises(ValueError, match="eos_id"):
+        fill_after_eos(torch.zeros(1, 3, dtype=torch.int64), -1)
+    with pytest.raises(ValueError, match="start"):
+        fill_after_eos(torch.zeros(1, 3, dtype=torch.int64), 2, start=4)
+    with pytest.raises(TypeError, match="tokens"):
+        fill_after_eos(torch.zeros(1, 3), 2)
+    with pytest.raises(ValueError, match="scale"):
+        classifier_free_guidance(stub, 1, 4, -0.5)
+    with pytest.raises(ValueError, match="prompt_length"):
+        classifier_free_guidance(stub, -1, 4, 1.0)
+    with pytest.raises(ValueError, match="prompt_length"):
+        classifier_free_guidance(stub, 9, 4, 1.0)(torch.zeros(1, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="remasking"):
+        fill_masks(stub, torch.full((1, 4), 4), 2, 4, remasking="binomial")
