@@ -231,10 +231,13 @@ for block_m, block_n in [(16, 16), (64, 64), (128, 128), (128, 256)]:
 # while the Triton kernel will need masks. Products accumulate in float32, or in float64
 # for float64 input, and the result comes back in the input's dtype, as in
 # `torch.matmul`. The operand checks sit in a separate function that the Triton launcher
-# reuses.
+# reuses; it lives in `kernels.matmul`, so that the kernels package depends on nothing
+# above it.
 
 # %%
-#| export lrn_lib.tiling
+#| export kernels.matmul
+import torch
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -262,6 +265,11 @@ def check_matmul_operands(a: torch.Tensor, b: torch.Tensor, dtypes=FLOAT_DTYPES)
     if a.shape[1] != b.shape[0]:
         raise ValueError(f"inner dimensions differ: a has {a.shape[1]} columns but b has {b.shape[0]} rows")
     return a.shape[0], b.shape[1], a.shape[1]
+
+
+# %%
+#| export lrn_lib.tiling
+from kernels.matmul import check_matmul_operands
 
 
 def tiled_matmul(a: torch.Tensor, b: torch.Tensor, block_m: int = 32, block_n: int = 32,
@@ -369,7 +377,6 @@ import torch
 
 from kernels import runtime
 from kernels.runtime import check_launchable, tl, triton
-from lrn_lib.tiling import check_matmul_operands
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -602,6 +609,31 @@ def _max_offset(x: torch.Tensor) -> int:
     return sum((size - 1) * stride for size, stride in zip(x.shape, x.stride()))
 
 
+def check_matmul_config(config: dict) -> dict:
+    """Validate a fixed kernel configuration and return it as a new dict.
+
+    Required: BLOCK_M, BLOCK_N, BLOCK_K (powers of two from 16 to 256, the sizes tl.dot
+    takes) and GROUP_M (a positive int); optional: num_warps (1, 2, 4, 8, 16 or 32) and
+    num_stages (a positive int). Anything else raises ValueError or TypeError naming it.
+    """
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a dict, got {type(config).__name__}")
+    required = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"}
+    missing, unknown = required - set(config), set(config) - required - {"num_warps", "num_stages"}
+    if missing or unknown:
+        raise ValueError(f"config lacks {sorted(missing)} / has unknown keys {sorted(unknown)}")
+    for key, value in config.items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"config[{key!r}] = {value!r}; it must be an int")
+        if key.startswith("BLOCK") and not (16 <= value <= 256 and value & (value - 1) == 0):
+            raise ValueError(f"config[{key!r}] = {value}; blocks are powers of two from 16 to 256")
+        if key == "num_warps" and value not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"config['num_warps'] = {value}; it must be 1, 2, 4, 8, 16 or 32")
+        if key in ("GROUP_M", "num_stages") and value < 1:
+            raise ValueError(f"config[{key!r}] = {value}; it must be at least 1")
+    return dict(config)
+
+
 def matmul(a: torch.Tensor, b: torch.Tensor, *, allow_tf32: bool | None = None,
            config: dict | None = None) -> torch.Tensor:
     """a @ b with the Triton kernel: float32 accumulation, output in the inputs' dtype.
@@ -613,6 +645,8 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, allow_tf32: bool | None = None,
     optional "num_warps", "num_stages"; None autotunes when compiled. Returns (M, N).
     """
     m, n, k = check_matmul_operands(a, b, SUPPORTED_DTYPES)
+    if config is not None:
+        config = check_matmul_config(config)
     check_launchable("a", a)
     for name, x in (("a", a), ("b", b)):
         if _max_offset(x) > MAX_OFFSET:
@@ -634,11 +668,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, allow_tf32: bool | None = None,
     if config is None and runtime.MODE == "compiled":
         matmul_kernel_autotuned[grid](*args, **options)
     else:
-        chosen = dict(INTERPRETER_CONFIG if config is None else config)
-        missing = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"} - set(chosen)
-        if missing:
-            raise ValueError(f"config lacks {sorted(missing)}")
-        matmul_kernel[grid](*args, **options, **chosen)
+        matmul_kernel[grid](*args, **options, **(INTERPRETER_CONFIG if config is None else config))
     return c.to(a.dtype) if round_in_torch else c
 
 

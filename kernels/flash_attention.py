@@ -11,7 +11,7 @@ from kernels import runtime
 from kernels.runtime import check_launchable, tl, triton
 
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
-SUPPORTED_HEAD_DIMS = (32, 64, 96, 128, 256)
+MAX_HEAD_DIM = 256   # any d from 1 to 256: the head block is d rounded up to a power of two
 LOG2_E = 1.4426950408889634
 
 
@@ -28,7 +28,7 @@ def _attend_key_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, o
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_mask = (offs_n[:, None] < n_keys) & (offs_d[None, :] < HEAD_DIM)
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(k_base + offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k)) * qk_scale                      # S = tau Q K^T, in log2 units
         if MASKED:
             visible = offs_n[None, :] < n_keys
@@ -40,7 +40,7 @@ def _attend_key_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, o
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)                           # rescale only the old state
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     return acc, l_i, m_i
@@ -68,7 +68,7 @@ def flash_attention_forward_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q_mask = (offs_m[:, None] < n_queries) & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :],
                 mask=q_mask, other=0.0)
     k_base = k_ptr + b * stride_kb + kv_h * stride_kh
     v_base = v_ptr + b * stride_vb + kv_h * stride_vh
@@ -92,7 +92,7 @@ def flash_attention_forward_kernel(
     l_safe = tl.where(has_keys, l_i, 1.0)
     o = acc / l_safe[:, None]                                        # normalize once
     lse = tl.where(has_keys, (m_i + tl.math.log2(l_safe)) / 1.4426950408889634, -float("inf"))
-    tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+    tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_m.to(tl.int64)[:, None] * stride_om + offs_d[None, :],
              o.to(o_ptr.dtype.element_ty), mask=q_mask)
     tl.store(lse_ptr + bh.to(tl.int64) * n_queries + offs_m, lse, mask=offs_m < n_queries)
 
@@ -117,10 +117,39 @@ def check_flash_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Non
     if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: k and v must match, "
                          "and agree with q in batch and head_dim")
-    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head_dim {q.shape[-1]} is not supported; the kernels take {SUPPORTED_HEAD_DIMS}")
+    if not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim {q.shape[-1]} is not supported; the kernels take 1 to {MAX_HEAD_DIM}")
     if q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"k/v have {k.shape[1]} heads, which does not divide q's {q.shape[1]} heads")
+
+
+def check_backward_inputs(q: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
+                          dlse: torch.Tensor | None) -> None:
+    """Raise a clear error unless o, do (like q), lse and dlse ((B, H, Nq) float32) fit the backward kernels.
+
+    Defined in chapter 04 (FlashAttention-2).
+    """
+    for name, t, shape, dtypes in (("o", o, q.shape, (q.dtype,)), ("do", do, q.shape, (q.dtype,)),
+                                   ("lse", lse, q.shape[:3], (torch.float32,)),
+                                   ("dlse", dlse, q.shape[:3], (torch.float32,))):
+        if t is None and name == "dlse":
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in dtypes:
+            raise TypeError(f"{name} has dtype {t.dtype}; expected {dtypes[0]}")
+        if t.shape != shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {tuple(shape)} to match q")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; they must share a device")
+
+
+def head_block(head_dim: int) -> int:
+    """BLOCK_D of the kernels: head_dim rounded up to a power of two, at least 16 (tl.dot's minimum).
+
+    Defined in chapter 04 (FlashAttention-2).
+    """
+    return max(16, triton.next_power_of_2(head_dim))
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -157,7 +186,7 @@ def flash_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
                             scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention O and log-sum-exp L with the forward kernel; the conventions of attention_reference.
 
-    q: (B, H, Nq, d); k, v: (B, Hkv, Nk, d); float16/bfloat16, d in SUPPORTED_HEAD_DIMS.
+    q: (B, H, Nq, d); k, v: (B, Hkv, Nk, d); float16/bfloat16, 1 <= d <= MAX_HEAD_DIM.
     Returns O of q's shape and dtype and L: (B, H, Nq) float32.
 
     Defined in chapter 04 (FlashAttention-2).
@@ -175,7 +204,7 @@ def flash_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
         q, k, v, o, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         h, h // h_kv, n_q, n_k, n_k - n_q, scale * LOG2_E,
-        CAUSAL=causal, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=block_m, BLOCK_N=block_n,
+        CAUSAL=causal, HEAD_DIM=d, BLOCK_D=head_block(d), BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=warps, num_stages=stages)
     return o.to(dtype), lse
 
@@ -195,9 +224,9 @@ def flash_attention_preprocess_kernel(o_ptr, do_ptr, delta_ptr, stride_ob, strid
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < n_queries) & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+    o = tl.load(o_ptr + b * stride_ob + h * stride_oh + offs_m.to(tl.int64)[:, None] * stride_om + offs_d[None, :],
                 mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
+    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m.to(tl.int64)[:, None] * stride_dom + offs_d[None, :],
                  mask=mask, other=0.0).to(tl.float32)
     tl.store(delta_ptr + bh.to(tl.int64) * n_queries + offs_m, tl.sum(o * do, axis=1), mask=offs_m < n_queries)
 
@@ -224,9 +253,9 @@ def flash_attention_dkdv_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     kv_mask = (offs_n[:, None] < n_keys) & (offs_d[None, :] < HEAD_DIM)
-    k = tl.load(k_ptr + b * stride_kb + kv_h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+    k = tl.load(k_ptr + b * stride_kb + kv_h * stride_kh + offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :],
                 mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + b * stride_vb + kv_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+    v = tl.load(v_ptr + b * stride_vb + kv_h * stride_vh + offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :],
                 mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -241,8 +270,8 @@ def flash_attention_dkdv_kernel(
         for start_m in range(lo, n_queries, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             q_mask = (offs_m[:, None] < n_queries) & (offs_d[None, :] < HEAD_DIM)
-            q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], mask=q_mask, other=0.0)
+            q = tl.load(q_base + offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
+            do = tl.load(do_base + offs_m.to(tl.int64)[:, None] * stride_dom + offs_d[None, :], mask=q_mask, other=0.0)
             lse = tl.load(lse_ptr + rows + offs_m, mask=offs_m < n_queries, other=0.0) * 1.4426950408889634
             delta = tl.load(delta_ptr + rows + offs_m, mask=offs_m < n_queries, other=0.0)
             s_t = tl.dot(k, tl.trans(q)) * qk_scale                 # S^T, (BLOCK_N, BLOCK_M), log2 units
@@ -254,9 +283,9 @@ def flash_attention_dkdv_kernel(
             dp_t = tl.dot(v, tl.trans(do))                           # dP^T = V dO^T
             ds_t = p_t * (dp_t - delta[None, :])                     # dS^T
             dk += tl.dot(ds_t.to(q.dtype), q)                        # dK += dS^T Q
-    tl.store(dk_ptr + b * stride_dkb + kv_h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+    tl.store(dk_ptr + b * stride_dkb + kv_h * stride_dkh + offs_n.to(tl.int64)[:, None] * stride_dkn + offs_d[None, :],
              (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptr + b * stride_dvb + kv_h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+    tl.store(dv_ptr + b * stride_dvb + kv_h * stride_dvh + offs_n.to(tl.int64)[:, None] * stride_dvn + offs_d[None, :],
              dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
 
@@ -281,9 +310,9 @@ def flash_attention_dq_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q_mask = (offs_m[:, None] < n_queries) & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :],
                 mask=q_mask, other=0.0)
-    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
+    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m.to(tl.int64)[:, None] * stride_dom + offs_d[None, :],
                  mask=q_mask, other=0.0)
     rows = bh.to(tl.int64) * n_queries
     lse = tl.load(lse_ptr + rows + offs_m, mask=offs_m < n_queries, other=0.0) * 1.4426950408889634
@@ -298,8 +327,8 @@ def flash_attention_dq_kernel(
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_mask = (offs_n[:, None] < n_keys) & (offs_d[None, :] < HEAD_DIM)
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(k_base + offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         visible = (offs_m[:, None] < n_queries) & (offs_n[None, :] < n_keys)
         if CAUSAL:
@@ -307,7 +336,7 @@ def flash_attention_dq_kernel(
         p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)  # recomputed P
         ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])         # dS = P * (dO V^T - D)
         dq += tl.dot(ds.to(k.dtype), k)                              # dQ += dS K
-    tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
+    tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + offs_m.to(tl.int64)[:, None] * stride_dqm + offs_d[None, :],
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
 
 
@@ -323,22 +352,30 @@ def backward_configs(head_dim: int) -> tuple[tuple[int, int, int, int], tuple[in
 
 def flash_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                              lse: torch.Tensor, do: torch.Tensor, causal: bool = False,
-                             scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                             scale: float | None = None, dlse: torch.Tensor | None = None,
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dQ, dK, dV of attention (4.2) from the forward's O and L; shapes and dtypes of q, k, v.
+
+    o, do: like q; lse: (B, H, Nq) float32 from the forward. dlse, optional (B, H, Nq)
+    float32: the gradient reaching L, added through dS = P * (dP - (D - dL)) (4.3).
 
     Defined in chapter 04 (FlashAttention-2).
     """
     check_flash_inputs(q, k, v)
+    check_backward_inputs(q, o, lse, do, dlse)
     dtype = q.dtype
     q, k, v, o, do = _interpreter_dtype(*(_last_dim_contiguous(t) for t in (q, k, v, o, do)))
+    lse = lse.contiguous()
     b, h, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    block_d = triton.next_power_of_2(d)
+    block_d = head_block(d)
     delta = torch.empty((b, h, n_q), dtype=torch.float32, device=q.device)
     flash_attention_preprocess_kernel[(triton.cdiv(n_q, 64), b * h)](
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
         h, n_q, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=64)
+    if dlse is not None:
+        delta -= dlse                                                # D - dL   (4.3)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)

@@ -5,9 +5,41 @@
 
 import torch
 
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_matmul_operands(a: torch.Tensor, b: torch.Tensor, dtypes=FLOAT_DTYPES) -> tuple[int, int, int]:
+    """Validate the operands of a @ b and return (M, N, K).
+
+    a: (M, K), b: (K, N), both non-empty 2-D tensors of one dtype from ``dtypes`` on one
+    device. Raises TypeError (not a tensor, wrong dtype) or ValueError (not 2-D, empty,
+    inner dimensions or devices differ); each message names the argument.
+
+    Defined in chapter 03 (Tiling).
+    """
+    names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+    for name, x in (("a", a), ("b", b)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in dtypes:
+            raise TypeError(f"{name} has dtype {x.dtype}; matmul takes {names}")
+        if x.dim() != 2:
+            raise ValueError(f"{name} has shape {tuple(x.shape)}; matmul needs a 2-D matrix")
+        if x.numel() == 0:
+            raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); matmul needs non-empty matrices")
+    if b.dtype != a.dtype:
+        raise TypeError(f"b has dtype {b.dtype} but a has {a.dtype}; they must match")
+    if b.device != a.device:
+        raise ValueError(f"b is on {b.device} but a is on {a.device}; they must share a device")
+    if a.shape[1] != b.shape[0]:
+        raise ValueError(f"inner dimensions differ: a has {a.shape[1]} columns but b has {b.shape[0]} rows")
+    return a.shape[0], b.shape[1], a.shape[1]
+
+
+import torch
+
 from kernels import runtime
 from kernels.runtime import check_launchable, tl, triton
-from lrn_lib.tiling import check_matmul_operands
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -119,6 +151,33 @@ def _max_offset(x: torch.Tensor) -> int:
     return sum((size - 1) * stride for size, stride in zip(x.shape, x.stride()))
 
 
+def check_matmul_config(config: dict) -> dict:
+    """Validate a fixed kernel configuration and return it as a new dict.
+
+    Required: BLOCK_M, BLOCK_N, BLOCK_K (powers of two from 16 to 256, the sizes tl.dot
+    takes) and GROUP_M (a positive int); optional: num_warps (1, 2, 4, 8, 16 or 32) and
+    num_stages (a positive int). Anything else raises ValueError or TypeError naming it.
+
+    Defined in chapter 03 (Tiling).
+    """
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a dict, got {type(config).__name__}")
+    required = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"}
+    missing, unknown = required - set(config), set(config) - required - {"num_warps", "num_stages"}
+    if missing or unknown:
+        raise ValueError(f"config lacks {sorted(missing)} / has unknown keys {sorted(unknown)}")
+    for key, value in config.items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"config[{key!r}] = {value!r}; it must be an int")
+        if key.startswith("BLOCK") and not (16 <= value <= 256 and value & (value - 1) == 0):
+            raise ValueError(f"config[{key!r}] = {value}; blocks are powers of two from 16 to 256")
+        if key == "num_warps" and value not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"config['num_warps'] = {value}; it must be 1, 2, 4, 8, 16 or 32")
+        if key in ("GROUP_M", "num_stages") and value < 1:
+            raise ValueError(f"config[{key!r}] = {value}; it must be at least 1")
+    return dict(config)
+
+
 def matmul(a: torch.Tensor, b: torch.Tensor, *, allow_tf32: bool | None = None,
            config: dict | None = None) -> torch.Tensor:
     """a @ b with the Triton kernel: float32 accumulation, output in the inputs' dtype.
@@ -132,6 +191,8 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, allow_tf32: bool | None = None,
     Defined in chapter 03 (Tiling).
     """
     m, n, k = check_matmul_operands(a, b, SUPPORTED_DTYPES)
+    if config is not None:
+        config = check_matmul_config(config)
     check_launchable("a", a)
     for name, x in (("a", a), ("b", b)):
         if _max_offset(x) > MAX_OFFSET:
@@ -153,9 +214,5 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, allow_tf32: bool | None = None,
     if config is None and runtime.MODE == "compiled":
         matmul_kernel_autotuned[grid](*args, **options)
     else:
-        chosen = dict(INTERPRETER_CONFIG if config is None else config)
-        missing = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"} - set(chosen)
-        if missing:
-            raise ValueError(f"config lacks {sorted(missing)}")
-        matmul_kernel[grid](*args, **options, **chosen)
+        matmul_kernel[grid](*args, **options, **(INTERPRETER_CONFIG if config is None else config))
     return c.to(a.dtype) if round_in_torch else c

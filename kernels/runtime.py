@@ -53,15 +53,14 @@ except ImportError:
     MODE = "unavailable"
     triton, tl = _stand_in()
 
-_warned = False
+_noted: set[str] = set()
 
 
-def note_fallback() -> None:
-    """Say once per process that the PyTorch reference replaces the missing Triton kernels."""
-    global _warned
-    if not _warned:
-        warnings.warn(MISSING_MESSAGE, RuntimeWarning, stacklevel=3)
-        _warned = True
+def note_fallback(reason: str = MISSING_MESSAGE) -> None:
+    """Say once per process and reason that a PyTorch reference replaces the Triton kernels."""
+    if reason not in _noted:
+        warnings.warn(reason, RuntimeWarning, stacklevel=3)
+        _noted.add(reason)
 
 
 def check_launchable(name: str, x) -> None:

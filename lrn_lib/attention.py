@@ -10,9 +10,6 @@ import torch
 from kernels import runtime
 from lrn_lib.online_softmax import merge_lse
 
-ATTENTION_HEAD_DIMS = (32, 64, 96, 128, 256)
-
-
 def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """Raise a clear TypeError/ValueError unless q, k, v form a valid attention problem.
 
@@ -120,12 +117,14 @@ def flash_attention_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
 
 def flash_attention_backward_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                                     lse: torch.Tensor, do: torch.Tensor, causal: bool = False,
-                                    scale: float | None = None,
-                                    block_n: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                    scale: float | None = None, block_n: int = 64,
+                                    dlse: torch.Tensor | None = None,
+                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The backward pass (4.2) by recomputing P block by block from L; returns (dQ, dK, dV).
 
     Shapes as in flash_attention_blocks; do has o's shape. dK and dV are summed over the
-    query heads that share each key/value head (GQA).
+    query heads that share each key/value head (GQA). dlse (B, H, Nq), optional: the
+    gradient reaching L, which enters as D - dL (4.3).
 
     Defined in chapter 04 (FlashAttention-2).
     """
@@ -138,6 +137,8 @@ def flash_attention_backward_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.T
     k_, v_ = k.to(work).repeat_interleave(group, dim=1), v.to(work).repeat_interleave(group, dim=1)
     lse_safe = torch.where(lse == -float("inf"), torch.zeros_like(lse), lse).to(work)
     delta = (do_ * o_).sum(dim=-1)                                # D = rowsum(dO * O)
+    if dlse is not None:
+        delta = delta - dlse.to(work)                             # D - dL   (4.3)
     visible = causal_visible(n_q, n_k, q.device) if causal else None
     dq = torch.zeros_like(q_)
     dk, dv = torch.zeros_like(k_), torch.zeros_like(v_)
@@ -171,16 +172,18 @@ class FlashAttention(torch.autograd.Function):
         o, lse = flash_attention_forward(q, k, v, causal, scale)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.causal, ctx.scale = causal, scale
-        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
         return o, lse
 
     @staticmethod
-    def backward(ctx, do: torch.Tensor, _dlse: torch.Tensor):
-        """dQ, dK, dV from flash_attention_backward; None for causal and scale."""
+    def backward(ctx, do: torch.Tensor | None, dlse: torch.Tensor | None):
+        """dQ, dK, dV from flash_attention_backward, with L's gradient by (4.3); None for causal and scale."""
         from kernels.flash_attention import flash_attention_backward
 
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = flash_attention_backward(q, k, v, o, lse, do, ctx.causal, ctx.scale)
+        do = torch.zeros_like(o) if do is None else do
+        dq, dk, dv = flash_attention_backward(q, k, v, o, lse, do.to(o.dtype), ctx.causal, ctx.scale,
+                                              dlse=None if dlse is None else dlse.float())
         return dq, dk, dv, None, None
 
 
@@ -189,8 +192,29 @@ def kernel_can_run(q: torch.Tensor) -> bool:
 
     Defined in chapter 04 (FlashAttention-2).
     """
+    from kernels.flash_attention import MAX_HEAD_DIM
+
     return (runtime.MODE == "compiled" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-            and q.shape[-1] in ATTENTION_HEAD_DIMS)
+            and q.shape[-1] <= MAX_HEAD_DIM)
+
+
+def _note_cuda_fallback(q: torch.Tensor) -> None:
+    """Warn once when a 16-bit CUDA attention runs the block loop because the kernels cannot run.
+
+    Defined in chapter 04 (FlashAttention-2).
+    """
+    from kernels.flash_attention import MAX_HEAD_DIM
+
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        return
+    if runtime.MODE == "unavailable":
+        runtime.note_fallback()
+    elif runtime.MODE == "interpreted":
+        runtime.note_fallback("TRITON_INTERPRET=1 on a CUDA machine: flash_attention runs the PyTorch "
+                              "block loop, not the compiled kernels")
+    elif q.shape[-1] > MAX_HEAD_DIM:
+        runtime.note_fallback(f"head_dim {q.shape[-1]} > {MAX_HEAD_DIM}: flash_attention runs the PyTorch "
+                              "block loop, not the kernels")
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
@@ -207,5 +231,6 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     if kernel_can_run(q):
         o, lse = FlashAttention.apply(q, k, v, causal, scale)
     else:
+        _note_cuda_fallback(q)
         o, lse = flash_attention_blocks(q, k, v, causal, scale)
     return (o, lse) if return_lse else o

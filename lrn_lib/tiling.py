@@ -80,35 +80,7 @@ def attainable_flops(intensity: float, ceilings: Ceilings) -> float:
     return min(ceilings.peak_flops, intensity * ceilings.bandwidth)
 
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def check_matmul_operands(a: torch.Tensor, b: torch.Tensor, dtypes=FLOAT_DTYPES) -> tuple[int, int, int]:
-    """Validate the operands of a @ b and return (M, N, K).
-
-    a: (M, K), b: (K, N), both non-empty 2-D tensors of one dtype from ``dtypes`` on one
-    device. Raises TypeError (not a tensor, wrong dtype) or ValueError (not 2-D, empty,
-    inner dimensions or devices differ); each message names the argument.
-
-    Defined in chapter 03 (Tiling).
-    """
-    names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-    for name, x in (("a", a), ("b", b)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype not in dtypes:
-            raise TypeError(f"{name} has dtype {x.dtype}; matmul takes {names}")
-        if x.dim() != 2:
-            raise ValueError(f"{name} has shape {tuple(x.shape)}; matmul needs a 2-D matrix")
-        if x.numel() == 0:
-            raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); matmul needs non-empty matrices")
-    if b.dtype != a.dtype:
-        raise TypeError(f"b has dtype {b.dtype} but a has {a.dtype}; they must match")
-    if b.device != a.device:
-        raise ValueError(f"b is on {b.device} but a is on {a.device}; they must share a device")
-    if a.shape[1] != b.shape[0]:
-        raise ValueError(f"inner dimensions differ: a has {a.shape[1]} columns but b has {b.shape[0]} rows")
-    return a.shape[0], b.shape[1], a.shape[1]
+from kernels.matmul import check_matmul_operands
 
 
 def tiled_matmul(a: torch.Tensor, b: torch.Tensor, block_m: int = 32, block_n: int = 32,

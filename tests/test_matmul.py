@@ -174,6 +174,41 @@ def test_kernel_rejects_an_incomplete_config():
         matmul(a, b, config={"BLOCK_M": 16, "BLOCK_N": 16})
 
 
+@pytest.mark.parametrize("bad, error, words", [
+    ({"GROUP_M": 0}, ValueError, "GROUP_M"), ({"GROUP_M": -3}, ValueError, "GROUP_M"),
+    ({"BLOCK_M": 48}, ValueError, "BLOCK_M"), ({"BLOCK_K": 8}, ValueError, "BLOCK_K"),
+    ({"BLOCK_N": 512}, ValueError, "BLOCK_N"), ({"BLOCK_M": 32.0}, TypeError, "BLOCK_M"),
+    ({"GROUP_M": True}, TypeError, "GROUP_M"), ({"num_warps": 3}, ValueError, "num_warps"),
+    ({"num_stages": 0}, ValueError, "num_stages"), ({"BLOCKM": 32}, ValueError, "unknown keys"),
+])
+def test_kernel_rejects_config_values_it_cannot_run_before_launching(bad, error, words):
+    from kernels.matmul import matmul
+
+    a, b = operands(2, 3, 4, torch.float32, kernel_device())
+    config = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 1, **bad}
+    with pytest.raises(error, match=words):
+        matmul(a, b, config=config)
+
+
+def test_kernels_package_imports_nothing_from_lrn_lib_but_infrastructure():
+    import ast
+    from pathlib import Path
+
+    from lrn_lib.book import load_book
+
+    book = load_book()
+    root = Path(__file__).resolve().parent.parent / "kernels"
+    for path in root.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [f"{node.module}.{a.name}" for a in node.names] if isinstance(node, ast.ImportFrom)
+                     else [])
+            for name in names:
+                if name.startswith("lrn_lib"):
+                    assert any(name == m or name.startswith(m + ".") for m in book.infrastructure), \
+                        f"{path.name} imports {name}"
+
+
 # ------------------------------------------------------------------ kernel, interpreter on CPU
 
 @needs_triton
