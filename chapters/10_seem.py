@@ -42,7 +42,7 @@
 # * 10.1 segmentation tasks, from semantic to promptable, and what SEEM adds;
 # * 10.2 the data set: scenes of overlapping colored shapes with masks, classes and phrases;
 # * 10.3 simulated user prompts (points, boxes, scribbles, masks, text, corrective clicks) and
-#   the metrics (IoU, clicks to reach a target IoU, NoC@85);
+#   the metrics (IoU, clicks to reach a target IoU, NoC@85) and two color-only baselines;
 # * 10.4 the encoders: a small image encoder with a pixel decoder, and a text encoder;
 # * 10.5 the visual sampler, which turns any visual prompt into image features;
 # * 10.6 the queries and the attention mask that keeps the tasks apart (the paper's Figure 3b);
@@ -50,7 +50,8 @@
 # * 10.8 Hungarian matching and the losses;
 # * 10.9 training;
 # * 10.10 results: IoU by prompt type, interactive rounds, prompt-free panoptic output;
-# * 10.11 summary: what the paper has that this scale leaves out.
+# * 10.11 is it real? SEEM against color-fill baselines on every prompt, with intervals;
+# * 10.12 summary: what the paper has that this scale leaves out.
 
 # %%
 import time
@@ -60,7 +61,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from lrn_lib import config
+from lrn_lib import config, profile_results
 
 config.seed_everything(0)
 torch.set_printoptions(precision=4, sci_mode=False)
@@ -130,6 +131,16 @@ print(config.describe())
 #   class) pair occurs at most once, so the phrase "the red triangle" names exactly one
 #   object; colors and classes do repeat, so a model needs *both* words;
 # * objects painted in order, later ones on top.
+#
+# In that **easy world** every object is one flat color, and section 10.3 shows that a
+# flood fill of the clicked color already finds an object after one click, so a model could
+# look good there without learning anything color does not give. The chapter therefore
+# trains and evaluates on a **harder world**, three parameters of the same generator (all 0
+# for the easy world): `same_color`, the chance that an object takes the color of an
+# earlier one (with another class) and is placed against it, so that color alone merges the
+# two; `texture`, stripes that scale an object's brightness by up to $\pm 25\%$, so its
+# pixels are not one color; and `jitter`, a small per-object shift of its color, so the
+# color word names a range, not a value.
 #
 # The mask of object $i$ is what stays **visible** of its full shape $S_i$:
 #
@@ -256,12 +267,18 @@ def _background(generator: torch.Generator, size: int, clutter: bool) -> torch.T
 
 
 def make_scene(generator: torch.Generator, size: int = 64, min_objects: int = 2, max_objects: int = 4,
-               noise: float = 0.05, clutter: bool = True, min_pixels: int = 20) -> Scene:
+               noise: float = 0.05, clutter: bool = True, min_pixels: int = 20, same_color: float = 0.0,
+               texture: float = 0.0, jitter: float = 0.0) -> Scene:
     """Draw one Scene of size x size pixels with min_objects..max_objects objects (see Scene for shapes).
 
     Objects are painted in order; each visible mask (10.1) keeps >= min_pixels pixels and at least
     MIN_VISIBLE_FRACTION of its in-frame area, else the object is redrawn. Each (color, class) pair occurs
     at most once. Pixel noise: Gaussian with std `noise`, then clamped to [0, 1]. Deterministic given generator.
+    The harder world (all three 0 by default, which draws exactly the scenes of the easy world):
+    same_color, the probability that an object after the first takes the color of an earlier one (with
+    another class) and is placed against it; texture, the amplitude of a stripe pattern that scales each
+    object's brightness by 1 + texture * sin(...) (random period 3-6 px, angle, phase per object);
+    jitter, the std of a per-object offset to its RGB color.
     """
     _check_generator(generator)
     _check_int(size, "size", 16)
@@ -274,22 +291,38 @@ def make_scene(generator: torch.Generator, size: int = 64, min_objects: int = 2,
     if not isinstance(clutter, bool):
         raise TypeError(f"clutter must be a bool, got {type(clutter).__name__}")
     _check_int(min_pixels, "min_pixels", 1)
+    for name, value in (("same_color", same_color), ("texture", texture), ("jitter", jitter)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    n_cls = len(CLASSES)
     for _ in range(50):
         n = int(torch.randint(min_objects, max_objects + 1, (1,), generator=generator))
         pairs = torch.randperm(len(CLASSES) * len(COLOR_NAMES), generator=generator)[:n].tolist()
+        partner = [-1] * n                                         # the earlier object a same-color one touches
+        for i in range(1, n if same_color > 0 else 0):
+            j, u = int(torch.randint(i, (1,), generator=generator)), float(torch.rand((), generator=generator))
+            free = [pairs[j] // n_cls * n_cls + k for k in range(n_cls) if pairs[j] // n_cls * n_cls + k not in pairs]
+            if u < same_color and free:
+                pairs[i], partner[i] = free[int(torch.randint(len(free), (1,), generator=generator))], j
         label = torch.full((size, size), -1, dtype=torch.long)     # which object owns each pixel
         areas: list[int] = []
+        placed: list[tuple[float, float, float]] = []               # (center y, center x, scale) in pixels
         for i in range(n):
             for _ in range(30):
                 cy, cx, sc, ang = torch.rand(4, generator=generator).tolist()
-                full = _shape(pairs[i] % len(CLASSES), size * (0.15 + 0.7 * cy), size * (0.15 + 0.7 * cx),
-                              size * (0.10 + 0.09 * sc), math.pi * ang, size)
+                y, x, r = size * (0.15 + 0.7 * cy), size * (0.15 + 0.7 * cx), size * (0.10 + 0.09 * sc)
+                if partner[i] >= 0:                                # against its partner, in direction 2 pi cy
+                    py, px, pr = placed[partner[i]]
+                    y = min(max(py + (r + pr) * math.sin(2 * math.pi * cy), 0.1 * size), 0.9 * size)
+                    x = min(max(px + (r + pr) * math.cos(2 * math.pi * cy), 0.1 * size), 0.9 * size)
+                full = _shape(pairs[i] % n_cls, y, x, r, math.pi * ang, size)
                 trial = torch.where(full, i, label)                     # paint on top: (10.1)
                 visible = torch.bincount(trial.flatten() + 1, minlength=i + 2)[1:]
                 need = torch.tensor([*areas, int(full.sum())]).float() * MIN_VISIBLE_FRACTION
                 if bool((visible >= min_pixels).all()) and bool((visible >= need).all()):
                     label = trial
                     areas.append(int(full.sum()))
+                    placed.append((y, x, r))
                     break
             else:
                 break
@@ -302,7 +335,18 @@ def make_scene(generator: torch.Generator, size: int = 64, min_objects: int = 2,
     colors = torch.tensor([p // len(CLASSES) for p in pairs], dtype=torch.int64)
     masks = label[None] == torch.arange(n)[:, None, None]                    # (N, H, W), disjoint
     bg = _background(generator, size, clutter)
-    image = torch.where(label[None] >= 0, COLORS[colors][label.clamp_min(0)].permute(2, 0, 1), bg[None])
+    paint = COLORS[colors]                                                   # (N, 3) RGB per object
+    if jitter > 0:
+        paint = (paint + jitter * torch.randn(n, 3, generator=generator)).clamp(0.0, 1.0)
+    owner = label.clamp_min(0)
+    fill = paint[owner].permute(2, 0, 1)                                     # (3, H, W)
+    if texture > 0:                                                          # stripes, one pattern per object
+        ys, xs = _grid(size)
+        period, angle, phase = (torch.rand(n, 3, generator=generator) * torch.tensor([3.0, math.pi, 2 * math.pi])).T
+        wave = torch.sin(2 * math.pi * (xs[None] * angle.cos()[:, None, None] + ys[None] * angle.sin()[:, None, None])
+                         / (3.0 + period)[:, None, None] + phase[:, None, None])        # (N, H, W)
+        fill = fill * (1 + texture * wave.gather(0, owner[None]))
+    image = torch.where(label[None] >= 0, fill, bg[None])
     image = (image + noise * torch.randn(3, size, size, generator=generator)).clamp(0.0, 1.0)
     texts = [f"the {COLOR_NAMES[c]} {CLASSES[k]}" for c, k in zip(colors.tolist(), classes.tolist())]
     return Scene(image.float(), masks, classes, colors, texts)
@@ -366,8 +410,9 @@ from lrn_lib.shapes import (CLASSES, COLOR_NAMES, COLORS, TEXT_VOCAB, box_from_m
                             encode_text, make_scene, make_scenes, mask_iou, next_click, overlay_masks,
                             point_mask, sample_point, sample_scribble)
 
+WORLD = dict(same_color=0.5, texture=0.25, jitter=0.05)      # the harder world, used from here on
 gen = torch.Generator().manual_seed(0)
-demo_scenes = make_scenes(4, gen)
+demo_scenes = make_scenes(4, gen, **WORLD)
 fig, axes = plt.subplots(2, 4, figsize=(10, 5.6))
 for j, sc in enumerate(demo_scenes):
     axes[0, j].imshow(sc.image.permute(1, 2, 0).numpy())
@@ -382,8 +427,9 @@ plt.show()
 
 # %% [markdown]
 # The tensors of one scene, and the checks that make the labels trustworthy: the masks are
-# disjoint, each has at least `min_pixels` pixels, and the pixels under a mask have the
-# color its phrase names, up to the noise. With `noise=0` they are exactly that color.
+# disjoint, each has at least `min_pixels` pixels, and in the easy world with `noise=0` the
+# pixels under a mask are exactly the color its phrase names (the harder world then moves
+# them by texture and jitter, on purpose).
 
 # %%
 sc = demo_scenes[0]
@@ -402,7 +448,7 @@ print("noise-free pixels under each mask equal the named color exactly:",
 # %%
 # NBVAL_IGNORE_OUTPUT
 t0 = time.perf_counter()
-bulk = make_scenes(1000, torch.Generator().manual_seed(1))
+bulk = make_scenes(1000, torch.Generator().manual_seed(1), **WORLD)
 gen_seconds = time.perf_counter() - t0
 print(f"1000 scenes of 64 x 64 in {gen_seconds:.2f} s")
 
@@ -421,16 +467,21 @@ print("median visible pixels per object between 100 and 400:", 100 < sizes.media
 
 # %% [markdown]
 # Occlusion is what makes the masks more than the shapes: where two objects touch, there is
-# no background between them, and a model has to separate them by color and shape. We count
-# the scenes where some pair of masks shares an edge.
+# no background between them, and a model has to separate them by color and shape; where
+# they also share a color, by shape alone. We count the scenes where some pair of masks
+# shares an edge, and where a pair of the same color does.
 
 # %%
-touching = 0
+touching = same_touching = 0
 for s in bulk:
-    grown = torch.from_numpy(ndimage.binary_dilation(s.masks.numpy(), structure=np.ones((1, 3, 3), bool)))
-    touching += bool(((grown.int().sum(0) >= 2) & s.masks.any(0)).any())
-print("share of scenes with touching objects:", round(touching / len(bulk), 2))
+    grown = ndimage.binary_dilation(s.masks.numpy(), structure=np.ones((1, 3, 3), bool))
+    touching += bool(((grown.sum(0) >= 2) & s.masks.any(0).numpy()).any())
+    same_touching += any(int(s.colors[i]) == int(s.colors[j]) and bool((grown[i] & s.masks[j].numpy()).any())
+                         for i in range(len(s.texts)) for j in range(i + 1, len(s.texts)))
+print("share of scenes with touching objects:", round(touching / len(bulk), 2),
+      "| with touching objects of one color:", round(same_touching / len(bulk), 2))
 print("at least one scene in five has touching objects:", touching / len(bulk) > 0.2)
+print("at least one scene in five has two touching objects of one color:", same_touching / len(bulk) > 0.2)
 
 # %% [markdown]
 # ## 10.3 Simulated user prompts and the metrics
@@ -608,7 +659,7 @@ def clicks_to_reach(ious: Sequence[float], threshold: float = 0.85) -> int:
 
 # %%
 gen = torch.Generator().manual_seed(6)
-sc = make_scene(gen, min_objects=3)
+sc = make_scene(gen, min_objects=3, **WORLD)
 obj = int(sc.masks.sum((1, 2)).argmax())          # the largest object
 target = sc.masks[obj]
 click = sample_point(target, gen)
@@ -644,8 +695,8 @@ print("box covers the object and more:", bool((target <= prompts["box"]).all()),
 # which is 1 for a perfect mask and 0 for a disjoint one. Two empty masks have an empty
 # union; we define their IoU as 1 (they agree), which only matters for degenerate cases. For
 # a feel of the scale, score each prompt of the figure above as if it were the answer: a click
-# or a scribble covers a few percent of the object, and the box of a triangle is about twice
-# the triangle's area, so IoU about one half.
+# or a scribble covers a few percent of the object, and a box adds the background around it
+# (for a triangle or a tilted bar the box is about twice the object's area, IoU about one half).
 
 # %%
 for name, pm in prompts.items():
@@ -774,10 +825,12 @@ def interactive_curve(model, image: torch.Tensor, goal: torch.Tensor, budget: in
 
 
 BUDGET = 20
-held_out = make_scenes(40, torch.Generator().manual_seed(2))
+held_out = make_scenes(40, torch.Generator().manual_seed(2), **WORLD)
+easy_world = make_scenes(40, torch.Generator().manual_seed(2))
 baselines = {}
-for name, model in (("disc painter", disc_painter), ("color fill", color_fill)):
-    curves = [interactive_curve(model, s.image, goal, BUDGET) for s in held_out for goal in s.masks]
+for name, model, scenes in (("disc painter", disc_painter, held_out), ("color fill", color_fill, held_out),
+                            ("color fill, easy world", color_fill, easy_world)):
+    curves = [interactive_curve(model, s.image, goal, BUDGET) for s in scenes for goal in s.masks]
     baselines[name] = (torch.tensor(curves), [clicks_to_reach(c, 0.85) for c in curves])
 fig, ax = plt.subplots(figsize=(5.5, 3.2))
 for name, (curves_t, _) in baselines.items():
@@ -799,19 +852,25 @@ for name, (curves_t, nocs) in baselines.items():
 disc_curves, disc_nocs = baselines["disc painter"]
 fill_curves, fill_nocs = baselines["color fill"]
 print("the disc painter stays below 85% mean IoU after 20 clicks:", disc_curves[:, -1].mean().item() < 0.85)
-print("the color fill is above 80% mean IoU after one click:", fill_curves[:, 0].mean().item() > 0.8)
+easy_curves = baselines["color fill, easy world"][0]
+print("in the easy world the color fill is above 85% mean IoU after one click:", easy_curves[:, 0].mean().item() > 0.85)
+print("in the harder world it is below 70% after one click:", fill_curves[:, 0].mean().item() < 0.7)
+print("... and corrective clicks raise it by more than 0.1 over 20 clicks:",
+      fill_curves[:, -1].mean().item() > fill_curves[:, 0].mean().item() + 0.1)
 print("the color fill misses 85% within 20 clicks on some objects:", sum(n > BUDGET for n in fill_nocs) > 0)
 print("clicks_to_reach on hand-made curves:", clicks_to_reach([0.5, 0.9]), clicks_to_reach([0.9]),
       clicks_to_reach([0.5, 0.6], 0.85))
 
 # %% [markdown]
 # The painter stalls: it cannot draw a boundary finer than its discs, so clicks keep landing
-# in the same slivers. The color fill shows how much of this world is solved by color alone:
-# one click and it is mostly done. Where it fails tells us what a learned model must add:
-# two touching objects of the same color merge into one fill, noise leaves holes at the
-# tolerance's edge, and color says nothing about the *class* or about a text prompt. The
-# model of sections 10.4-10.7 has to match the fill on clicks and go beyond it on those; 10.10
-# puts its curve next to these two.
+# in the same slivers. The color fill shows how much of the *easy* world is solved by color
+# alone: one click and it is mostly done, which is why the chapter does not train there. In
+# the harder world it fails the ways a learned model must not: two touching objects of the
+# same color merge into one fill, stripes darker or brighter than the clicked pixel fall
+# outside the tolerance, and color says nothing about the *class* or about a text prompt.
+# Each corrective click then adds a piece (another stripe) or cuts one, so its curve rises
+# with clicks. Section 10.11 puts the trained model next to this fill, and next to fills
+# seeded by every other kind of prompt.
 
 # %% [markdown]
 # ## 10.4 The encoders
@@ -1233,9 +1292,15 @@ for h, w in ((H, W), (H // 2, W // 2)):
 # 3. **memory tokens see only memory tokens**, so they summarize the previous mask and
 #    nothing else (section 10.7).
 #
-# The reference configuration differs in one cell: its text tokens may also read the
-# grounding queries. We keep every token kind to itself, which makes claim 3 hold for all of
-# them alike. Padding tokens (a point prompt has 5 pixels, fewer than $K = 8$; a prompt with
+# The reference code (the `SELF_ATTENTION` table of SEEM's decoder) is organized
+# differently. It has separate query sets per prompt type, copies of the object queries:
+# *grounding* queries for text, which see themselves and the text tokens but never a visual
+# or memory token, and *spatial* queries for visual prompts, which see themselves, the
+# visual tokens and the memory tokens but never text; its text tokens may also read the
+# grounding queries, while visual tokens see only visual tokens and memory only memory. Our
+# single prompt query that reads every kind of token is our simplification, which lets one
+# query answer a click and a phrase together (composition); and we keep every token kind to
+# itself, which makes claim 3 hold for all of them alike. Padding tokens (a point prompt has 5 pixels, fewer than $K = 8$; a prompt with
 # no phrase has no text) are blocked as keys. Every row may always attend to itself, so no row is left
 # with nothing to attend to.
 #
@@ -2079,7 +2144,7 @@ def answer_masks(model: SEEM, images: torch.Tensor, prompts: Prompts,
 # %% [markdown]
 # The training loop: batches of 16 scenes, two prompts each; a second-round batch costs one
 # extra forward pass without gradients. On the CPU profile the model (0.6 M parameters)
-# trains for about four minutes; the GPU profile trains a wider and deeper decoder (width
+# trains in about two minutes on two free cores (the time is printed below); the GPU profile trains a wider and deeper decoder (width
 # 128, 6 layers) on more scenes for more steps.
 
 # %%
@@ -2092,7 +2157,7 @@ loss_weights = LossWeights(cls=5.0)                       # Mask2Former's class 
 train_cfg = config.pick(cpu=SeemConfig(), gpu=SeemConfig(dim=128, n_heads=8, n_layers=6, stem_dim=64, ffn_dim=256))
 data_gen = torch.Generator().manual_seed(100)
 t0 = time.perf_counter()
-train_scenes = make_scenes(TRAIN_SCENES, data_gen)
+train_scenes = make_scenes(TRAIN_SCENES, data_gen, **WORLD)
 scene_seconds = time.perf_counter() - t0
 
 torch.manual_seed(0)
@@ -2157,8 +2222,8 @@ print("the training loss fell by more than half:",
 # %% [markdown]
 # ## 10.10 Results
 #
-# Everything below is measured on 200 held-out scenes, drawn with a generator the training
-# never used. The IoU of a predicted mask $\hat M$ with the target $M$ is (10.2),
+# Everything below is measured on 200 held-out scenes of the harder world, drawn with a
+# generator the training never used. The IoU of a predicted mask $\hat M$ with the target $M$ is (10.2),
 # $|\hat M \cap M| / |\hat M \cup M|$.
 #
 # **IoU by prompt type.** One object per scene, the same objects for every prompt type, one
@@ -2169,7 +2234,7 @@ print("the training loss fell by more than half:",
 from lrn_lib.shapes import clicks_to_reach, mask_iou, overlay_masks
 
 eval_gen = torch.Generator().manual_seed(200)
-held_out = make_scenes(200, eval_gen)
+held_out = make_scenes(200, eval_gen, **WORLD)
 eval_images = torch.stack([s.image for s in held_out]).to(config.DEVICE)
 eval_objects = torch.stack([torch.randint(len(s.texts), (1,), generator=eval_gen) for s in held_out])
 eval_classes, eval_masks = prompt_targets(held_out, eval_objects)
@@ -2189,31 +2254,34 @@ for kind in PROMPT_KINDS:
     print(f"{kind:>11}: mean IoU {iou_by_kind[kind]:.3f} | class of the answer right {class_acc[kind]:.2f}")
 
 # %%
-print("every visual prompt (point, box, scribble, mask) reaches a mean IoU above 0.7:",
-      all(iou_by_kind[k] > 0.7 for k in ("point", "box", "scribble", "mask")))
+print("every visual prompt (point, box, scribble, mask) reaches a mean IoU above 0.6:",
+      all(iou_by_kind[k] > 0.6 for k in ("point", "box", "scribble", "mask")))
 print("a phrase alone reaches a mean IoU above 0.5:", iou_by_kind["text"] > 0.5)
-print("adding a click to the phrase raises the IoU by more than 0.05:", iou_by_kind["point+text"] > iou_by_kind["text"] + 0.05)
+print("adding a click to the phrase raises the IoU:", iou_by_kind["point+text"] > iou_by_kind["text"])
+print("the answers to visual prompts are named right more often than chance (25%) plus 20 points:",
+      min(class_acc[k] for k in ("point", "box", "scribble", "mask")) > 0.45)
 print("an answer to a phrase gets the right class more than 90% of the time:", class_acc["text"] > 0.9)
 
 # %% [markdown]
 # Every kind of prompt works through the one sampler, scribbles and rough masks included.
-# In our runs the four visual prompts land between 0.75 and 0.85 mean IoU and the phrase
-# alone at about 0.65:
-# a phrase names the object, but the model must then find it among up to four shapes, and
-# it is the weaker reader of shapes (next paragraph). Composition helps: the phrase plus a
-# click is close to the click alone and far above the phrase alone.
+# In the harder world the four visual prompts land between 0.66 and 0.69 mean IoU and the
+# phrase alone at 0.61: a phrase names the object, but the model must then find it among up
+# to four shapes, and it is the weaker reader of shapes (next paragraph). Composition: the
+# phrase plus a click (0.68) is above the phrase alone and about level with the click alone
+# (0.66); the two prompts do not add up to more than the better of them. Whether any of this
+# is more than color would give is section 10.11's question.
 #
 # The class column is SEEM's semantic awareness: every answer comes with a class, whatever
 # the prompt. A prompt with a phrase gets its class right essentially always (the class word
 # is in the prompt); for visual prompts the class must come from the pixels under the mask,
-# and after our short run it is right between about a third and 70% of the time, depending
-# on the run (chance is 25%; see 10.9). Telling a square from a circle 10 pixels wide,
-# often partly hidden, needs shape features, which the mask losses never ask for: color is
-# enough to segment. The class loss is still falling at the end of training, and the GPU
-# profile trains longer: on one H200 its 3.2 M-parameter model, trained on three times as many
-# images, names the answers to visual prompts right 93 to 97% of the time, with mean IoUs of
-# 0.85 to 0.88 for the visual prompts and 0.79 for the phrase alone (the whole run is in
-# `benchmarks/results/chapter10_gpu_profile_*`).
+# and after our short run it is right 70 to 73% of the time (chance is 25%; in the runs of
+# 10.9 it varied between about a third and 70%). Telling a square from a circle 10 pixels
+# wide, often partly hidden, needs shape features, which the mask losses ask for only where
+# color fails. The class loss is still falling at the end of training, and the GPU profile
+# trains longer: in the easy world of an earlier version of this chapter, its 3.2 M-parameter
+# model, trained on three times as many images, named the answers to visual prompts right
+# 93 to 97% of the time, with mean IoUs of 0.85 to 0.88 for the visual prompts and 0.79 for
+# the phrase alone (`benchmarks/results/chapter10_gpu_profile_NVIDIA_H200_2026-12-02.txt`).
 #
 # **Interactive rounds.** Start from one click at the centre of the object (the deepest
 # point of the whole object: `next_click` against an empty prediction), then keep adding
@@ -2261,14 +2329,14 @@ plt.tight_layout()
 plt.show()
 
 # %%
-print("with memory, the mean IoU after 8 clicks is above 0.75:", curves["with memory"][:, -1].mean().item() > 0.75)
-print("more than half of the objects reach IoU 0.85 within 8 clicks:",
-      np.mean([n <= N_CLICKS for n in noc["with memory"]]) > 0.5)
+print("with memory, the mean IoU after 8 clicks is above 0.6:", curves["with memory"][:, -1].mean().item() > 0.6)
+print("the curve is flat: 8 clicks move the mean IoU by less than 0.05:",
+      abs(curves["with memory"][:, -1].mean().item() - curves["with memory"][:, 0].mean().item()) < 0.05)
 
 # %% [markdown]
 # At this scale the interactive loop is the weak point: the curves are flat after the first
-# click, and the memory prompt changes nothing. Most objects are above 0.85 after one click,
-# so their NoC@85 is 1; what happens to the others? We look at the second click of the
+# click, the memory prompt changes nothing, and 56% of the objects never reach 0.85 in 8
+# clicks. What goes wrong? We look at the second click of the
 # session without memory: is it negative (the answer covers too much), does its own
 # pixel leave the answer after it, and does it sit on another object, of the same color or not?
 
@@ -2298,24 +2366,28 @@ print("most second clicks are negative:", negative.float().mean().item() > 0.5)
 print("most false-alarm pixels after one click lie on other objects:", false_alarm_share > 0.5)
 
 # %% [markdown]
-# The failure is one thing: after the first click the answer also covers (part of) a
-# *neighbouring object*, nearly all of its false-alarm pixels lie on other objects, and the
-# corrective click is a negative click there. The model has not learned to use it: in most
-# cases the clicked pixel itself is still in the next answer. To carve a neighbour out, the
+# After the first click the answer spills over: 95% of its false-alarm pixels lie on other
+# objects, and for 82% of the objects the second click is a negative one. Only 65% of those
+# negative clicks land on another object, though (the rest fall on background the answer
+# swallowed, between and around objects, where the error region is deepest). Wherever it
+# lands, the model has not learned to use it: 99% of the clicked pixels are still in the
+# next answer. To carve a neighbour out, the
 # prompt query must turn the negative tokens' features (the neighbour's $E$, read by the
 # sampler) into a mask embedding that scores the neighbour below zero and the target above,
 # and negative clicks are a small part of training: only the second-round half of the
 # batches has corrective clicks at all, and only where the first answer swallowed a
-# neighbour are they negative and informative. We tried, on the CPU budget, more
+# neighbour are they negative and informative. In the easy world of an earlier version of
+# this chapter we tried, on the CPU budget, more
 # second-round batches (3 in 4), up to three simulated rounds before the trained one, and
 # a fixed sine position encoding added to $E$ (so a click's token carries its place and a
 # mask can dip around it): none moved the curve after the first click by more than 0.01.
 # The memory prompt summarizes the previous mask, which here includes the neighbour, so it
 # cannot help either. The paper's clicks and memory work on top of a far larger $E$ trained
-# far longer. The GPU profile's longer training does not change the picture: on one H200 its
-# mean IoU goes from 0.884 after one click to 0.894 after eight, with memory or without, and
-# 94% of the negative second clicks are still inside the next answer. Exercise 3 measures what
-# the memory prompt is worth.
+# far longer. In that easy world the GPU profile's longer training did not change the picture
+# either: on one H200 its mean IoU went from 0.884 after one click to 0.894 after eight, with
+# memory or without, and 94% of the negative second clicks stayed inside the next answer
+# (`benchmarks/results/chapter10_gpu_profile_NVIDIA_H200_2026-12-02.txt`). Exercise 3
+# measures what the memory prompt is worth.
 
 # %% [markdown]
 # **No prompt: panoptic-style output.** With no prompt, only the object queries run. Each
@@ -2326,15 +2398,82 @@ print("most false-alarm pixels after one click lie on other objects:", false_ala
 # 0.25; a query that ends up owning less than 80% of its own mask (a duplicate of another
 # query's object) is dropped, as in Mask2Former. (Mask2Former keeps a query when its best *class* probability is high; at our scale
 # the class is the weakest output, as we will see, and that rule would throw away masks the
-# model has found.) We score the result with panoptic quality (Kirillov et al. 2019): a
-# predicted and a true segment match when their IoU exceeds 0.5 and their classes agree
-# (then each has at most one match), and
+# model has found.) We score the result with panoptic quality (Kirillov et al. 2019). A
+# predicted and a true segment match when their classes agree and their IoU exceeds 0.5;
+# since the segments of each side are disjoint, a segment then has at most one match. For
+# each class $c$, counted over all images, the matches are its true positives $\text{TP}_c$,
+# the unmatched predictions of class $c$ its false positives, the unmatched true segments
+# its false negatives, and
 #
-# $$\text{PQ} = \frac{\sum_{\text{matches}} \text{IoU}}{|\text{TP}| + \frac12 |\text{FP}| + \frac12 |\text{FN}|}$$
+# $$\text{PQ}_c = \frac{\sum_{(p, g) \in \text{TP}_c} \text{IoU}(p, g)}{|\text{TP}_c| + \frac12 |\text{FP}_c| + \frac12 |\text{FN}_c|}
+#   = \underbrace{\frac{\sum_{\text{TP}_c} \text{IoU}}{|\text{TP}_c|}}_{\text{SQ}_c}\;
+#     \underbrace{\frac{|\text{TP}_c|}{|\text{TP}_c| + \frac12 |\text{FP}_c| + \frac12 |\text{FN}_c|}}_{\text{RQ}_c},
+#   \qquad \text{PQ} = \frac{1}{|\mathcal C|} \sum_{c \in \mathcal C} \text{PQ}_c \qquad (10.16)$$
 #
-# the mean IoU of the matches times an F1-like recognition score. We compute it twice: as
-# defined, and class-agnostic (classes ignored), which separates *finding* the objects from
-# *naming* them.
+# the mean over the classes $\mathcal C$ that occur (in the predictions or the truth). The
+# mean is over classes, not segments: a rare class weighs as much as a common one, and a
+# class the model never names right scores 0 however well its masks fit. We compute it
+# twice: as defined, and class-agnostic (all segments given one class), which separates
+# *finding* the objects from *naming* them. `panoptic_quality` is exported to `lrn_lib.seem`.
+
+# %%
+#| export lrn_lib.seem
+def _check_segments(masks: list[torch.Tensor], classes: list[torch.Tensor], name: str) -> None:
+    """Raise TypeError/ValueError unless masks[i] (N_i, H, W) bool, pairwise disjoint, and classes[i] (N_i,) int64."""
+    if not isinstance(masks, (list, tuple)) or not isinstance(classes, (list, tuple)):
+        raise TypeError(f"{name}_masks and {name}_classes must be lists with one tensor per image")
+    if len(masks) != len(classes):
+        raise ValueError(f"{name}_masks has {len(masks)} images, {name}_classes {len(classes)}")
+    for i, (m, c) in enumerate(zip(masks, classes)):
+        _check_tensor(m, f"{name}_masks[{i}]", dims=3, dtype=torch.bool)
+        _check_tensor(c, f"{name}_classes[{i}]", dims=1, dtype=torch.int64)
+        if c.shape[0] != m.shape[0]:
+            raise ValueError(f"{name}_classes[{i}] has {c.shape[0]} entries for {m.shape[0]} masks")
+        if bool((m.sum(0) > 1).any()):
+            raise ValueError(f"{name}_masks[{i}] has overlapping segments: panoptic segments must be disjoint")
+
+
+def panoptic_quality(pred_masks: list[torch.Tensor], pred_classes: list[torch.Tensor],
+                     true_masks: list[torch.Tensor], true_classes: list[torch.Tensor]) -> dict:
+    """(10.16) Panoptic quality (Kirillov et al. 2019): per class over all images, then the mean over classes.
+
+    One entry per image: pred_masks[i] (N_i, H, W) bool and true_masks[i] (M_i, H, W) bool, each set pairwise
+    disjoint; pred_classes[i] (N_i,) and true_classes[i] (M_i,) int64. A predicted and a true segment match when
+    their classes agree and IoU > 0.5 (then the match is unique). Per class c: TP_c matches, FP_c unmatched
+    predictions, FN_c unmatched true segments, PQ_c = sum of matched IoUs / (TP_c + FP_c / 2 + FN_c / 2)
+    = SQ_c * RQ_c. Classes with TP_c + FP_c + FN_c = 0 are left out of the means.
+    Returns {"pq", "sq", "rq": float means over the classes present, "per_class": {c: {"pq", "sq", "rq", "tp",
+    "fp", "fn"}}}. ValueError if there is no segment at all (PQ undefined).
+    """
+    _check_segments(pred_masks, pred_classes, "pred")
+    _check_segments(true_masks, true_classes, "true")
+    if len(pred_masks) != len(true_masks):
+        raise ValueError(f"pred_masks has {len(pred_masks)} images, true_masks {len(true_masks)}")
+    counts: dict[int, list[float]] = {}                      # class -> [sum of matched IoUs, TP, FP, FN]
+    for i, (pm, pc, tm, tc) in enumerate(zip(pred_masks, pred_classes, true_masks, true_classes)):
+        if pm.shape[1:] != tm.shape[1:]:
+            raise ValueError(f"pred_masks[{i}] is {tuple(pm.shape[1:])} but true_masks[{i}] is {tuple(tm.shape[1:])}")
+        p, t = pm.flatten(1).double(), tm.flatten(1).double()
+        inter = p @ t.T                                                      # (N_i, M_i)
+        iou = inter / (p.sum(1)[:, None] + t.sum(1)[None, :] - inter).clamp_min(1.0)
+        match = (iou > 0.5) & (pc[:, None] == tc[None, :])                    # at most one per row and column
+        for c in torch.cat([pc, tc]).unique().tolist():
+            row = counts.setdefault(c, [0.0, 0, 0, 0])
+            hit = match & (pc[:, None] == c)
+            row[0] += float(iou[hit].sum())
+            row[1] += int(hit.sum())
+            row[2] += int(((pc == c) & ~hit.any(1)).sum())
+            row[3] += int(((tc == c) & ~hit.any(0)).sum())
+    if not counts:
+        raise ValueError("there is no segment, predicted or true, in any image: panoptic quality is undefined")
+    per_class = {}
+    for c, (iou_sum, tp, fp, fn) in sorted(counts.items()):
+        sq = iou_sum / tp if tp else 0.0
+        rq = tp / (tp + 0.5 * fp + 0.5 * fn)
+        per_class[c] = {"pq": sq * rq, "sq": sq, "rq": rq, "tp": tp, "fp": fp, "fn": fn}       # (10.16)
+    means = {k: sum(v[k] for v in per_class.values()) / len(per_class) for k in ("pq", "sq", "rq")}
+    return means | {"per_class": per_class}
+
 
 # %%
 with torch.no_grad():
@@ -2351,33 +2490,24 @@ owner = torch.where(survive.gather(1, owner.clamp_min(0).flatten(1)).view_as(own
 keep = survive
 
 
-def panoptic_quality(use_classes):
-    """PQ over the held-out scenes: (PQ, true positives, false positives, false negatives, mean matched IoU)."""
-    tp_iou, fp, fn = [], 0, 0
-    for s, own, lab, kp in zip(held_out, owner, label, keep):
-        segments = [(own == q, int(lab[q])) for q in kp.nonzero()[:, 0].tolist() if bool((own == q).any())]
-        matched = set()
-        for m, c in zip(s.masks, s.classes.tolist()):
-            ious = [mask_iou(seg, m).item() if (sc == c or not use_classes) and j not in matched else 0.0
-                    for j, (seg, sc) in enumerate(segments)]
-            best = int(np.argmax(ious)) if ious else -1
-            if best >= 0 and ious[best] > 0.5:
-                matched.add(best)
-                tp_iou.append(ious[best])
-            else:
-                fn += 1
-        fp += len(segments) - len(matched)
-    return sum(tp_iou) / (len(tp_iou) + 0.5 * fp + 0.5 * fn), len(tp_iou), fp, fn, float(np.mean(tp_iou))
+from lrn_lib.seem import panoptic_quality
 
-
-pq = {"PQ": panoptic_quality(True), "class-agnostic PQ": panoptic_quality(False)}
+segments = [[q for q in kp.nonzero()[:, 0].tolist() if bool((own == q).any())] for own, kp in zip(owner, keep)]
+pred_segments = [torch.stack([own == q for q in qs]) if qs else torch.zeros(0, *own.shape, dtype=torch.bool)
+                 for own, qs in zip(owner, segments)]
+pred_labels = [label[j, qs] if qs else torch.zeros(0, dtype=torch.int64) for j, qs in enumerate(segments)]
+pq = {"PQ": panoptic_quality(pred_segments, pred_labels, [s.masks for s in held_out], [s.classes for s in held_out]),
+      "class-agnostic PQ": panoptic_quality(pred_segments, [torch.zeros_like(c) for c in pred_labels],
+                                            [s.masks for s in held_out], [torch.zeros_like(s.classes) for s in held_out])}
 n_objects = sum(len(s.texts) for s in held_out)
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-for name, (value, tp, fp, fn, miou) in pq.items():
-    print(f"{name:>17} {value:.3f}: {tp} of {n_objects} objects matched (mean IoU {miou:.3f}), "
+for name, r in pq.items():
+    tp, fp = (sum(v[k] for v in r["per_class"].values()) for k in ("tp", "fp"))
+    print(f"{name:>17} {r['pq']:.3f} (SQ {r['sq']:.3f}, RQ {r['rq']:.3f}): {tp} of {n_objects} objects matched, "
           f"{fp} unmatched segments")
+print("PQ per class:", {CLASSES[c]: round(v["pq"], 3) for c, v in pq["PQ"]["per_class"].items()})
 fig, axes = plt.subplots(2, 5, figsize=(11, 4.6))
 for j in range(5):
     s, own = held_out[j], owner[j]
@@ -2394,14 +2524,17 @@ plt.tight_layout()
 plt.show()
 
 # %%
-print("class-agnostic PQ above 0.5:", pq["class-agnostic PQ"][0] > 0.5)
-print("ignoring classes, more than 60% of the objects are found:", pq["class-agnostic PQ"][1] / n_objects > 0.6)
-print("naming costs PQ (PQ below the class-agnostic PQ):", pq["PQ"][0] < pq["class-agnostic PQ"][0])
+found = pq["class-agnostic PQ"]["per_class"][0]["tp"]
+print("class-agnostic PQ above 0.5:", pq["class-agnostic PQ"]["pq"] > 0.5)
+print("ignoring classes, more than half of the objects are found:", found / n_objects > 0.5)
+print("naming costs PQ (PQ below the class-agnostic PQ):", pq["PQ"]["pq"] < pq["class-agnostic PQ"]["pq"])
 
 # %% [markdown]
-# The object queries find most objects with good masks and few false segments (the
-# class-agnostic PQ), and the gap to the real PQ is the class, as for the visual prompts
-# above: in a short run, finding is learned before naming.
+# Ignoring classes, the object queries find 60% of the objects (362 of 606) with
+# well-fitting masks (SQ 0.81) and few false segments; with classes, PQ falls from 0.57 to
+# 0.44, and the per-class values show which shapes are hard to name from pixels: squares
+# (0.26) and triangles (0.39), against circles and bars (0.54 and 0.56). As for the visual
+# prompts above: in a short run, finding is learned before naming.
 
 # %% [markdown]
 # **A gallery.** One held-out scene per row, one prompt type per column: the outline of the
@@ -2437,7 +2570,194 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
-# ## 10.11 Summary, and what the paper has that this chapter leaves out
+# ## 10.11 Is it real? SEEM against color fills, prompt by prompt
+#
+# A skeptic's first question about every number of 10.10: how much of it would a rule that
+# only looks at colors get? Section 10.3's color fill answers clicks; here each prompt type
+# gets its color-only counterpart, at no training cost, on the same 200 held-out objects and
+# the same prompts:
+#
+# * **point**, **scribble**, **point+text**: the color fill seeded at the prompt's pixels (the
+#   connected pixels within the tolerance of their mean color); the phrase adds nothing to
+#   a fill that cannot read a class word;
+# * **box** and **mask** (the *box fill*): the color fill seeded at the prompt's deepest
+#   pixel (its center), kept inside the box or the rough mask;
+# * **text**: the largest connected piece of pixels within the tolerance of the named
+#   color's nominal RGB value (the class word is ignored);
+# * **clicks**: section 10.3's `color_fill`, with the same simulated user as the model.
+#
+# The tolerance is the fill's one knob; we give it the best of four values on training
+# scenes. The intervals are 95% bootstrap intervals over the 200 objects (1000 resamples;
+# a difference is resampled in pairs, the same objects for both sides). Training SEEM
+# several times is too costly on the CPU profile, so the intervals cover the choice of
+# evaluation objects, not the training seed (10.9 describes how much the class accuracy
+# moved between runs).
+
+# %%
+def fill_from(image, seeds, tol, within=None):
+    """Connected pixels within tol (every channel) of the mean color under seeds (H, W) bool, optionally inside within."""
+    similar = (image - image[:, seeds].mean(1)[:, None, None]).abs().amax(0) < tol
+    if within is not None:
+        similar &= within
+    pieces, _ = ndimage.label(similar.numpy())
+    hit = np.unique(pieces[seeds.numpy()])
+    return torch.from_numpy(np.isin(pieces, hit[hit > 0]))
+
+
+def deepest(region):
+    """The deepest pixel of region (H, W) bool as a one-pixel mask."""
+    depth = ndimage.distance_transform_edt(np.pad(region.numpy(), 1))[1:-1, 1:-1]
+    out = torch.zeros_like(region)
+    out.view(-1)[int(depth.argmax())] = True
+    return out
+
+
+def color_baseline(kind, image, prompt, color, tol):
+    """The color-only answer to one prompt (its mask (H, W) bool; color: the phrase's color id)."""
+    if kind in ("point", "scribble", "point+text"):
+        return fill_from(image, prompt, tol)
+    if kind in ("box", "mask"):
+        return fill_from(image, deepest(prompt), tol, within=prompt)
+    near = (image - COLORS[color][:, None, None]).abs().amax(0) < tol                  # text: the named color
+    pieces, n = ndimage.label(near.numpy())
+    if n == 0:
+        return torch.zeros_like(near)
+    return torch.from_numpy(pieces == 1 + int(np.bincount(pieces.ravel())[1:].argmax()))
+
+
+tune = train_scenes[:60]
+tune_objects = torch.zeros(len(tune), 1, dtype=torch.int64)
+tune_prompts, _ = make_prompts(tune, [["point"]] * len(tune), torch.Generator().manual_seed(206), tune_objects)
+tune_iou = {tol: np.mean([mask_iou(fill_from(s.image, pm[0], tol), s.masks[0]).item()
+                          for s, pm in zip(tune, tune_prompts.positive)]) for tol in (0.15, 0.2, 0.3, 0.4)}
+TOL = max(tune_iou, key=tune_iou.get)
+print("point-fill IoU on 60 training scenes by tolerance:", {t: round(float(v), 3) for t, v in tune_iou.items()},
+      "-> tol", TOL)
+
+# %%
+def bootstrap(x, n=1000, seed=0):
+    """Mean and 95% percentile bootstrap interval of the per-object values x (1-D)."""
+    x = torch.as_tensor(x, dtype=torch.float64)
+    idx = torch.randint(len(x), (n, len(x)), generator=torch.Generator().manual_seed(seed))
+    means = x[idx].mean(1)
+    return [round(x.mean().item(), 4), round(means.quantile(0.025).item(), 4), round(means.quantile(0.975).item(), 4)]
+
+
+eval_colors = torch.stack([s.colors[o] for s, o in zip(held_out, eval_objects[:, 0])])
+real = {}
+with torch.no_grad():
+    for kind in PROMPT_KINDS:
+        prompts, _ = make_prompts(held_out, [[kind]] * len(held_out), torch.Generator().manual_seed(201), eval_objects)
+        out = model(eval_images, prompts.to(config.DEVICE), torch.Generator().manual_seed(202))
+        seem_iou = mask_iou((out.masks(eval_images.shape[-2:])[:, out.n_object:] > 0).cpu(), eval_masks)[:, 0]
+        fill = torch.stack([color_baseline(kind, s.image, pm[0], int(c), TOL)
+                            for s, pm, c in zip(held_out, prompts.positive, eval_colors)])
+        fill_iou = mask_iou(fill, eval_masks[:, 0])
+        real[kind] = {"seem": bootstrap(seem_iou), "fill": bootstrap(fill_iou), "diff": bootstrap(seem_iou - fill_iou)}
+fill_curves_eval = torch.tensor([interactive_curve(lambda im, ck: color_fill(im, ck, TOL), s.image, m[0], N_CLICKS)
+                                 for s, m in zip(held_out, eval_masks)])
+by_click = {name: [bootstrap(v[:, c]) for c in range(N_CLICKS)]
+            for name, v in (("with memory", curves["with memory"]), ("clicks only", curves["clicks only"]),
+                            ("color fill", fill_curves_eval))}
+memory_gain = [bootstrap(curves["with memory"][:, c] - curves["clicks only"][:, c]) for c in range(N_CLICKS)]
+click_gain = {name: bootstrap(v[:, -1] - v[:, 0]) for name, v in
+              (("with memory", curves["with memory"]), ("color fill", fill_curves_eval))}
+for name, value in (("iou_by_prompt", real), ("iou_by_click", by_click), ("memory_gain_by_click", memory_gain),
+                    ("gain_click1_to_8", click_gain), ("pq", {k: round(v["pq"], 4) for k, v in pq.items()})):
+    profile_results.record("10", name, value)
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+def ci(v):
+    return f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"
+
+
+print(f"{'prompt':>11} | {'SEEM IoU':>22} | {'color fill IoU':>22} | {'SEEM - fill':>23}")
+for kind, r in real.items():
+    print(f"{kind:>11} | {ci(r['seem']):>22} | {ci(r['fill']):>22} | {ci(r['diff']):>23}")
+print(f"\n{'clicks':>6} | " + " | ".join(f"{name:>22}" for name in by_click))
+for c in range(N_CLICKS):
+    print(f"{c + 1:>6} | " + " | ".join(f"{ci(v[c]):>22}" for v in by_click.values()))
+print("memory minus clicks only, after 1 / 8 clicks:", ci(memory_gain[0]), "/", ci(memory_gain[-1]))
+print("IoU gain from click 1 to click 8:", {k: ci(v) for k, v in click_gain.items()})
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
+x = np.arange(len(PROMPT_KINDS))
+for k, (name, off) in enumerate((("seem", -0.2), ("fill", 0.2))):
+    v = np.array([real[kind][name] for kind in PROMPT_KINDS])
+    axes[0].bar(x + off, v[:, 0], 0.4, yerr=[v[:, 0] - v[:, 1], v[:, 2] - v[:, 0]], capsize=3,
+                label="SEEM" if name == "seem" else "color fill")
+axes[0].set_xticks(x, PROMPT_KINDS, fontsize=8)
+axes[0].set_ylabel("mean IoU, 95% interval")
+axes[0].legend(fontsize=8)
+for name, v in by_click.items():
+    v = np.array(v)
+    axes[1].errorbar(np.arange(1, N_CLICKS + 1), v[:, 0], yerr=[v[:, 0] - v[:, 1], v[:, 2] - v[:, 0]],
+                     marker="o", ms=3, capsize=3, label=name)
+axes[1].set_xlabel("clicks")
+axes[1].set_ylabel("mean IoU, 95% interval")
+axes[1].legend(fontsize=8)
+plt.tight_layout()
+plt.show()
+
+# %%
+print("on one prompt, SEEM is nowhere behind the color fill by more than 0.05:",
+      min(r["diff"][0] for r in real.values()) > -0.05)
+print("SEEM's answer to the first click beats the fill's by more than 0.05:",
+      by_click["with memory"][0][0] > by_click["color fill"][0][0] + 0.05)
+print("the color fill gains more than 0.1 IoU from click 1 to click 8:", click_gain["color fill"][0] > 0.1)
+print("SEEM gains less than 0.05 from click 1 to click 8:", click_gain["with memory"][0] < 0.05)
+print("after 8 clicks the fill is not behind SEEM by more than 0.02:",
+      by_click["color fill"][-1][0] > by_click["with memory"][-1][0] - 0.02)
+print("the memory prompt moves the mean IoU by less than 0.02 at every click:", all(abs(g[0]) < 0.02 for g in memory_gain))
+
+# %% [markdown]
+# **What the table shows (CPU profile), and what it does not.** On a single prompt the
+# trained model is ahead of color only where the prompt says little about the object's
+# extent: one click (+0.07, interval 0.02 to 0.12), a box (+0.06, 0.01 to 0.11) and a click
+# with a phrase (+0.08, 0.03 to 0.13). With a scribble, a rough mask or a phrase alone the
+# fill does as well, within the intervals: a scribble samples the stripes of its object, a
+# rough mask fences the fill in, and the named color finds the object unless a same-color
+# neighbour is larger. The fill has no notion of class at all; SEEM's answers come with one,
+# right about 70% of the time for visual prompts (10.10), which is the clearest thing the
+# model adds here.
+#
+# Clicks tell the less flattering half. SEEM's first answer is the better one (0.68 against
+# 0.55 for the fill from the same central click), but its curve is flat: from click 1 to
+# click 8 it moves by -0.004 (-0.017 to 0.007), while the fill rises by 0.17 (0.14 to 0.21),
+# is level with SEEM by the third click and ahead after eight (0.72 against 0.68). The memory
+# prompt's effect is zero to within 0.004 at every click. So the harder world does leave room
+# for corrective clicks: a rule that only adds and removes pieces of color uses them. The
+# model trained here does not, for the reason 10.10 found: clicks after the first are rare
+# in training, and the clicked pixels stay in its answers; the memory prompt, which only
+# summarizes the previous answer, has nothing to correct with. The intervals cover the
+# choice of the 200 evaluation objects; a second training seed could move the one-prompt
+# differences by a few hundredths, so the small leads above are suggestive, not settled.
+# What this chapter can claim at CPU scale is SEEM's structure, one decoder serving every
+# prompt type (checked exactly in 10.6 and 10.7), and a modest one-prompt gain over color,
+# not the interactive gains the paper reports.
+
+# %% [markdown]
+# **The two profiles side by side.** The GPU profile records the same figures
+# (`profile_results.record`, under the names `iou_by_prompt`, `iou_by_click`,
+# `memory_gain_by_click`, `gain_click1_to_8` and `pq`); the cell below reads them back.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+gpu = profile_results.recorded("10")["figures"]
+print(profile_results.describe_run("10"))
+print(f"{'':>24} | {'CPU (this run)':>22} | {'GPU profile':>22}")
+rows = [(f"{kind}: SEEM - fill", real[kind]["diff"], gpu.get("iou_by_prompt", {}).get(kind, {}).get("diff"))
+        for kind in PROMPT_KINDS]
+rows += [(f"{name}, 1 -> 8 clicks", click_gain[name], gpu.get("gain_click1_to_8", {}).get(name)) for name in click_gain]
+rows += [("memory gain, 8 clicks", memory_gain[-1], (gpu.get("memory_gain_by_click") or [None])[-1])]
+for name, cpu_v, gpu_v in rows:
+    print(f"{name:>24} | {ci(cpu_v):>22} | {ci(gpu_v) if gpu_v else 'not recorded yet':>22}")
+for name in pq:
+    gpu_pq = f"{gpu['pq'][name]:.3f}" if "pq" in gpu else "not recorded yet"
+    print(f"{name:>24} | {pq[name]['pq']:>22.3f} | {gpu_pq:>22}")
+
+# %% [markdown]
+# ## 10.12 Summary, and what the paper has that this chapter leaves out
 #
 # SEEM is one decoder that answers every segmentation request from the same image features.
 # Its pieces, as built here: an image encoder with a pixel decoder (multi-scale features and
@@ -2448,14 +2768,15 @@ plt.show()
 # blind to prompts and prompts blind to each other (10.9); masked cross-attention and masks
 # as dot products with $E$ (10.10); memory tokens that summarize the previous round's mask
 # (10.11); Hungarian matching and dice + cross-entropy losses (10.12)-(10.15). The structural
-# claims were checked exactly before training. After about four minutes of CPU training the
-# model segments held-out scenes from points, boxes, scribbles, rough masks, phrases and
-# their combination, and finds most objects with no prompt at all; what it has not
-# reliably learned at this budget is to name shapes from pixels alone and to use a negative
-# click to remove a neighbour its answer swallowed. The GPU profile (about three minutes of
-# training on one H200) learns the first, with panoptic quality 0.79 and classes right over
-# 90% of the time, but not the second: that is where the paper's scale (backbone, data,
-# training time) does the work.
+# claims were checked exactly before training. After about two minutes of CPU training, in
+# a world where color alone does not separate the objects, the model segments held-out
+# scenes from points, boxes, scribbles, rough masks, phrases and their combination, names
+# the answers to visual prompts right about 70% of the time, and finds 60% of the objects
+# with no prompt at all. Against a color fill (10.11) it is ahead by 0.06 to 0.08 IoU on
+# one click, a box, or a click with a phrase, and level on the other prompts; what it has
+# not learned at this budget is to use corrective clicks and the memory prompt, which leave
+# its curve flat while the fill's rises and passes it. That is where the paper's scale
+# (backbone, data, training time) does the work.
 #
 # At full scale, SEEM differs in everything except the structure:
 #
@@ -2466,7 +2787,7 @@ plt.show()
 #   the text encoder and the pixel decoder frozen and trains the decoder.
 # * **Text encoder.** UniCL's 12-layer transformer (Yang et al. 2022), pretrained
 #   contrastively on image-text pairs, which is what makes the vocabulary genuinely open:
-#   unseen class names land near related seen ones. Ours knows ten words.
+#   unseen class names land near related seen ones. Ours knows eleven words.
 # * **Queries.** 101 object queries (X-Decoder's 100 for segmentation plus one for
 #   image-level outputs), 9 decoder layers, up to 512 sampled points per visual prompt and
 #   32 memory queries. A later release (v1) handles several interactive objects per image.

@@ -911,3 +911,65 @@ def answer_masks(model: SEEM, images: torch.Tensor, prompts: Prompts,
     """
     out = model(images, prompts, generator)
     return out.masks(images.shape[-2:])[:, out.n_object:] > 0
+
+
+def _check_segments(masks: list[torch.Tensor], classes: list[torch.Tensor], name: str) -> None:
+    """Raise TypeError/ValueError unless masks[i] (N_i, H, W) bool, pairwise disjoint, and classes[i] (N_i,) int64.
+
+    Defined in chapter 10 (SEEM: segmenting everything with any prompt).
+    """
+    if not isinstance(masks, (list, tuple)) or not isinstance(classes, (list, tuple)):
+        raise TypeError(f"{name}_masks and {name}_classes must be lists with one tensor per image")
+    if len(masks) != len(classes):
+        raise ValueError(f"{name}_masks has {len(masks)} images, {name}_classes {len(classes)}")
+    for i, (m, c) in enumerate(zip(masks, classes)):
+        _check_tensor(m, f"{name}_masks[{i}]", dims=3, dtype=torch.bool)
+        _check_tensor(c, f"{name}_classes[{i}]", dims=1, dtype=torch.int64)
+        if c.shape[0] != m.shape[0]:
+            raise ValueError(f"{name}_classes[{i}] has {c.shape[0]} entries for {m.shape[0]} masks")
+        if bool((m.sum(0) > 1).any()):
+            raise ValueError(f"{name}_masks[{i}] has overlapping segments: panoptic segments must be disjoint")
+
+
+def panoptic_quality(pred_masks: list[torch.Tensor], pred_classes: list[torch.Tensor],
+                     true_masks: list[torch.Tensor], true_classes: list[torch.Tensor]) -> dict:
+    """(10.16) Panoptic quality (Kirillov et al. 2019): per class over all images, then the mean over classes.
+
+    One entry per image: pred_masks[i] (N_i, H, W) bool and true_masks[i] (M_i, H, W) bool, each set pairwise
+    disjoint; pred_classes[i] (N_i,) and true_classes[i] (M_i,) int64. A predicted and a true segment match when
+    their classes agree and IoU > 0.5 (then the match is unique). Per class c: TP_c matches, FP_c unmatched
+    predictions, FN_c unmatched true segments, PQ_c = sum of matched IoUs / (TP_c + FP_c / 2 + FN_c / 2)
+    = SQ_c * RQ_c. Classes with TP_c + FP_c + FN_c = 0 are left out of the means.
+    Returns {"pq", "sq", "rq": float means over the classes present, "per_class": {c: {"pq", "sq", "rq", "tp",
+    "fp", "fn"}}}. ValueError if there is no segment at all (PQ undefined).
+
+    Defined in chapter 10 (SEEM: segmenting everything with any prompt).
+    """
+    _check_segments(pred_masks, pred_classes, "pred")
+    _check_segments(true_masks, true_classes, "true")
+    if len(pred_masks) != len(true_masks):
+        raise ValueError(f"pred_masks has {len(pred_masks)} images, true_masks {len(true_masks)}")
+    counts: dict[int, list[float]] = {}                      # class -> [sum of matched IoUs, TP, FP, FN]
+    for i, (pm, pc, tm, tc) in enumerate(zip(pred_masks, pred_classes, true_masks, true_classes)):
+        if pm.shape[1:] != tm.shape[1:]:
+            raise ValueError(f"pred_masks[{i}] is {tuple(pm.shape[1:])} but true_masks[{i}] is {tuple(tm.shape[1:])}")
+        p, t = pm.flatten(1).double(), tm.flatten(1).double()
+        inter = p @ t.T                                                      # (N_i, M_i)
+        iou = inter / (p.sum(1)[:, None] + t.sum(1)[None, :] - inter).clamp_min(1.0)
+        match = (iou > 0.5) & (pc[:, None] == tc[None, :])                    # at most one per row and column
+        for c in torch.cat([pc, tc]).unique().tolist():
+            row = counts.setdefault(c, [0.0, 0, 0, 0])
+            hit = match & (pc[:, None] == c)
+            row[0] += float(iou[hit].sum())
+            row[1] += int(hit.sum())
+            row[2] += int(((pc == c) & ~hit.any(1)).sum())
+            row[3] += int(((tc == c) & ~hit.any(0)).sum())
+    if not counts:
+        raise ValueError("there is no segment, predicted or true, in any image: panoptic quality is undefined")
+    per_class = {}
+    for c, (iou_sum, tp, fp, fn) in sorted(counts.items()):
+        sq = iou_sum / tp if tp else 0.0
+        rq = tp / (tp + 0.5 * fp + 0.5 * fn)
+        per_class[c] = {"pq": sq * rq, "sq": sq, "rq": rq, "tp": tp, "fp": fp, "fn": fn}       # (10.16)
+    means = {k: sum(v[k] for v in per_class.values()) / len(per_class) for k in ("pq", "sq", "rq")}
+    return means | {"per_class": per_class}

@@ -132,12 +132,18 @@ def _background(generator: torch.Generator, size: int, clutter: bool) -> torch.T
 
 
 def make_scene(generator: torch.Generator, size: int = 64, min_objects: int = 2, max_objects: int = 4,
-               noise: float = 0.05, clutter: bool = True, min_pixels: int = 20) -> Scene:
+               noise: float = 0.05, clutter: bool = True, min_pixels: int = 20, same_color: float = 0.0,
+               texture: float = 0.0, jitter: float = 0.0) -> Scene:
     """Draw one Scene of size x size pixels with min_objects..max_objects objects (see Scene for shapes).
 
     Objects are painted in order; each visible mask (10.1) keeps >= min_pixels pixels and at least
     MIN_VISIBLE_FRACTION of its in-frame area, else the object is redrawn. Each (color, class) pair occurs
     at most once. Pixel noise: Gaussian with std `noise`, then clamped to [0, 1]. Deterministic given generator.
+    The harder world (all three 0 by default, which draws exactly the scenes of the easy world):
+    same_color, the probability that an object after the first takes the color of an earlier one (with
+    another class) and is placed against it; texture, the amplitude of a stripe pattern that scales each
+    object's brightness by 1 + texture * sin(...) (random period 3-6 px, angle, phase per object);
+    jitter, the std of a per-object offset to its RGB color.
 
     Defined in chapter 10 (SEEM: segmenting everything with any prompt).
     """
@@ -152,22 +158,38 @@ def make_scene(generator: torch.Generator, size: int = 64, min_objects: int = 2,
     if not isinstance(clutter, bool):
         raise TypeError(f"clutter must be a bool, got {type(clutter).__name__}")
     _check_int(min_pixels, "min_pixels", 1)
+    for name, value in (("same_color", same_color), ("texture", texture), ("jitter", jitter)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    n_cls = len(CLASSES)
     for _ in range(50):
         n = int(torch.randint(min_objects, max_objects + 1, (1,), generator=generator))
         pairs = torch.randperm(len(CLASSES) * len(COLOR_NAMES), generator=generator)[:n].tolist()
+        partner = [-1] * n                                         # the earlier object a same-color one touches
+        for i in range(1, n if same_color > 0 else 0):
+            j, u = int(torch.randint(i, (1,), generator=generator)), float(torch.rand((), generator=generator))
+            free = [pairs[j] // n_cls * n_cls + k for k in range(n_cls) if pairs[j] // n_cls * n_cls + k not in pairs]
+            if u < same_color and free:
+                pairs[i], partner[i] = free[int(torch.randint(len(free), (1,), generator=generator))], j
         label = torch.full((size, size), -1, dtype=torch.long)     # which object owns each pixel
         areas: list[int] = []
+        placed: list[tuple[float, float, float]] = []               # (center y, center x, scale) in pixels
         for i in range(n):
             for _ in range(30):
                 cy, cx, sc, ang = torch.rand(4, generator=generator).tolist()
-                full = _shape(pairs[i] % len(CLASSES), size * (0.15 + 0.7 * cy), size * (0.15 + 0.7 * cx),
-                              size * (0.10 + 0.09 * sc), math.pi * ang, size)
+                y, x, r = size * (0.15 + 0.7 * cy), size * (0.15 + 0.7 * cx), size * (0.10 + 0.09 * sc)
+                if partner[i] >= 0:                                # against its partner, in direction 2 pi cy
+                    py, px, pr = placed[partner[i]]
+                    y = min(max(py + (r + pr) * math.sin(2 * math.pi * cy), 0.1 * size), 0.9 * size)
+                    x = min(max(px + (r + pr) * math.cos(2 * math.pi * cy), 0.1 * size), 0.9 * size)
+                full = _shape(pairs[i] % n_cls, y, x, r, math.pi * ang, size)
                 trial = torch.where(full, i, label)                     # paint on top: (10.1)
                 visible = torch.bincount(trial.flatten() + 1, minlength=i + 2)[1:]
                 need = torch.tensor([*areas, int(full.sum())]).float() * MIN_VISIBLE_FRACTION
                 if bool((visible >= min_pixels).all()) and bool((visible >= need).all()):
                     label = trial
                     areas.append(int(full.sum()))
+                    placed.append((y, x, r))
                     break
             else:
                 break
@@ -180,7 +202,18 @@ def make_scene(generator: torch.Generator, size: int = 64, min_objects: int = 2,
     colors = torch.tensor([p // len(CLASSES) for p in pairs], dtype=torch.int64)
     masks = label[None] == torch.arange(n)[:, None, None]                    # (N, H, W), disjoint
     bg = _background(generator, size, clutter)
-    image = torch.where(label[None] >= 0, COLORS[colors][label.clamp_min(0)].permute(2, 0, 1), bg[None])
+    paint = COLORS[colors]                                                   # (N, 3) RGB per object
+    if jitter > 0:
+        paint = (paint + jitter * torch.randn(n, 3, generator=generator)).clamp(0.0, 1.0)
+    owner = label.clamp_min(0)
+    fill = paint[owner].permute(2, 0, 1)                                     # (3, H, W)
+    if texture > 0:                                                          # stripes, one pattern per object
+        ys, xs = _grid(size)
+        period, angle, phase = (torch.rand(n, 3, generator=generator) * torch.tensor([3.0, math.pi, 2 * math.pi])).T
+        wave = torch.sin(2 * math.pi * (xs[None] * angle.cos()[:, None, None] + ys[None] * angle.sin()[:, None, None])
+                         / (3.0 + period)[:, None, None] + phase[:, None, None])        # (N, H, W)
+        fill = fill * (1 + texture * wave.gather(0, owner[None]))
+    image = torch.where(label[None] >= 0, fill, bg[None])
     image = (image + noise * torch.randn(3, size, size, generator=generator)).clamp(0.0, 1.0)
     texts = [f"the {COLOR_NAMES[c]} {CLASSES[k]}" for c, k in zip(colors.tolist(), classes.tolist())]
     return Scene(image.float(), masks, classes, colors, texts)

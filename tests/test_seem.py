@@ -10,7 +10,7 @@ from lrn_lib.seem import (MEMORY, OBJECT, PROMPT_KINDS, QUERY, SEEM, TEXT, VISUA
                           MaskedAttention, Prompts, SeemConfig, SeemOutput, TextEncoder, VisualSampler, bce_loss,
                           coarse_mask, corrective_prompts, cross_attention_mask, dice_loss, hungarian_match,
                           make_prompts, matching_cost, prompt_targets, query_prompt_mask, sample_features,
-                          sample_points, seem_loss, sequence_layout)
+                          panoptic_quality, sample_points, seem_loss, sequence_layout)
 from lrn_lib.shapes import CLASSES, encode_text, make_scenes
 
 SMALL = SeemConfig(image_size=32, dim=32, n_heads=4, n_layers=3, n_object_queries=5, n_points=4, n_memory=2,
@@ -517,3 +517,111 @@ def test_matching_cost_of_a_batch_equals_each_image_alone():
         assert torch.allclose(batched[i], alone, atol=1e-14)
     with pytest.raises(ValueError, match="classes and masks"):
         matching_cost(class_logits, mask_logits, classes, masks[:2])
+
+
+# ------------------------------------------------------------------ panoptic quality
+
+def _row(*spans, width=10):
+    """Masks (N, 1, width) bool, one per (start, stop) span of pixels."""
+    out = torch.zeros(len(spans), 1, width, dtype=torch.bool)
+    for i, (a, b) in enumerate(spans):
+        out[i, 0, a:b] = True
+    return out
+
+
+def _labels(*c):
+    return torch.tensor(c, dtype=torch.int64)
+
+
+def test_panoptic_quality_matches_a_hand_computation_per_class():
+    # image A: class 0 predicted on 3 of its 4 pixels (IoU 0.75, a match); class 1 on 2 of 5 (IoU 0.4: FP and FN).
+    # image B: class 0 exact (IoU 1); a class-1 prediction where there is no object (FP).
+    pred = [_row((0, 3), (5, 7)), _row((0, 5), (6, 10))]
+    true = [_row((0, 4), (5, 10)), _row((0, 5))]
+    r = panoptic_quality(pred, [_labels(0, 1), _labels(0, 1)], true, [_labels(0, 1), _labels(0)])
+    c0, c1 = r["per_class"][0], r["per_class"][1]
+    assert (c0["tp"], c0["fp"], c0["fn"]) == (2, 0, 0) and (c1["tp"], c1["fp"], c1["fn"]) == (0, 2, 1)
+    assert c0["sq"] == pytest.approx(0.875) and c0["rq"] == 1.0 and c0["pq"] == pytest.approx(0.875)
+    assert c1["pq"] == 0.0 and c1["sq"] == 0.0 and c1["rq"] == 0.0
+    assert r["pq"] == pytest.approx((0.875 + 0.0) / 2) and r["sq"] == pytest.approx(0.4375) and r["rq"] == 0.5
+    pooled = 1.75 / (2 + 0.5 * 2 + 0.5 * 1)          # one PQ over all segments: not what (10.16) defines
+    assert abs(r["pq"] - pooled) > 0.05
+
+
+def test_panoptic_quality_needs_the_class_and_more_than_half_iou():
+    true, tc = [_row((0, 4))], [_labels(2)]
+    wrong_class = panoptic_quality([_row((0, 4))], [_labels(1)], true, tc)
+    assert wrong_class["pq"] == 0.0 and wrong_class["per_class"][1]["fp"] == 1 and wrong_class["per_class"][2]["fn"] == 1
+    half = panoptic_quality([_row((0, 2))], [_labels(2)], true, tc)           # IoU exactly 0.5: no match
+    assert half["pq"] == 0.0 and half["per_class"][2]["tp"] == 0
+    above = panoptic_quality([_row((0, 3))], [_labels(2)], true, tc)
+    assert above["pq"] == pytest.approx(0.75) and list(above["per_class"]) == [2]
+
+
+def test_panoptic_quality_edge_cases():
+    true, tc = [_row((0, 4), (6, 9))], [_labels(0, 1)]
+    perfect = panoptic_quality(true, tc, true, tc)
+    assert perfect["pq"] == 1.0 and perfect["sq"] == 1.0 and perfect["rq"] == 1.0
+    nothing = panoptic_quality([_row()], [_labels()], true, tc)             # no prediction: every class FN only
+    assert nothing["pq"] == 0.0 and all(v["fn"] == 1 and v["tp"] == 0 for v in nothing["per_class"].values())
+    # an image with no object and no prediction adds nothing; a class never present does not enter the mean
+    both = panoptic_quality(true + [_row()], tc + [_labels()], true + [_row()], tc + [_labels()])
+    assert both["pq"] == 1.0 and sorted(both["per_class"]) == [0, 1]
+    # the mean over classes is invariant to the order of images and of segments
+    a = panoptic_quality([_row((0, 3), (5, 7)), _row((0, 5))], [_labels(0, 1), _labels(0)],
+                         [_row((0, 4), (5, 10)), _row((0, 5))], [_labels(0, 1), _labels(0)])
+    b = panoptic_quality([_row((0, 5)), _row((5, 7), (0, 3))], [_labels(0), _labels(1, 0)],
+                         [_row((0, 5)), _row((5, 10), (0, 4))], [_labels(0), _labels(1, 0)])
+    assert a["pq"] == pytest.approx(b["pq"]) and a["per_class"] == b["per_class"]
+
+
+def test_panoptic_quality_equals_a_direct_float64_reference_on_random_segmentations():
+    g = torch.Generator().manual_seed(5)
+    for _ in range(5):
+        pred_m, pred_c, true_m, true_c = [], [], [], []
+        for _ in range(4):
+            owners = []
+            for k in (int(torch.randint(0, 4, (1,), generator=g)), int(torch.randint(1, 4, (1,), generator=g))):
+                own = torch.randint(-1, k, (6, 7), generator=g)     # a random disjoint segmentation, -1 = none
+                owners.append((torch.stack([own == q for q in range(k)]) if k else torch.zeros(0, 6, 7, dtype=torch.bool),
+                               torch.randint(0, 3, (k,), generator=g)))
+            (pm, pc), (tm, tc) = owners
+            pred_m.append(pm), pred_c.append(pc), true_m.append(tm), true_c.append(tc)
+        got = panoptic_quality(pred_m, pred_c, true_m, true_c)
+        stats = {}
+        for pm, pc, tm, tc in zip(pred_m, pred_c, true_m, true_c):
+            used = set()
+            for j in range(len(tc)):
+                for i in range(len(pc)):
+                    inter, union = float((pm[i] & tm[j]).sum()), float((pm[i] | tm[j]).sum())
+                    if int(pc[i]) == int(tc[j]) and union and inter / union > 0.5:
+                        stats.setdefault(int(tc[j]), [0.0, 0, 0, 0])
+                        stats[int(tc[j])][0] += inter / union
+                        stats[int(tc[j])][1] += 1
+                        used.add(("p", i)), used.add(("t", j))
+            for i, c in enumerate(pc.tolist()):
+                stats.setdefault(c, [0.0, 0, 0, 0])[2] += ("p", i) not in used
+            for j, c in enumerate(tc.tolist()):
+                stats.setdefault(c, [0.0, 0, 0, 0])[3] += ("t", j) not in used
+        want = sum(s / (tp + 0.5 * fp + 0.5 * fn) for s, tp, fp, fn in stats.values()) / len(stats)
+        assert got["pq"] == pytest.approx(want, abs=1e-12)
+
+
+def test_panoptic_quality_bad_inputs_raise_naming_the_argument():
+    m, c = [_row((0, 4))], [_labels(0)]
+    with pytest.raises(TypeError, match="pred_masks"):
+        panoptic_quality(m[0], c, m, c)
+    with pytest.raises(TypeError, match=r"true_masks\[0\]"):
+        panoptic_quality(m, c, [m[0].float()], c)
+    with pytest.raises(TypeError, match=r"pred_classes\[0\]"):
+        panoptic_quality(m, [c[0].float()], m, c)
+    with pytest.raises(ValueError, match=r"pred_classes\[0\]"):
+        panoptic_quality(m, [_labels(0, 1)], m, c)
+    with pytest.raises(ValueError, match="overlapping"):
+        panoptic_quality([_row((0, 4), (3, 6))], [_labels(0, 1)], m, c)
+    with pytest.raises(ValueError, match="images"):
+        panoptic_quality(m + m, c + c, m, c)
+    with pytest.raises(ValueError, match=r"true_masks\[0\]"):
+        panoptic_quality(m, c, [_row((0, 4), width=12)], c)
+    with pytest.raises(ValueError, match="undefined"):
+        panoptic_quality([_row()], [_labels()], [_row()], [_labels()])

@@ -393,3 +393,59 @@ def test_overlay_masks_shape_and_bad_inputs():
         overlay_masks(s.image, s.masks[:, :5])
     with pytest.raises(TypeError, match="masks"):
         overlay_masks(s.image, s.masks.float())
+
+
+# ------------------------------------------------------------------ the harder world
+
+HARD = dict(same_color=0.5, texture=0.25, jitter=0.05)
+
+
+def _same_color_touching(s):
+    """Whether two objects of one color share an edge (8-neighbourhood) in scene s."""
+    for i in range(len(s.texts)):
+        for j in range(i + 1, len(s.texts)):
+            if int(s.colors[i]) == int(s.colors[j]):
+                grown = ndimage.binary_dilation(s.masks[i].numpy(), structure=np.ones((3, 3), bool))
+                if (grown & s.masks[j].numpy()).any():
+                    return True
+    return False
+
+
+def test_harder_world_parameters_at_zero_draw_the_easy_world():
+    a = make_scenes(5, gen(12))
+    b = make_scenes(5, gen(12), same_color=0.0, texture=0.0, jitter=0.0)
+    assert all(torch.equal(x.image, y.image) and torch.equal(x.masks, y.masks) for x, y in zip(a, b))
+
+
+def test_same_color_objects_touch_and_phrases_stay_unique():
+    scenes = make_scenes(80, gen(13), same_color=1.0, min_objects=3, max_objects=3)
+    share = np.mean([_same_color_touching(s) for s in scenes])
+    easy = np.mean([_same_color_touching(s) for s in make_scenes(80, gen(13), min_objects=3, max_objects=3)])
+    assert share > 0.6 and share > easy + 0.4
+    for s in scenes:
+        assert len(set(s.texts)) == len(s.texts)
+        assert bool(s.masks.sum(0).max() <= 1)
+
+
+def test_texture_and_jitter_vary_the_color_inside_an_object():
+    for s in make_scenes(10, gen(14), noise=0.0, clutter=False, texture=0.3):
+        for m, c in zip(s.masks, s.colors):
+            px = s.image[:, m]                                                   # (3, n) pixels of one object
+            assert float((px / COLORS[c][:, None].clamp_min(1e-6)).std()) > 0.05   # brightness varies (stripes)
+            assert float(px.max()) <= 1.0
+    jittered = make_scenes(10, gen(14), noise=0.0, clutter=False, jitter=0.1)
+    offsets = torch.stack([(s.image[:, m].mean(1) - COLORS[c]).abs().max() for s in jittered
+                           for m, c in zip(s.masks, s.colors)])
+    assert float(offsets.max()) > 0.05 and float(offsets.min()) >= 0.0
+    for s in jittered:                                       # a jittered object is still one flat color
+        assert all(float(s.image[:, m].std(1).max()) < 1e-6 for m in s.masks)
+
+
+def test_harder_world_bad_parameters_raise_naming_them():
+    for name in HARD:
+        with pytest.raises(ValueError, match=name):
+            make_scene(gen(0), **{name: 1.5})
+        with pytest.raises(ValueError, match=name):
+            make_scene(gen(0), **{name: -0.1})
+        with pytest.raises(ValueError, match=name):
+            make_scene(gen(0), **{name: True})

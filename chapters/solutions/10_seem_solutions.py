@@ -270,9 +270,10 @@ def best_outputs(out: SeemOutput, iou: torch.Tensor, prompt_masks: torch.Tensor)
 
 
 # %% [markdown]
-# **A small training setup, shared with exercise 3.** Section 10.9 trains for about four
-# minutes; here each model gets about fifteen seconds. What changes: scenes of
-# $32 \times 32$ pixels (objects of at least 10 visible pixels) instead of 64, 600 of them;
+# **A small training setup, shared with exercise 3.** Section 10.9 trains for about two
+# minutes; here each model gets about fifteen seconds. What changes: scenes of the easy
+# world (flat colors; 10.2), of $32 \times 32$ pixels (objects of at least 10 visible
+# pixels) instead of 64, 600 of them;
 # a decoder 32 wide with 2 layers and a narrower backbone; batches of 8 images with 4
 # prompts each, 250 steps, AdamW at $5 \cdot 10^{-3}$ (at $2 \cdot 10^{-3}$ such short runs
 # hardly start) with the chapter's warmup and cosine decay. Both exercises are about clicks,
