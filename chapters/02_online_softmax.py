@@ -103,10 +103,18 @@ y = torch.exp(x - m) / d
 print("softmax matches the safe softmax:", torch.allclose(y, safe_softmax(x), rtol=0, atol=1e-15))
 
 # %% [markdown]
-# The running sum drops whenever a new maximum arrives (it is rescaled) and otherwise
-# grows by at most one per element:
+# At a new maximum the running sum is first rescaled by $e^{m_{j-1} - m_j} < 1$ and then
+# gains exactly 1, the new maximum's own term $e^0$. So it falls only when the maximum
+# jumps far enough, by more than $\ln\big(d_{j-1} / (d_{j-1} - 1)\big)$, and otherwise
+# rises, as at $x = 7.5$ below, a jump of only 0.5. Without a new maximum it grows by
+# $e^{x_j - m_j} \le 1$.
 
 # %%
+for j in range(1, len(row)):
+    (m_old, d_old), (m_new, d_new) = trace[j - 1], trace[j]
+    if m_new > m_old:
+        print(f"new max at x = {row[j]}: jump {m_new - m_old:.1f}, d {d_old:.3f} -> {d_new:.3f} "
+              f"({'falls' if d_new < d_old else 'rises'})")
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 2.8))
 steps = range(1, len(row) + 1)
 ax1.plot(steps, row, "o:", color="gray", label="$x_j$")

@@ -89,8 +89,9 @@ print(f"expert share of the parameters: {1 - (total - 32 * 8 * 3 * 4096 * 14336)
 # %% [markdown]
 # The counts agree with Mistral's own figures (46.7B total, 12.9B active). The slide's
 # "14B used" overstates the active count slightly: not 2/8 of the whole model is active,
-# but 2/8 of the experts plus *all* of attention and the embeddings. Active parameters are
-# about $2\times$ the FLOPs per token; memory still has to hold all 46.7B.
+# but 2/8 of the experts plus *all* of attention and the embeddings. The FLOPs per token of
+# the forward pass are about $2\times$ the active parameters (a multiply and an add per
+# weight); memory still has to hold all 46.7B.
 #
 # ## 5.2 Gates
 #
@@ -123,6 +124,7 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 import torch.distributed as dist
@@ -258,10 +260,21 @@ for name, g in gates.items():
 # %%
 #| export lrn_lib.moe
 def expert_capacity(n_tokens: int, n_experts: int, capacity_factor: float, k: int = 1) -> int:
-    """Slots per expert (5.7): ceil(k * n_tokens / n_experts * capacity_factor)."""
-    if capacity_factor <= 0:
-        raise ValueError(f"capacity_factor must be positive, got {capacity_factor}")
-    return math.ceil(k * n_tokens / n_experts * capacity_factor)
+    """Slots per expert (5.7): ceil(k * n_tokens / n_experts * capacity_factor), in exact arithmetic.
+
+    The factor is read as the decimal it prints as (1.1 is 11/10, not the binary float just
+    above it), so that 2 * 100 / 4 * 1.1 gives 55 slots, not 56.
+    """
+    for name, value in (("n_tokens", n_tokens), ("n_experts", n_experts), ("k", k)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if n_tokens < 0 or n_experts < 1 or k < 1:
+        raise ValueError(f"need n_tokens >= 0, n_experts >= 1, k >= 1; got {n_tokens}, {n_experts}, {k}")
+    if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)):
+        raise TypeError(f"capacity_factor must be a number, got {type(capacity_factor).__name__}")
+    if not capacity_factor > 0 or not math.isfinite(capacity_factor):
+        raise ValueError(f"capacity_factor must be positive and finite, got {capacity_factor}")
+    return math.ceil(Fraction(k * n_tokens, n_experts) * Fraction(repr(capacity_factor)))
 
 
 def apply_capacity(indices: torch.Tensor, active: torch.Tensor, n_experts: int, capacity: int) -> torch.Tensor:
@@ -321,7 +334,8 @@ plt.show()
 # ## 5.4 Load balancing
 #
 # Left alone, a router collapses: the experts it picks early get trained, become better,
-# and get picked more (we will watch this happen in section 5.7). Let $T$ tokens make $kT$
+# and get picked more (section 5.8 shows the start of this drift in a short run, not the
+# collapse itself, which takes longer). Let $T$ tokens make $kT$
 # assignments, $f_i$ the fraction of assignments that go to expert $i$, and $P_i$ the mean
 # router probability of expert $i$ over the tokens:
 #
@@ -359,15 +373,20 @@ plt.show()
 #
 # $$\mathcal{L}_{global} = \frac{1}{M}\sum_{m=1}^{M} n \sum_i f_i^{\text{global}} P_i^{(m)} \qquad (5.12)$$
 #
-# **Auxiliary-loss-free balancing** (DeepSeek-V3, Wang et al. 2024, arXiv:2408.15664): no
-# loss at all. Each expert has a bias $b_i$ added to its score *for selection only*
-# ($\mathrm{TopK}(s_i + b_i)$, while the weights use $s_i$), and after each step
+# **Auxiliary-loss-free balancing** (Wang et al. 2024, arXiv:2408.15664, adopted by
+# DeepSeek-V3, arXiv:2412.19437): no balancing loss on the experts' loads. Each expert has a
+# bias $b_i$ added to its score *for selection only* ($\mathrm{TopK}(s_i + b_i)$, while the
+# weights use $s_i$), and after each step
 #
 # $$b_i \leftarrow b_i + \gamma\, \mathrm{sign}(\bar c - c_i) \qquad (5.13)$$
 #
 # with $c_i$ the tokens expert $i$ received and $\bar c$ their mean: overloaded experts
 # become less attractive, idle ones more, and the language-modelling gradient is left
-# untouched.
+# untouched. DeepSeek-V3 sets the update speed $\gamma = 0.001$ (for its first 14.3T
+# tokens, then 0), and it is not entirely loss-free: it keeps a *sequence-wise* balance
+# loss, the Switch loss (5.9) computed within each sequence, with a very small weight
+# $\alpha = 10^{-4}$, to prevent extreme imbalance inside single sequences. Our training
+# run in section 5.8 uses the bias alone, with a larger $\gamma = 0.01$ for its 200 steps.
 
 # %%
 #| export lrn_lib.moe
@@ -410,14 +429,19 @@ def micro_batch_balance_loss(probs: list[torch.Tensor], indices: list[torch.Tens
 
 def global_batch_balance_loss(probs: list[torch.Tensor], indices: list[torch.Tensor],
                               group: "dist.ProcessGroup | None" = None) -> torch.Tensor:
-    """(5.12): f counted over all micro-batches (and over all ranks of `group` when distributed).
+    """(5.12): f counted over all micro-batches, and over the ranks of `group` when one is given.
 
     probs: list of (T_m, E); indices: list of (T_m, k). Returns the mean over micro-batches
-    of n * sum_i f_i^global P_i^(m).
+    of n * sum_i f_i^global P_i^(m). Only the group passed is reduced over (the
+    data-parallel group that shares this layer): a world-wide all-reduce would mix the
+    layers of different pipeline stages, or wait forever for ranks that never call it.
     """
+    if len(probs) == 0 or len(probs) != len(indices):
+        raise ValueError(f"probs and indices must be non-empty lists of equal length, got {len(probs)} "
+                         f"and {len(indices)}")
     n = probs[0].shape[-1]
     counts = sum(load_fractions(i, n) * i.numel() for i in indices)
-    if group is not None or (dist.is_available() and dist.is_initialized()):
+    if group is not None:
         dist.all_reduce(counts, group=group)
     f = counts / counts.sum()
     return torch.stack([switch_balance_loss(p, i, f=f) for p, i in zip(probs, indices)]).mean()
@@ -1372,8 +1396,10 @@ else:
 # * The Switch loss (5.9) balances through $P$ because $f$ has no gradient; the slide's
 #   $n\sum f\log f$ (5.11) is $-n$ times the load's entropy, a measure with no gradient;
 #   the z-loss (5.10) keeps logits small; global-batch balancing (5.12) asks for balance over
-#   the corpus instead of each sequence; DeepSeek-V3's bias (5.13) balances with no loss.
-# * Expert parallelism is two all-to-alls around a grouped GEMM, exactly equal to the
+#   the corpus instead of each sequence; the auxiliary-loss-free bias (5.13) balances
+#   with no loss on the loads (DeepSeek-V3 adds a tiny sequence-wise one, $\alpha = 10^{-4}$).
+# * Expert parallelism is three all-to-alls around a grouped GEMM (the counts, then the
+#   token vectors out and back), exactly equal to the
 #   single-process layer; the grouped GEMM runs all experts in one launch, forward and
 #   backward.
 

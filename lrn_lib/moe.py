@@ -8,6 +8,7 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 import torch.distributed as dist
@@ -105,13 +106,23 @@ def sigmoid_gate(logits: torch.Tensor, k: int, bias: torch.Tensor | None = None
 
 
 def expert_capacity(n_tokens: int, n_experts: int, capacity_factor: float, k: int = 1) -> int:
-    """Slots per expert (5.7): ceil(k * n_tokens / n_experts * capacity_factor).
+    """Slots per expert (5.7): ceil(k * n_tokens / n_experts * capacity_factor), in exact arithmetic.
+
+    The factor is read as the decimal it prints as (1.1 is 11/10, not the binary float just
+    above it), so that 2 * 100 / 4 * 1.1 gives 55 slots, not 56.
 
     Defined in chapter 05 (Mixture-of-Experts).
     """
-    if capacity_factor <= 0:
-        raise ValueError(f"capacity_factor must be positive, got {capacity_factor}")
-    return math.ceil(k * n_tokens / n_experts * capacity_factor)
+    for name, value in (("n_tokens", n_tokens), ("n_experts", n_experts), ("k", k)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if n_tokens < 0 or n_experts < 1 or k < 1:
+        raise ValueError(f"need n_tokens >= 0, n_experts >= 1, k >= 1; got {n_tokens}, {n_experts}, {k}")
+    if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)):
+        raise TypeError(f"capacity_factor must be a number, got {type(capacity_factor).__name__}")
+    if not capacity_factor > 0 or not math.isfinite(capacity_factor):
+        raise ValueError(f"capacity_factor must be positive and finite, got {capacity_factor}")
+    return math.ceil(Fraction(k * n_tokens, n_experts) * Fraction(repr(capacity_factor)))
 
 
 def apply_capacity(indices: torch.Tensor, active: torch.Tensor, n_experts: int, capacity: int) -> torch.Tensor:
@@ -184,16 +195,21 @@ def micro_batch_balance_loss(probs: list[torch.Tensor], indices: list[torch.Tens
 
 def global_batch_balance_loss(probs: list[torch.Tensor], indices: list[torch.Tensor],
                               group: "dist.ProcessGroup | None" = None) -> torch.Tensor:
-    """(5.12): f counted over all micro-batches (and over all ranks of `group` when distributed).
+    """(5.12): f counted over all micro-batches, and over the ranks of `group` when one is given.
 
     probs: list of (T_m, E); indices: list of (T_m, k). Returns the mean over micro-batches
-    of n * sum_i f_i^global P_i^(m).
+    of n * sum_i f_i^global P_i^(m). Only the group passed is reduced over (the
+    data-parallel group that shares this layer): a world-wide all-reduce would mix the
+    layers of different pipeline stages, or wait forever for ranks that never call it.
 
     Defined in chapter 05 (Mixture-of-Experts).
     """
+    if len(probs) == 0 or len(probs) != len(indices):
+        raise ValueError(f"probs and indices must be non-empty lists of equal length, got {len(probs)} "
+                         f"and {len(indices)}")
     n = probs[0].shape[-1]
     counts = sum(load_fractions(i, n) * i.numel() for i in indices)
-    if group is not None or (dist.is_available() and dist.is_initialized()):
+    if group is not None:
         dist.all_reduce(counts, group=group)
     f = counts / counts.sum()
     return torch.stack([switch_balance_loss(p, i, f=f) for p, i in zip(probs, indices)]).mean()

@@ -259,3 +259,36 @@ def test_compiled_layer_uses_the_kernel_and_matches_the_loop():
     y_kernel = layer(x)
     layer.use_kernel = False
     torch.testing.assert_close(y_kernel, layer(x), atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("factor", [1.0, 1.1, 1.2, 1.25, 1.5, 2.0, 0.3])
+def test_expert_capacity_is_exact_for_decimal_factors(factor):
+    from fractions import Fraction
+
+    for n_tokens in range(0, 130, 7):
+        for n_experts in (1, 2, 3, 4, 6, 8, 16):
+            for k in (1, 2, 3):
+                exact = Fraction(k * n_tokens, n_experts) * Fraction(str(factor))
+                assert expert_capacity(n_tokens, n_experts, factor, k) == -(-exact.numerator // exact.denominator)
+    assert expert_capacity(100, 4, 1.1, k=2) == 55
+
+
+@pytest.mark.parametrize("args, error", [((10, 0, 1.0), ValueError), ((10, 4, 0.0), ValueError),
+                                         ((10, 4, float("inf")), ValueError), ((-1, 4, 1.0), ValueError),
+                                         ((10.0, 4, 1.0), TypeError), ((10, 4, "1"), TypeError)])
+def test_expert_capacity_rejects_bad_arguments(args, error):
+    with pytest.raises(error):
+        expert_capacity(*args)
+
+
+def test_global_batch_loss_reduces_only_over_the_group_it_is_given(monkeypatch):
+    import torch.distributed as dist
+
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "all_reduce", lambda t, group=None: calls.append(group))
+    probs, idx = [torch.softmax(torch.randn(6, 4), -1)], [torch.randint(0, 4, (6, 1))]
+    global_batch_balance_loss(probs, idx)
+    assert calls == []
+    global_batch_balance_loss(probs, idx, group="dp")
+    assert calls == ["dp"]
