@@ -2008,7 +2008,7 @@ print("matching recovers the shuffle:", torch.equal(rows, shuffle))
 # arXiv:2102.06583), and without it the memory queries would never see a mask to summarize.
 #
 # **One weight changed.** We weight the class terms of (10.15) by $\lambda_{\text{cls}} = 5$
-# instead of Mask2Former's 2. With 2, in our runs, the class of a mask found from a visual
+# instead of Mask2Former's 2. With 2, in our runs in the easy world, the class of a mask found from a visual
 # prompt stayed at chance (about 0.3 for four classes) through the whole run: the mask terms
 # are learned from color alone, and the class gradient reaching the backbone was too small
 # to make it learn shapes in a few hundred steps. With 5 and 650 steps instead of 500, the
