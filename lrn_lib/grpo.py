@@ -4,6 +4,7 @@
 
 
 import copy
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -421,3 +422,24 @@ def evaluate(trainer: GRPOTrainer, problems: Sequence[tuple[int, int, int]], tem
     out = {name: s / len(problems) for name, s in sums.items()}
     out["completion_length"] = length / len(problems)
     return out, texts
+
+
+def pass_at_k(correct: torch.Tensor, k: int) -> torch.Tensor:
+    """Unbiased pass@k (7.9) of each problem from its n samples: correct (P, n) of 0/1 -> (P,) float64.
+
+    With c right among n samples, pass@k = 1 - C(n - c, k) / C(n, k), the probability that k of
+    the n samples drawn without replacement hold at least one right answer.
+
+    Defined in chapter 07 (GRPO: Group Relative Policy Optimization).
+    """
+    if not isinstance(correct, torch.Tensor) or correct.dim() != 2 or correct.shape[1] == 0:
+        raise ValueError(f"correct must be a (P, n) tensor with n >= 1, got {getattr(correct, 'shape', correct)!r}")
+    if not bool(((correct == 0) | (correct == 1)).all()):
+        raise ValueError("correct must hold only 0 and 1")
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    n = correct.shape[1]
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} must be between 1 and the number of samples n={n}")
+    wrong = (n - correct.to(torch.int64).sum(1)).tolist()
+    return 1.0 - torch.tensor([math.comb(w, k) / math.comb(n, k) for w in wrong], dtype=torch.float64)  # (7.9)

@@ -1,5 +1,6 @@
 """Chapter 7: GRPO's KL estimator, advantages, completion mask, log-probabilities and loss, against
 direct float64 transcriptions of DeepSeekMath's equations and against TRL's GRPOTrainer loss."""
+import itertools
 import math
 import statistics
 from collections import defaultdict
@@ -10,7 +11,7 @@ import torch
 
 from lrn_lib.grpo import (ArithmeticTokenizer, GRPOConfig, GRPOTrainer, accuracy_reward, completion_logprobs,
                           completion_mask, evaluate, format_reward, group_advantages, grpo_loss, kl_k3,
-                          make_problems, prompt_text, rollout, solution_text, token_logprobs)
+                          make_problems, pass_at_k, prompt_text, rollout, solution_text, token_logprobs)
 from lrn_lib.llama import Llama, generate, tiny_config
 
 
@@ -252,6 +253,58 @@ def test_bad_inputs_name_the_argument():
         token_logprobs(torch.zeros(1, 3, 5), torch.zeros(1, 3, dtype=torch.long), 0.0)
     with pytest.raises(ValueError, match="loss_type"):
         GRPOConfig(loss_type="sum")
+
+
+def pass_at_k_by_enumeration(row, k):
+    """Fraction of the k-subsets of one problem's samples that hold at least one right answer."""
+    subsets = list(itertools.combinations(range(len(row)), k))
+    return sum(any(row[i] for i in s) for s in subsets) / len(subsets)
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (5, 2), (7, 3), (8, 8)])
+def test_pass_at_k_is_the_fraction_of_k_subsets_with_a_right_answer(n, k):
+    g = torch.Generator().manual_seed(n * 10 + k)
+    correct = (torch.rand(6, n, generator=g) < 0.4).long()
+    correct[0], correct[1] = 0, 1                                # none right, all right
+    got = pass_at_k(correct, k)
+    assert got.shape == (6,) and got.dtype == torch.float64
+    expected = [pass_at_k_by_enumeration(row, k) for row in correct.tolist()]
+    assert torch.allclose(got, torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert got[0] == 0.0 and got[1] == 1.0
+
+
+def test_pass_at_1_is_the_mean_and_pass_at_n_is_any():
+    correct = torch.tensor([[1, 0, 0], [0, 0, 0], [1, 1, 0]], dtype=torch.bool)
+    assert torch.allclose(pass_at_k(correct, 1), correct.double().mean(1))
+    assert pass_at_k(correct, 3).tolist() == [1.0, 0.0, 1.0]
+
+
+def test_pass_at_k_rejects_bad_input_naming_the_argument():
+    with pytest.raises(ValueError, match="correct"):
+        pass_at_k(torch.ones(4), 1)
+    with pytest.raises(ValueError, match="correct"):
+        pass_at_k(torch.zeros(3, 0), 1)
+    with pytest.raises(ValueError, match="correct"):
+        pass_at_k(torch.full((2, 3), 2), 1)
+    with pytest.raises(ValueError, match="k=4"):
+        pass_at_k(torch.ones(2, 3), 4)
+    with pytest.raises(ValueError, match="k=0"):
+        pass_at_k(torch.ones(2, 3), 0)
+    with pytest.raises(TypeError, match="k must be an int"):
+        pass_at_k(torch.ones(2, 3), 1.0)
+
+
+def test_single_update_trainer_never_clips():
+    torch.manual_seed(0)
+    tok = ArithmeticTokenizer()
+    model = Llama(tiny_config(vocab_size=tok.vocab_size, dim=32, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64))
+    cfg = GRPOConfig(group_size=4, max_new_tokens=8, num_iterations=1, beta=0.04)
+    trainer = GRPOTrainer(model, tok, {"accuracy": (accuracy_reward, 1.0), "format": (format_reward, 0.5)},
+                          torch.optim.AdamW(model.parameters(), lr=1e-2), cfg)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        stats = trainer.step(make_problems(3, 2, gen), gen)
+        assert stats["clip_fraction"] == 0.0
 
 
 # ------------------------------------------------------------------ TRL's GRPOTrainer loss on our tensors
