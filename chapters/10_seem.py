@@ -2144,7 +2144,8 @@ def answer_masks(model: SEEM, images: torch.Tensor, prompts: Prompts,
 # %% [markdown]
 # The training loop: batches of 16 scenes, two prompts each; a second-round batch costs one
 # extra forward pass without gradients. On the CPU profile the model (0.6 M parameters)
-# trains in about two minutes on two free cores (the time is printed below); the GPU profile trains a wider and deeper decoder (width
+# trains in two to five minutes, depending on how busy the two cores are (this run's time
+# is printed below); the GPU profile trains a wider and deeper decoder (width
 # 128, 6 layers) on more scenes for more steps.
 
 # %%
@@ -2768,7 +2769,7 @@ for name in pq:
 # blind to prompts and prompts blind to each other (10.9); masked cross-attention and masks
 # as dot products with $E$ (10.10); memory tokens that summarize the previous round's mask
 # (10.11); Hungarian matching and dice + cross-entropy losses (10.12)-(10.15). The structural
-# claims were checked exactly before training. After about two minutes of CPU training, in
+# claims were checked exactly before training. After a few minutes of CPU training, in
 # a world where color alone does not separate the objects, the model segments held-out
 # scenes from points, boxes, scribbles, rough masks, phrases and their combination, names
 # the answers to visual prompts right about 70% of the time, and finds 60% of the objects

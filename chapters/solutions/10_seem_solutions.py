@@ -270,7 +270,7 @@ def best_outputs(out: SeemOutput, iou: torch.Tensor, prompt_masks: torch.Tensor)
 
 
 # %% [markdown]
-# **A small training setup, shared with exercise 3.** Section 10.9 trains for about two
+# **A small training setup, shared with exercise 3.** Section 10.9 trains for a few
 # minutes; here each model gets about fifteen seconds. What changes: scenes of the easy
 # world (flat colors; 10.2), of $32 \times 32$ pixels (objects of at least 10 visible
 # pixels) instead of 64, 600 of them;
