@@ -70,9 +70,15 @@ print("Triton kernels run:", kernels.runtime.MODE)
 # * **SwiGLU** feed-forward (Shazeer 2020): $\mathrm{FFN}(x) = W_2(\mathrm{SiLU}(W_1 x) \odot
 #   W_3 x)$ (6.3), three matrices instead of two.
 #
-# The output head is a separate matrix (not tied to the embedding), and nothing has a
+# In the 8B, 70B and 405B models the output head is a separate matrix (the small Llama 3.2
+# models, 1B and 3B, tie it to the embedding: `tie_embeddings=True`), and nothing has a
 # bias. We start with the configuration, with the published shapes of the three Llama 3.1
-# models (Table 3 of the paper; vocabulary 128,256; RoPE base $\theta = 500{,}000$).
+# models (Table 3 of the paper; vocabulary 128,256; RoPE base $\theta = 500{,}000$). The
+# constants are named `LLAMA3_*`, but they are the Llama 3.1 release's: its RoPE scaling
+# and 131,072-token context (Llama 3.0 had 8,192 tokens and no scaling). The FFN widths are
+# not free parameters: Meta's code derives them from the model width $d$ with two knobs,
+# `ffn_dim_multiplier` and `multiple_of`, as $\lceil m \lfloor 8d/3 \rfloor / r \rceil \cdot r$
+# (with the products truncated to integers), which gives 14,336, 28,672 and 53,248.
 
 # %%
 #| export lrn_lib.llama
@@ -113,6 +119,7 @@ class LlamaConfig:
     max_seq_len: int = 8192
     n_experts: int = 0
     top_k: int = 2
+    tie_embeddings: bool = False
 
     def __post_init__(self):
         if self.dim % self.n_heads:
@@ -127,12 +134,19 @@ class LlamaConfig:
         return self.dim // self.n_heads
 
 
-LLAMA3_8B = LlamaConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
-                        rope_scaling=RopeScaling(), max_seq_len=131072)
-LLAMA3_70B = LlamaConfig(vocab_size=128256, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672,
-                         rope_scaling=RopeScaling(), max_seq_len=131072)
-LLAMA3_405B = LlamaConfig(vocab_size=128256, dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, ffn_dim=53248,
-                          rope_scaling=RopeScaling(), max_seq_len=131072)
+def llama_ffn_dim(dim: int, ffn_dim_multiplier: float, multiple_of: int) -> int:
+    """The SwiGLU width of Meta's Llama code: int(multiplier * int(8 dim / 3)), rounded up to multiple_of."""
+    hidden = int(ffn_dim_multiplier * int(2 * 4 * dim / 3))
+    return multiple_of * math.ceil(hidden / multiple_of)
+
+
+# The Llama 3.1 release's shapes (params.json of each model: width, multiplier, multiple_of).
+LLAMA3_8B = LlamaConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                        ffn_dim=llama_ffn_dim(4096, 1.3, 1024), rope_scaling=RopeScaling(), max_seq_len=131072)
+LLAMA3_70B = LlamaConfig(vocab_size=128256, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8,
+                         ffn_dim=llama_ffn_dim(8192, 1.3, 4096), rope_scaling=RopeScaling(), max_seq_len=131072)
+LLAMA3_405B = LlamaConfig(vocab_size=128256, dim=16384, n_layers=126, n_heads=128, n_kv_heads=8,
+                          ffn_dim=llama_ffn_dim(16384, 1.2, 4096), rope_scaling=RopeScaling(), max_seq_len=131072)
 
 
 def tiny_config(**overrides) -> LlamaConfig:
@@ -155,7 +169,7 @@ def tiny_config(**overrides) -> LlamaConfig:
 # %%
 #| export lrn_lib.llama
 def parameter_count(cfg: LlamaConfig) -> int:
-    """Number of parameters of the model cfg describes (dense SwiGLU, untied head)."""
+    """Number of parameters of the model cfg describes (SwiGLU or MoE FFNs; the head counted once if tied)."""
     kv = cfg.n_kv_heads * cfg.head_dim
     attention = 2 * cfg.dim * cfg.dim + 2 * cfg.dim * kv
     if cfg.n_experts:
@@ -163,7 +177,8 @@ def parameter_count(cfg: LlamaConfig) -> int:
     else:
         ffn = 3 * cfg.dim * cfg.ffn_dim
     block = attention + ffn + 2 * cfg.dim
-    return cfg.n_layers * block + 2 * cfg.vocab_size * cfg.dim + cfg.dim
+    embeddings = (1 if cfg.tie_embeddings else 2) * cfg.vocab_size * cfg.dim
+    return cfg.n_layers * block + embeddings + cfg.dim
 
 
 def training_flops(n_params: float, n_tokens: float) -> float:
@@ -295,6 +310,11 @@ print("kept:", int((scaled == base).sum()), " divided by 8:", int(torch.isclose(
 # `attend`: section 6.6 swaps in ring attention there. Heads are found from the tensor's
 # width (`view(B, T, -1, hd)`), so a projection that holds only some heads (tensor
 # parallelism, 6.5) works unchanged.
+#
+# Llama 3 itself is dense. With `n_experts > 0` the block swaps its SwiGLU for chapter 5's
+# `MoELayer`, whose experts are two-matrix GELU FFNs. That makes a small MoE variant for
+# experiments, not a Mixtral or Llama 4 model: their experts are SwiGLU FFNs (three
+# matrices each), so neither their shapes nor their parameter counts match this variant's.
 
 # %%
 #| export lrn_lib.llama
@@ -400,6 +420,8 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:                                   # Llama 3.2 1B/3B: one (V, d) matrix
+            self.output.weight = self.tok_embeddings.weight
         self.register_buffer("omega", rope_frequencies(cfg), persistent=False)
         self.reset_parameters()
 
@@ -446,6 +468,52 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 # $10^{-10}$, and greedy generations to agree token for token. `transformers` is a test
 # dependency only, so the notebook does not import it.
 #
+# The name mapping lives in the library, so that a reader can also load real weights saved
+# by `transformers` (its `state_dict()`, or the tensors of a `model.safetensors` file) into
+# our model. Meta's own checkpoints already use our names, but pair RoPE's coordinates the
+# other way (section 6.1): their `wq` and `wk` rows need the permutation that `transformers`'
+# conversion script applies before they load.
+
+# %%
+#| export lrn_lib.llama
+TRANSFORMERS_NAMES = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head",
+                      "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+                      "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+                      "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+                      "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
+                      "feed_forward.w2": "mlp.down_proj"}
+
+
+def transformers_name(name: str) -> str:
+    """The name in transformers' LlamaForCausalLM of our parameter `name` (e.g. layers.0.attention.wq.weight)."""
+    if name.startswith("layers."):
+        _, i, rest = name.split(".", 2)
+        module, kind = rest.rsplit(".", 1)
+        return f"model.layers.{i}.{TRANSFORMERS_NAMES[module]}.{kind}"
+    module, kind = name.rsplit(".", 1)
+    return f"{TRANSFORMERS_NAMES[module]}.{kind}"
+
+
+def load_transformers_state_dict(model: "Llama", state_dict: dict[str, torch.Tensor]) -> None:
+    """Copy a transformers LlamaForCausalLM state dict into `model` in place (dense SwiGLU models).
+
+    Every parameter of `model` must be present with its shape; a tied model needs no
+    lm_head.weight. Raises ValueError naming the first missing or mis-shaped tensor.
+    """
+    if model.cfg.n_experts:
+        raise ValueError("load_transformers_state_dict loads dense Llama models; this one has MoE FFNs")
+    with torch.no_grad():
+        for name, p in model.named_parameters():          # a tied head is listed once, as the embedding
+            key = transformers_name(name)
+            if key not in state_dict:
+                raise ValueError(f"state_dict has no {key!r} (our {name})")
+            if state_dict[key].shape != p.shape:
+                raise ValueError(f"state_dict[{key!r}] has shape {tuple(state_dict[key].shape)}; "
+                                 f"our {name} is {tuple(p.shape)}")
+            p.copy_(state_dict[key])
+
+
+# %% [markdown]
 # Here we check what the notebook can on its own: the parameter count of the tiny model
 # against `parameter_count`, and that the model is causal: changing a later token never
 # changes an earlier logit.
@@ -2560,7 +2628,7 @@ print("3 chained stages equal the full model:", torch.equal(x, model(tokens)))
 #
 # Both compute the same gradients; they differ in idle time and memory. Both need $m \ge p$ here:
 # with fewer micro-batches than stages the pipeline never fills (1F1B's warm-up would be longer
-# than the batch), and the bubble (6.23) below is at least half the step. (PyTorch's
+# than the batch), and the bubble (6.24) below is at least half the step. (PyTorch's
 # `Schedule1F1B` enforces the same; its `ScheduleGPipe` does not.)
 
 # %%
@@ -2630,13 +2698,13 @@ except ValueError as err:
 #
 # The **bubble fraction** is the share of the $p$ stages' time that they sit idle:
 #
-# $$\text{bubble} = 1 - \frac{\sum_{s}\text{busy}_s}{p \cdot \text{makespan}} \qquad (6.24)$$
+# $$\text{bubble} = 1 - \frac{\sum_{s}\text{busy}_s}{p \cdot \text{makespan}} \qquad (6.23)$$
 #
 # For GPipe the count is direct: the last micro-batch's forward leaves stage 0 after $m$ units
 # and needs $p-1$ more to reach the end, so the forwards take $m + p - 1$ units and the
 # backwards $2(m + p - 1)$; each stage is busy $3m$ of the $3(m+p-1)$, so
 #
-# $$\text{bubble} = \frac{p-1}{m+p-1} \qquad (6.23)$$
+# $$\text{bubble} = \frac{p-1}{m+p-1} \qquad (6.24)$$
 #
 # (Megatron-LM's paper quotes $(p-1)/m$: the idle time divided by the *busy* time instead of the
 # whole step; the two agree for $m \gg p$.) 1F1B does not shorten the step: its bubble is the
@@ -2692,7 +2760,7 @@ def simulate_schedule(schedule: list[list[Action]], forward_time: float | Fracti
 
 
 def bubble_fraction(timeline: list[list[Event]]) -> float | Fraction:
-    """Idle share of the stages' time (6.24): 1 - total busy time / (stages * (last end - first start))."""
+    """Idle share of the stages' time (6.23): 1 - total busy time / (stages * (last end - first start))."""
     events = [e for stage in timeline for e in stage]
     if not events:
         raise ValueError("timeline has no events")
@@ -2703,7 +2771,7 @@ def bubble_fraction(timeline: list[list[Event]]) -> float | Fraction:
 
 
 def bubble_formula(num_stages: int, num_microbatches: int) -> Fraction:
-    """GPipe's bubble fraction (6.23): (p - 1) / (m + p - 1)."""
+    """GPipe's bubble fraction (6.24): (p - 1) / (m + p - 1)."""
     _check_pipeline(num_stages, num_microbatches)
     return Fraction(num_stages - 1, num_microbatches + num_stages - 1)
 
@@ -2733,7 +2801,7 @@ for p, m in ((2, 2), (2, 8), (4, 4), (4, 8), (4, 16), (8, 8), (8, 32)):
     ofob = bubble_fraction(simulate_schedule(SCHEDULES["1f1b"](p, m)))
     all_equal &= gpipe == ofob == bubble_formula(p, m)
     print(f"p={p} m={m:2d}: GPipe {str(gpipe):>5}  1F1B {str(ofob):>5}  (p-1)/(m+p-1) = {bubble_formula(p, m)}")
-print("both schedules' bubble equals (6.23) exactly:", all_equal)
+print("both schedules' bubble equals (6.24) exactly:", all_equal)
 
 # %% [markdown]
 # The timelines show where the idle time sits. In GPipe, stage $s$ waits $s$ units for its first
@@ -3033,7 +3101,7 @@ for key, err in worst.items():
 # the noise of four processes sharing a laptop's cores, each stage's compute is a
 # `SimulatedCompute` module that sleeps a fixed time in its forward (and twice that in its
 # backward), so every micro-batch costs the same on every stage and the CPU stays free for the
-# messages. The idle fraction of the measured timeline is compared with (6.23).
+# messages. The idle fraction of the measured timeline is compared with (6.24).
 
 # %%
 #| export lrn_lib.pipeline_parallel
@@ -3101,14 +3169,14 @@ draw_timelines(measured, "seconds")
 
 # %%
 for name, timeline in measured.items():
-    print(f"{name}: measured bubble within 0.05 of (6.23):", abs(bubble_fraction(timeline) - bubble_formula(p, m)) < 0.05)
+    print(f"{name}: measured bubble within 0.05 of (6.24):", abs(bubble_fraction(timeline) - bubble_formula(p, m)) < 0.05)
     print(f"{name}: activation sets held per stage match the schedule's count:",
           [runs[s][name].peak_stored for s in range(p)] == peak_in_flight(SCHEDULES[name](p, m)))
 
 # %% [markdown]
 # Both schedules idle the same share of the step, about $(p-1)/(m+p-1) = 3/11$ here, but GPipe
 # held all 8 micro-batches' activations on every stage, 1F1B at most $4, 3, 2, 1$. With real
-# compute the measured bubble is larger than (6.23): the messages take time, and the last stage,
+# compute the measured bubble is larger than (6.24): the messages take time, and the last stage,
 # which also runs the output head and the loss, is slower than the others unless the partition
 # accounts for it, as Llama 3's lighter end stages do.
 
@@ -4431,11 +4499,8 @@ def check_worker(rank: int, world: int, runs: list[list[str]]) -> list[dict]:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line of `python -m lrn_lib.train` / `torchrun ... -m lrn_lib.train`, checked.
-
-    Raises ValueError naming the flag when the sizes do not fit together (a head count that TP
-    cannot split, a batch that DP or the micro-batches cannot split, CP on a CPU, ...)."""
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of `python -m lrn_lib.train`, with their defaults and help texts."""
     p = argparse.ArgumentParser(prog="python -m lrn_lib.train",
                                 description="Train a small Llama 3 on the standard library's bytes with "
                                             "PyTorch's TP (DTensor), CP, PP (pipelining) and FSDP2.")
@@ -4457,7 +4522,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-file", type=Path, default=None,
                    help="write the per-step loss and tokens/s here as JSON "
                         "(not --log: torchrun would take it for its --log-dir)")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line of `python -m lrn_lib.train` / `torchrun ... -m lrn_lib.train`, checked.
+
+    Raises ValueError naming the flag when the sizes do not fit together (a head count that TP
+    cannot split, a batch that DP or the micro-batches cannot split, CP on a CPU, ...), when
+    --device cuda finds no GPU, or when --log-file could not be written."""
+    args = build_parser().parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device not in ("cpu", "cuda"):
@@ -4501,8 +4575,15 @@ def check_args(args: argparse.Namespace) -> None:
                          "parallelism.")
     if args.cp > 1 and args.seq % (2 * args.cp):
         raise ValueError(f"--seq {args.seq} must be a multiple of 2 * --cp = {2 * args.cp} (load-balanced shards)")
-    if args.lr <= 0:
-        raise ValueError(f"--lr must be positive, got {args.lr}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr must be a positive finite number, got {args.lr}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch finds no CUDA GPU (a CPU-only torch, or no visible device)")
+    world = args.tp * args.cp * args.pp * args.dp
+    if args.device == "cuda" and world > 1 and "RANK" not in os.environ:
+        raise ValueError(f"{world} GPU ranks need a launcher: torchrun --nproc-per-node {world} -m lrn_lib.train ...")
+    if args.log_file is not None and not args.log_file.resolve().parent.is_dir():
+        raise ValueError(f"--log-file {args.log_file}: its folder {args.log_file.resolve().parent} does not exist")
 
 
 def model_config(args: argparse.Namespace) -> LlamaConfig:
@@ -4552,16 +4633,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     world of one it starts its own; alone on the CPU with a larger world it spawns the ranks itself.
     Returns the per-step records."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except ValueError as err:                           # one `error:` line and exit code 2, before any work
+        build_parser().error(str(err))
     world = args.tp * args.cp * args.pp * args.dp
     backend = "nccl" if args.device == "cuda" else "gloo"
     if dist.is_initialized():
         return train(args)
     launched = "RANK" in os.environ                    # torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*
-    if not launched and world > 1:
-        if args.device == "cuda":
-            raise ValueError(f"{world} GPU ranks need a launcher: "
-                             f"torchrun --nproc-per-node {world} -m lrn_lib.train ...")
+    if not launched and world > 1:                     # on the CPU: check_args refuses CUDA without torchrun
         return spawn(train_worker, world, argv)[0]
     if args.device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -4972,15 +5053,21 @@ print("the 16 stages at tp=1 hold parameter_count(LLAMA3_405B):", sum(untiled) =
 # fp32 gradients, fp32 master weights plus Adam's two moments), a GPU with $P$ parameters
 # holds
 #
-# $$M_{\text{state}} = 2P + \frac{4P + 12P}{dp \cdot cp} \qquad (6.40)$$
+# $$M_{\text{state}} = 2P + 4P + \frac{12P}{dp \cdot cp} \qquad (6.40)$$
 #
-# bytes. The sharding group is $dp \cdot cp$, not just $dp$: the $cp$ ranks of a CP group hold
-# the same weights and see different tokens, so for the weights they behave like more
-# data-parallel replicas. Their gradients have to be summed anyway, and Megatron-LM and
-# TorchTitan shard over both. For layouts (a) and (b) $cp = 1$, so this makes no difference.
-# Without the sharding, the 16 bytes per parameter would be $16 \times 3.19 \text{B} =
-# 51$ GB per GPU before a single activation. Sharding brings the gradients and the optimizer
-# state down to under a GiB, and the bf16 weights (6 GiB) become the largest part of the model state.
+# bytes. The optimizer state is sharded over the group of $dp \cdot cp$ ranks, not just $dp$:
+# the $cp$ ranks of a CP group hold the same weights and see different tokens, so for the
+# weights they behave like more data-parallel replicas; Megatron-LM and TorchTitan shard
+# over both. The gradient is *not* sharded in this model, and that follows from how we
+# count DP's messages below (6.48): one reduce-scatter per step, after the gradients of all
+# $m$ micro-batches have been accumulated in fp32. Until that reduce-scatter, every GPU
+# accumulates the full fp32 gradient of its own TP/PP slice, $4P$ bytes. The alternative,
+# a reduce-scatter after every micro-batch (FSDP's default), would shard the gradient to
+# $4P/(dp \cdot cp)$ but multiply DP's gradient traffic by $m = 16$. Without any sharding,
+# the 16 bytes per parameter would be $16 \times 3.19 \text{B} = 51$ GB per GPU before a
+# single activation; with ours, the optimizer state drops to under a GiB and the fp32
+# gradient buffer (about 12 GiB) becomes the largest part of the model state, twice the
+# bf16 weights.
 #
 # **Activations.** The backward pass needs tensors that the forward pass computed. For one
 # token in one layer of `lrn_lib.llama.TransformerBlock`, we count the tensors a fused
@@ -5048,8 +5135,9 @@ def saved_activations(cfg: LlamaConfig) -> dict[str, int]:
 def memory_per_gpu(cfg: LlamaConfig, layout: Layout, stage: int) -> dict[str, float]:
     """GiB one GPU of pipeline stage `stage` holds at its peak under 1F1B, by part.
 
-    Keys: weights (bf16, whole), gradients (fp32) and optimizer (fp32 master + Adam m, v), both
-    sharded over dp * cp (6.40); activations (6.75, 6.76); total.
+    Keys: weights (bf16, whole), gradients (fp32, whole: accumulated over the step's micro-batches
+    before the one reduce-scatter of (6.48)), optimizer (fp32 master + Adam m, v, sharded over
+    dp * cp) (6.40); activations (6.42, 6.43); total.
     """
     params = params_per_gpu(cfg, layout, stage)
     shards = layout.dp * layout.cp
@@ -5065,7 +5153,7 @@ def memory_per_gpu(cfg: LlamaConfig, layout: Layout, stage: int) -> dict[str, fl
         activations += t * (ACTIVATION_BYTES * 2 * cfg.dim + LOGIT_BYTES * cfg.vocab_size) / layout.tp  # (6.43)
     parts = {
         "weights": WEIGHT_BYTES * params,                                                          # (6.40)
-        "gradients": GRAD_BYTES * params / shards,
+        "gradients": GRAD_BYTES * params,
         "optimizer": OPTIMIZER_BYTES * params / shards,
         "activations": activations,
     }
@@ -5125,7 +5213,7 @@ plt.show()
 # which gives the first stages 8 layers, would put $16 \times 8 = 128$ layer-micro-batches
 # plus the embedding on stage 0. Layout (c) has the same per-GPU token count as (a) and (b), $131{,}072/16 =
 # 8{,}192$, so its extra memory is exactly the gathered keys and values of the other 15 CP
-# chunks (second term of 6.75).
+# chunks (second term of 6.42).
 #
 # ### Messages per step
 #
@@ -5224,19 +5312,24 @@ for run in LLAMA3_TABLE4:
 
 # %%
 H100_GIB = 80
-total_a = rows[LLAMA3_TABLE4[0].name][1]["total"]
-print(f"layout (a): the busiest GPU needs less than an H100's {H100_GIB} GiB:", total_a < H100_GIB)
-print("every layout fits:", all(mem["total"] < H100_GIB for _, mem, _ in rows.values()))
+for name, (_, mem, _) in rows.items():
+    print(f"{name}: busiest GPU {mem['total']:.1f} GiB, fits in {H100_GIB} GiB: {mem['total'] < H100_GIB}")
 print("TP sends the most bytes in every layout:",
       all(max(sent, key=sent.get) == "tp" for _, _, sent in rows.values()))
 
 # %% [markdown]
-# The busiest GPU of layout (a) needs about 66 GiB out of 80. The margin of roughly 14 GiB is
-# what the CUDA context, NCCL's buffers, transient gradients and fragmentation have to fit in.
-# This is tight enough to explain why the paper balances its pipeline stages by hand.
-# Layout (b) uses twice the GPUs, and only the sharded gradient and optimizer parts shrink,
-# because weights and activations per GPU do not depend on $dp$. Layout (c) is the closest to
-# the limit: the gathered keys and values cost about 7 GiB more.
+# The busiest GPU of layout (a) needs about 78 GiB out of 80, and so does (b): on paper they
+# fit, but the margin of about 2 GiB is less than the CUDA context, NCCL's buffers and the
+# allocator's fragmentation usually take. Layout (b) uses twice the GPUs, and only the
+# sharded optimizer part shrinks, because weights, gradient buffer and activations per GPU
+# do not depend on $dp$. Layout (c) does *not* fit: the gathered keys and values cost about
+# 7 GiB more, for 84.7 GiB. So the published runs must do something this model leaves out,
+# and the accounting shows where the room can come from: a reduce-scatter of the gradients
+# after every micro-batch would shrink the 12 GiB buffer to almost nothing at 16 times DP's
+# gradient traffic; recomputing some activations in the backward pass (activation
+# checkpointing) trades FLOPs for the largest part; and gathering the keys and values again
+# in the backward pass instead of keeping them would save the 7 GiB of (c) at twice CP's
+# forward traffic. The paper does not say which it uses.
 #
 # In traffic, the dimensions differ by orders of magnitude:
 #
@@ -5253,14 +5346,18 @@ print("TP sends the most bytes in every layout:",
 #   $d = 16{,}384$, so gathering a whole 128K-token sequence's keys and values costs less than
 #   TP does for one 8K chunk.
 #
-# Figure 5 of the paper orders the dimensions [TP, CP, PP, DP] from innermost to outermost,
-# and this is the ordering by traffic. The dimension that sends the most gets the fastest
+# Figure 5 of the paper orders the dimensions [TP, CP, PP, DP] from innermost to outermost.
+# That is *not* the ordering by bytes: by our table DP sends more than CP, and CP more than
+# PP. The paper's reason is how well each dimension tolerates latency and hides behind
+# compute: TP's collectives block the next matmul, so it gets NVLink; CP's all-gathers sit
+# inside every attention layer; PP sends little, and only at stage boundaries; DP's
+# traffic happens once per step and overlaps with compute, so it can cross the slowest
 # links.
 #
 # ### Step time and MFU
 #
 # The paper reports throughput, not step time, so we derive the step time. A step trains
-# on $D$ tokens with about $6N$ FLOPs per token (section 6.3: $2N$ forward, $4N$ backward). At
+# on $D$ tokens with about $6N$ FLOPs per token (section 6.1: $2N$ forward, $4N$ backward). At
 # the reported FLOP/s per GPU, a step takes
 #
 # $$t_{\text{step}} = \frac{D \cdot F}{\text{GPUs} \cdot \text{FLOP/s per GPU}}, \qquad
@@ -5304,9 +5401,10 @@ print("TFLOPs / peak is within one point of the reported MFU:",
 
 # %% [markdown]
 # The reported MFUs are the reported TFLOPs over the peak, up to rounding. A step of layout (a)
-# takes about 11.6 s. Layout (b) has twice the GPUs at a slightly lower per-GPU rate, so its step
-# is about half as long, 6.2 s. For (c), the two conventions disagree: 6.6 s if the 380 TFLOPs
-# count only $6N$, and 10.9 s if they include the attention matmuls. The second is the one that
+# takes about 11.6 s counting $6N$ (12.1 s with the attention matmuls). Layout (b) has twice
+# the GPUs at a slightly lower per-GPU rate, so its step is about half as long, 6.2 s (6.5 s).
+# For (c), the two conventions disagree more: 6.6 s if the 380 TFLOPs count only $6N$, and
+# 10.9 s if they include the attention matmuls. The second is the one that
 # charges the 128K-token sequences for their quadratic attention, and it is the step time we use
 # from here on.
 #
@@ -5344,8 +5442,9 @@ print("CP, PP and DP together need under a tenth of a RoCE port:",
 # one dimension that needs bandwidth stays on the one link that has it. In short:
 #
 # * **Memory is set by activations.** Under 1F1B, the first stages hold up to $pp$
-#   micro-batches of $T/cp$ tokens. Weights stay whole per TP/PP slice, and DP sharding makes
-#   the gradients and optimizer state almost free.
+#   micro-batches of $T/cp$ tokens. Weights and the fp32 gradient buffer stay whole per
+#   TP/PP slice; DP sharding makes the optimizer state almost free. Layouts (a) and (b) fit
+#   an H100 by about 2 GiB, layout (c) does not without one of the savings listed above.
 # * **TP** dominates traffic and latency, so it stays inside the server.
 # * **CP** buys long context with modest traffic thanks to GQA, but the gathered keys and
 #   values cost memory.
@@ -5425,10 +5524,10 @@ print("CP, PP and DP together need under a tenth of a RoCE port:",
 # `schedule_bubble(schedule: list[list[tuple[str, int]]], forward_time: int, backward_time: int) -> float`
 # that runs a schedule (one list of actions `("F", i)` / `("B", i)` per stage, as
 # `gpipe_schedule` returns) with instant messages and the dependencies of section 6.7, and
-# returns the bubble (6.24). Each stage runs its actions in the listed order; the checker's
+# returns the bubble (6.23). Each stage runs its actions in the listed order; the checker's
 # schedules never deadlock, but their orders need not be GPipe's or 1F1B's. Run
 # `check("06.schedule_bubble", schedule_bubble)`. (b) With your function, print the bubble of
-# GPipe and 1F1B for $p = 4$ and $m = 4, 8, 16, 32$ next to (6.23), and the largest number of
+# GPipe and 1F1B for $p = 4$ and $m = 4, 8, 16, 32$ next to (6.24), and the largest number of
 # micro-batches whose activations stage 0 holds at once (`peak_in_flight`). Then give stage 0
-# of GPipe its forwards in reverse order. Look for: both schedules follow (6.23) exactly, 1F1B
+# of GPipe its forwards in reverse order. Look for: both schedules follow (6.24) exactly, 1F1B
 # holds $p$ micro-batches where GPipe holds $m$, and the reversed order makes the step longer.

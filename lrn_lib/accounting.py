@@ -196,8 +196,9 @@ def saved_activations(cfg: LlamaConfig) -> dict[str, int]:
 def memory_per_gpu(cfg: LlamaConfig, layout: Layout, stage: int) -> dict[str, float]:
     """GiB one GPU of pipeline stage `stage` holds at its peak under 1F1B, by part.
 
-    Keys: weights (bf16, whole), gradients (fp32) and optimizer (fp32 master + Adam m, v), both
-    sharded over dp * cp (6.40); activations (6.75, 6.76); total.
+    Keys: weights (bf16, whole), gradients (fp32, whole: accumulated over the step's micro-batches
+    before the one reduce-scatter of (6.48)), optimizer (fp32 master + Adam m, v, sharded over
+    dp * cp) (6.40); activations (6.42, 6.43); total.
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
@@ -215,7 +216,7 @@ def memory_per_gpu(cfg: LlamaConfig, layout: Layout, stage: int) -> dict[str, fl
         activations += t * (ACTIVATION_BYTES * 2 * cfg.dim + LOGIT_BYTES * cfg.vocab_size) / layout.tp  # (6.43)
     parts = {
         "weights": WEIGHT_BYTES * params,                                                          # (6.40)
-        "gradients": GRAD_BYTES * params / shards,
+        "gradients": GRAD_BYTES * params,
         "optimizer": OPTIMIZER_BYTES * params / shards,
         "activations": activations,
     }

@@ -1020,7 +1020,7 @@ def _sharded_max_not_added(shards, targets):
 
 
 def _simulate(schedule, forward_time, backward_time, in_order: bool = True, wait_downstream: bool = True) -> float:
-    """Bubble (6.24) of a schedule with instant messages; the switches model two mistakes."""
+    """Bubble (6.23) of a schedule with instant messages; the switches model two mistakes."""
     p = len(schedule)
     done: dict[tuple[str, int, int], float] = {}
     clock, pos = [0.0] * p, [0] * p
@@ -1055,7 +1055,7 @@ def _bubble_case(schedule, forward_time: int, backward_time: int, note: str = "r
 
 def _cases_schedule_bubble(rng: random.Random, gen: torch.Generator) -> Iterator[Case]:
     yield _bubble_case(gpipe_schedule(1, 3), 1, 2, "one stage: never idle")
-    yield _bubble_case(gpipe_schedule(2, 2), 1, 2, "GPipe, p = 2, m = 2: (6.23) gives 1/3")
+    yield _bubble_case(gpipe_schedule(2, 2), 1, 2, "GPipe, p = 2, m = 2: (6.24) gives 1/3")
     yield _bubble_case(one_f_one_b_schedule(4, 8), 1, 2, "1F1B, p = 4, m = 8")
     reversed_first = gpipe_schedule(3, 4)
     reversed_first[0] = [("F", i) for i in reversed(range(4))] + [("B", i) for i in range(4)]
@@ -2031,19 +2031,19 @@ EXERCISES: dict[str, Exercise] = {e.id: e for e in [
                     "your sign is flipped: the loss is log sum e^z - z_y >= 0"),
         )),
     Exercise(
-        id="06.schedule_bubble", summary="the idle share of a pipeline schedule with instant messages, (6.24)",
+        id="06.schedule_bubble", summary="the idle share of a pipeline schedule with instant messages, (6.23)",
         signature="schedule_bubble(schedule: list[list[tuple[str, int]]], forward_time: int, backward_time: int) "
                   "-> float",
         cases=_cases_schedule_bubble, n_cases=150, outputs=("bubble",),
         fallback="start every action at the latest of its stage's previous end and its inputs' ends (F on "
-                 "stage s-1, or F on stage s and B on stage s+1), then bubble = 1 - busy / (p * makespan), (6.24)",
+                 "stage s-1, or F on stage s and B on stage s+1), then bubble = 1 - busy / (p * makespan), (6.23)",
         shape_hint="return one number, the bubble fraction of the whole schedule",
         mistakes=(
             Mistake(_bubble_formula_of,
                     "(p-1)/(m+p-1) is the bubble of GPipe and 1F1B in their usual order, not of every "
-                    "schedule: simulate the listed order, in which a stage may wait longer, (6.24)"),
+                    "schedule: simulate the listed order, in which a stage may wait longer, (6.23)"),
             Mistake(lambda s, f, b: (len(s) - 1) / (len(s[0]) // 2),
-                    "(p-1)/m is Megatron-LM's idle time over busy time; the bubble (6.24) divides the idle "
+                    "(p-1)/m is Megatron-LM's idle time over busy time; the bubble (6.23) divides the idle "
                     "time by the whole step, p times the makespan"),
             Mistake(lambda s, f, b: _simulate(s, f, b, wait_downstream=False),
                     "a backward B i on stage s also needs B i of stage s+1 (the gradient of its output), "

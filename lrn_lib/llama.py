@@ -46,6 +46,7 @@ class LlamaConfig:
     max_seq_len: int = 8192
     n_experts: int = 0
     top_k: int = 2
+    tie_embeddings: bool = False
 
     def __post_init__(self):
         if self.dim % self.n_heads:
@@ -60,12 +61,22 @@ class LlamaConfig:
         return self.dim // self.n_heads
 
 
-LLAMA3_8B = LlamaConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
-                        rope_scaling=RopeScaling(), max_seq_len=131072)
-LLAMA3_70B = LlamaConfig(vocab_size=128256, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672,
-                         rope_scaling=RopeScaling(), max_seq_len=131072)
-LLAMA3_405B = LlamaConfig(vocab_size=128256, dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, ffn_dim=53248,
-                          rope_scaling=RopeScaling(), max_seq_len=131072)
+def llama_ffn_dim(dim: int, ffn_dim_multiplier: float, multiple_of: int) -> int:
+    """The SwiGLU width of Meta's Llama code: int(multiplier * int(8 dim / 3)), rounded up to multiple_of.
+
+    Defined in chapter 06 (LLaMA 3 and 4D parallelism).
+    """
+    hidden = int(ffn_dim_multiplier * int(2 * 4 * dim / 3))
+    return multiple_of * math.ceil(hidden / multiple_of)
+
+
+# The Llama 3.1 release's shapes (params.json of each model: width, multiplier, multiple_of).
+LLAMA3_8B = LlamaConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                        ffn_dim=llama_ffn_dim(4096, 1.3, 1024), rope_scaling=RopeScaling(), max_seq_len=131072)
+LLAMA3_70B = LlamaConfig(vocab_size=128256, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8,
+                         ffn_dim=llama_ffn_dim(8192, 1.3, 4096), rope_scaling=RopeScaling(), max_seq_len=131072)
+LLAMA3_405B = LlamaConfig(vocab_size=128256, dim=16384, n_layers=126, n_heads=128, n_kv_heads=8,
+                          ffn_dim=llama_ffn_dim(16384, 1.2, 4096), rope_scaling=RopeScaling(), max_seq_len=131072)
 
 
 def tiny_config(**overrides) -> LlamaConfig:
@@ -79,7 +90,7 @@ def tiny_config(**overrides) -> LlamaConfig:
 
 
 def parameter_count(cfg: LlamaConfig) -> int:
-    """Number of parameters of the model cfg describes (dense SwiGLU, untied head).
+    """Number of parameters of the model cfg describes (SwiGLU or MoE FFNs; the head counted once if tied).
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
@@ -90,7 +101,8 @@ def parameter_count(cfg: LlamaConfig) -> int:
     else:
         ffn = 3 * cfg.dim * cfg.ffn_dim
     block = attention + ffn + 2 * cfg.dim
-    return cfg.n_layers * block + 2 * cfg.vocab_size * cfg.dim + cfg.dim
+    embeddings = (1 if cfg.tie_embeddings else 2) * cfg.vocab_size * cfg.dim
+    return cfg.n_layers * block + embeddings + cfg.dim
 
 
 def training_flops(n_params: float, n_tokens: float) -> float:
@@ -270,6 +282,8 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:                                   # Llama 3.2 1B/3B: one (V, d) matrix
+            self.output.weight = self.tok_embeddings.weight
         self.register_buffer("omega", rope_frequencies(cfg), persistent=False)
         self.reset_parameters()
 
@@ -306,6 +320,48 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """
     logits = logits.reshape(-1, logits.shape[-1])
     return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets.reshape(-1))
+
+
+TRANSFORMERS_NAMES = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head",
+                      "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+                      "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+                      "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+                      "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
+                      "feed_forward.w2": "mlp.down_proj"}
+
+
+def transformers_name(name: str) -> str:
+    """The name in transformers' LlamaForCausalLM of our parameter `name` (e.g. layers.0.attention.wq.weight).
+
+    Defined in chapter 06 (LLaMA 3 and 4D parallelism).
+    """
+    if name.startswith("layers."):
+        _, i, rest = name.split(".", 2)
+        module, kind = rest.rsplit(".", 1)
+        return f"model.layers.{i}.{TRANSFORMERS_NAMES[module]}.{kind}"
+    module, kind = name.rsplit(".", 1)
+    return f"{TRANSFORMERS_NAMES[module]}.{kind}"
+
+
+def load_transformers_state_dict(model: "Llama", state_dict: dict[str, torch.Tensor]) -> None:
+    """Copy a transformers LlamaForCausalLM state dict into `model` in place (dense SwiGLU models).
+
+    Every parameter of `model` must be present with its shape; a tied model needs no
+    lm_head.weight. Raises ValueError naming the first missing or mis-shaped tensor.
+
+    Defined in chapter 06 (LLaMA 3 and 4D parallelism).
+    """
+    if model.cfg.n_experts:
+        raise ValueError("load_transformers_state_dict loads dense Llama models; this one has MoE FFNs")
+    with torch.no_grad():
+        for name, p in model.named_parameters():          # a tied head is listed once, as the embedding
+            key = transformers_name(name)
+            if key not in state_dict:
+                raise ValueError(f"state_dict has no {key!r} (our {name})")
+            if state_dict[key].shape != p.shape:
+                raise ValueError(f"state_dict[{key!r}] has shape {tuple(state_dict[key].shape)}; "
+                                 f"our {name} is {tuple(p.shape)}")
+            p.copy_(state_dict[key])
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,

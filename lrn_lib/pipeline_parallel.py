@@ -207,7 +207,7 @@ def simulate_schedule(schedule: list[list[Action]], forward_time: float | Fracti
 
 
 def bubble_fraction(timeline: list[list[Event]]) -> float | Fraction:
-    """Idle share of the stages' time (6.24): 1 - total busy time / (stages * (last end - first start)).
+    """Idle share of the stages' time (6.23): 1 - total busy time / (stages * (last end - first start)).
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
@@ -221,7 +221,7 @@ def bubble_fraction(timeline: list[list[Event]]) -> float | Fraction:
 
 
 def bubble_formula(num_stages: int, num_microbatches: int) -> Fraction:
-    """GPipe's bubble fraction (6.23): (p - 1) / (m + p - 1).
+    """GPipe's bubble fraction (6.24): (p - 1) / (m + p - 1).
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """

@@ -309,11 +309,8 @@ def check_worker(rank: int, world: int, runs: list[list[str]]) -> list[dict]:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line of `python -m lrn_lib.train` / `torchrun ... -m lrn_lib.train`, checked.
-
-    Raises ValueError naming the flag when the sizes do not fit together (a head count that TP
-    cannot split, a batch that DP or the micro-batches cannot split, CP on a CPU, ...).
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of `python -m lrn_lib.train`, with their defaults and help texts.
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
@@ -338,7 +335,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-file", type=Path, default=None,
                    help="write the per-step loss and tokens/s here as JSON "
                         "(not --log: torchrun would take it for its --log-dir)")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line of `python -m lrn_lib.train` / `torchrun ... -m lrn_lib.train`, checked.
+
+    Raises ValueError naming the flag when the sizes do not fit together (a head count that TP
+    cannot split, a batch that DP or the micro-batches cannot split, CP on a CPU, ...), when
+    --device cuda finds no GPU, or when --log-file could not be written.
+
+    Defined in chapter 06 (LLaMA 3 and 4D parallelism).
+    """
+    args = build_parser().parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device not in ("cpu", "cuda"):
@@ -385,8 +394,15 @@ def check_args(args: argparse.Namespace) -> None:
                          "parallelism.")
     if args.cp > 1 and args.seq % (2 * args.cp):
         raise ValueError(f"--seq {args.seq} must be a multiple of 2 * --cp = {2 * args.cp} (load-balanced shards)")
-    if args.lr <= 0:
-        raise ValueError(f"--lr must be positive, got {args.lr}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr must be a positive finite number, got {args.lr}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch finds no CUDA GPU (a CPU-only torch, or no visible device)")
+    world = args.tp * args.cp * args.pp * args.dp
+    if args.device == "cuda" and world > 1 and "RANK" not in os.environ:
+        raise ValueError(f"{world} GPU ranks need a launcher: torchrun --nproc-per-node {world} -m lrn_lib.train ...")
+    if args.log_file is not None and not args.log_file.resolve().parent.is_dir():
+        raise ValueError(f"--log-file {args.log_file}: its folder {args.log_file.resolve().parent} does not exist")
 
 
 def model_config(args: argparse.Namespace) -> LlamaConfig:
@@ -447,16 +463,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except ValueError as err:                           # one `error:` line and exit code 2, before any work
+        build_parser().error(str(err))
     world = args.tp * args.cp * args.pp * args.dp
     backend = "nccl" if args.device == "cuda" else "gloo"
     if dist.is_initialized():
         return train(args)
     launched = "RANK" in os.environ                    # torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*
-    if not launched and world > 1:
-        if args.device == "cuda":
-            raise ValueError(f"{world} GPU ranks need a launcher: "
-                             f"torchrun --nproc-per-node {world} -m lrn_lib.train ...")
+    if not launched and world > 1:                     # on the CPU: check_args refuses CUDA without torchrun
         return spawn(train_worker, world, argv)[0]
     if args.device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from lrn_lib.llama import (LLAMA3_8B, LLAMA3_70B, LLAMA3_405B, KVCache, Llama, LlamaConfig, RMSNorm, RopeScaling,
-                           apply_rope, generate, lm_loss, parameter_count, rope_cos_sin, rope_frequencies,
-                           sample_next, tiny_config, training_flops)
+                           apply_rope, generate, llama_ffn_dim, lm_loss, load_transformers_state_dict,
+                           parameter_count, rope_cos_sin, rope_frequencies, sample_next, tiny_config, training_flops,
+                           transformers_name)
 
 
 def hf_model(cfg: LlamaConfig):
@@ -23,31 +24,18 @@ def hf_model(cfg: LlamaConfig):
         vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
         max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, rope_parameters=rope,
-        tie_word_embeddings=False, attention_bias=False, mlp_bias=False, bos_token_id=None, eos_token_id=None)
+        tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, mlp_bias=False, bos_token_id=None, eos_token_id=None)
     hf_cfg._attn_implementation = "sdpa"
     return transformers.LlamaForCausalLM(hf_cfg).double().eval()
 
 
 def copy_weights(ours: Llama, theirs) -> None:
-    """Copy our parameters into transformers' names."""
-    names = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head",
-             "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-             "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
-             "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj",
-             "feed_forward.w3": "mlp.up_proj", "feed_forward.w2": "mlp.down_proj"}
+    """Copy our parameters into transformers' names (the library's mapping, read the other way)."""
     target = dict(theirs.named_parameters())
     copied = 0
     for name, p in ours.named_parameters():
-        hf_name = name
-        if name.startswith("layers."):
-            _, i, rest = name.split(".", 2)
-            module, _ = rest.rsplit(".", 1)
-            hf_name = f"model.layers.{i}.{names[module]}.weight"
-        else:
-            module, _ = name.rsplit(".", 1)
-            hf_name = f"{names[module]}.weight"
         with torch.no_grad():
-            target[hf_name].copy_(p)
+            target[transformers_name(name)].copy_(p)
         copied += 1
     assert copied == len(target), "every transformers parameter has a counterpart"
 
@@ -193,3 +181,37 @@ def test_bad_inputs_raise_clear_errors():
         KVCache(model.cfg, 1, 4, torch.float32).update(0, 3, torch.zeros(1, 2, 2, 16), torch.zeros(1, 2, 2, 16))
     with pytest.raises(ValueError, match="prompt"):
         generate(model, torch.zeros(1, 0, dtype=torch.int64), 3)
+
+
+def test_ffn_widths_follow_metas_multiplier_and_multiple_of():
+    assert [llama_ffn_dim(d, m, r) for d, m, r in ((4096, 1.3, 1024), (8192, 1.3, 4096), (16384, 1.2, 4096))] == \
+        [14336, 28672, 53248]
+    assert (LLAMA3_8B.ffn_dim, LLAMA3_70B.ffn_dim, LLAMA3_405B.ffn_dim) == (14336, 28672, 53248)
+    assert llama_ffn_dim(64, 1.0, 32) == 192 and llama_ffn_dim(2048, 1.5, 256) == 8192   # Llama 3.2 1B: 8192
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_transformers_weights_load_into_our_model_and_give_the_same_logits(tied):
+    cfg = tiny_config(n_layers=2, n_heads=4, n_kv_heads=2, dim=32, ffn_dim=72, vocab_size=53, tie_embeddings=tied)
+    torch.manual_seed(3)
+    theirs = hf_model(cfg)
+    ours = Llama(cfg).double().eval()
+    load_transformers_state_dict(ours, theirs.state_dict())
+    assert (ours.output.weight is ours.tok_embeddings.weight) == tied
+    assert sum(p.numel() for p in ours.parameters()) == parameter_count(cfg) == theirs.num_parameters()
+    all_float64(ours, theirs)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 19))
+    with torch.no_grad():
+        assert (ours(tokens) - theirs(tokens).logits).abs().max() < 1e-12
+
+
+def test_loading_a_state_dict_names_the_missing_or_misshaped_tensor():
+    model = Llama(tiny_config(n_layers=1))
+    state = {transformers_name(n): p.detach().clone() for n, p in model.named_parameters()}
+    del state["model.layers.0.self_attn.k_proj.weight"]
+    with pytest.raises(ValueError, match="k_proj"):
+        load_transformers_state_dict(model, state)
+    state = {transformers_name(n): p.detach().clone() for n, p in model.named_parameters()}
+    state["model.norm.weight"] = torch.ones(3)
+    with pytest.raises(ValueError, match="model.norm.weight"):
+        load_transformers_state_dict(model, state)

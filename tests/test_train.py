@@ -63,6 +63,29 @@ def test_bad_flags_raise_value_errors_naming_the_flag(flags, match):
         parse_args(flags)
 
 
+@pytest.mark.parametrize("flags, words", [
+    (["--lr", "nan"], "--lr"), (["--lr", "inf"], "--lr"), (["--lr", "0"], "--lr"),
+    (["--log-file", "no/such/folder/log.json"], "--log-file"), (["--steps", "ten"], "--steps"),
+    (["--dp", "3"], "--dp 3"), (["--schedule", "zigzag"], "--schedule"), (["--device", "tpu"], "--device"),
+])
+def test_the_command_line_rejects_a_bad_flag_in_one_error_line_before_any_work(flags, words, capsys, monkeypatch):
+    import lrn_lib.train as train
+
+    monkeypatch.setattr(train, "train", lambda args: pytest.fail("training started"))
+    monkeypatch.setattr(train, "spawn", lambda *a: pytest.fail("ranks spawned"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(flags)
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("python -m lrn_lib.train: error:")]
+    assert len(errors) == 1 and words in errors[0], errors
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_device_cuda_without_a_gpu_is_refused_by_name():
+    with pytest.raises(ValueError, match="--device cuda"):
+        parse_args(["--device", "cuda"])
+
+
 def test_main_spawns_cpu_ranks_itself_without_a_launcher(monkeypatch):
     import lrn_lib.train as train
 

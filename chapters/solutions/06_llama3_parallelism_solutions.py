@@ -173,12 +173,12 @@ print(check("06.sharded_cross_entropy", sharded_cross_entropy))
 # (a) The simulation repeats a sweep over the stages until every action has run: a stage
 # runs its next action as soon as the action's inputs exist (F on stage $s-1$; or its own F
 # and B on stage $s+1$), starting at the later of those inputs' ends and its own clock. Times
-# are `Fraction`s, so the bubble (6.24) comes out exact. A sweep that runs nothing means a
+# are `Fraction`s, so the bubble (6.23) comes out exact. A sweep that runs nothing means a
 # deadlock.
 
 # %%
 def schedule_bubble(schedule: list[list[tuple[str, int]]], forward_time: int, backward_time: int) -> float:
-    """(6.24) of a schedule (one action list per stage) with instant messages."""
+    """(6.23) of a schedule (one action list per stage) with instant messages."""
     p = len(schedule)
     duration = {"F": Fraction(forward_time), "B": Fraction(backward_time)}
     end: dict[tuple[str, int, int], Fraction] = {}
@@ -207,7 +207,7 @@ def schedule_bubble(schedule: list[list[tuple[str, int]]], forward_time: int, ba
 print(check("06.schedule_bubble", schedule_bubble))
 
 # %% [markdown]
-# (b) GPipe and 1F1B for $p = 4$, forward 1 and backward 2 units, next to (6.23), with the
+# (b) GPipe and 1F1B for $p = 4$, forward 1 and backward 2 units, next to (6.24), with the
 # peak number of micro-batches stage 0 holds (its activations stay alive from its forward
 # to its backward):
 
@@ -218,7 +218,7 @@ for m in (4, 8, 16, 32):
     g, o = gpipe_schedule(p, m), one_f_one_b_schedule(p, m)
     rows.append((m, schedule_bubble(g, 1, 2), schedule_bubble(o, 1, 2), float(bubble_formula(p, m)),
                  peak_in_flight(g)[0], peak_in_flight(o)[0]))
-print(" m | GPipe bubble | 1F1B bubble | (6.23) | stage 0 holds: GPipe, 1F1B")
+print(" m | GPipe bubble | 1F1B bubble | (6.24) | stage 0 holds: GPipe, 1F1B")
 for m, bg, bo, formula, hg, ho in rows:
     print(f"{m:2d} | {bg:12.4f} | {bo:11.4f} | {formula:6.4f} | {hg:2d}, {ho}")
 
@@ -228,7 +228,7 @@ b_rev = schedule_bubble(reversed_first, 1, 2)
 print(f"GPipe, m = 8, stage 0's forwards reversed: bubble {b_rev:.4f} (in order: {rows[1][1]:.4f})")
 
 # %%
-print("both schedules follow (6.23) exactly:", all(bg == bo == formula for _, bg, bo, formula, _, _ in rows))
+print("both schedules follow (6.24) exactly:", all(bg == bo == formula for _, bg, bo, formula, _, _ in rows))
 print("stage 0 holds m micro-batches under GPipe and p under 1F1B:",
       all(hg == m and ho == p for m, _, _, _, hg, ho in rows))
 print("the reversed order makes the step longer:", b_rev > rows[1][1])
