@@ -877,9 +877,11 @@ print("the right answer is often within reach (pass@8 > pass@1 + 0.3):", before[
 #   $\mu > 1$ changes).
 # * **REINFORCE** with the group-mean baseline: the same rollouts and update count, no std
 #   division, no clipping (with $\mu = 1$ it never acts anyway), no KL term.
-# * **RFT**, rejection-sampling fine-tuning (the "RFT" that DeepSeekMath compares against,
-#   after Yuan et al. 2023, arXiv:2308.01825): the same $G = 8$ samples per prompt and the
-#   same verifier, but the update is plain supervised learning on the samples that are right.
+# * **RFT**, rejection-sampling fine-tuning (Yuan et al. 2023, arXiv:2308.01825): the same
+#   $G = 8$ samples per prompt and the same verifier, but the update is plain supervised
+#   learning on the samples that are right. Ours samples from the current policy at every
+#   step, which DeepSeekMath (section 5.2.1) calls *online* RFT; Yuan et al. sample once,
+#   from the starting model.
 # * **SFT**, the warm-up continued: the same prompts with their worked solutions from the
 #   warm-up's data (15% still malformed), no sampling at all.
 #
@@ -1026,9 +1028,9 @@ for p, b_text, a_text in list(zip(held_out, before_texts, grpo_texts))[:8]:
 # With $\mu > 1$, the later passes reuse samples drawn from the policy *before* the earlier
 # updates: $\rho$ moves away from 1, and the clip starts to cut off the tokens whose
 # probability has already moved more than $\varepsilon$ in the direction their advantage
-# pushes. That buys more updates per rollout (sampling is the larger part of a step's time), at
-# the price of updates on stale samples. We take one batch from the warm-up model and make four passes
-# over it, printing how far the ratios have moved and what fraction of tokens is clipped.
+# pushes. That buys more updates per rollout, at the price of updates on stale samples. We
+# take one batch from the warm-up model and make four passes over it, printing how far the
+# ratios have moved and what fraction of tokens is clipped.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -1208,8 +1210,9 @@ if "warm_up" in gpu:
 # that effect?
 #
 # **Exercise 3 (measure).** Train with `loss_type="dr_grpo"` and `scale_rewards=False`, and
-# with `epsilon_high=0.28`, and compare held-out accuracy, completion length and clip
-# fraction with section 7.7's run. Then set `beta=0` and watch the KL to the reference.
+# with `epsilon_high=0.28` (with `num_iterations=2`: at $\mu = 1$ no clip ever acts), and
+# compare held-out accuracy, completion length and clip fraction with GRPO at $\mu = 2$.
+# Then set `beta=0` and watch the KL to the reference.
 
 # %% [markdown]
 # **Exercise 4 (implement): advantages and the loss.** Check each function with
