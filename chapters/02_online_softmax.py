@@ -43,6 +43,8 @@ torch.set_printoptions(precision=4, sci_mode=False)
 # NBVAL_IGNORE_OUTPUT
 print(config.describe())
 print("Triton kernels run:", kernels.runtime.MODE)
+if kernels.runtime.MODE == "unavailable":  # said once; cells that need a kernel skip it
+    kernels.runtime.note_fallback()
 
 # %% [markdown]
 # ## 2.1 Why three passes are too many
@@ -377,12 +379,15 @@ from kernels.softmax import softmax_triton  # chapter 1's fused and three-pass k
 TOLERANCE = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 shapes = config.pick(cpu=[(1, 1), (3, 17), (4, 4096), (2, 10_001)],
                      gpu=[(1, 1), (3, 17), (4096, 32768), (1024, 262_144), (7, 1_000_003)])
-for shape in shapes:
-    for dtype, tolerance in TOLERANCE.items():
-        x = (torch.randn(shape, device=config.DEVICE) * 5).to(dtype)
-        x[0, : shape[1] // 2] = -float("inf")
-        error = (online_softmax_triton(x).double() - torch.softmax(x.double(), -1)).abs().max().item()
-        print(f"shape {str(shape):17s} {str(dtype):15s} max error < {tolerance:g}: {error < tolerance}")
+if kernels.runtime.MODE != "unavailable":
+    for shape in shapes:
+        for dtype, tolerance in TOLERANCE.items():
+            x = (torch.randn(shape, device=config.DEVICE) * 5).to(dtype)
+            x[0, : shape[1] // 2] = -float("inf")
+            error = (online_softmax_triton(x).double() - torch.softmax(x.double(), -1)).abs().max().item()
+            print(f"shape {str(shape):17s} {str(dtype):15s} max error < {tolerance:g}: {error < tolerance}")
+else:
+    print("(skipped: needs Triton)")
 
 # %% [markdown]
 # ## 2.5 Which kernel wins, and when
@@ -604,16 +609,19 @@ x = torch.randn(3, 11, dtype=torch.float64, requires_grad=True)
 print("gradcheck of equation (2.4) in float64:",
       torch.autograd.gradcheck(lambda t: ReferenceSoftmax.apply(t, -1), (x,)))
 
-for shape, dim in config.pick(cpu=[((5, 37), -1), ((4, 6, 9), 1), ((2, 70_000), -1)],
-                              gpu=[((4096, 4096), -1), ((64, 8, 1000), 1), ((32, 200_000), -1)]):
-    x = (torch.randn(shape, device=config.DEVICE) * 3).requires_grad_()
-    upstream = torch.randn(shape, device=config.DEVICE)
-    (grad_ours,) = torch.autograd.grad(TritonSoftmax.apply(x, dim), x, upstream)
-    x64 = x.detach().double().requires_grad_()
-    (grad_ref,) = torch.autograd.grad(torch.softmax(x64, dim), x64, upstream.double())
-    error = (grad_ours.double() - grad_ref).abs().max().item()
-    print(f"shape {str(shape):14s} dim {dim:2d}: gradient matches torch autograd (float64), "
-          f"max error < 1e-6: {error < 1e-6}")
+if kernels.runtime.MODE != "unavailable":
+    for shape, dim in config.pick(cpu=[((5, 37), -1), ((4, 6, 9), 1), ((2, 70_000), -1)],
+                                  gpu=[((4096, 4096), -1), ((64, 8, 1000), 1), ((32, 200_000), -1)]):
+        x = (torch.randn(shape, device=config.DEVICE) * 3).requires_grad_()
+        upstream = torch.randn(shape, device=config.DEVICE)
+        (grad_ours,) = torch.autograd.grad(TritonSoftmax.apply(x, dim), x, upstream)
+        x64 = x.detach().double().requires_grad_()
+        (grad_ref,) = torch.autograd.grad(torch.softmax(x64, dim), x64, upstream.double())
+        error = (grad_ours.double() - grad_ref).abs().max().item()
+        print(f"shape {str(shape):14s} dim {dim:2d}: gradient matches torch autograd (float64), "
+              f"max error < 1e-6: {error < 1e-6}")
+else:
+    print("(skipped: needs Triton)")
 
 # %% [markdown]
 # ## Summary

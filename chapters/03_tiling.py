@@ -47,6 +47,8 @@ torch.set_printoptions(precision=4, sci_mode=False)
 # NBVAL_IGNORE_OUTPUT
 print(config.describe())
 print("Triton kernels run:", kernels.runtime.MODE)
+if kernels.runtime.MODE == "unavailable":  # said once; cells that need a kernel skip it
+    kernels.runtime.note_fallback()
 
 # %% [markdown]
 # ## 3.1 A matrix product is a sum of tile products
@@ -685,21 +687,27 @@ from kernels.matmul import matmul
 shapes = config.pick(cpu=[(1, 1, 1), (17, 1000, 33), (1000, 17, 1), (1, 17, 1000), (100, 77, 300)],
                      gpu=[(1, 1, 1), (17, 1000, 33), (1000, 17, 1), (1, 17, 1000), (4097, 1000, 4095),
                           (4096, 4096, 4096)])
-for m, n, k in shapes:
-    for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        a = torch.randn(m, k, device=config.DEVICE).to(dtype)
-        b = torch.randn(k, n, device=config.DEVICE).to(dtype)
-        print(f"M, N, K = {m:4d}, {n:4d}, {k:4d}  {str(dtype):15s} close to float64: "
-              f"{close_to_float64(matmul(a, b), a, b)}")
+if kernels.runtime.MODE != "unavailable":
+    for m, n, k in shapes:
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            a = torch.randn(m, k, device=config.DEVICE).to(dtype)
+            b = torch.randn(k, n, device=config.DEVICE).to(dtype)
+            print(f"M, N, K = {m:4d}, {n:4d}, {k:4d}  {str(dtype):15s} close to float64: "
+                  f"{close_to_float64(matmul(a, b), a, b)}")
+else:
+    print("(skipped: needs Triton)")
 
 # %%
-a = torch.randn(90, 50, device=config.DEVICE).t()            # (50, 90), column-major
-b = torch.randn(90, 130, device=config.DEVICE)[:, ::2]       # (90, 65), every other column
-print("strided a and b are not contiguous:", not a.is_contiguous() and not b.is_contiguous())
-print("transposed and sliced operands, close to float64:", close_to_float64(matmul(a, b), a, b))
-a32, b32 = torch.randn(64, 256, device=config.DEVICE), torch.randn(256, 48, device=config.DEVICE)
-print("float32 with allow_tf32=True, close to float64 with atol = 4e-3:",
-      close_to_float64(matmul(a32, b32, allow_tf32=True), a32, b32, atol=4e-3))
+if kernels.runtime.MODE != "unavailable":
+    a = torch.randn(90, 50, device=config.DEVICE).t()            # (50, 90), column-major
+    b = torch.randn(90, 130, device=config.DEVICE)[:, ::2]       # (90, 65), every other column
+    print("strided a and b are not contiguous:", not a.is_contiguous() and not b.is_contiguous())
+    print("transposed and sliced operands, close to float64:", close_to_float64(matmul(a, b), a, b))
+    a32, b32 = torch.randn(64, 256, device=config.DEVICE), torch.randn(256, 48, device=config.DEVICE)
+    print("float32 with allow_tf32=True, close to float64 with atol = 4e-3:",
+          close_to_float64(matmul(a32, b32, allow_tf32=True), a32, b32, atol=4e-3))
+else:
+    print("(skipped: needs Triton)")
 
 # %% [markdown]
 # TF32 rounds each input to 11 significant bits, a relative error of up to $2^{-11}$ per
@@ -813,10 +821,12 @@ else:
 # %% [markdown]
 # Then the effect of program order. The same fixed configuration (128 x 256 x 64 tiles,
 # 4 stages, 8 warps) is run with `GROUP_M = 1` (row-major) and `GROUP_M = 8`, on a large
-# square product where the panels do not all fit in L2. On the H100, grouping gained
-# between 1.05x and 1.12x over row-major in our runs (`benchmarks/sweep_matmul.py`). That
-# is real but modest, as section 3.5's model predicted for two orders that are both above
-# the ridge.
+# square product where the panels do not all fit in L2. In the H100 sweep
+# (`benchmarks/sweep_matmul.py`, output in `benchmarks/results/matmul_sweep_*`), the
+# library's `GROUP_M = 8` gained 1.01x over row-major at $4096^3$ and 1.05x at $8192^3$;
+# `GROUP_M = 16`, which the library does not use, reached 1.12x at $8192^3$ but only 1.04x
+# at $4096^3$. That is real but modest, as section 3.5's model predicted for two orders
+# that are both above the ridge.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -844,13 +854,15 @@ else:
 # `benchmarks/results/matmul_NVIDIA_H100_80GB_HBM3_2026-11-23.json`, from
 # `python -m kernels.bench matmul`) put the autotuned bfloat16 kernel at 0.95x
 # `torch.matmul` at 4096^3, 1.01x at 8192^3 and 0.94x at 16384 x 1024 x 4096, at
-# 650 to 700 TFLOP/s. Repeated runs moved the 4096^3 ratio between 0.89x and 1.02x. At
-# that size one matmul takes 0.2 ms, and clocks and the autotuner's choice between two
-# near-equal configurations both matter. The chapter's GPU run measured 724 TFLOP/s
-# for cuBLAS and 3.0 TB/s for the copy, against the datasheet's 989 TFLOP/s and 3.35
-# TB/s. The low-intensity shapes (K = 512 and 128, M = 64) reached 0.80x to 0.93x.
-# There the tile shape and the number of programs matter more than the tensor cores, and
-# cuBLAS has dedicated kernels (split-K, smaller tiles) that ours lacks.
+# 650 to 700 TFLOP/s; the sweep of the same day (`matmul_sweep_*` beside it) measured the
+# autotuned kernel at 0.89x at 4096^3. At that size one matmul takes 0.2 ms, and clocks
+# and the autotuner's choice between two near-equal configurations both matter. cuBLAS
+# itself reached 649 to 767 TFLOP/s in these files, against the datasheet's 989, and
+# chapter 4's GPU run measured 3.0 TB/s for a plain copy against the datasheet's 3.35 TB/s
+# (`benchmarks/results/chapter04_gpu_profile_*`). We have not committed measurements of
+# low-intensity shapes (small K, or M of a few dozen rows); there the tile shape and the
+# number of programs matter more than the tensor cores, and cuBLAS has dedicated kernels
+# (split-K, smaller tiles) that ours lacks.
 #
 # ## 3.8 Why attention does not tile like this, yet
 #

@@ -47,6 +47,8 @@ torch.set_printoptions(precision=4, sci_mode=False)
 # NBVAL_IGNORE_OUTPUT
 print(config.describe())
 print("Triton kernels run:", kernels.runtime.MODE)
+if kernels.runtime.MODE == "unavailable":  # said once; cells that need a kernel skip it
+    kernels.runtime.note_fallback()
 
 # %% [markdown]
 # ## 4.1 Standard attention and its memory traffic
@@ -1055,11 +1057,17 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
 # %% [markdown]
 # ## 4.8 Checking the kernels
 #
-# The acceptance bar of FlashAttention's own tests: the kernel's error against a float64
-# reference may be at most about twice the error of standard attention computed in the
-# same low precision (here: inputs and the probabilities rounded to bfloat16 or float16,
-# as PyTorch's own attention does). On the CPU the kernels run in the interpreter at small
-# sizes; on a GPU the same cell runs larger ones.
+# The acceptance bar of FlashAttention's own tests: the kernel's error against a
+# high-precision reference (float64 here) may be at most twice the error of standard
+# attention computed entirely in the same low precision by PyTorch. We also hold the
+# kernels to a stricter bar: twice the error of attention computed in float32 with only
+# the inputs and the probabilities $P$ rounded to bfloat16 or float16. That reference
+# keeps its gradients in float32, while our backward kernels round $dS$ and $P$ to 16 bits
+# for the tensor-core products, so on large GPU problems the ratio comes close to the bar:
+# up to 1.77 over five seeds on an H200, against at most 1.22 for FlashAttention's own
+# bar (`benchmarks/flash_attention_tolerance.py`, output in `benchmarks/results/`). The
+# GPU tests therefore use FlashAttention's bar. On the CPU the kernels run in the
+# interpreter at small sizes; on a GPU the same cell runs larger ones.
 
 # %%
 from kernels.flash_attention import flash_attention_backward, flash_attention_forward
@@ -1077,8 +1085,19 @@ def low_precision_attention(q, k, v, causal, do):
     return (o, *torch.autograd.grad(o, (qq, kk, vv), do))
 
 
+def attention_16bit(q, k, v, causal, do):
+    """Standard attention computed entirely in q's 16-bit dtype by PyTorch, and its gradients."""
+    qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    group = q.shape[1] // k.shape[1]
+    s = qq @ kk.repeat_interleave(group, 1).transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if causal:
+        s = s.masked_fill(~causal_visible(q.shape[2], k.shape[2], q.device), -float("inf"))
+    o = torch.softmax(s, -1).nan_to_num(0.0) @ vv.repeat_interleave(group, 1)
+    return (o, *torch.autograd.grad(o, (qq, kk, vv), do))
+
+
 def kernel_errors(b, h, h_kv, n_q, n_k, d, causal, dtype):
-    """Max errors of the kernels and of low-precision attention against float64, for O, dQ, dK, dV."""
+    """Max errors against float64 of the kernels, rounded-P and all-16-bit attention: O, dQ, dK, dV; and L's."""
     shape_q, shape_kv = (b, h, n_q, d), (b, h_kv, n_k, d)
     q, k, v = (torch.randn(s, device=config.DEVICE).to(dtype) for s in (shape_q, shape_kv, shape_kv))
     do = torch.randn(shape_q, device=config.DEVICE).to(dtype)
@@ -1087,11 +1106,11 @@ def kernel_errors(b, h, h_kv, n_q, n_k, d, causal, dtype):
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
     o64, lse64 = attention_reference(q64, k64, v64, causal)
     exact = (o64, *torch.autograd.grad(o64, (q64, k64, v64), do.double()))
-    low = low_precision_attention(q, k, v, causal, do)
     finite = lse64.isfinite()
     lse_error = (lse.double()[finite] - lse64[finite]).abs().max().item()
-    return ([(a.double() - e).abs().max().item() for a, e in zip(ours, exact)],
-            [(a.double() - e).abs().max().item() for a, e in zip(low, exact)], lse_error)
+    return [[(a.double() - e).abs().max().item() for a, e in zip(grads, exact)]
+            for grads in (ours, low_precision_attention(q, k, v, causal, do), attention_16bit(q, k, v, causal, do))
+            ] + [lse_error]
 
 
 cases = config.pick(
@@ -1099,14 +1118,21 @@ cases = config.pick(
          (1, 1, 1, 1, 64, 128, False), (1, 2, 1, 20, 33, 256, True)],
     gpu=[(1, 8, 2, 1000, 1000, 64, True), (2, 8, 8, 1024, 4096, 128, False), (1, 4, 1, 4096, 1024, 256, True),
          (2, 16, 4, 513, 777, 96, False), (4, 8, 8, 2048, 2048, 32, True)])
-all_within = True
-for case in cases:
-    for dtype in (torch.bfloat16, torch.float16):
-        ours, low, lse_error = kernel_errors(*case, dtype)
-        within = all(o <= 2 * max(l, 1e-3) for o, l in zip(ours, low)) and lse_error < 1e-3
-        all_within &= within
-        print(f"B,H,Hkv,Nq,Nk,d,causal = {case} {str(dtype):14s} O, dQ, dK, dV and L within bounds: {within}")
-print("every case within twice the low-precision error:", all_within)
+if kernels.runtime.MODE != "unavailable":
+    within = {"FlashAttention's": True, "rounded-P": True}
+    for case in cases:
+        for dtype in (torch.bfloat16, torch.float16):
+            ours, low, pure, lse_error = kernel_errors(*case, dtype)
+            flash_bar = all(o <= 2 * max(p, 1e-3) for o, p in zip(ours, pure)) and lse_error < 1e-3
+            strict_bar = all(o <= 2 * max(l, 1e-3) for o, l in zip(ours, low)) and lse_error < 1e-3
+            within["FlashAttention's"] &= flash_bar
+            within["rounded-P"] &= strict_bar
+            print(f"B,H,Hkv,Nq,Nk,d,causal = {case} {str(dtype):14s} O, dQ, dK, dV and L within "
+                  f"FlashAttention's bar: {flash_bar}, the rounded-P bar: {strict_bar}")
+    print("every case within FlashAttention's bar (twice the all-16-bit error):", within["FlashAttention's"])
+    print("every case within the stricter rounded-P bar:", within["rounded-P"])
+else:
+    print("(skipped: needs Triton)")
 
 # %% [markdown]
 # ### Numerics of the backward pass
@@ -1124,13 +1150,6 @@ print("every case within twice the low-precision error:", all_within)
 # entirely in 16-bit arithmetic by PyTorch, which is FlashAttention's own bar.
 
 # %%
-def attention_16bit_grads(q, k, v, do):
-    """dQ, dK, dV of standard attention run entirely in q's 16-bit dtype by autograd."""
-    qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    o = torch.softmax(qq @ kk.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1) @ vv
-    return torch.autograd.grad(o, (qq, kk, vv), do)
-
-
 def dk_errors(sharpness: float, dtype: torch.dtype, n: int = 64, d: int = 32) -> dict[str, float]:
     """Max |dK - dK_float64| of four backward passes on scores made peaked by scaling Q."""
     q = (sharpness * torch.randn(1, 2, n, d, device=config.DEVICE)).to(dtype)
@@ -1144,29 +1163,38 @@ def dk_errors(sharpness: float, dtype: torch.dtype, n: int = 64, d: int = 32) ->
         "reference, 16-bit O": flash_attention_backward_blocks(q64, k64, v64, o64.to(dtype).double(), lse64,
                                                                do.double())[1],
         "our kernels": flash_attention_backward(q, k, v, o, lse, do)[1],
-        "all-16-bit attention": attention_16bit_grads(q, k, v, do)[1],
+        "all-16-bit attention": attention_16bit(q, k, v, False, do)[2],
     }
     return {name: (g.double() - dk64).abs().max().item() for name, g in candidates.items()}
 
 
-config.seed_everything(1)
-numerics = {(dtype, sharp): dk_errors(sharp, dtype) for dtype in (torch.float16, torch.bfloat16)
-            for sharp in (1.0, 8.0)}
+if kernels.runtime.MODE != "unavailable":
+    config.seed_everything(1)
+    numerics = {(dtype, sharp): dk_errors(sharp, dtype) for dtype in (torch.float16, torch.bfloat16)
+                for sharp in (1.0, 8.0)}
+else:
+    print("(skipped: needs Triton)")
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-print(f"{'dtype':15s} {'Q scale':>7s}", " ".join(f"{name:>21s}" for name in next(iter(numerics.values()))))
-for (dtype, sharp), errors in numerics.items():
-    print(f"{str(dtype):15s} {sharp:7.0f}", " ".join(f"{e:21.1e}" for e in errors.values()))
+if kernels.runtime.MODE != "unavailable":
+    print(f"{'dtype':15s} {'Q scale':>7s}", " ".join(f"{name:>21s}" for name in next(iter(numerics.values()))))
+    for (dtype, sharp), errors in numerics.items():
+        print(f"{str(dtype):15s} {sharp:7.0f}", " ".join(f"{e:21.1e}" for e in errors.values()))
+else:
+    print("(skipped: needs Triton)")
 
 # %%
-peaked = [numerics[(dtype, 8.0)] for dtype in (torch.float16, torch.bfloat16)]
-print("peaked scores: our dK error is that of D computed from the 16-bit O (within 1.5x):",
-      all(e["our kernels"] <= 1.5 * e["reference, 16-bit O"] for e in peaked))
-print("peaked scores: the 16-bit O costs over 100x the exact-O error:",
-      all(e["reference, 16-bit O"] > 100 * e["reference, exact O"] for e in peaked))
-print("every case: our kernels within FlashAttention's bar (2x the all-16-bit error):",
-      all(e["our kernels"] <= 2 * e["all-16-bit attention"] for e in numerics.values()))
+if kernels.runtime.MODE != "unavailable":
+    peaked = [numerics[(dtype, 8.0)] for dtype in (torch.float16, torch.bfloat16)]
+    print("peaked scores: our dK error is that of D computed from the 16-bit O (within 1.5x):",
+          all(e["our kernels"] <= 1.5 * e["reference, 16-bit O"] for e in peaked))
+    print("peaked scores: the 16-bit O costs over 100x the exact-O error:",
+          all(e["reference, 16-bit O"] > 100 * e["reference, exact O"] for e in peaked))
+    print("every case: our kernels within FlashAttention's bar (2x the all-16-bit error):",
+          all(e["our kernels"] <= 2 * e["all-16-bit attention"] for e in numerics.values()))
+else:
+    print("(skipped: needs Triton)")
 
 # %% [markdown]
 # With peaked scores, our $dK$ is as accurate as $D$ from the rounded $O$ allows, and that

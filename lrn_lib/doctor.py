@@ -26,6 +26,15 @@ def version(package: str) -> str | None:
         return None
 
 
+def import_error(module: str) -> str:
+    """Why ``import module`` fails, as "ErrorType: message" (or "imports" if it does not fail)."""
+    try:
+        importlib.import_module(module)
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"
+    return "imports"
+
+
 def triton_expected() -> bool:
     """Whether triton publishes wheels for this platform (Linux x86_64/aarch64)."""
     return sys.platform.startswith("linux") and platform.machine() in ("x86_64", "aarch64")
@@ -49,8 +58,15 @@ def checks() -> list[tuple[bool, str]]:
             "no wheels for this platform: chapters use the PyTorch references"
         lines.append((not triton_expected(), f"triton not installed ({where})"))
         return lines
-    from kernels import runtime
-
+    try:
+        from kernels import runtime
+    except Exception as err:  # a triton that imports but then fails inside kernels
+        lines.append((False, f"triton {triton_version}: kernels failed to import: {type(err).__name__}: {err}"))
+        return lines
+    if runtime.MODE == "unavailable":  # installed, but `import triton` fails: report why
+        lines.append((not triton_expected(), f"triton {triton_version} is installed but does not import "
+                      f"({import_error('triton')}): chapters use the PyTorch references"))
+        return lines
     how = {"compiled": "compiled for the GPU", "interpreted": "in Triton's interpreter on the CPU (slow, exact)"}
     lines.append((True, f"triton {triton_version}: kernels run {how[runtime.MODE]}"))
     try:
