@@ -100,14 +100,40 @@ def encoder_cross_mask(pids: torch.Tensor, n_patches: int) -> torch.Tensor:
     return pids[:, None, :] == torch.arange(n_patches, device=pids.device)[None, :, None]
 
 
-def decoder_cross_mask(pids: torch.Tensor, n_patches: int, lag: int = 1) -> torch.Tensor:
-    """Byte t reads the latent state of patch pid_t - lag (8.15): pids (B, T) -> (B, T, P) bool.
+DECODER_LAGS = ("next", "previous", "own")
 
-    lag=1 is BLT's one-patch lag and keeps the model causal; lag=0 leaks later bytes of the patch.
+
+def decoder_patch_index(pids: torch.Tensor, lag: str = "next") -> torch.Tensor:
+    """The latent patch each byte's decoder query reads: pids (B, T) -> int64 (B, T); -1 means none.
+
+    lag "next" (8.15), the reference code's rule: byte t reads patch pid_{t+1} - 1, with a patch assumed
+    to start after the last byte, so the last byte of a patch reads its own, complete patch.
+    "previous" (8.15'): byte t reads patch pid_t - 1 (one patch staler at every patch end).
+    "own": byte t reads patch pid_t, which has seen later bytes (leaks; for the perturbation test).
 
     Defined in chapter 08 (The Byte Latent Transformer).
     """
-    return torch.arange(n_patches, device=pids.device)[None, None, :] == (pids - lag)[:, :, None]
+    if lag not in DECODER_LAGS:
+        raise ValueError(f"lag must be one of {DECODER_LAGS}, got {lag!r}")
+    if pids.dim() != 2 or pids.shape[-1] == 0:
+        raise ValueError(f"pids must have shape (B, T) with T >= 1, got {tuple(pids.shape)}")
+    if lag == "own":
+        return pids
+    if lag == "previous":
+        return pids - 1                                                           # (8.15')
+    next_pids = torch.cat([pids[:, 1:], pids[:, -1:] + 1], dim=1)
+    return next_pids - 1                                                          # (8.15)
+
+
+def decoder_cross_mask(pids: torch.Tensor, n_patches: int, lag: str = "next") -> torch.Tensor:
+    """Byte t reads exactly the latent state of patch decoder_patch_index(pids, lag)[t]: pids (B, T) -> (B, T, P) bool.
+
+    lag "next" (8.15) and "previous" (8.15') keep the model causal; "own" leaks later bytes of the patch.
+
+    Defined in chapter 08 (The Byte Latent Transformer).
+    """
+    index = decoder_patch_index(pids, lag)
+    return torch.arange(n_patches, device=pids.device)[None, None, :] == index[:, :, None]
 
 
 def block_causal_mask(pids: torch.Tensor) -> torch.Tensor:
@@ -204,15 +230,15 @@ class BLTConfig:
     hash_table_size: int = 4096
     ffn_mult: float = 2.5
     rope_theta: float = 10000.0
-    lag: int = 1
+    lag: str = "next"
 
     def __post_init__(self):
         for name in ("local_dim", "local_heads", "encoder_layers", "decoder_layers", "window", "latent_dim",
                      "latent_heads", "latent_layers", "hash_table_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lag not in (0, 1):
-            raise ValueError(f"lag must be 1 (BLT) or 0 (the leaky variant), got {self.lag}")
+        if self.lag not in DECODER_LAGS:
+            raise ValueError(f"lag must be one of {DECODER_LAGS} (see decoder_patch_index), got {self.lag!r}")
 
     def llama(self, latent: bool) -> LlamaConfig:
         """The LlamaConfig of the latent (latent=True) or the local blocks."""
@@ -304,7 +330,7 @@ class LocalDecoder(nn.Module):
 class BLT(nn.Module):
     """The Byte Latent Transformer: tokens (B, T) and patch starts (B, T) bool -> next-byte logits (B, T, 256).
 
-    Logits at t predict byte t + 1 and depend on tokens 0..t only (with lag=1).
+    Logits at t predict byte t + 1 and depend on tokens 0..t only (with lag "next" or "previous").
 
     Defined in chapter 08 (The Byte Latent Transformer).
     """

@@ -381,3 +381,33 @@ def hash_ngram_ids(tokens: torch.Tensor, n: int, table_size: int) -> torch.Tenso
     for i in range(n):                                                            # Horner: (h B + c) mod p
         h = (h * HASH_BASE + padded[..., i:i + t] + 1) % HASH_PRIME               # (8.9)
     return h % table_size
+
+
+def bootstrap_bpb_interval(nats: torch.Tensor, n_bytes: torch.Tensor, n_boot: int = 2000, level: float = 0.95,
+                           seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of bits per byte (8.2) over held-out windows.
+
+    nats (N,): summed nats of each window (a difference of two models' nats is allowed, and may be negative);
+    n_bytes (N,): bytes of each window. Resamples the N windows with replacement n_boot times and returns the
+    (1 - level) / 2 and (1 + level) / 2 quantiles of sum(nats) / (sum(n_bytes) ln 2) over the resamples.
+
+    Defined in chapter 08 (The Byte Latent Transformer).
+    """
+    if not isinstance(nats, torch.Tensor) or not nats.dtype.is_floating_point:
+        raise TypeError("nats must be a floating-point tensor (N,)")
+    if not isinstance(n_bytes, torch.Tensor):
+        raise TypeError("n_bytes must be a tensor (N,)")
+    if nats.dim() != 1 or nats.shape != n_bytes.shape or nats.numel() < 2:
+        raise ValueError(f"nats and n_bytes must both have shape (N,) with N >= 2, got {tuple(nats.shape)}, "
+                         f"{tuple(n_bytes.shape)}")
+    if bool((n_bytes <= 0).any()):
+        raise ValueError("n_bytes must be positive")
+    if not isinstance(n_boot, int) or n_boot < 1:
+        raise ValueError(f"n_boot must be an int >= 1, got {n_boot!r}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level!r}")
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, nats.numel(), (n_boot, nats.numel()), generator=gen)
+    values = nats.double().cpu()[idx].sum(1) / (n_bytes.double().cpu()[idx].sum(1) * math.log(2))   # (8.2)
+    low, high = torch.quantile(values, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
+    return float(low), float(high)

@@ -1,11 +1,12 @@
-"""Chapter 8: the BLT model's masks, its causality (the one-patch lag), hash embeddings, FLOPs accounting."""
+"""Chapter 8: the BLT model's masks, its causality (the decoder lag rules), hash embeddings, FLOPs accounting."""
 from dataclasses import replace
 
 import pytest
 import torch
 
 from lrn_lib.blt import (BLT, BLTConfig, CrossAttention, HashNgramEmbedding, LocalEncoder, block_causal_mask,
-                         blt_flops_per_byte, block_flops, byte_entropies, decoder_cross_mask, encoder_cross_mask,
+                         blt_flops_per_byte, block_flops, byte_entropies, decoder_cross_mask, decoder_patch_index,
+                         encoder_cross_mask,
                          entropy_model, entropy_starts, llama_flops_per_token, local_causal_mask, masked_attention)
 from lrn_lib.llama import tiny_config
 from lrn_lib.patching import BOS, fixed_patch_starts, patch_ids
@@ -50,12 +51,45 @@ def test_encoder_cross_attention_ignores_other_patches_bytes():
     assert torch.equal(out[0, :2], out2[0, :2]) and not torch.allclose(out[0, 2], out2[0, 2])
 
 
-def test_decoder_mask_has_the_one_patch_lag():
+def reference_decoder_ids(lengths, seq_len):
+    """The reference code's rule, from patch lengths: drop the first patch, ids from the remaining lengths."""
+    ends = torch.tensor(lengths[1:]).cumsum(0).tolist()
+    return [sum(1 for e in ends if e <= t) for t in range(seq_len)]
+
+
+@pytest.mark.parametrize("lengths", [[1, 2, 3, 2], [1, 1, 1, 5], [1, 4], [1, 3, 1, 1, 6, 2]])
+def test_decoder_mask_next_matches_the_reference_shift_of_patch_lengths(lengths):
+    pids = patch_ids(hand_starts(lengths))
+    n, p = sum(lengths), len(lengths)
+    assert decoder_patch_index(pids).tolist()[0] == reference_decoder_ids(lengths, n)
+    m = decoder_cross_mask(pids, p)[0]
+    assert m.sum(1).tolist() == [1] * n                         # every byte reads exactly one patch
+    ends = torch.tensor(lengths).cumsum(0) - 1
+    for j, t in enumerate(ends.tolist()):
+        assert m[t].nonzero().flatten().tolist() == [j]         # the last byte of patch j reads patch j
+
+
+def test_decoder_mask_previous_reads_the_patch_before_its_own():
     pids = patch_ids(hand_starts([1, 2, 3, 2]))
-    m = decoder_cross_mask(pids, 4)[0]
+    m = decoder_cross_mask(pids, 4, "previous")[0]
     for t, p in enumerate(pids[0].tolist()):
         assert m[t].nonzero().flatten().tolist() == ([p - 1] if p > 0 else [])
-    assert torch.equal(decoder_cross_mask(pids, 4, lag=0)[0], encoder_cross_mask(pids, 4)[0].T)
+    assert torch.equal(decoder_cross_mask(pids, 4, "own")[0], encoder_cross_mask(pids, 4)[0].T)
+
+
+def test_decoder_rules_differ_only_at_the_last_byte_of_each_patch():
+    lengths = [1, 3, 2, 4]
+    pids = patch_ids(hand_starts(lengths))
+    differ = (decoder_cross_mask(pids, 4) != decoder_cross_mask(pids, 4, "previous"))[0].any(-1)
+    assert differ.nonzero().flatten().tolist() == (torch.tensor(lengths).cumsum(0) - 1).tolist()
+
+
+def test_decoder_patch_index_works_row_by_row_on_batches():
+    starts = torch.cat([hand_starts([1, 2, 3]), hand_starts([1, 4, 1])])
+    pids = patch_ids(starts)
+    for lag in ("next", "previous", "own"):
+        whole = decoder_patch_index(pids, lag)
+        assert torch.equal(whole, torch.cat([decoder_patch_index(pids[i:i + 1], lag) for i in range(2)]))
 
 
 def test_local_and_block_causal_masks():
@@ -92,9 +126,10 @@ def leaked_positions(model, x, starts_fn):
     return leaks
 
 
-def test_blt_is_causal_with_fixed_patches():
+@pytest.mark.parametrize("lag", ["next", "previous"])
+def test_blt_is_causal_with_fixed_patches(lag):
     torch.manual_seed(0)
-    model = BLT(SMALL).double()
+    model = BLT(replace(SMALL, lag=lag)).double()
     x = random_tokens(2, 27, 1)
     assert leaked_positions(model, x, lambda z: fixed_patch_starts(z, 3)) == []
 
@@ -113,7 +148,7 @@ def test_blt_is_causal_with_entropy_patches_end_to_end():
 
 def test_reading_the_own_patch_latent_leaks_the_future():
     torch.manual_seed(0)
-    model = BLT(replace(SMALL, lag=0)).double()
+    model = BLT(replace(SMALL, lag="own")).double()
     x = random_tokens(1, 20, 3)
     assert len(leaked_positions(model, x, lambda z: fixed_patch_starts(z, 4))) > 5
 
@@ -181,6 +216,10 @@ def test_bad_inputs():
         model(x.float(), torch.ones(1, 8, dtype=torch.bool))
     with pytest.raises(ValueError, match="lag"):
         BLTConfig(lag=2)
+    with pytest.raises(ValueError, match="lag"):
+        decoder_patch_index(patch_ids(hand_starts([1, 2])), "last")
+    with pytest.raises(ValueError, match="pids"):
+        decoder_patch_index(torch.zeros(3, dtype=torch.int64))
     with pytest.raises(ValueError, match="window"):
         BLTConfig(window=0)
     with pytest.raises(ValueError, match="patch_size"):

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lrn_lib.patching import (BOS, HASH_BASE, HASH_PRIME, N_BYTES, BPETokenizer, bits_per_byte, bpe_patch_starts,
+from lrn_lib.patching import (BOS, HASH_BASE, HASH_PRIME, N_BYTES, BPETokenizer, bits_per_byte, bootstrap_bpb_interval,
+                              bpe_patch_starts,
                               bytes_to_tensor, entropy_patch_starts, fixed_patch_starts, hash_ngram_ids,
                               mean_patch_size, next_byte_entropies, patch_ids, patch_lengths, pretokenize,
                               space_patch_starts, threshold_for_patch_size)
@@ -177,6 +178,42 @@ def test_bits_per_byte_counts_bytes_not_tokens():
     assert math.isclose(bits_per_byte(2.0 * 100, 400), 0.5 / math.log(2), rel_tol=1e-12)
 
 
+def test_bootstrap_interval_matches_a_plain_resampling_loop():
+    nats = torch.rand(37, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 100
+    n_bytes = torch.randint(50, 130, (37,), generator=torch.Generator().manual_seed(1))
+    lo, hi = bootstrap_bpb_interval(nats, n_bytes, n_boot=500, level=0.9, seed=4)
+    idx = torch.randint(0, 37, (500, 37), generator=torch.Generator().manual_seed(4))
+    values = sorted(sum(nats[i].item() for i in row) / (sum(n_bytes[i].item() for i in row) * math.log(2))
+                    for row in idx.tolist())
+    ref = torch.quantile(torch.tensor(values, dtype=torch.float64), torch.tensor([0.05, 0.95], dtype=torch.float64))
+    assert math.isclose(lo, ref[0].item(), rel_tol=1e-12) and math.isclose(hi, ref[1].item(), rel_tol=1e-12)
+
+
+def test_bootstrap_interval_brackets_the_full_sample_and_shrinks_with_more_windows():
+    gen = torch.Generator().manual_seed(2)
+    widths = []
+    for n in (20, 2000):
+        nats = 80 + 20 * torch.rand(n, generator=gen, dtype=torch.float64)
+        n_bytes = torch.full((n,), 64)
+        lo, hi = bootstrap_bpb_interval(nats, n_bytes)
+        assert lo < bits_per_byte(nats.sum().item(), 64 * n) < hi
+        widths.append(hi - lo)
+    assert widths[1] < widths[0] / 5                           # width ~ 1 / sqrt(N): 100x the windows, ~1/10 the width
+
+
+def test_bootstrap_interval_of_a_paired_difference_may_be_negative():
+    lo, hi = bootstrap_bpb_interval(-torch.ones(10, dtype=torch.float64), torch.full((10,), 2))
+    assert math.isclose(lo, -0.5 / math.log(2)) and math.isclose(hi, -0.5 / math.log(2))
+
+
+def test_bpe_patching_is_not_incremental():
+    tok = BPETokenizer([(ord("b"), ord("c")), (ord("a"), ord("b"))])   # b+c outranks a+b
+    whole = bpe_patch_starts(bytes_to_tensor(b"abc", bos=True), tok)   # a | bc
+    prefix = bpe_patch_starts(bytes_to_tensor(b"ab", bos=True), tok)   # ab
+    assert whole.tolist() == [True, True, True, False] and prefix.tolist() == [True, True, False]
+    # whether byte 2 ("b") starts a patch depends on the "c" after it
+
+
 # ------------------------------------------------------------------ bad inputs
 
 def test_bad_inputs_raise_naming_the_argument():
@@ -204,3 +241,13 @@ def test_bad_inputs_raise_naming_the_argument():
         BPETokenizer([]).decode([256])
     with pytest.raises(ValueError, match="tokens"):
         bpe_patch_starts(torch.tensor([BOS, BOS, 5]), BPETokenizer([]))
+    with pytest.raises(TypeError, match="nats"):
+        bootstrap_bpb_interval(torch.ones(4, dtype=torch.int64), torch.ones(4))
+    with pytest.raises(ValueError, match="n_bytes"):
+        bootstrap_bpb_interval(torch.ones(4), torch.ones(3))
+    with pytest.raises(ValueError, match="n_bytes"):
+        bootstrap_bpb_interval(torch.ones(4), torch.zeros(4))
+    with pytest.raises(ValueError, match="n_boot"):
+        bootstrap_bpb_interval(torch.ones(4), torch.ones(4), n_boot=0)
+    with pytest.raises(ValueError, match="level"):
+        bootstrap_bpb_interval(torch.ones(4), torch.ones(4), level=1.0)

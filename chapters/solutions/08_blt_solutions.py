@@ -138,30 +138,29 @@ print("equal to hash_ngram_ids for n = 3..8 on 1000 random bytes:",
       all(rolling_ids(data, n, 4096) == hash_ngram_ids(bytes_to_tensor(data), n, 4096).tolist() for n in range(3, 9)))
 
 # %% [markdown]
-# ## Exercise 3 (implement): the lag by shifting
+# ## Exercise 3 (implement): the reference's shift, from patch lengths
 #
 # The logits at byte $t$ predict byte $t + 1$, so byte $t$ may read the latent state $z_j$
 # of patch $j$ exactly when every byte of patch $j$ is at or before $t$. The freshest such
-# patch is the one just before the patch of byte $t + 1$. Shifting the boundaries one byte
-# to the left (patch ids of the *next* byte) and keeping the one-patch step gives
-#
-# $$\text{mask}^{shift}_{t,j} = [\, j = \text{pid}_{t+1} - 1 \,],$$
-#
-# with a new patch assumed after the last byte. Inside a patch, $\text{pid}_{t+1} = \text{pid}_t$
-# and the mask is (8.15). At the *last* byte of patch $j$, $\text{pid}_{t+1} = j + 1$: that byte
-# reads $z_j$, its own patch, which has seen bytes up to $t$ and no further, where (8.15)
-# gives it $z_{j-1}$. So the shifted mask is causal and one patch fresher at the end of every
-# patch; the BOS byte, alone in patch 0, now reads $z_0$ instead of nothing.
+# patch is the one just before the patch of byte $t + 1$, which is (8.15). The reference code
+# reaches it from patch *lengths*: it drops the first patch's length (BOS, one byte) and
+# numbers the bytes by the remaining lengths, so every boundary moves one byte to the left,
+# and the bytes past the last boundary (the final byte) get the next number. Inside a patch
+# this is (8.15'); at the *last* byte of patch $j$ it gives $j$, the byte's own patch, which has
+# seen bytes up to $t$ and no further.
 
 # %%
 def shifted_decoder_mask(pids: torch.Tensor, n_patches: int) -> torch.Tensor:
-    """Byte t reads patch pid_{t+1} - 1 (a new patch after the last byte): pids (B, T) -> (B, T, P) bool."""
-    next_pid = torch.cat([pids[:, 1:], pids[:, -1:] + 1], dim=1)
-    return torch.arange(n_patches)[None, None, :] == (next_pid - 1)[:, :, None]
+    """The reference's rule from patch lengths: pids (B, T) -> (B, T, P) bool, one patch per byte."""
+    lengths = torch.stack([torch.bincount(row, minlength=n_patches) for row in pids])    # (B, P)
+    ends = lengths[:, 1:].cumsum(1)                                    # boundaries shifted one byte left
+    t = torch.arange(pids.shape[1])
+    index = (ends[:, None, :] <= t[None, :, None]).sum(-1)             # patches ended at or before t
+    return torch.arange(n_patches)[None, None, :] == index[:, :, None]
 
 
 class ShiftedDecoder(LocalDecoder):
-    """The local decoder of lrn_lib.blt with the shifted mask in place of (8.15)."""
+    """The local decoder of lrn_lib.blt with shifted_decoder_mask in place of the library's mask."""
 
     def forward(self, h, latents, pids):
         mask = shifted_decoder_mask(pids, latents.shape[1])
@@ -173,16 +172,16 @@ class ShiftedDecoder(LocalDecoder):
 
 
 config.seed_everything(0)
-small = BLTConfig(local_dim=32, latent_dim=64, hash_table_size=512, window=16)
+small = BLTConfig(local_dim=32, latent_dim=64, hash_table_size=512, window=16, lag="previous")
 x = torch.randint(0, 256, (1, 41))
 x[0, 0] = BOS
 starts = fixed_patch_starts(x, 4)
 pids = patch_ids(starts)
 moved = {}
-for name in ("lag (8.15)", "shifted boundaries"):
+for name in ("(8.15')", "shifted lengths"):
     config.seed_everything(0)
     model = BLT(small).double()
-    if name == "shifted boundaries":
+    if name == "shifted lengths":
         model.decoder.__class__ = ShiftedDecoder
     leaks = 0
     with torch.no_grad():
@@ -194,23 +193,26 @@ for name in ("lag (8.15)", "shifted boundaries"):
     moved[name] = leaks
     print(f"{name}: bytes t whose change moves a logit before t: {leaks} of {x.shape[1] - 1}")
 
-lagged, shifted = decoder_cross_mask(pids, int(pids.max()) + 1)[0], shifted_decoder_mask(pids, int(pids.max()) + 1)[0]
-differ = (lagged != shifted).any(-1).nonzero().flatten().tolist()
+P = int(pids.max()) + 1
+previous, shifted = decoder_cross_mask(pids, P, "previous")[0], shifted_decoder_mask(pids, P)[0]
+differ = (previous != shifted).any(-1).nonzero().flatten().tolist()
 last_bytes = [t for t in range(x.shape[1] - 1) if pids[0, t + 1] != pids[0, t]] + [x.shape[1] - 1]
 print("patch ids:", pids[0].tolist())
-print("bytes that read a different latent state:", differ)
+print("bytes that read a different latent state than under (8.15'):", differ)
 
 # %%
-print("the shifted mask is causal:", moved["shifted boundaries"] == 0)
-print("it differs from (8.15) exactly at the last byte of each patch:", differ == last_bytes)
+print("the shifted mask is causal:", moved["shifted lengths"] == 0)
+print("it equals the library's (8.15), lag='next':", torch.equal(shifted, decoder_cross_mask(pids, P)[0]))
+print("it differs from (8.15') exactly at the last byte of each patch:", differ == last_bytes)
 
 # %% [markdown]
-# Both masks pass the perturbation test. With fixed patches of 4 bytes after the BOS patch,
-# the bytes that read a different state are 0 (BOS), 4, 8, ...: the last byte of each patch,
-# which reads its own patch's latent state. That byte predicts the first byte of the next
-# patch, the hardest prediction of the patch (with entropy patching, a patch starts exactly
-# where the next byte is uncertain), and it now gets the global context of everything up to
-# itself. The explicit lag (8.15) is the simpler rule to check; the shift is the paper's.
+# Both masks pass the perturbation test, and the one built from lengths is the library's
+# (8.15). With fixed patches of 4 bytes after the BOS patch, the bytes that read a different
+# state than under (8.15') are 0 (BOS), 4, 8, ...: the last byte of each patch, which reads its
+# own patch's latent state. That byte predicts the first byte of the next patch, the hardest
+# prediction of the patch (with entropy patching, a patch starts exactly where the next byte
+# is uncertain), and it now gets the global context of everything up to itself. Section 8.8 of
+# the chapter measures what that is worth in bits per byte.
 
 # %% [markdown]
 # ## Exercise 4 (measure): the patch size dial
