@@ -1215,8 +1215,9 @@ print("blocks of 8 commit block k during steps 8k..8k+7:",
 # training, for three seeds (initialization, batch order and masks), because a single run
 # at one training length is easy to misread: an earlier version of this chapter saw LLaDA at
 # 12% on the backward template after 2,000 CPU steps and called it "a little better" than
-# the autoregressive model, while the same seed reached 44% at 4,000 steps, 68% at 8,000,
-# and the GPU profile's run 92% (`benchmarks/results/chapter09_gpu_profile_NVIDIA_H100_80GB_HBM3_2026-11-23.txt`).
+# the autoregressive model, while longer training of the same setup reached 44% at 4,000
+# steps and 68% at 8,000 on the CPU, and 92% at 4,000 steps on the GPU profile of the time
+# (`benchmarks/results/chapter09_gpu_profile_NVIDIA_H100_80GB_HBM3_2026-11-23.txt`).
 
 # %%
 N_PAIRS = 100
