@@ -1120,11 +1120,14 @@ profile_results.record("07", "train_seconds_per_run", {m: s / len(SEEDS) for m, 
 
 # %%
 mean = {m: {k: mean_sd([r[k] for r in results[m]])[0] for k in METRICS} for m in METHODS}
-print("every method lifts pass@1 over the warm-up by > 0.1:", all(mean[m]["pass@1"] > before["pass@1"] + 0.1 for m in METHODS))
+print("CPU profile: every method lifts pass@1 over the warm-up by > 0.1:",
+      all(mean[m]["pass@1"] > before["pass@1"] + 0.1 for m in METHODS))
 print("GRPO's format beats continued SFT's by > 0.05:", mean["GRPO"]["format"] > mean["SFT"]["format"] + 0.05)
 print("continued SFT's greedy accuracy is at least GRPO's:", mean["SFT"]["greedy"] >= mean["GRPO"]["greedy"])
-print("GRPO beats no baseline's pass@1 by more than 0.05:",
-      all(mean["GRPO"]["pass@1"] < mean[m]["pass@1"] + 0.05 for m in METHODS))
+print("GRPO's pass@1 is within 0.05 of REINFORCE's and of RFT's:",
+      all(abs(mean["GRPO"]["pass@1"] - mean[m]["pass@1"]) < 0.05 for m in ("REINFORCE", "RFT")))
+print("among well-formed samples GRPO is not more accurate than continued SFT (pass@1 / format):",
+      mean["GRPO"]["pass@1"] / mean["GRPO"]["format"] <= mean["SFT"]["pass@1"] / mean["SFT"]["format"])
 
 # %% [markdown]
 # **What the CPU numbers show.** All four methods lift pass@1 from 0.25 to between 0.44 and
@@ -1147,7 +1150,7 @@ print("GRPO beats no baseline's pass@1 by more than 0.05:",
 #   answers the policy already gives (sharpening), which raises pass@1 more than pass@8.
 # * **GRPO against REINFORCE**, with the same rollouts and updates: 0.454 against 0.455
 #   pass@1, no difference on any figure beyond the seed spread. With $\mu = 1$ the std
-#   division and the KL term at $eta = 0.04$ are the only differences, and at this scale
+#   division and the KL term at $\beta = 0.04$ are the only differences, and at this scale
 #   they do not matter.
 # * **RFT** is nominally the best of the sampling methods on pass@1, pass@8 and greedy
 #   accuracy, with the smallest spread, and it is cheaper: one supervised update on the
@@ -1159,6 +1162,18 @@ print("GRPO beats no baseline's pass@1 by more than 0.05:",
 # pass@8. This is three seeds of a 0.8M-parameter model after 30 steps on a toy task;
 # it says nothing about long RL runs on large models, where DeepSeek-R1 reports behaviour
 # that its supervised data did not contain.
+#
+# **The GPU profile agrees on everything but the size of the SFT gap** (table below; one
+# H200, a 4.7M-parameter model, seeds 0-2). Its warm-up model is far stronger (pass@1
+# 0.78, greedy 0.89, format 0.88), and GRPO, REINFORCE and RFT again end together, at
+# 0.917 to 0.922 pass@1 with format 0.99. Continued SFT gains almost nothing on pass@1
+# (0.80) and keeps its format at 0.86, so here the sampling methods lead it by 0.12. That
+# lead is the format again: among well-formed samples SFT is right 0.93 of the time and
+# GRPO 0.92. SFT is still best at greedy decoding (0.955 against GRPO's 0.939) and at
+# pass@8 (0.980 against 0.968). The conclusion that holds on both profiles: at matched
+# samples and updates GRPO is indistinguishable from REINFORCE with a group-mean baseline
+# and from rejection-sampling fine-tuning; what learning from verified samples adds over
+# continued supervised training is the format, not better arithmetic.
 #
 # The same table from the GPU profile, beside this run's:
 
@@ -1182,7 +1197,11 @@ if "warm_up" in gpu:
 # parameters: 256 wide, 6 layers) on 3-digit problems: 2,500 warm-up steps of 256
 # problems, then each of the four methods for 30 steps of 64 prompts, three seeds, scored
 # on 512 held-out problems; the last table of section 7.9 puts its figures beside the
-# CPU's. *(The sentences on the GPU figures are written once the GPU profile is recorded.)*
+# CPU's (run of 2026-12-02 on one H200, sharing it with chapters 8-10; whole output in
+# `benchmarks/results/chapter07_gpu_profile_NVIDIA_H200_2026-12-02.txt`). The warm-up took
+# 129 s there and each 30-step run 11 to 14 s (SFT 1 s). Only the first check of section
+# 7.9 is specific to the CPU: on the GPU the warm-up model is already at 0.78 pass@1, and
+# continued SFT adds only 0.02 to it.
 #
 # An earlier GPU run of this chapter (H100, 2026-11-23,
 # `benchmarks/results/chapter07_gpu_profile_NVIDIA_H100_80GB_HBM3_2026-11-23.txt`: one

@@ -191,7 +191,7 @@ def kl_to_warm(trainer: GRPOTrainer) -> float:
 
 
 variants = {
-    "grpo (7.7's settings)": GRPOConfig(group_size=8, max_new_tokens=MAX_NEW, loss_type="grpo"),
+    "grpo, mu = 2 (the config's default)": GRPOConfig(group_size=8, max_new_tokens=MAX_NEW, loss_type="grpo"),
     "dr_grpo, no std scaling": GRPOConfig(group_size=8, max_new_tokens=MAX_NEW, loss_type="dr_grpo",
                                           scale_rewards=False),
     "clip-higher, eps_high 0.28": GRPOConfig(group_size=8, max_new_tokens=MAX_NEW, loss_type="grpo",
@@ -225,7 +225,7 @@ for name, r in results.items():
 print("every variant raises the sampled format reward:",
       all(r["format"] > before["format"] for r in results.values()))
 print("without the KL term the policy drifts at least twice as far from the warm-up model:",
-      results["grpo with beta = 0"]["kl"] > 2 * results["grpo (7.7's settings)"]["kl"])
+      results["grpo with beta = 0"]["kl"] > 2 * results["grpo, mu = 2 (the config's default)"]["kl"])
 
 # %% [markdown]
 # At this size the warm-up teaches the format but hardly any arithmetic (sampled accuracy
