@@ -303,7 +303,7 @@ WRONG = [  # (id, wrong function, words the message must contain)
     ("06.sharded_cross_entropy", sharded_ce_with_local_maxima, ["its own maximum", "global m", "(6.14)"]),
     ("06.sharded_cross_entropy", lambda shards, targets: torch.log(sum(torch.exp(z).sum(-1) for z in shards))
      - torch.cat(shards, -1).gather(-1, targets[:, None])[:, 0], ["overflows", "global maximum"]),
-    ("06.schedule_bubble", bubble_by_formula, ["not of every schedule", "(6.24)"]),
+    ("06.schedule_bubble", bubble_by_formula, ["not of every schedule", "(6.23)"]),
     ("07.group_advantages", advantages_population_std, ["Bessel", "G - 1"]),
     ("07.group_advantages", lambda r, g: (r - r.mean()) / (r.std() + 1e-4), ["whole batch", "(7.3)"]),
     ("07.grpo_loss", grpo_loss_token_mean, ["bnpo", "own tokens first", "(7.5)"]),
@@ -484,7 +484,7 @@ def test_later_chapters_exercises_and_solutions_name_every_checker(chapter_id):
     assert set(re.findall(r'check\("(\d\d\.\w+)"', solutions)) == ids
 
 
-def test_schedule_bubble_checker_agrees_with_formula_6_23():
+def test_schedule_bubble_checker_agrees_with_formula_6_24():
     """For GPipe and 1F1B the checker's reference bubble is (p-1)/(m+p-1), whatever the step times."""
     from lrn_lib.pipeline_parallel import bubble_formula, gpipe_schedule, one_f_one_b_schedule
 

@@ -173,6 +173,7 @@ GPU_SHAPES = [  # (B, H, Hkv, Nq, Nk, d)
 def test_kernels_match_float64_within_twice_low_precision_error(shape, causal, dtype):
     if runtime.MODE == "compiled":
         pytest.skip("interpreter sizes; compiled kernels are tested under the gpu marker")
+    torch.manual_seed(0)
     low_precision_errors_and_kernel_errors(shape, causal, dtype, "cpu")
 
 
@@ -232,8 +233,13 @@ def test_flash_attention_on_cuda_uses_the_kernel_and_its_gradients():
 
 @needs_triton
 @pytest.mark.parametrize("causal", [False, True])
-def test_kernels_honour_the_scale_argument(causal):
-    low_precision_errors_and_kernel_errors((1, 4, 2, 45, 70, 64), causal, torch.float16, kernel_device(), scale=0.37)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kernels_honour_the_scale_argument(causal, seed):
+    # scale 0.37 makes the softmax peaked, where D from the 16-bit O sets the error (chapter 4's numerics
+    # subsection): the rounded-P bar reaches 2.45 on some seeds, so this uses FlashAttention's own bar
+    torch.manual_seed(seed)
+    low_precision_errors_and_kernel_errors((1, 4, 2, 45, 70, 64), causal, torch.float16, kernel_device(), scale=0.37,
+                                           bar="16-bit")
 
 
 # ------------------------------------------------------------------ launcher contracts
