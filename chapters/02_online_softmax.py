@@ -169,6 +169,7 @@ from typing import NamedTuple
 
 import torch
 
+from lrn_lib import validate
 from lrn_lib.softmax import check_softmax_input, safe_softmax
 
 
@@ -185,6 +186,16 @@ class SoftmaxState(NamedTuple):
 def _finite_or_zero(m: torch.Tensor) -> torch.Tensor:
     """m with -inf replaced by 0, the stand-in maximum of an empty state."""
     return torch.where(m == -float("inf"), torch.zeros_like(m), m)
+
+
+def check_state(state: SoftmaxState, name: str = "state") -> SoftmaxState:
+    """Raise a clear error unless ``state`` is a SoftmaxState of two floating tensors of one shape."""
+    if not isinstance(state, SoftmaxState):
+        raise TypeError(f"{name} must be a SoftmaxState, got {type(state).__name__}")
+    validate.tensor(state.m, f"{name}.m", kind="float")
+    validate.tensor(state.d, f"{name}.d", kind="float")
+    validate.same_shape(**{f"{name}.m": state.m, f"{name}.d": state.d})
+    return state
 
 
 def softmax_state(x: torch.Tensor, dim: int = -1) -> SoftmaxState:
@@ -204,6 +215,9 @@ def merge_states(a: SoftmaxState, b: SoftmaxState) -> SoftmaxState:
 
     a, b: states of the same shape. Commutative and associative; (-inf, 0) is the identity.
     """
+    check_state(a, "a")
+    check_state(b, "b")
+    validate.same_shape(**{"a.m": a.m, "b.m": b.m})          # states never broadcast
     m = torch.maximum(a.m, b.m)
     m_safe = _finite_or_zero(m)
     return SoftmaxState(m, a.d * torch.exp(a.m - m_safe) + b.d * torch.exp(b.m - m_safe))
@@ -211,6 +225,7 @@ def merge_states(a: SoftmaxState, b: SoftmaxState) -> SoftmaxState:
 
 def state_lse(state: SoftmaxState) -> torch.Tensor:
     """The log-sum-exp of a state, m + log d (equation 1.3); -inf for the empty state."""
+    check_state(state)
     return state.m + torch.log(state.d)
 
 
@@ -219,6 +234,9 @@ def merge_lse(lse_a: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:
 
     lse_a, lse_b: tensors of one shape. Equal to torch.logaddexp, written out.
     """
+    validate.tensor(lse_a, "lse_a", kind="float")
+    validate.tensor(lse_b, "lse_b", kind="float")
+    validate.same_shape(lse_a=lse_a, lse_b=lse_b)            # no broadcasting: one entry per row
     m = torch.maximum(lse_a, lse_b)
     m_safe = _finite_or_zero(m)
     return m_safe + torch.log(torch.exp(lse_a - m_safe) + torch.exp(lse_b - m_safe))
@@ -230,6 +248,7 @@ def online_softmax_reference(x: torch.Tensor, dim: int = -1, block: int = 256) -
     x: any shape, floating. Returns x's shape and dtype. The reference for the Triton kernel.
     """
     dim = check_softmax_input(x, dim)
+    validate.integer(block, "block", low=1)
     z = x.movedim(dim, -1)
     state = softmax_state(z[..., :block])
     for start in range(block, z.shape[-1], block):          # pass 1: one merged state
@@ -316,7 +335,7 @@ print("online_softmax_reference matches the float64 softmax to 1e-6:",
 #| export kernels.online_softmax
 import torch
 
-from kernels.runtime import tl, triton
+from kernels.runtime import check_launchable, tl, triton
 from kernels.softmax import as_rows, check_row_kernel_input
 
 ONLINE_BLOCK = 8192  # columns per loop step (benchmarks/sweep_online_softmax.py)
@@ -530,11 +549,12 @@ def softmax_backward_triton(y: torch.Tensor, dy: torch.Tensor, dim: int = -1) ->
     y: the softmax output; dy: the gradient with respect to y; same shape, dtype and device.
     Returns dx of that shape and dtype.
     """
-    dim = check_row_kernel_input(y, dim, name="y")
-    check_row_kernel_input(dy, dim, name="dy")
+    dim = check_row_kernel_input(y, dim, name="y", launch=False)
+    check_row_kernel_input(dy, dim, name="dy", launch=False)
     if dy.shape != y.shape or dy.dtype != y.dtype or dy.device != y.device:
         raise ValueError(f"dy has shape {tuple(dy.shape)}, dtype {dy.dtype} on {dy.device}; expected y's "
                          f"{tuple(y.shape)}, {y.dtype} on {y.device}")
+    check_launchable("y", y)
     if dim != y.dim() - 1:
         return softmax_backward_triton(y.movedim(dim, -1), dy.movedim(dim, -1)).movedim(-1, dim)
     y2, dy2 = as_rows(y), as_rows(dy)
@@ -561,6 +581,9 @@ from kernels.softmax import softmax_triton
 
 def softmax_backward_reference(y: torch.Tensor, dy: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """dx = y * (dy - sum(dy * y, dim)), equation (2.4); y, dy and dx share one shape."""
+    dim = check_softmax_input(y, dim, "y")
+    validate.tensor(dy, "dy", kind="float")
+    validate.same_shape(y=y, dy=dy)
     return y * (dy - (dy * y).sum(dim=dim, keepdim=True))
 
 

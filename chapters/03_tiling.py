@@ -124,6 +124,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lrn_lib import validate
+
 
 @dataclass(frozen=True)
 class Ceilings:
@@ -136,6 +138,14 @@ class Ceilings:
     peak_flops: float
     bandwidth: float
     source: str
+
+    def __post_init__(self):
+        """Raise a clear error for a non-str name or source, or a ceiling that is not a positive number."""
+        for field in ("name", "source"):
+            if not isinstance(getattr(self, field), str):
+                raise TypeError(f"{field} must be a str, got {type(getattr(self, field)).__name__}")
+        validate.number(self.peak_flops, "peak_flops", low=0, low_open=True)
+        validate.number(self.bandwidth, "bandwidth", low=0, low_open=True)
 
     @property
     def ridge(self) -> float:
@@ -150,18 +160,22 @@ H100_SXM_DATASHEET = Ceilings("H100 SXM (datasheet)", 989e12, 3.35e12,
 
 def matmul_flops(m: int, n: int, k: int) -> int:
     """Floating-point operations of an (m, k) @ (k, n) product, equation (3.2)."""
+    for name, size in (("m", m), ("n", n), ("k", k)):
+        validate.integer(size, name, low=1)
     return 2 * m * n * k
 
 
 def matmul_min_bytes(m: int, n: int, k: int, bytes_per_element: int) -> int:
     """Fewest bytes an (m, k) @ (k, n) product can move: read A and B, write C once, (3.3)."""
+    for name, size in (("m", m), ("n", n), ("k", k), ("bytes_per_element", bytes_per_element)):
+        validate.integer(size, name, low=1)
     return (m * k + k * n + m * n) * bytes_per_element
 
 
 def arithmetic_intensity(flops: float, bytes_moved: float) -> float:
     """FLOP per byte of memory traffic, equation (3.4)."""
-    if bytes_moved <= 0:
-        raise ValueError(f"bytes_moved={bytes_moved!r}; it must be positive")
+    validate.number(flops, "flops", low=0)
+    validate.number(bytes_moved, "bytes_moved", low=0, low_open=True)
     return flops / bytes_moved
 
 
@@ -171,12 +185,18 @@ def tiled_traffic_bytes(m: int, n: int, k: int, block_m: int, block_n: int, byte
     Each of the ceil(m/block_m) * ceil(n/block_n) programs reads a (block_m, k) panel of A
     and a (k, block_n) panel of B, and writes its (block_m, block_n) tile of C.
     """
+    for name, size in (("m", m), ("n", n), ("k", k), ("block_m", block_m), ("block_n", block_n),
+                       ("bytes_per_element", bytes_per_element)):
+        validate.integer(size, name, low=1)
     row_blocks, col_blocks = math.ceil(m / block_m), math.ceil(n / block_n)
     return (m * k * col_blocks + k * n * row_blocks + m * n) * bytes_per_element
 
 
 def attainable_flops(intensity: float, ceilings: Ceilings) -> float:
     """The roofline bound min(pi, I * beta) in FLOP/s, equation (3.6)."""
+    validate.number(intensity, "intensity", low=0)
+    if not isinstance(ceilings, Ceilings):
+        raise TypeError(f"ceilings must be a Ceilings, got {type(ceilings).__name__}")
     return min(ceilings.peak_flops, intensity * ceilings.bandwidth)
 
 
@@ -240,6 +260,8 @@ for block_m, block_n in [(16, 16), (64, 64), (128, 128), (128, 256)]:
 #| export kernels.matmul
 import torch
 
+from lrn_lib import validate
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -283,8 +305,7 @@ def tiled_matmul(a: torch.Tensor, b: torch.Tensor, block_m: int = 32, block_n: i
     """
     m, n, k = check_matmul_operands(a, b)
     for name, value in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r}; it must be a positive int")
+        validate.integer(value, name, low=1)
     acc_dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
     c = torch.empty((m, n), dtype=a.dtype, device=a.device)
     for i in range(0, m, block_m):                 # one iteration = one program of the kernel
@@ -453,6 +474,9 @@ def program_order(pid: int, num_pid_m: int, num_pid_n: int, group_m: int) -> tup
 
     Python twin of kernels.matmul.grouped_program_id; group_m = 1 is row-major order.
     """
+    for name, value in (("num_pid_m", num_pid_m), ("num_pid_n", num_pid_n), ("group_m", group_m)):
+        validate.integer(value, name, low=1)
+    validate.integer(pid, "pid", low=0, high=num_pid_m * num_pid_n - 1)
     per_group = group_m * num_pid_n
     first_m = (pid // per_group) * group_m
     rows_in_group = min(num_pid_m - first_m, group_m)
@@ -466,6 +490,9 @@ def wave_panels(programs: int, num_pid_m: int, num_pid_n: int, group_m: int) -> 
     must come from HBM: the wave's traffic is (a_panels * BLOCK_M + b_panels * BLOCK_N) * K
     elements.
     """
+    for name, value in (("programs", programs), ("num_pid_m", num_pid_m), ("num_pid_n", num_pid_n),
+                        ("group_m", group_m)):
+        validate.integer(value, name, low=1)
     tiles = [program_order(p, num_pid_m, num_pid_n, group_m)
              for p in range(min(programs, num_pid_m * num_pid_n))]
     return len({t[0] for t in tiles}), len({t[1] for t in tiles})
@@ -588,11 +615,17 @@ def hopper_configs() -> list:
 
 def pipeline_bytes(block_m: int, block_n: int, block_k: int, num_stages: int, element_size: int) -> int:
     """Shared memory for num_stages in-flight (block_m, block_k) and (block_k, block_n) slices."""
+    for name, value in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k),
+                        ("num_stages", num_stages), ("element_size", element_size)):
+        validate.integer(value, name, low=1)
     return num_stages * (block_m * block_k + block_k * block_n) * element_size
 
 
 def prune_configs(configs: list, named_args: dict, **kwargs) -> list:
     """Drop autotuning configs whose pipeline does not fit in shared memory for this dtype."""
+    validate.nonempty(configs, "configs")
+    if not isinstance(named_args, dict) or not isinstance(named_args.get("a_ptr"), torch.Tensor):
+        raise TypeError("named_args must be a dict holding the kernel's tensor argument 'a_ptr'")
     size = named_args["a_ptr"].element_size()
     kept = [c for c in configs if pipeline_bytes(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
                                                  c.num_stages, size) <= SHARED_MEMORY_BUDGET]
@@ -649,6 +682,8 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, allow_tf32: bool | None = None,
     m, n, k = check_matmul_operands(a, b, SUPPORTED_DTYPES)
     if config is not None:
         config = check_matmul_config(config)
+    if allow_tf32 is not None and not isinstance(allow_tf32, bool):
+        raise TypeError(f"allow_tf32 must be a bool or None, got {type(allow_tf32).__name__}")
     check_launchable("a", a)
     for name, x in (("a", a), ("b", b)):
         if _max_offset(x) > MAX_OFFSET:

@@ -89,13 +89,16 @@ import math
 import torch
 
 from kernels import runtime
-from lrn_lib.online_softmax import merge_lse
+from lrn_lib import validate
 
-def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+
+def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+                           scale: float | None = None) -> None:
     """Raise a clear TypeError/ValueError unless q, k, v form a valid attention problem.
 
     q: (batch, heads, n_queries, head_dim); k, v: (batch, kv_heads, n_keys, head_dim), with
-    kv_heads dividing heads, one floating dtype and one device, nothing empty.
+    kv_heads dividing heads, one floating dtype and one device, nothing empty; causal a
+    bool, scale None or a positive finite number.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -117,10 +120,18 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch and head_dim")
     if q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"k/v have {k.shape[1]} heads, which does not divide q's {q.shape[1]} heads")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if scale is not None:
+        validate.number(scale, "scale", low=0, low_open=True)
 
 
 def causal_visible(n_queries: int, n_keys: int, device: torch.device | None = None) -> torch.Tensor:
     """Bottom-right-aligned causal mask: [i, j] is True when query i may see key j (j <= i + n_k - n_q)."""
+    validate.integer(n_queries, "n_queries", low=1)
+    validate.integer(n_keys, "n_keys", low=1)
+    if device is not None and not isinstance(device, (torch.device, str)):
+        raise TypeError(f"device must be a torch.device, a str or None, got {type(device).__name__}")
     i = torch.arange(n_queries, device=device)[:, None]
     j = torch.arange(n_keys, device=device)[None, :]
     return j <= i + (n_keys - n_queries)
@@ -134,7 +145,7 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
     log-sum-exp of the scaled scores in float32 (float64 for float64 input). Queries that
     see no key get O = 0 and L = -inf.
     """
-    check_attention_inputs(q, k, v)
+    check_attention_inputs(q, k, v, causal, scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     group = q.shape[1] // k.shape[1]
@@ -442,7 +453,9 @@ def flash_attention_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
     q: (B, H, Nq, d); k, v: (B, Hkv, Nk, d). Each query block merges key blocks into its
     unnormalized output with the online-softmax state, normalizes once, and keeps L.
     """
-    check_attention_inputs(q, k, v)
+    check_attention_inputs(q, k, v, causal, scale)
+    validate.integer(block_m, "block_m", low=1)
+    validate.integer(block_n, "block_n", low=1)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     n_q, n_k, group = q.shape[2], k.shape[2], q.shape[1] // k.shape[1]
@@ -483,6 +496,14 @@ def flash_attention_backward_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.T
     query heads that share each key/value head (GQA). dlse (B, H, Nq), optional: the
     gradient reaching L, which enters as D - dL (4.3).
     """
+    check_attention_inputs(q, k, v, causal, scale)
+    for name, t, shape in (("o", o, q.shape), ("do", do, q.shape), ("lse", lse, q.shape[:3]),
+                           ("dlse", dlse, q.shape[:3])):
+        if t is None and name == "dlse":
+            continue
+        if validate.tensor(t, name, kind="float").shape != shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {tuple(shape)} to match q")
+    validate.integer(block_n, "block_n", low=1)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     b, h, n_q, d = q.shape
@@ -584,6 +605,7 @@ import torch
 
 from kernels import runtime
 from kernels.runtime import check_launchable, tl, triton
+from lrn_lib import validate
 
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256   # any d from 1 to 256: the head block is d rounded up to a power of two
@@ -678,20 +700,24 @@ def flash_attention_forward_kernel(
 
 # %%
 #| export kernels.flash_attention
-def check_flash_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Raise a clear error unless the kernels can run attention on q, k, v (shapes as in the forward kernel)."""
+def check_flash_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+                       scale: float | None = None, *, launch: bool = True) -> None:
+    """Raise a clear error unless the kernels can run attention on q, k, v (shapes as in the forward kernel).
+
+    causal: a bool; scale: None or a positive finite number. launch=False leaves out the last
+    check, that the kernels can run on q's device here.
+    """
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        validate.tensor(t, name, nonempty=False)
         if t.dtype not in ATTENTION_DTYPES:
             raise TypeError(f"{name} has dtype {t.dtype}; the attention kernels take float16 or bfloat16")
         if t.dim() != 4 or t.numel() == 0:
             raise ValueError(f"{name} has shape {tuple(t.shape)}; expected a non-empty (batch, heads, seq, head_dim)")
-        check_launchable(name, t)
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k, v have dtypes {q.dtype}, {k.dtype}, {v.dtype}; they must match")
-    if k.device != q.device or v.device != q.device:
-        raise ValueError(f"q, k, v are on {q.device}, {k.device}, {v.device}; they must share a device")
+    for name, t in (("k", k), ("v", v)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; they must share a device")
     if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: k and v must match, "
                          "and agree with q in batch and head_dim")
@@ -699,11 +725,18 @@ def check_flash_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Non
         raise ValueError(f"head_dim {q.shape[-1]} is not supported; the kernels take 1 to {MAX_HEAD_DIM}")
     if q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"k/v have {k.shape[1]} heads, which does not divide q's {q.shape[1]} heads")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if scale is not None:
+        validate.number(scale, "scale", low=0, low_open=True)
+    if launch:
+        check_launchable("q", q)
 
 
 def check_backward_inputs(q: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
                           dlse: torch.Tensor | None) -> None:
     """Raise a clear error unless o, do (like q), lse and dlse ((B, H, Nq) float32) fit the backward kernels."""
+    validate.tensor(q, "q", dims=4)
     for name, t, shape, dtypes in (("o", o, q.shape, (q.dtype,)), ("do", do, q.shape, (q.dtype,)),
                                    ("lse", lse, q.shape[:3], (torch.float32,)),
                                    ("dlse", dlse, q.shape[:3], (torch.float32,))):
@@ -721,6 +754,7 @@ def check_backward_inputs(q: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, d
 
 def head_block(head_dim: int) -> int:
     """BLOCK_D of the kernels: head_dim rounded up to a power of two, at least 16 (tl.dot's minimum)."""
+    validate.integer(head_dim, "head_dim", low=1, high=MAX_HEAD_DIM)
     return max(16, triton.next_power_of_2(head_dim))
 
 
@@ -738,6 +772,7 @@ def _interpreter_dtype(*tensors: torch.Tensor) -> list[torch.Tensor]:
 
 def forward_config(head_dim: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward kernel for a head dimension."""
+    validate.integer(head_dim, "head_dim", low=1, high=MAX_HEAD_DIM)
     if head_dim <= 64:
         return 128, 64, 4, 3
     if head_dim <= 128:
@@ -752,7 +787,7 @@ def flash_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     q: (B, H, Nq, d); k, v: (B, Hkv, Nk, d); float16/bfloat16, 1 <= d <= MAX_HEAD_DIM.
     Returns O of q's shape and dtype and L: (B, H, Nq) float32.
     """
-    check_flash_inputs(q, k, v)
+    check_flash_inputs(q, k, v, causal, scale)
     dtype = q.dtype
     q, k, v = _interpreter_dtype(*(_last_dim_contiguous(t) for t in (q, k, v)))
     b, h, n_q, d = q.shape
@@ -925,6 +960,7 @@ def flash_attention_dq_kernel(
 
 def backward_configs(head_dim: int) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the dK/dV kernel and of the dQ kernel."""
+    validate.integer(head_dim, "head_dim", low=1, high=MAX_HEAD_DIM)
     if head_dim <= 128:
         return (64, 64, 4, 2), (64, 64, 4, 2)
     return (32, 32, 4, 1), (32, 32, 4, 1)
@@ -939,8 +975,9 @@ def flash_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     o, do: like q; lse: (B, H, Nq) float32 from the forward. dlse, optional (B, H, Nq)
     float32: the gradient reaching L, added through dS = P * (dP - (D - dL)) (4.3).
     """
-    check_flash_inputs(q, k, v)
+    check_flash_inputs(q, k, v, causal, scale, launch=False)
     check_backward_inputs(q, o, lse, do, dlse)
+    check_launchable("q", q)
     dtype = q.dtype
     q, k, v, o, do = _interpreter_dtype(*(_last_dim_contiguous(t) for t in (q, k, v, o, do)))
     lse = lse.contiguous()
@@ -1017,6 +1054,7 @@ def kernel_can_run(q: torch.Tensor) -> bool:
     """Whether flash_attention would use the Triton kernels for a query tensor like q."""
     from kernels.flash_attention import MAX_HEAD_DIM
 
+    validate.tensor(q, "q", dims=4)
     return (runtime.MODE == "compiled" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
             and q.shape[-1] <= MAX_HEAD_DIM)
 
@@ -1045,7 +1083,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     dtype, and with return_lse=True also L: (B, H, Nq) in float32 (float64 for float64 input).
     Uses the Triton kernels where kernel_can_run(q), else flash_attention_blocks.
     """
-    check_attention_inputs(q, k, v)
+    check_attention_inputs(q, k, v, causal, scale)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     if kernel_can_run(q):
         o, lse = FlashAttention.apply(q, k, v, causal, scale)
     else:

@@ -132,6 +132,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import runtime
+from lrn_lib import validate
 from lrn_lib.attention import flash_attention
 
 GATES = ("softmax", "noisy", "gshard", "sigmoid")
@@ -139,6 +140,7 @@ GATES = ("softmax", "noisy", "gshard", "sigmoid")
 
 def softmax_gate(logits: torch.Tensor) -> torch.Tensor:
     """Dense softmax gating (5.2): logits (T, E) -> gates (T, E), every expert weighted."""
+    validate.tensor(logits, "logits", dims=2, kind="float")
     return torch.softmax(logits.float(), dim=-1)
 
 
@@ -148,6 +150,13 @@ def noisy_logits(x: torch.Tensor, w_gate: torch.Tensor, w_noise: torch.Tensor, t
 
     Without training the noise is off and H(x) = x W_g.
     """
+    validate.tensor(x, "x", dims=2, kind="float")
+    validate.tensor(w_gate, "w_gate", dims=2, dtype=x.dtype)
+    validate.tensor(w_noise, "w_noise", dims=2, dtype=x.dtype)
+    if w_gate.shape[0] != x.shape[1] or w_noise.shape != w_gate.shape:
+        raise ValueError(f"w_gate and w_noise must be (d, E) with d = x.shape[1]; got x {tuple(x.shape)}, "
+                         f"w_gate {tuple(w_gate.shape)}, w_noise {tuple(w_noise.shape)}")
+    validate.generator(generator, optional=True)
     clean = x @ w_gate
     if not training:
         return clean
@@ -157,6 +166,8 @@ def noisy_logits(x: torch.Tensor, w_gate: torch.Tensor, w_noise: torch.Tensor, t
 
 def keep_top_k(h: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """KeepTopK then softmax (5.3): h (T, E) -> (dense gates (T, E) with k non-zeros, indices (T, k))."""
+    validate.tensor(h, "h", dims=2, kind="float")
+    validate.integer(k, "k", low=1, high=h.shape[1])
     top, idx = h.float().topk(k, dim=-1)
     masked = torch.full_like(h.float(), -float("inf")).scatter(-1, idx, top)
     return torch.softmax(masked, dim=-1), idx
@@ -169,6 +180,10 @@ def top_k_gate(logits: torch.Tensor, k: int, renormalize: bool, bias: torch.Tens
     logits (T, E) -> (weights (T, k), indices (T, k)): the k largest softmax probabilities,
     divided by their sum when renormalize. A bias (E,) only changes the selection (5.13).
     """
+    validate.tensor(logits, "logits", dims=2, kind="float")
+    validate.integer(k, "k", low=1, high=logits.shape[1])
+    if bias is not None and validate.tensor(bias, "bias", dims=1, kind="float").shape != logits.shape[1:]:
+        raise ValueError(f"bias must have shape ({logits.shape[1]},), one entry per expert, got {tuple(bias.shape)}")
     probs = torch.softmax(logits.float(), dim=-1)
     _, idx = (probs if bias is None else probs + bias).topk(k, dim=-1)
     weights = probs.gather(-1, idx)
@@ -185,6 +200,9 @@ def gshard_top2_gate(logits: torch.Tensor, generator: torch.Generator | None = N
     the first expert always, the second with probability min(1, 2 g_2); a skipped second
     expert gets weight 0 and active False.
     """
+    if validate.tensor(logits, "logits", dims=2, kind="float").shape[1] < 2:
+        raise ValueError(f"logits must have at least 2 experts (columns) for a top-2 gate, got {tuple(logits.shape)}")
+    validate.generator(generator, optional=True)
     probs = torch.softmax(logits.float(), dim=-1)
     top, idx = probs.topk(2, dim=-1)
     g = top / top.sum(-1, keepdim=True)
@@ -201,6 +219,10 @@ def sigmoid_gate(logits: torch.Tensor, k: int, bias: torch.Tensor | None = None
     logits (T, E), bias (E,) or None -> (weights (T, k), indices (T, k)). The bias only
     changes which experts are chosen, never their weights (see (5.12)).
     """
+    validate.tensor(logits, "logits", dims=2, kind="float")
+    validate.integer(k, "k", low=1, high=logits.shape[1])
+    if bias is not None and validate.tensor(bias, "bias", dims=1, kind="float").shape != logits.shape[1:]:
+        raise ValueError(f"bias must have shape ({logits.shape[1]},), one entry per expert, got {tuple(bias.shape)}")
     s = torch.sigmoid(logits.float())
     _, idx = (s if bias is None else s + bias).topk(k, dim=-1)
     chosen = s.gather(-1, idx)
@@ -265,15 +287,10 @@ def expert_capacity(n_tokens: int, n_experts: int, capacity_factor: float, k: in
     The factor is read as the decimal it prints as (1.1 is 11/10, not the binary float just
     above it), so that 2 * 100 / 4 * 1.1 gives 55 slots, not 56.
     """
-    for name, value in (("n_tokens", n_tokens), ("n_experts", n_experts), ("k", k)):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if n_tokens < 0 or n_experts < 1 or k < 1:
-        raise ValueError(f"need n_tokens >= 0, n_experts >= 1, k >= 1; got {n_tokens}, {n_experts}, {k}")
-    if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)):
-        raise TypeError(f"capacity_factor must be a number, got {type(capacity_factor).__name__}")
-    if not capacity_factor > 0 or not math.isfinite(capacity_factor):
-        raise ValueError(f"capacity_factor must be positive and finite, got {capacity_factor}")
+    validate.integer(n_tokens, "n_tokens", low=0)
+    validate.integer(n_experts, "n_experts", low=1)
+    validate.integer(k, "k", low=1)
+    capacity_factor = validate.number(capacity_factor, "capacity_factor", low=0, low_open=True)
     return math.ceil(Fraction(k * n_tokens, n_experts) * Fraction(repr(capacity_factor)))
 
 
@@ -283,8 +300,11 @@ def apply_capacity(indices: torch.Tensor, active: torch.Tensor, n_experts: int, 
     Priority: all first choices (column 0) before second choices, and within a column
     earlier tokens first. Inactive assignments are never kept.
     """
+    validate.ids(indices, "indices", validate.integer(n_experts, "n_experts", low=1), dims=2)
+    validate.same_shape(indices=indices, active=validate.tensor(active, "active", dtype=torch.bool))
+    validate.integer(capacity, "capacity", low=0)
     t, k = indices.shape
-    flat = indices.t().reshape(-1)                                # choice-major order: the priority order
+    flat = indices.t().reshape(-1).long()                         # choice-major order: the priority order
     live = active.t().reshape(-1)
     one_hot = F.one_hot(flat, n_experts) * live[:, None]
     position = (one_hot.cumsum(0) * one_hot).sum(1) - 1           # slot this assignment would take
@@ -392,6 +412,9 @@ plt.show()
 #| export lrn_lib.moe
 def load_fractions(indices: torch.Tensor, n_experts: int, active: torch.Tensor | None = None) -> torch.Tensor:
     """f of (5.8): indices (T, k) -> (E,) fraction of the active assignments each expert received (no gradient)."""
+    validate.ids(indices, "indices", validate.integer(n_experts, "n_experts", low=1), dims=2)
+    if active is not None:
+        validate.same_shape(indices=indices, active=validate.tensor(active, "active", dtype=torch.bool))
     flat = indices.reshape(-1)
     w = torch.ones_like(flat, dtype=torch.float32) if active is None else active.reshape(-1).float()
     counts = torch.zeros(n_experts, device=indices.device).index_add_(0, flat, w)
@@ -405,7 +428,12 @@ def switch_balance_loss(probs: torch.Tensor, indices: torch.Tensor, active: torc
     f defaults to this batch's load (5.8); pass a global f for (5.12). Gradients flow
     through P only.
     """
-    n = probs.shape[-1]
+    n = validate.tensor(probs, "probs", dims=2, kind="float").shape[1]
+    if validate.tensor(indices, "indices", dims=2, kind="int").shape[0] != probs.shape[0]:
+        raise ValueError(f"indices has {indices.shape[0]} tokens (rows) but probs has {probs.shape[0]}")
+    if f is not None and validate.tensor(f, "f", dims=1, kind="float").shape[0] != n:
+        raise ValueError(f"f must have one entry per expert, ({n},) for probs {tuple(probs.shape)}, "
+                         f"got {tuple(f.shape)}")
     if f is None:
         f = load_fractions(indices, n, active)
     return n * (f.detach() * probs.float().mean(0)).sum()
@@ -413,6 +441,7 @@ def switch_balance_loss(probs: torch.Tensor, indices: torch.Tensor, active: torc
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     """ST-MoE router z-loss (5.10): mean over tokens of logsumexp(logits)^2; logits (T, E) -> scalar."""
+    validate.tensor(logits, "logits", dims=2, kind="float")
     return torch.logsumexp(logits.float(), dim=-1).square().mean()
 
 
@@ -424,6 +453,8 @@ def slide_balance_loss(indices: torch.Tensor, n_experts: int, active: torch.Tens
 
 def micro_batch_balance_loss(probs: list[torch.Tensor], indices: list[torch.Tensor]) -> torch.Tensor:
     """(5.9) computed within each micro-batch and averaged: lists of (T_m, E) probs and (T_m, k) indices."""
+    if len(validate.nonempty(probs, "probs")) != len(validate.nonempty(indices, "indices")):
+        raise ValueError(f"probs and indices must hold one tensor per micro-batch, got {len(probs)} and {len(indices)}")
     return torch.stack([switch_balance_loss(p, i) for p, i in zip(probs, indices)]).mean()
 
 
@@ -436,10 +467,9 @@ def global_batch_balance_loss(probs: list[torch.Tensor], indices: list[torch.Ten
     data-parallel group that shares this layer): a world-wide all-reduce would mix the
     layers of different pipeline stages, or wait forever for ranks that never call it.
     """
-    if len(probs) == 0 or len(probs) != len(indices):
-        raise ValueError(f"probs and indices must be non-empty lists of equal length, got {len(probs)} "
-                         f"and {len(indices)}")
-    n = probs[0].shape[-1]
+    if len(validate.nonempty(probs, "probs")) != len(validate.nonempty(indices, "indices")):
+        raise ValueError(f"probs and indices must hold one tensor per micro-batch, got {len(probs)} and {len(indices)}")
+    n = validate.tensor(probs[0], "probs[0]", dims=2, kind="float").shape[1]
     counts = sum(load_fractions(i, n) * i.numel() for i in indices)
     if group is not None:
         dist.all_reduce(counts, group=group)
@@ -450,6 +480,8 @@ def global_batch_balance_loss(probs: list[torch.Tensor], indices: list[torch.Ten
 @torch.no_grad()
 def update_balance_bias(bias: torch.Tensor, indices: torch.Tensor, rate: float) -> torch.Tensor:
     """DeepSeek-V3's bias update (5.13), in place: b_i += rate * sign(mean load - load_i). bias (E,), indices (T, k)."""
+    validate.ids(indices, "indices", validate.tensor(bias, "bias", dims=1, kind="float").numel(), dims=2)
+    rate = validate.number(rate, "rate", low=0)
     counts = torch.bincount(indices.reshape(-1), minlength=bias.numel()).float()
     bias += rate * torch.sign(counts.mean() - counts)
     return bias
@@ -520,10 +552,10 @@ class Router(nn.Module):
 
     def __init__(self, d_model: int, n_experts: int, k: int, gate: str = "softmax", renormalize: bool = False):
         super().__init__()
-        if gate not in GATES:
-            raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
-        if gate == "gshard" and k != 2:
-            raise ValueError("the GShard gate routes to exactly 2 experts")
+        validate.integer(d_model, "d_model", low=1)
+        validate.integer(k, "k", low=1, high=validate.integer(n_experts, "n_experts", low=1))
+        if validate.choice(gate, "gate", GATES) == "gshard" and k != 2:
+            raise ValueError(f"k must be 2 for the GShard gate (it routes to exactly 2 experts), got {k}")
         self.n_experts, self.k, self.gate, self.renormalize = n_experts, k, gate, renormalize
         self.weight = nn.Parameter(torch.randn(d_model, n_experts) * d_model ** -0.5)
         self.noise = nn.Parameter(torch.zeros(d_model, n_experts)) if gate == "noisy" else None
@@ -531,6 +563,8 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Routing:
         """x (T, d) -> Routing."""
+        if validate.tensor(x, "x", dims=2, kind="float").shape[1] != self.weight.shape[0]:
+            raise ValueError(f"x must have shape (tokens, {self.weight.shape[0]}), got {tuple(x.shape)}")
         logits = (x @ self.weight.to(x.dtype)).float()
         probs = torch.softmax(logits, dim=-1)
         keep = torch.ones(x.shape[0], self.k, dtype=torch.bool, device=x.device)
@@ -551,7 +585,16 @@ class Router(nn.Module):
 
 def grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Grouped matmul as a loop over experts: rows sorted by expert, x (M, K), w (E, K, N), counts (E,) -> (M, N)."""
-    outs = [xe @ w[e] for e, xe in enumerate(torch.split(x, counts.tolist()))]
+    validate.tensor(x, "x", dims=2, kind="float", nonempty=False)
+    validate.same_device(x=x, w=validate.tensor(w, "w", dims=3, dtype=x.dtype))
+    sizes = validate.tensor(counts, "counts", dims=1, kind="int").tolist()
+    if w.shape[:2] != (len(sizes), x.shape[1]):
+        raise ValueError(f"w must be (experts, K, N) = ({len(sizes)}, {x.shape[1]}, N) for counts "
+                         f"{tuple(counts.shape)} and x {tuple(x.shape)}, got {tuple(w.shape)}")
+    if min(sizes) < 0 or sum(sizes) != x.shape[0]:
+        raise ValueError(f"counts must be >= 0 and sum to the {x.shape[0]} rows of x, "
+                         f"got min {min(sizes)}, sum {sum(sizes)}")
+    outs = [xe @ w[e] for e, xe in enumerate(torch.split(x, sizes))]
     return torch.cat(outs) if outs else x.new_zeros(0, w.shape[-1])
 
 
@@ -580,6 +623,7 @@ class GroupedMM(torch.autograd.Function):
 
 def kernel_can_run(x: torch.Tensor) -> bool:
     """Whether grouped_mm uses the compiled Triton kernel for rows like x."""
+    validate.tensor(x, "x", nonempty=False)
     return runtime.MODE == "compiled" and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -589,7 +633,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, use_kerne
     use_kernel None: the Triton kernel where kernel_can_run(x), else the per-expert loop;
     True forces the kernel (also under the interpreter), False the loop.
     """
-    if use_kernel is None:
+    if validate.choice(use_kernel, "use_kernel", (None, True, False)) is None:
         use_kernel = kernel_can_run(x)
     return GroupedMM.apply(x, w, counts) if use_kernel else grouped_mm_reference(x, w, counts)
 
@@ -598,6 +642,8 @@ def sort_by_expert(indices: torch.Tensor, keep: torch.Tensor, n_experts: int
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Kept assignments sorted by expert: indices, keep (T, k) -> (token ids (A,), choice column (A,),
     expert ids (A,), counts (E,)) with A the number of kept assignments."""
+    validate.ids(indices, "indices", validate.integer(n_experts, "n_experts", low=1), dims=2)
+    validate.same_shape(indices=indices, keep=validate.tensor(keep, "keep", dtype=torch.bool))
     t, k = indices.shape
     token = torch.arange(t, device=indices.device).repeat_interleave(k)[keep.reshape(-1)]
     column = torch.arange(k, device=indices.device).repeat(t)[keep.reshape(-1)]
@@ -610,6 +656,12 @@ def sort_by_expert(indices: torch.Tensor, keep: torch.Tensor, n_experts: int
 def expert_ffn(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, counts: torch.Tensor,
                use_kernel: bool | None = None) -> torch.Tensor:
     """Each expert's GELU FFN on its rows: x (A, d) sorted by expert, w_in (E, d, f), w_out (E, f, d) -> (A, d)."""
+    validate.tensor(x, "x", dims=2, kind="float", nonempty=False)
+    if validate.tensor(w_in, "w_in", dims=3, kind="float").shape[1] != x.shape[1]:
+        raise ValueError(f"w_in must be (E, {x.shape[1]}, f) for x {tuple(x.shape)}, got {tuple(w_in.shape)}")
+    if validate.tensor(w_out, "w_out", dims=3, kind="float").shape[:2] != (w_in.shape[0], w_in.shape[2]):
+        raise ValueError(f"w_out must be ({w_in.shape[0]}, {w_in.shape[2]}, d) for w_in {tuple(w_in.shape)}, "
+                         f"got {tuple(w_out.shape)}")
     return grouped_mm(F.gelu(grouped_mm(x, w_in, counts, use_kernel)), w_out, counts, use_kernel)
 
 
@@ -625,6 +677,11 @@ class MoELayer(nn.Module):
                  renormalize: bool = False, capacity_factor: float | None = None, n_shared: int = 0,
                  use_kernel: bool | None = None):
         super().__init__()
+        validate.integer(d_ff, "d_ff", low=1)
+        validate.integer(n_shared, "n_shared", low=0)
+        if capacity_factor is not None:
+            validate.number(capacity_factor, "capacity_factor", low=0, low_open=True)
+        validate.choice(use_kernel, "use_kernel", (None, True, False))
         self.n_experts, self.k, self.capacity_factor, self.use_kernel = n_experts, k, capacity_factor, use_kernel
         self.router = Router(d_model, n_experts, k, gate, renormalize)
         self.w_in = nn.Parameter(torch.randn(n_experts, d_model, d_ff) * d_model ** -0.5)
@@ -643,6 +700,8 @@ class MoELayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., d) -> (..., d)."""
+        if validate.tensor(x, "x", kind="float").dim() == 0 or x.shape[-1] != self.w_in.shape[1]:
+            raise ValueError(f"x must have shape (..., {self.w_in.shape[1]}), got {tuple(x.shape)}")
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         r = self.last = self.route(x)
@@ -712,6 +771,7 @@ import torch
 
 from kernels import runtime
 from kernels.runtime import check_launchable, tl, triton
+from lrn_lib import validate
 
 GROUPED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -810,7 +870,6 @@ def check_grouped_inputs(x: torch.Tensor, other: torch.Tensor, counts: torch.Ten
     for name, t in (("x", x), (other_name, other)):
         if t.dtype not in GROUPED_DTYPES:
             raise TypeError(f"{name} has dtype {t.dtype}; the grouped GEMM takes float16, bfloat16 or float32")
-        check_launchable(name, t)
     if other.dtype != x.dtype:
         raise TypeError(f"x has dtype {x.dtype} but {other_name} has {other.dtype}; they must match")
     if counts.dtype not in (torch.int32, torch.int64):
@@ -819,18 +878,18 @@ def check_grouped_inputs(x: torch.Tensor, other: torch.Tensor, counts: torch.Ten
         raise ValueError(f"x has shape {tuple(x.shape)}; expected a non-empty (rows, K) matrix")
     if other.dim() != other_dims or other.numel() == 0:
         raise ValueError(f"{other_name} has shape {tuple(other.shape)}; expected a non-empty {other_dims}-d tensor")
-    if counts.dim() != 1:
-        raise ValueError(f"counts has shape {tuple(counts.shape)}; expected (experts,)")
+    if counts.dim() != 1 or counts.numel() == 0:
+        raise ValueError(f"counts has shape {tuple(counts.shape)}; expected (experts,) with at least one expert")
     if other.device != x.device or counts.device != x.device:
         raise ValueError(f"x, {other_name}, counts are on {x.device}, {other.device}, {counts.device}; "
                          "they must share a device")
-    if not check_counts:
-        return
-    smallest, total = torch.stack([counts.min(), counts.sum()]).tolist()     # one wait for the device
-    if smallest < 0:
-        raise ValueError("counts has negative entries")
-    if total != x.shape[0]:
-        raise ValueError(f"counts sum to {total} but x has {x.shape[0]} rows")
+    if check_counts:
+        smallest, total = torch.stack([counts.min(), counts.sum()]).tolist()     # one wait for the device
+        if smallest < 0:
+            raise ValueError("counts has negative entries")
+        if total != x.shape[0]:
+            raise ValueError(f"counts sum to {total} but x has {x.shape[0]} rows")
+    check_launchable("x", x)                     # last: bad arguments are named even where triton is missing
 
 
 def expert_offsets(counts: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -838,7 +897,10 @@ def expert_offsets(counts: torch.Tensor, block_m: int) -> tuple[torch.Tensor, to
 
     Expert e owns rows [o_e, o_e+1) and row blocks [b_e, b_e+1) of block_m rows each: its last
     block is padded (rows at or past o_e+1 are masked); an expert with no rows owns no block.
+    counts must be non-negative; they are not read back here, so nothing waits for the device.
     """
+    validate.tensor(counts, "counts", dims=1, kind="int")
+    validate.integer(block_m, "block_m", low=1)
     zero = counts.new_zeros(1)
     rows = torch.cat([zero, torch.cumsum(counts, 0)])
     blocks = torch.cat([zero, torch.cumsum((counts + block_m - 1) // block_m, 0)])
@@ -848,6 +910,7 @@ def expert_offsets(counts: torch.Tensor, block_m: int) -> tuple[torch.Tensor, to
 def grouped_config(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
     """Forward (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): small under the interpreter, Hopper-sized
     compiled (bfloat16 and float16 from benchmarks/sweep_moe.py on an H100)."""
+    validate.choice(dtype, "dtype", GROUPED_DTYPES)
     if runtime.MODE != "compiled":
         return 16, 32, 32, 4, 1
     if dtype == torch.float32:
@@ -857,6 +920,7 @@ def grouped_config(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
 
 def weight_grad_config(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
     """Weight-gradient (BLOCK_M rows reduced per step, BLOCK_N, BLOCK_K, num_warps, num_stages), as grouped_config."""
+    validate.choice(dtype, "dtype", GROUPED_DTYPES)
     if runtime.MODE != "compiled":
         return 16, 32, 32, 4, 1
     if dtype == torch.float32:
@@ -1008,6 +1072,14 @@ class AllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group=None) -> torch.Tensor:
         """x (sum(in_splits), ...) -> (sum(out_splits), ...): rows in_splits[j] go to rank j."""
+        for name, splits in (("out_splits", out_splits), ("in_splits", in_splits)):
+            for j, rows in enumerate(validate.nonempty(splits, name)):
+                validate.integer(rows, f"{name}[{j}]", low=0)
+        if len(out_splits) != len(in_splits):
+            raise ValueError(f"out_splits and in_splits need one entry per rank, "
+                             f"got {len(out_splits)} and {len(in_splits)}")
+        if validate.tensor(x, "x", nonempty=False).dim() == 0 or x.shape[0] != sum(in_splits):
+            raise ValueError(f"in_splits sum to {sum(in_splits)} but x has shape {tuple(x.shape)}")
         ctx.splits, ctx.group = (out_splits, in_splits), group
         out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
         dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
@@ -1033,11 +1105,14 @@ class ExpertParallelMoE(nn.Module):
         super().__init__()
         import copy
 
+        if not isinstance(layer, MoELayer):
+            raise TypeError(f"layer must be a MoELayer, got {type(layer).__name__}")
+        if layer.capacity_factor is not None:
+            raise ValueError(f"layer has capacity_factor {layer.capacity_factor}: the expert-parallel layer takes no "
+                             "capacity limit (it would depend on the rank split)")
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         if layer.n_experts % world:
-            raise ValueError(f"{layer.n_experts} experts cannot be split evenly over {world} ranks")
-        if layer.capacity_factor is not None:
-            raise ValueError("the expert-parallel layer takes no capacity limit (it would depend on the rank split)")
+            raise ValueError(f"layer has {layer.n_experts} experts, which cannot be split evenly over {world} ranks")
         self.group, self.world, self.n_experts = group, world, layer.n_experts
         self.local = layer.n_experts // world
         first = rank * self.local
@@ -1050,6 +1125,8 @@ class ExpertParallelMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., d) -> (..., d)."""
+        if validate.tensor(x, "x", kind="float").dim() == 0 or x.shape[-1] != self.w_in.shape[1]:
+            raise ValueError(f"x must have shape (..., {self.w_in.shape[1]}), got {tuple(x.shape)}")
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         r = self.last = self.router(x)
@@ -1112,6 +1189,8 @@ def expert_parallel_check(world: int = 2, seed: int = 0) -> dict[str, float]:
     layer and the single-process layer: output, and the gradients of x, w_in, w_out and the router."""
     import torch.multiprocessing as mp
 
+    validate.integer(world, "world", low=1)
+    validate.integer(seed, "seed")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -1138,9 +1217,10 @@ for name, err in errors.items():
 # ## 5.8 A small MoE language model on English and Python
 #
 # The model is a decoder-only transformer whose attention is chapter 4's
-# `flash_attention` and whose FFNs are all MoE layers. The data need no download: English
-# prose from Python's own documentation (`pydoc_data.topics`, the text behind `help()`)
-# and Python code from the standard library's source files, read as bytes (a 256-token
+# `flash_attention` and whose FFNs are all MoE layers. The data need no download: the book's
+# corpus (`lrn_lib.corpus`, one snapshot committed with the book, the same bytes on every
+# Python) holds English prose from Python's own documentation (pydoc's help topics, the text
+# behind `help()`) and Python code from the standard library's sources, read as bytes (a 256-token
 # vocabulary). Every sequence comes from one domain, so we can ask which experts English
 # and code tokens go to.
 
@@ -1151,6 +1231,10 @@ class MoEBlock(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, moe: "MoELayer"):
         super().__init__()
+        if validate.integer(d_model, "d_model", low=1) % validate.integer(n_heads, "n_heads", low=1):
+            raise ValueError(f"n_heads must divide d_model = {d_model}, got {n_heads}")
+        if not isinstance(moe, nn.Module):
+            raise TypeError(f"moe must be an nn.Module (a MoELayer), got {type(moe).__name__}")
         self.n_heads = n_heads
         self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
@@ -1159,6 +1243,8 @@ class MoEBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, T, d) -> (B, T, d)."""
+        if validate.tensor(x, "x", dims=3, kind="float").shape[2] != self.proj.in_features:
+            raise ValueError(f"x must have shape (B, T, {self.proj.in_features}), got {tuple(x.shape)}")
         b, t, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
         a = flash_attention(q, k, v, causal=True)                   # chapter 4
@@ -1175,6 +1261,8 @@ class MoETransformer(nn.Module):
 
     def __init__(self, vocab: int, d_model: int, n_heads: int, n_layers: int, max_len: int, **moe):
         super().__init__()
+        for name, value in (("vocab", vocab), ("d_model", d_model), ("n_layers", n_layers), ("max_len", max_len)):
+            validate.integer(value, name, low=1)
         self.embed = nn.Embedding(vocab, d_model)
         self.pos = nn.Parameter(torch.randn(max_len, d_model) * 0.02)
         self.blocks = nn.ModuleList(MoEBlock(d_model, n_heads, MoELayer(d_model, **moe)) for _ in range(n_layers))
@@ -1183,6 +1271,8 @@ class MoETransformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, vocab)."""
+        if validate.ids(tokens, "tokens", self.embed.num_embeddings, dims=2).shape[1] > self.pos.shape[0]:
+            raise ValueError(f"tokens has {tokens.shape[1]} positions, more than max_len = {self.pos.shape[0]}")
         x = self.embed(tokens) + self.pos[: tokens.shape[1]]
         for block in self.blocks:
             x = block(x)
@@ -1194,20 +1284,14 @@ class MoETransformer(nn.Module):
 
 
 # %%
-import glob
+from lrn_lib import corpus as book_text
 
-import pydoc_data.topics
-
-english = "\n\n".join(pydoc_data.topics.topics[key] for key in sorted(pydoc_data.topics.topics))
-stdlib = os.path.dirname(os.__file__)
-code_files = sorted(glob.glob(os.path.join(stdlib, "*.py")))
-code = "\n\n".join(open(path, encoding="utf-8", errors="replace").read() for path in code_files[:60])
-corpus = {name: torch.tensor(list(text.encode("ascii", errors="replace")), dtype=torch.long)
-          for name, text in (("English", english), ("code", code))}
+corpus = {name: torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
+          for name, text in (("English", book_text.english()), ("code", book_text.python_source()))}
 splits = {name: (data[: int(0.9 * len(data))], data[int(0.9 * len(data)):]) for name, data in corpus.items()}
 print({name: f"{len(data) / 1e6:.2f}M bytes" for name, data in corpus.items()})
-print(repr(english[2000:2120]))
-print(repr(code[5000:5120]))
+print(repr(book_text.english()[2000:2120].decode(errors="replace")))
+print(repr(book_text.python_source()[5000:5120].decode(errors="replace")))
 
 # %%
 SEQ, BATCH = config.pick(cpu=64, gpu=256), config.pick(cpu=16, gpu=64)

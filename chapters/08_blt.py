@@ -81,23 +81,25 @@ print(config.describe())
 # are not drawn from a vocabulary: any run of bytes can be a patch, and the boundaries are
 # placed where the data is hard.
 #
-# Our corpus is what every Python installation carries: the English text of pydoc's topic
-# pages and the Python source of a few standard-library modules. The last 32 KB of each
+# Our corpus is the book's (`lrn_lib.corpus`): the English text of pydoc's topic pages and the
+# Python source of a few standard-library modules, as one snapshot of Python 3.11.7 committed with
+# the book, so every Python version reads the same bytes. The last 32 KB of each
 # part are held out (64 KB on the GPU profile). The GPU profile trains models many times larger for many more steps,
 # which on 0.7 MB would be dozens of passes over the same text (an entropy model that has
 # memorized its training text predicts it with almost no uncertainty, and entropy patching
-# collapses); it adds the source of some thirty standard-library modules and packages, about 5 MB.
+# collapses); it adds the source of eighteen more standard-library modules and packages, about 2.4 MB.
 
 # %%
 #| export lrn_lib.patching
-import importlib
 import math
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
+
+from lrn_lib import validate
+from lrn_lib.corpus import english, python_source
 
 N_BYTES = 256                 # the values the models predict
 BOS, EOS, PAD = 256, 257, 258  # special input ids
@@ -108,46 +110,35 @@ SOURCE_MODULES = ("textwrap", "string", "heapq", "bisect", "shlex", "difflib", "
 def book_corpus(modules: tuple[str, ...] = SOURCE_MODULES) -> dict[str, bytes]:
     """The chapter's text, nothing downloaded: {"english": pydoc's topic pages, "python": stdlib source}.
 
-    The English part is the UTF-8 text of pydoc_data.topics (sorted by topic); the Python part
-    the source files of the standard-library modules named in modules (a package contributes
-    all its .py files, sorted).
+    Both parts come from the book's corpus (lrn_lib.corpus, a snapshot of Python 3.11.7): the
+    English part is pydoc's help topics, the Python part the sources of the standard-library
+    modules named in modules (a package contributes all its .py files, sorted).
     """
-    from pydoc_data import topics
-
-    english = "\n".join(topics.topics[key] for key in sorted(topics.topics)).encode("utf-8")
-    files: list[Path] = []
-    for name in modules:
-        path = Path(importlib.import_module(name).__file__)
-        files += sorted(path.parent.rglob("*.py")) if path.name == "__init__.py" else [path]
-    return {"english": english, "python": b"".join(f.read_bytes() for f in files)}
+    return {"english": english(), "python": python_source(modules)}
 
 
 def bytes_to_tensor(data: bytes, bos: bool = False) -> torch.Tensor:
     """bytes of length N -> int64 tensor (N,) of values 0..255, or (N + 1,) with BOS first when bos."""
     if not isinstance(data, (bytes, bytearray)):
         raise TypeError(f"data must be bytes, got {type(data).__name__}")
+    if not isinstance(bos, bool):
+        raise TypeError(f"bos must be a bool, got {type(bos).__name__}")
     values = ([BOS] if bos else []) + list(data)
     return torch.tensor(values, dtype=torch.int64)
 
 
 def check_tokens(tokens: torch.Tensor, name: str = "tokens") -> None:
     """Raise TypeError/ValueError unless tokens is a non-empty integer tensor (..., T) of ids in [0, VOCAB_SIZE)."""
-    if not isinstance(tokens, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(tokens).__name__}")
-    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-        raise TypeError(f"{name} must hold integer ids, got dtype {tokens.dtype}")
-    if tokens.dim() < 1 or tokens.shape[-1] == 0:
+    validate.tensor(tokens, name, kind="int")
+    if tokens.dim() < 1:
         raise ValueError(f"{name} must have shape (..., T) with T >= 1, got {tuple(tokens.shape)}")
-    if int(tokens.min()) < 0 or int(tokens.max()) >= VOCAB_SIZE:
-        raise ValueError(f"{name} holds ids outside [0, {VOCAB_SIZE})")
+    validate.ids(tokens, name, VOCAB_SIZE)
 
 
 def bits_per_byte(total_nats: float, n_bytes: int) -> float:
     """Bits per byte (8.2): the summed cross-entropy in nats over n_bytes bytes, divided by n_bytes * ln 2."""
-    if not isinstance(n_bytes, int) or n_bytes <= 0:
-        raise ValueError(f"n_bytes must be a positive int, got {n_bytes!r}")
-    if not math.isfinite(total_nats) or total_nats < 0:
-        raise ValueError(f"total_nats must be finite and >= 0, got {total_nats!r}")
+    validate.integer(n_bytes, "n_bytes", low=1)
+    validate.number(total_nats, "total_nats", low=0)
     return total_nats / (n_bytes * math.log(2))                                   # (8.2)
 
 
@@ -166,10 +157,9 @@ def bits_per_byte(total_nats: float, n_bytes: int) -> float:
 # %%
 from lrn_lib.patching import BOS, N_BYTES, SOURCE_MODULES, bits_per_byte, book_corpus, bytes_to_tensor
 
-MORE_MODULES = ("email", "asyncio", "unittest", "xml", "http", "logging", "concurrent", "importlib",
-                "multiprocessing", "argparse", "typing", "dataclasses", "inspect", "collections", "enum",
-                "functools", "tarfile", "subprocess", "ast", "pydoc", "threading", "statistics", "fractions",
-                "_pydecimal", "pickle", "zipfile", "tomllib", "urllib", "ctypes")
+from lrn_lib.corpus import PYTHON_MODULES
+
+MORE_MODULES = tuple(name for name in PYTHON_MODULES if name not in SOURCE_MODULES)
 corpus = book_corpus(config.pick(cpu=SOURCE_MODULES, gpu=SOURCE_MODULES + MORE_MODULES))
 HELD_OUT = config.pick(cpu=32_768, gpu=65_536)
 train_parts = {k: v[:-HELD_OUT] for k, v in corpus.items()}
@@ -215,6 +205,11 @@ def pretokenize(data: bytes) -> list[bytes]:
 
 def merge_pair(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
     """Replace every non-overlapping occurrence of pair in ids (left to right) by new_id."""
+    if not isinstance(ids, (list, tuple)):
+        raise TypeError(f"ids must be a list of ints, got {type(ids).__name__}")
+    if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+        raise TypeError(f"pair must be a tuple of 2 ids, got {pair!r}")
+    validate.integer(new_id, "new_id", low=0)
     out, i = [], 0
     while i < len(ids):
         if i + 1 < len(ids) and ids[i] == pair[0] and ids[i + 1] == pair[1]:
@@ -239,12 +234,17 @@ class BPETokenizer:
     cache: dict[bytes, list[int]] = field(init=False, repr=False)
 
     def __post_init__(self):
-        self.ranks = {tuple(pair): r for r, pair in enumerate(self.merges)}
+        if not isinstance(self.merges, (list, tuple)):
+            raise TypeError(f"merges must be a list of (id, id) pairs, got {type(self.merges).__name__}")
         self.pieces = [bytes([b]) for b in range(N_BYTES)]
-        for r, (a, b) in enumerate(self.merges):
+        for r, pair in enumerate(self.merges):
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(type(i) is int for i in pair)):
+                raise TypeError(f"merges[{r}] must be a pair of int ids, got {pair!r}")
+            a, b = pair
             if not (0 <= a < N_BYTES + r and 0 <= b < N_BYTES + r):
                 raise ValueError(f"merges[{r}] = {(a, b)} refers to an id not defined before it")
             self.pieces.append(self.pieces[a] + self.pieces[b])
+        self.ranks = {tuple(pair): r for r, pair in enumerate(self.merges)}
         self.cache = {}
 
     @property
@@ -255,8 +255,7 @@ class BPETokenizer:
     @classmethod
     def train(cls, data: bytes, n_merges: int) -> "BPETokenizer":
         """Learn up to n_merges merges from data (stops early when no pair occurs twice)."""
-        if not isinstance(n_merges, int) or n_merges < 0:
-            raise ValueError(f"n_merges must be an int >= 0, got {n_merges!r}")
+        validate.integer(n_merges, "n_merges", low=0)
         words = Counter(pretokenize(data))
         seqs = [list(w) for w in words]
         freqs = list(words.values())
@@ -290,6 +289,8 @@ class BPETokenizer:
         """Token ids of one pre-token: apply the lowest-ranked applicable merge until none applies."""
         if word in self.cache:
             return self.cache[word]
+        if not isinstance(word, (bytes, bytearray)):
+            raise TypeError(f"word must be bytes, got {type(word).__name__}")
         ids = list(word)
         while len(ids) > 1:
             rank = min(self.ranks.get(pair, len(self.merges)) for pair in zip(ids, ids[1:]))
@@ -305,7 +306,11 @@ class BPETokenizer:
 
     def decode(self, ids: list[int]) -> bytes:
         """Token ids -> bytes; ValueError on an id outside [0, vocab_size)."""
+        if not isinstance(ids, (list, tuple)):
+            raise TypeError(f"ids must be a list of ints, got {type(ids).__name__}")
         for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int):
+                raise TypeError(f"ids must hold ints, got {type(t).__name__}")
             if not 0 <= t < self.vocab_size:
                 raise ValueError(f"ids holds {t}, outside [0, {self.vocab_size})")
         return b"".join(self.pieces[t] for t in ids)
@@ -360,6 +365,9 @@ print(f"BPE training took {bpe_seconds:.1f} s")
 #| export lrn_lib.patching
 def force_first_two(starts: torch.Tensor) -> torch.Tensor:
     """Mark positions 0 and 1 of starts (..., T) as patch starts (in place); returns starts."""
+    validate.tensor(starts, "starts", dtype=torch.bool)
+    if starts.dim() < 1:
+        raise ValueError(f"starts must have shape (..., T), got {tuple(starts.shape)}")
     starts[..., 0] = True
     if starts.shape[-1] > 1:
         starts[..., 1] = True
@@ -368,30 +376,31 @@ def force_first_two(starts: torch.Tensor) -> torch.Tensor:
 
 def patch_ids(starts: torch.Tensor) -> torch.Tensor:
     """Patch index of every position (8.4): bool starts (..., T) -> int64 (..., T), cumsum(starts) - 1."""
-    if not isinstance(starts, torch.Tensor) or starts.dtype != torch.bool:
-        raise TypeError("starts must be a bool tensor")
-    if starts.dim() < 1 or starts.shape[-1] == 0 or not bool(starts[..., 0].all()):
+    validate.tensor(starts, "starts", dtype=torch.bool)
+    if starts.dim() < 1 or not bool(starts[..., 0].all()):
         raise ValueError("starts must have shape (..., T) with T >= 1 and a patch starting at position 0")
     return starts.long().cumsum(-1) - 1                                           # (8.4)
 
 
 def patch_lengths(starts: torch.Tensor) -> torch.Tensor:
     """Lengths (P,) of the patches of one sequence: bool starts (T,) -> int64 (P,), summing to T."""
-    if starts.dim() != 1:
-        raise ValueError(f"starts must be one sequence (T,), got shape {tuple(starts.shape)}")
+    validate.tensor(starts, "starts", dims=1, dtype=torch.bool)
     return torch.bincount(patch_ids(starts))
 
 
 def mean_patch_size(starts: torch.Tensor) -> float:
     """Mean bytes per patch of starts (..., T): positions / patches."""
-    return starts.numel() / int(starts.sum())
+    validate.tensor(starts, "starts", dtype=torch.bool)
+    n_patches = int(starts.sum())
+    if n_patches == 0:
+        raise ValueError("starts holds no patch start")
+    return starts.numel() / n_patches
 
 
 def fixed_patch_starts(tokens: torch.Tensor, stride: int) -> torch.Tensor:
     """MegaByte's fixed patches: tokens (..., T) -> bool (..., T), starts at 0 and 1, 1 + stride, 1 + 2 stride, ..."""
     check_tokens(tokens)
-    if not isinstance(stride, int) or stride < 1:
-        raise ValueError(f"stride must be an int >= 1, got {stride!r}")
+    validate.integer(stride, "stride", low=1)
     t = torch.arange(tokens.shape[-1], device=tokens.device)
     starts = ((t - 1) % stride == 0).expand(tokens.shape).clone()
     return force_first_two(starts)
@@ -425,6 +434,8 @@ def bpe_patch_starts(tokens: torch.Tensor, tokenizer: BPETokenizer) -> torch.Ten
     check_tokens(tokens)
     if tokens.dim() != 1:
         raise ValueError(f"tokens must be one sequence (T,), got shape {tuple(tokens.shape)}")
+    if not isinstance(tokenizer, BPETokenizer):
+        raise TypeError(f"tokenizer must be a BPETokenizer, got {type(tokenizer).__name__}")
     body = tokens[1:].tolist()
     if any(b >= N_BYTES for b in body):
         raise ValueError("tokens[1:] must be bytes (ids < 256)")
@@ -514,8 +525,7 @@ def next_byte_entropies(logits: torch.Tensor) -> torch.Tensor:
 
     Entry t is H(x_t), computed from the logits at t - 1; entry 0 (no prediction) is 0.
     """
-    if not isinstance(logits, torch.Tensor) or not logits.dtype.is_floating_point:
-        raise TypeError("logits must be a floating-point tensor (..., T, V)")
+    validate.tensor(logits, "logits", kind="float")
     if logits.dim() < 2:
         raise ValueError(f"logits must have shape (..., T, V), got {tuple(logits.shape)}")
     logp = torch.log_softmax(logits.float(), dim=-1)
@@ -529,14 +539,11 @@ def entropy_patch_starts(entropies: torch.Tensor, threshold: float, rule: str = 
     rule "global": start where H(x_t) > threshold (8.6); "monotonic": where H(x_t) - H(x_{t-1}) > threshold (8.7).
     Positions 0 and 1 always start patches.
     """
-    if not isinstance(entropies, torch.Tensor) or not entropies.dtype.is_floating_point:
-        raise TypeError("entropies must be a floating-point tensor (..., T)")
-    if entropies.dim() < 1 or entropies.shape[-1] == 0:
+    validate.tensor(entropies, "entropies", kind="float", finite=True)
+    if entropies.dim() < 1:
         raise ValueError(f"entropies must have shape (..., T) with T >= 1, got {tuple(entropies.shape)}")
-    if rule not in RULES:
-        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
-    if not math.isfinite(threshold):
-        raise ValueError(f"threshold must be finite, got {threshold!r}")
+    validate.choice(rule, "rule", RULES)
+    validate.number(threshold, "threshold")
     if rule == "global":
         starts = entropies > threshold                                            # (8.6)
     else:
@@ -550,8 +557,10 @@ def threshold_for_patch_size(entropies: torch.Tensor, target: float, rule: str =
 
     Bisection: the mean patch size never falls as the threshold rises.
     """
-    if not target >= 1:
-        raise ValueError(f"target must be a mean patch size >= 1, got {target!r}")
+    validate.number(target, "target", low=1)
+    validate.integer(iters, "iters", low=1)
+    validate.tensor(entropies, "entropies", kind="float", finite=True)
+    validate.choice(rule, "rule", RULES)
     values = entropies if rule == "global" else entropies[..., 1:] - entropies[..., :-1]
     lo, hi = float(values.min()) - 1.0, float(values.max()) + 1.0
     if mean_patch_size(entropy_patch_starts(entropies, hi, rule)) < target:
@@ -582,14 +591,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lrn_lib import validate
 from lrn_lib.llama import (Attention, Llama, LlamaConfig, RMSNorm, TransformerBlock, rope_cos_sin, rope_frequencies,
                            tiny_config)
 from lrn_lib.patching import (N_BYTES, VOCAB_SIZE, check_tokens, entropy_patch_starts, hash_ngram_ids,
                               next_byte_entropies, patch_ids)
 
 
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, self_attention: bool) -> None:
+    """Raise unless q (B, H, Q, d) and k, v (B, Hkv, K, d) are float tensors with Hkv dividing H;
+    self-attention needs K = Q (the causal masks are aligned at position 0), other attention Hkv = H."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        validate.tensor(x, name, dims=4, kind="float")
+    validate.same_shape(k=k, v=v)
+    b, h, n, d = q.shape
+    if k.shape[0] != b or k.shape[3] != d or h % k.shape[1] or (k.shape[2] != n if self_attention else k.shape[1] != h):
+        raise ValueError(f"k and v have shape {tuple(k.shape)}, which does not fit q {tuple(q.shape)}")
+
+
 def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal GQA attention with PyTorch's fused kernel: q (B, H, T, d), k, v (B, Hkv, T, d) -> (B, H, T, d)."""
+    _check_qkv(q, k, v, self_attention=True)
     rep = q.shape[1] // k.shape[1]
     return F.scaled_dot_product_attention(q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1),
                                           is_causal=True)
@@ -597,6 +619,8 @@ def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tens
 
 def use_sdpa(model: nn.Module) -> nn.Module:
     """Swap every chapter-6 Attention's causal attention in model for causal_sdpa (same math); returns model."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     for module in model.modules():
         if isinstance(module, Attention):
             module.attend = causal_sdpa
@@ -605,6 +629,8 @@ def use_sdpa(model: nn.Module) -> nn.Module:
 
 def entropy_model(dim: int = 64, n_layers: int = 2, n_heads: int = 4, max_seq_len: int = 512) -> Llama:
     """The small byte-level causal LM that places entropy patches: a chapter-6 Llama, tokens (B, T) -> logits (B, T, 259)."""
+    for name, value in (("dim", dim), ("n_layers", n_layers), ("n_heads", n_heads), ("max_seq_len", max_seq_len)):
+        validate.integer(value, name, low=1)
     return use_sdpa(Llama(tiny_config(vocab_size=VOCAB_SIZE, dim=dim, n_layers=n_layers, n_heads=n_heads,
                                       n_kv_heads=max(1, n_heads // 2), ffn_dim=int(2.5 * dim) // 2 * 2,
                                       max_seq_len=max_seq_len)))
@@ -616,7 +642,10 @@ def byte_entropies(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
     Only the 256 byte logits count: the special ids are never a next byte.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_tokens(tokens)
+    validate.tensor(tokens, "tokens", dims=2)
     return next_byte_entropies(model(tokens)[..., :N_BYTES])
 
 
@@ -794,10 +823,8 @@ def hash_ngram_ids(tokens: torch.Tensor, n: int, table_size: int) -> torch.Tenso
     Positions before the start are PAD. Deterministic; equal n-grams give equal ids.
     """
     check_tokens(tokens)
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an int >= 1, got {n!r}")
-    if not isinstance(table_size, int) or table_size < 1:
-        raise ValueError(f"table_size must be an int >= 1, got {table_size!r}")
+    validate.integer(n, "n", low=1)
+    validate.integer(table_size, "table_size", low=1)
     t = tokens.shape[-1]
     pad = torch.full((*tokens.shape[:-1], n - 1), PAD, dtype=torch.int64, device=tokens.device)
     padded = torch.cat([pad, tokens.long()], dim=-1)
@@ -814,12 +841,19 @@ class HashNgramEmbedding(nn.Module):
 
     def __init__(self, dim: int, ngrams: tuple[int, ...] = (3, 4, 5, 6, 7, 8), table_size: int = 4096):
         super().__init__()
+        validate.integer(dim, "dim", low=1)
+        validate.integer(table_size, "table_size", low=1)
+        if not isinstance(ngrams, (tuple, list)):
+            raise TypeError(f"ngrams must be a tuple of n-gram sizes, got {type(ngrams).__name__}")
+        for n in ngrams:
+            validate.integer(n, "ngrams", low=1)
         self.ngrams, self.table_size = tuple(ngrams), table_size
         self.byte = nn.Embedding(VOCAB_SIZE, dim)
         self.tables = nn.ModuleList(nn.Embedding(table_size, dim) for _ in self.ngrams)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, T) -> e (B, T, dim)."""
+        check_tokens(tokens)
         e = self.byte(tokens)
         for n, table in zip(self.ngrams, self.tables):
             e = e + table(hash_ngram_ids(tokens, n, self.table_size))             # (8.10)
@@ -897,8 +931,8 @@ print("the rolling update gives the same 5-gram ids:", rolled == hash_ngram_ids(
 #| export lrn_lib.blt
 def local_causal_mask(n: int, window: int, device: torch.device | str | None = None) -> torch.Tensor:
     """Windowed causal mask (8.11): (n, n) bool, [t, s] True when t - window < s <= t."""
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
+    validate.integer(n, "n", low=1)
+    validate.integer(window, "window", low=1)
     t = torch.arange(n, device=device)
     d = t[:, None] - t[None, :]
     return (d >= 0) & (d < window)
@@ -906,6 +940,8 @@ def local_causal_mask(n: int, window: int, device: torch.device | str | None = N
 
 def encoder_cross_mask(pids: torch.Tensor, n_patches: int) -> torch.Tensor:
     """Patch j's query sees exactly its own bytes (8.12): pids (B, T) -> (B, P, T) bool, [b, j, t] = pid_t == j."""
+    validate.integer(n_patches, "n_patches", low=1)
+    validate.ids(pids, "pids", n_patches, dims=2)
     return pids[:, None, :] == torch.arange(n_patches, device=pids.device)[None, :, None]
 
 
@@ -920,10 +956,8 @@ def decoder_patch_index(pids: torch.Tensor, lag: str = "next") -> torch.Tensor:
     "previous" (8.15'): byte t reads patch pid_t - 1 (one patch staler at every patch end).
     "own": byte t reads patch pid_t, which has seen later bytes (leaks; for the perturbation test).
     """
-    if lag not in DECODER_LAGS:
-        raise ValueError(f"lag must be one of {DECODER_LAGS}, got {lag!r}")
-    if pids.dim() != 2 or pids.shape[-1] == 0:
-        raise ValueError(f"pids must have shape (B, T) with T >= 1, got {tuple(pids.shape)}")
+    validate.choice(lag, "lag", DECODER_LAGS)
+    validate.tensor(pids, "pids", dims=2, kind="int")
     if lag == "own":
         return pids
     if lag == "previous":
@@ -938,11 +972,14 @@ def decoder_cross_mask(pids: torch.Tensor, n_patches: int, lag: str = "next") ->
     lag "next" (8.15) and "previous" (8.15') keep the model causal; "own" leaks later bytes of the patch.
     """
     index = decoder_patch_index(pids, lag)
+    validate.integer(n_patches, "n_patches", low=1)
+    validate.ids(pids, "pids", n_patches)
     return torch.arange(n_patches, device=pids.device)[None, None, :] == index[:, :, None]
 
 
 def block_causal_mask(pids: torch.Tensor) -> torch.Tensor:
     """The latent transformer seen from bytes (8.13): pids (B, T) -> (B, T, T), [t, s] True when pid_s <= pid_t."""
+    validate.tensor(pids, "pids", dims=2, kind="int")
     return pids[:, None, :] <= pids[:, :, None]
 
 
@@ -951,8 +988,10 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
     q (B, H, Q, d); k, v (B, H, K, d); mask (B, Q, K) or (Q, K) bool -> (B, H, Q, d).
     """
-    if mask.dtype != torch.bool:
-        raise TypeError(f"mask must be bool, got {mask.dtype}")
+    _check_qkv(q, k, v, self_attention=False)
+    validate.tensor(mask, "mask", dims=(2, 3), dtype=torch.bool)
+    if mask.shape[-2:] != (q.shape[2], k.shape[2]) or (mask.dim() == 3 and mask.shape[0] != q.shape[0]):
+        raise ValueError(f"mask has shape {tuple(mask.shape)}; expected (B, Q, K) = {(q.shape[0], q.shape[2], k.shape[2])}")
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
     m = mask if mask.dim() == 2 else mask[:, None]
     scores = scores.masked_fill(~m, torch.finfo(scores.dtype).min)
@@ -962,6 +1001,7 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
 def windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
     """Local causal GQA attention (8.11): q (B, H, T, d), k, v (B, Hkv, T, d) -> (B, H, T, d)."""
+    _check_qkv(q, k, v, self_attention=True)
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     mask = local_causal_mask(q.shape[2], window, q.device)
@@ -972,6 +1012,9 @@ class LocalBlock(TransformerBlock):
     """A chapter-6 Llama block whose attention is causal within a window (8.11): x (B, T, dim) -> (B, T, dim)."""
 
     def __init__(self, cfg: LlamaConfig, window: int):
+        if not isinstance(cfg, LlamaConfig):
+            raise TypeError(f"cfg must be a LlamaConfig, got {type(cfg).__name__}")
+        validate.integer(window, "window", low=1)
         super().__init__(cfg)
         self.window = window
         self.attention.attend = functools.partial(windowed_attention, window=window)
@@ -985,6 +1028,8 @@ class CrossAttention(nn.Module):
 
     def __init__(self, dim: int, kv_dim: int, n_heads: int):
         super().__init__()
+        for name, value in (("dim", dim), ("kv_dim", kv_dim), ("n_heads", n_heads)):
+            validate.integer(value, name, low=1)
         if dim % n_heads:
             raise ValueError(f"dim={dim} is not divisible by n_heads={n_heads}")
         self.n_heads = n_heads
@@ -996,6 +1041,11 @@ class CrossAttention(nn.Module):
 
     def forward(self, queries: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """queries (B, Q, dim), keys (B, K, kv_dim), mask (B, Q, K) bool -> (B, Q, dim)."""
+        validate.tensor(queries, "queries", dims=3, kind="float")
+        validate.tensor(keys, "keys", dims=3, kind="float")
+        if queries.shape[-1] != self.wq.in_features or keys.shape[::2] != (queries.shape[0], self.wk.in_features):
+            raise ValueError(f"queries {tuple(queries.shape)} and keys {tuple(keys.shape)} must be (B, Q, "
+                             f"{self.wq.in_features}) and (B, K, {self.wk.in_features})")
         b, nq, dim = queries.shape
         split = lambda x: x.view(b, x.shape[1], self.n_heads, -1).transpose(1, 2)  # noqa: E731
         kv = self.kv_norm(keys)
@@ -1024,10 +1074,18 @@ class BLTConfig:
     def __post_init__(self):
         for name in ("local_dim", "local_heads", "encoder_layers", "decoder_layers", "window", "latent_dim",
                      "latent_heads", "latent_layers", "hash_table_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lag not in DECODER_LAGS:
-            raise ValueError(f"lag must be one of {DECODER_LAGS} (see decoder_patch_index), got {self.lag!r}")
+            validate.integer(getattr(self, name), name, low=1)
+        for dim, heads in (("local_dim", "local_heads"), ("latent_dim", "latent_heads")):
+            if getattr(self, dim) % (2 * getattr(self, heads)):
+                raise ValueError(f"{dim}={getattr(self, dim)} must be a multiple of 2 * {heads}={getattr(self, heads)} "
+                                 "(an even head dimension)")
+        if not isinstance(self.ngrams, (tuple, list)):
+            raise TypeError(f"ngrams must be a tuple of n-gram sizes, got {type(self.ngrams).__name__}")
+        for n in self.ngrams:
+            validate.integer(n, "ngrams", low=1)
+        validate.number(self.ffn_mult, "ffn_mult", low=0, low_open=True)
+        validate.number(self.rope_theta, "rope_theta", low=0, low_open=True)
+        validate.choice(self.lag, "lag", DECODER_LAGS)
 
     def llama(self, latent: bool) -> LlamaConfig:
         """The LlamaConfig of the latent (latent=True) or the local blocks."""
@@ -1042,6 +1100,8 @@ class LocalEncoder(nn.Module):
 
     def __init__(self, cfg: BLTConfig):
         super().__init__()
+        if not isinstance(cfg, BLTConfig):
+            raise TypeError(f"cfg must be a BLTConfig, got {type(cfg).__name__}")
         lc = cfg.llama(latent=False)
         self.embed = HashNgramEmbedding(cfg.local_dim, cfg.ngrams, cfg.hash_table_size)
         self.layers = nn.ModuleList(LocalBlock(lc, cfg.window) for _ in range(cfg.encoder_layers))
@@ -1051,11 +1111,14 @@ class LocalEncoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor, pids: torch.Tensor, n_patches: int) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens, pids (B, T) -> byte states h (B, T, local_dim), patch states (B, n_patches, local_dim)."""
+        check_tokens(tokens)
+        validate.tensor(pids, "pids", kind="int")
+        validate.same_shape(tokens=tokens, pids=pids)
+        mask = encoder_cross_mask(pids, n_patches)                                 # (8.12)
         b, t = tokens.shape
         h = self.embed(tokens)
         index = pids[..., None].expand(-1, -1, h.shape[-1])
         patches = h.new_zeros(b, n_patches, h.shape[-1]).scatter_reduce(1, index, h, "amax", include_self=False)
-        mask = encoder_cross_mask(pids, n_patches)                                 # (8.12)
         cos, sin = rope_cos_sin(torch.arange(t, device=tokens.device), self.omega, h.dtype)
         for layer, cross in zip(self.layers, self.cross):
             h = layer(h, cos, sin)                                                 # (8.11)
@@ -1068,6 +1131,8 @@ class LatentTransformer(nn.Module):
 
     def __init__(self, cfg: BLTConfig):
         super().__init__()
+        if not isinstance(cfg, BLTConfig):
+            raise TypeError(f"cfg must be a BLTConfig, got {type(cfg).__name__}")
         gc = cfg.llama(latent=True)
         self.proj = nn.Linear(cfg.local_dim, cfg.latent_dim, bias=False)
         self.layers = use_sdpa(nn.ModuleList(TransformerBlock(gc) for _ in range(cfg.latent_layers)))
@@ -1076,6 +1141,9 @@ class LatentTransformer(nn.Module):
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         """patches (B, P, local_dim) -> (B, P, latent_dim); output j depends on patches 0..j only."""
+        validate.tensor(patches, "patches", dims=3, kind="float")
+        if patches.shape[-1] != self.proj.in_features:
+            raise ValueError(f"patches must be (B, P, {self.proj.in_features}), got {tuple(patches.shape)}")
         z = self.proj(patches)
         cos, sin = rope_cos_sin(torch.arange(z.shape[1], device=z.device), self.omega, z.dtype)
         for layer in self.layers:
@@ -1088,6 +1156,8 @@ class LocalDecoder(nn.Module):
 
     def __init__(self, cfg: BLTConfig):
         super().__init__()
+        if not isinstance(cfg, BLTConfig):
+            raise TypeError(f"cfg must be a BLTConfig, got {type(cfg).__name__}")
         lc = cfg.llama(latent=False)
         self.lag = cfg.lag
         self.cross = nn.ModuleList(CrossAttention(cfg.local_dim, cfg.latent_dim, cfg.local_heads)
@@ -1099,6 +1169,13 @@ class LocalDecoder(nn.Module):
 
     def forward(self, h: torch.Tensor, latents: torch.Tensor, pids: torch.Tensor) -> torch.Tensor:
         """h (B, T, local_dim), latents (B, P, latent_dim), pids (B, T) -> logits (B, T, 256)."""
+        validate.tensor(h, "h", dims=3, kind="float")
+        validate.tensor(latents, "latents", dims=3, kind="float")
+        validate.tensor(pids, "pids", dims=2, kind="int")
+        dims = (self.output.in_features, self.cross[0].wk.in_features)
+        if h.shape[:2] != pids.shape or latents.shape[0] != h.shape[0] or (h.shape[-1], latents.shape[-1]) != dims:
+            raise ValueError(f"h {tuple(h.shape)}, latents {tuple(latents.shape)} and pids {tuple(pids.shape)} must be "
+                             f"(B, T, {dims[0]}), (B, P, {dims[1]}) and (B, T)")
         mask = decoder_cross_mask(pids, latents.shape[1], self.lag)                # (8.15)
         cos, sin = rope_cos_sin(torch.arange(h.shape[1], device=h.device), self.omega, h.dtype)
         for cross, layer in zip(self.cross, self.layers):
@@ -1115,6 +1192,8 @@ class BLT(nn.Module):
 
     def __init__(self, cfg: BLTConfig):
         super().__init__()
+        if not isinstance(cfg, BLTConfig):
+            raise TypeError(f"cfg must be a BLTConfig, got {type(cfg).__name__}")
         self.cfg = cfg
         self.encoder = LocalEncoder(cfg)
         self.latent = LatentTransformer(cfg)
@@ -1123,6 +1202,7 @@ class BLT(nn.Module):
 
     def reset_parameters(self, std: float = 0.02) -> None:
         """Normal(0, std) weights (output projections wo, w2 scaled down by depth), unit norm gains."""
+        validate.number(std, "std", low=0, low_open=True)
         depth = self.cfg.encoder_layers + self.cfg.decoder_layers + self.cfg.latent_layers
         for name, module in self.named_modules():
             if isinstance(module, (nn.Embedding, nn.Linear)):
@@ -1134,6 +1214,7 @@ class BLT(nn.Module):
     def forward(self, tokens: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
         """tokens (B, T) int64, starts (B, T) bool with starts[:, 0] True -> logits (B, T, 256)."""
         check_tokens(tokens)
+        validate.tensor(starts, "starts", dtype=torch.bool)
         if tokens.dim() != 2 or starts.shape != tokens.shape:
             raise ValueError(f"tokens must be (B, T) and starts the same shape, got {tuple(tokens.shape)}, "
                              f"{tuple(starts.shape)}")
@@ -1252,12 +1333,20 @@ print("reading the own patch's latent state at every byte leaks later bytes:", l
 #| export lrn_lib.blt
 def block_flops(dim: int, n_heads: int, n_kv_heads: int, ffn_dim: int, attended: float) -> float:
     """Forward FLOPs (8.16) of one Llama block at one position that attends to `attended` keys."""
+    for name, value in (("dim", dim), ("n_heads", n_heads), ("n_kv_heads", n_kv_heads), ("ffn_dim", ffn_dim)):
+        validate.integer(value, name, low=1)
+    if dim % n_heads or n_heads % n_kv_heads:
+        raise ValueError(f"n_heads={n_heads} must divide dim={dim}, and n_kv_heads={n_kv_heads} divide n_heads")
+    validate.number(attended, "attended", low=0)
     kv = n_kv_heads * (dim // n_heads)
     return 2 * dim * (2 * dim + 2 * kv) + 6 * dim * ffn_dim + 4 * dim * attended  # (8.16)
 
 
 def llama_flops_per_token(cfg: LlamaConfig, context: int) -> float:
     """Forward FLOPs per token of a Llama over causal contexts of `context` tokens, head included."""
+    if not isinstance(cfg, LlamaConfig):
+        raise TypeError(f"cfg must be a LlamaConfig, got {type(cfg).__name__}")
+    validate.integer(context, "context", low=1)
     per_block = block_flops(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim, (context + 1) / 2)
     return cfg.n_layers * per_block + 2 * cfg.dim * cfg.vocab_size
 
@@ -1267,8 +1356,10 @@ def blt_flops_per_byte(cfg: BLTConfig, patch_size: float, context: int) -> dict[
 
     Returns the parts ("encoder", "encoder cross", "latent", "decoder cross", "decoder", "head") and "total".
     """
-    if patch_size < 1 or context < 1:
-        raise ValueError(f"need patch_size >= 1 and context >= 1, got {patch_size}, {context}")
+    if not isinstance(cfg, BLTConfig):
+        raise TypeError(f"cfg must be a BLTConfig, got {type(cfg).__name__}")
+    validate.number(patch_size, "patch_size", low=1)
+    validate.integer(context, "context", low=1)
     lc, gc = cfg.llama(latent=False), cfg.llama(latent=True)
     dl, dg = cfg.local_dim, cfg.latent_dim
     window = sum(min(t + 1, cfg.window) for t in range(context)) / context
@@ -1499,19 +1590,16 @@ def bootstrap_bpb_interval(nats: torch.Tensor, n_bytes: torch.Tensor, n_boot: in
     n_bytes (N,): bytes of each window. Resamples the N windows with replacement n_boot times and returns the
     (1 - level) / 2 and (1 + level) / 2 quantiles of sum(nats) / (sum(n_bytes) ln 2) over the resamples.
     """
-    if not isinstance(nats, torch.Tensor) or not nats.dtype.is_floating_point:
-        raise TypeError("nats must be a floating-point tensor (N,)")
-    if not isinstance(n_bytes, torch.Tensor):
-        raise TypeError("n_bytes must be a tensor (N,)")
-    if nats.dim() != 1 or nats.shape != n_bytes.shape or nats.numel() < 2:
-        raise ValueError(f"nats and n_bytes must both have shape (N,) with N >= 2, got {tuple(nats.shape)}, "
-                         f"{tuple(n_bytes.shape)}")
+    validate.tensor(nats, "nats", dims=1, kind="float", finite=True)
+    validate.tensor(n_bytes, "n_bytes", dims=1)
+    validate.same_shape(nats=nats, n_bytes=n_bytes)
+    if nats.numel() < 2:
+        raise ValueError(f"nats and n_bytes must hold N >= 2 windows, got {nats.numel()}")
     if bool((n_bytes <= 0).any()):
         raise ValueError("n_bytes must be positive")
-    if not isinstance(n_boot, int) or n_boot < 1:
-        raise ValueError(f"n_boot must be an int >= 1, got {n_boot!r}")
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level!r}")
+    validate.integer(n_boot, "n_boot", low=1)
+    validate.number(level, "level", low=0, high=1, low_open=True, high_open=True)
+    validate.integer(seed, "seed")
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, nats.numel(), (n_boot, nats.numel()), generator=gen)
     values = nats.double().cpu()[idx].sum(1) / (n_bytes.double().cpu()[idx].sum(1) * math.log(2))   # (8.2)

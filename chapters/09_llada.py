@@ -90,13 +90,13 @@ print(config.describe())
 
 # %%
 #| export lrn_lib.llada
-import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lrn_lib import validate
 from lrn_lib.attention import flash_attention
 from lrn_lib.llama import Llama, LlamaConfig
 
@@ -104,38 +104,26 @@ EPS = 1e-3                 # (9.2): masking probability p = (1 - EPS) t + EPS
 Model = Callable[[torch.Tensor], torch.Tensor]   # tokens (B, L) int64 -> logits (B, L, V)
 
 
-def _check_ids(x: torch.Tensor, name: str, dims: int | None = None) -> None:
-    """Raise TypeError unless x is an int64 tensor, ValueError unless it has `dims` dims (when given)."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype != torch.int64:
-        raise TypeError(f"{name} must be an int64 tensor of token ids, got dtype {x.dtype}")
-    if dims is not None and x.dim() != dims:
-        raise ValueError(f"{name} must have {dims} dims, got shape {tuple(x.shape)}")
-
-
-def _check_generator(generator: torch.Generator | None) -> None:
-    """Raise TypeError unless generator is a torch.Generator or None."""
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+def _check_model(model: Model) -> None:
+    """Raise TypeError unless model is callable (tokens (B, L) -> logits (B, L, V))."""
+    if not callable(model):
+        raise TypeError(f"model must be callable tokens -> logits, got {type(model).__name__}")
 
 
 def mask_probability(t: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     """(9.2): p = (1 - eps) t + eps, the masking probability for times t (B,) in [0, 1]; returns (B,)."""
-    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-        raise TypeError("t must be a floating torch.Tensor")
-    if not 0.0 <= eps < 1.0:
-        raise ValueError(f"eps must be in [0, 1), got {eps}")
-    if t.numel() and (float(t.min()) < 0.0 or float(t.max()) > 1.0):
+    validate.tensor(t, "t", kind="float", finite=True)
+    validate.number(eps, "eps", low=0, high=1, high_open=True)
+    if float(t.min()) < 0.0 or float(t.max()) > 1.0:
         raise ValueError("t must lie in [0, 1]")
     return (1.0 - eps) * t + eps
 
 
 def sample_mask_probability(batch: int, eps: float = EPS, generator: torch.Generator | None = None) -> torch.Tensor:
     """Per-sequence masking probabilities (batch,) float32: t ~ U(0, 1) mapped by (9.2)."""
-    if not isinstance(batch, int) or batch <= 0:
-        raise ValueError(f"batch must be a positive int, got {batch!r}")
-    _check_generator(generator)
+    validate.integer(batch, "batch", low=1)
+    validate.number(eps, "eps", low=0, high=1, high_open=True)
+    validate.generator(generator, optional=True)
     return mask_probability(torch.rand(batch, generator=generator), eps)
 
 
@@ -146,20 +134,21 @@ def forward_mask(x0: torch.Tensor, p: torch.Tensor, mask_id: int, maskable: torc
     maskable (B, L) bool limits masking to those positions (SFT: the response only).
     Returns (x_t (B, L) with mask_id at masked positions, masked (B, L) bool).
     """
-    _check_ids(x0, "x0", dims=2)
-    _check_generator(generator)
-    if not isinstance(p, torch.Tensor) or not p.is_floating_point():
-        raise TypeError("p must be a floating torch.Tensor of shape (B,)")
+    validate.tensor(x0, "x0", dims=2, dtype=torch.int64)
+    validate.generator(generator, optional=True)
+    validate.tensor(p, "p", kind="float", finite=True)
     if p.shape != x0.shape[:1]:
         raise ValueError(f"p has shape {tuple(p.shape)}; expected ({x0.shape[0]},)")
-    if p.numel() and (float(p.min()) < 0.0 or float(p.max()) > 1.0):
+    if float(p.min()) < 0.0 or float(p.max()) > 1.0:
         raise ValueError("p must lie in [0, 1]")
+    validate.integer(mask_id, "mask_id", low=0)
     if bool((x0 == mask_id).any()):
         raise ValueError(f"x0 already holds mask_id={mask_id}; clean data must not contain the mask token")
     if maskable is None:
         maskable = torch.ones_like(x0, dtype=torch.bool)
-    elif maskable.shape != x0.shape or maskable.dtype != torch.bool:
-        raise ValueError(f"maskable must be a bool tensor of shape {tuple(x0.shape)}")
+    else:
+        validate.tensor(maskable, "maskable", dtype=torch.bool)
+        validate.same_shape(maskable=maskable, x0=x0)
     u = torch.rand(x0.shape, generator=generator).to(x0.device)
     masked = (u < p.to(x0.device)[:, None].to(u.dtype)) & maskable
     return torch.where(masked, torch.full_like(x0, mask_id), x0), masked
@@ -180,8 +169,7 @@ class MaskPredictor(nn.Module):
         super().__init__()
         if not isinstance(cfg, LlamaConfig):
             raise TypeError(f"cfg must be a LlamaConfig, got {type(cfg).__name__}")
-        if not isinstance(mask_id, int) or not 0 <= mask_id < cfg.vocab_size:
-            raise ValueError(f"mask_id must be an int in [0, {cfg.vocab_size}), got {mask_id!r}")
+        validate.integer(mask_id, "mask_id", low=0, high=cfg.vocab_size - 1)
         self.cfg, self.mask_id = cfg, mask_id
         self.net = Llama(cfg)
         for block in self.net.layers:
@@ -192,7 +180,8 @@ class MaskPredictor(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, L) int64 -> logits (B, L, V) with logits[..., mask_id] = -inf."""
-        _check_ids(tokens, "tokens", dims=2)
+        validate.tensor(tokens, "tokens", dims=2, dtype=torch.int64)
+        validate.ids(tokens, "tokens", self.cfg.vocab_size)
         return self.net(tokens) + self.never_mask
 
 
@@ -263,13 +252,24 @@ with torch.no_grad():
 
 # %%
 #| export lrn_lib.llada
+def _check_p(p: torch.Tensor, x0: torch.Tensor) -> None:
+    """Raise unless p is a float (B,) tensor of masking probabilities in (0, 1] for x0 (B, L)."""
+    validate.tensor(p, "p", kind="float", finite=True)
+    if p.shape != x0.shape[:1]:
+        raise ValueError(f"p has shape {tuple(p.shape)}; expected ({x0.shape[0]},)")
+    if bool((p <= 0).any()) or bool((p > 1).any()):
+        raise ValueError("p must lie in (0, 1] (map t by (9.2))")
+
+
 def masked_cross_entropy(logits: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
     """-log p(x0_i | x_t) at masked positions, 0 elsewhere: logits (B, L, V), x0, masked (B, L) -> (B, L) float."""
-    _check_ids(x0, "x0", dims=2)
-    if logits.dim() != 3 or logits.shape[:2] != x0.shape:
+    validate.tensor(x0, "x0", dims=2, dtype=torch.int64)
+    validate.tensor(logits, "logits", dims=3, kind="float")
+    if logits.shape[:2] != x0.shape:
         raise ValueError(f"logits must have shape ({x0.shape[0]}, {x0.shape[1]}, V), got {tuple(logits.shape)}")
-    if masked.shape != x0.shape or masked.dtype != torch.bool:
-        raise ValueError(f"masked must be a bool tensor of shape {tuple(x0.shape)}")
+    validate.ids(x0, "x0", logits.shape[-1])
+    validate.tensor(masked, "masked", dtype=torch.bool)
+    validate.same_shape(masked=masked, x0=x0)
     work = logits.to(torch.promote_types(logits.dtype, torch.float32))
     ce = F.cross_entropy(work.reshape(-1, work.shape[-1]), x0.reshape(-1), reduction="none").view(x0.shape)
     return torch.where(masked, ce, torch.zeros_like(ce))
@@ -278,18 +278,15 @@ def masked_cross_entropy(logits: torch.Tensor, x0: torch.Tensor, masked: torch.T
 def pretraining_loss(logits: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """Algorithm 1's loss (9.3): sum over masked tokens of CE / p, divided by B * L. Shapes (B, L, V), (B, L), (B, L), (B,)."""
     ce = masked_cross_entropy(logits, x0, masked)
-    if p.shape != x0.shape[:1]:
-        raise ValueError(f"p has shape {tuple(p.shape)}; expected ({x0.shape[0]},)")
-    if bool((p <= 0).any()):
-        raise ValueError("p must be > 0 (map t by (9.2))")
+    _check_p(p, x0)
     return (ce / p.to(ce.dtype)[:, None]).sum() / x0.numel()                     # (9.3)
 
 
 def random_length_crop(x0: torch.Tensor, prob: float = 0.01, generator: torch.Generator | None = None) -> torch.Tensor:
     """With probability prob, cut the batch x0 (B, L) to x0[:, :n] with n ~ U{1..L}; else return x0."""
-    _check_ids(x0, "x0", dims=2)
-    if not 0.0 <= prob <= 1.0:
-        raise ValueError(f"prob must be in [0, 1], got {prob}")
+    validate.tensor(x0, "x0", dims=2, dtype=torch.int64)
+    validate.number(prob, "prob", low=0, high=1)
+    validate.generator(generator, optional=True)
     if float(torch.rand((), generator=generator)) < prob:
         n = int(torch.randint(1, x0.shape[1] + 1, (), generator=generator))
         return x0[:, :n]
@@ -299,6 +296,8 @@ def random_length_crop(x0: torch.Tensor, prob: float = 0.01, generator: torch.Ge
 def pretraining_step_loss(model: Model, x0: torch.Tensor, mask_id: int, eps: float = EPS,
                           random_length_prob: float = 0.01, generator: torch.Generator | None = None) -> torch.Tensor:
     """Algorithm 1 on one batch x0 (B, L): random-length crop, t ~ U(0,1), p by (9.2), mask, loss (9.3). Scalar."""
+    _check_model(model)
+    validate.number(random_length_prob, "random_length_prob", low=0, high=1)
     x0 = random_length_crop(x0, random_length_prob, generator)
     p = sample_mask_probability(x0.shape[0], eps, generator).to(x0.device)
     xt, masked = forward_mask(x0, p, mask_id, generator=generator)
@@ -345,8 +344,11 @@ class ExactConditionals(nn.Module):
 
     def __init__(self, probs: torch.Tensor, K: int, L: int):
         super().__init__()
-        if not isinstance(probs, torch.Tensor) or not probs.is_floating_point():
-            raise TypeError("probs must be a floating torch.Tensor")
+        validate.tensor(probs, "probs", kind="float", finite=True)
+        validate.integer(K, "K", low=1)
+        validate.integer(L, "L", low=1)
+        if K ** L > 2 ** 20:
+            raise ValueError(f"K**L = {K ** L} sequences is too many to enumerate (at most 2**20)")
         if probs.numel() != K ** L:
             raise ValueError(f"probs has {probs.numel()} entries; K**L = {K ** L}")
         if bool((probs < 0).any()) or abs(float(probs.double().sum()) - 1.0) > 1e-5:
@@ -358,19 +360,23 @@ class ExactConditionals(nn.Module):
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """Exact log p of the (partially visible) sequences x (B, L): log of the mass consistent with them. (B,) float64."""
-        _check_ids(x, "x", dims=2)
+        self._check_tokens(x, "x")
         return torch.log(self._consistent(x) @ self.probs)
 
-    def _consistent(self, x: torch.Tensor) -> torch.Tensor:
+    def _check_tokens(self, x: torch.Tensor, name: str) -> None:
+        validate.tensor(x, name, dims=2, dtype=torch.int64)
+        validate.ids(x, name, self.K + 1)                                           # 0..K-1 and mask_id = K
         if x.shape[1] != self.L:
-            raise ValueError(f"sequences must have length L={self.L}, got {x.shape[1]}")
+            raise ValueError(f"{name} must have length L={self.L}, got shape {tuple(x.shape)}")
+
+    def _consistent(self, x: torch.Tensor) -> torch.Tensor:
         visible = x != self.mask_id
         agree = (self.seqs[None] == x[:, None]) | ~visible[:, None]                # (B, K^L, L)
         return agree.all(-1).double()                                               # (B, K^L)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, L) -> logits (B, L, K + 1) float64: exact log conditionals given the unmasked tokens."""
-        _check_ids(tokens, "tokens", dims=2)
+        self._check_tokens(tokens, "tokens")
         w = self._consistent(tokens) * self.probs                                   # (B, K^L)
         onehot = F.one_hot(self.seqs, self.K).double()                              # (K^L, L, K)
         cond = torch.einsum("bn,nlk->blk", w, onehot) / w.sum(-1)[:, None, None]
@@ -416,14 +422,18 @@ print(f"log p(x) = {log_px:.6f}; enumerated (9.4) = {total:.6f}; equal to 1e-9: 
 
 # %%
 #| export lrn_lib.llada
-def _check_pair(prompt: torch.Tensor, response: torch.Tensor, n_samples: int) -> None:
-    """Validate prompt (P,), response (L,) with L >= 1, and n_samples >= 1."""
-    _check_ids(prompt, "prompt", dims=1)
-    _check_ids(response, "response", dims=1)
-    if response.numel() == 0:
-        raise ValueError("response must hold at least one token")
-    if not isinstance(n_samples, int) or n_samples <= 0:
-        raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
+def _check_pair(model: Model, prompt: torch.Tensor, response: torch.Tensor, mask_id: int, n_samples: int,
+                generator: torch.Generator | None) -> None:
+    """Validate prompt (P,) (P may be 0) and response (L,) with L >= 1, neither holding mask_id, and n_samples >= 1."""
+    _check_model(model)
+    validate.tensor(prompt, "prompt", dims=1, dtype=torch.int64, nonempty=False)
+    validate.tensor(response, "response", dims=1, dtype=torch.int64)
+    validate.integer(mask_id, "mask_id", low=0)
+    for name, t in (("prompt", prompt), ("response", response)):
+        if bool((t == mask_id).any()):
+            raise ValueError(f"{name} holds mask_id={mask_id}; the likelihood of a masked token is undefined")
+    validate.integer(n_samples, "n_samples", low=1)
+    validate.generator(generator, optional=True)
 
 
 def _response_log_probs(model: Model, prompt: torch.Tensor, response: torch.Tensor, masked: torch.Tensor,
@@ -445,8 +455,9 @@ def mc_log_likelihood(model: Model, prompt: torch.Tensor, response: torch.Tensor
     response tokens uniformly at random, and returns (L / l) * sum of log p at the masked tokens.
     Their mean is unbiased for exact conditionals and a lower bound in expectation for a model.
     """
-    _check_pair(prompt, response, n_samples)
-    _check_generator(generator)
+    _check_pair(model, prompt, response, mask_id, n_samples, generator)
+    if not isinstance(stratified, bool):
+        raise TypeError(f"stratified must be a bool, got {type(stratified).__name__}")
     L = response.numel()
     u = torch.rand(n_samples, generator=generator, dtype=torch.float64)
     if stratified:
@@ -467,8 +478,7 @@ def t_weighted_log_likelihood(model: Model, prompt: torch.Tensor, response: torc
     Each sample draws t, p = (1 - eps) t + eps, masks each response token with probability p, and
     returns (1 / p) * sum of log p at the masked tokens (0 when none is masked).
     """
-    _check_pair(prompt, response, n_samples)
-    _check_generator(generator)
+    _check_pair(model, prompt, response, mask_id, n_samples, generator)
     p = sample_mask_probability(n_samples, eps, generator).double()
     masked = (torch.rand(n_samples, response.numel(), generator=generator, dtype=torch.float64)
               < p[:, None]).to(response.device)
@@ -519,13 +529,12 @@ def sft_loss(logits: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor, p: to
 
     logits (B, L, V); x0, masked, prompt_mask (B, L) (prompt_mask True on the prompt); p (B,). Mean over rows.
     """
-    if prompt_mask.shape != x0.shape or prompt_mask.dtype != torch.bool:
-        raise ValueError(f"prompt_mask must be a bool tensor of shape {tuple(x0.shape)}")
+    ce = masked_cross_entropy(logits, x0, masked)
+    validate.tensor(prompt_mask, "prompt_mask", dtype=torch.bool)
+    validate.same_shape(prompt_mask=prompt_mask, x0=x0)
     if bool((masked & prompt_mask).any()):
         raise ValueError("masked covers prompt positions; SFT must never mask the prompt")
-    ce = masked_cross_entropy(logits, x0, masked)
-    if p.shape != x0.shape[:1] or bool((p <= 0).any()):
-        raise ValueError(f"p must have shape ({x0.shape[0]},) and be > 0")
+    _check_p(p, x0)
     answer_len = (~prompt_mask).sum(1).to(ce.dtype)
     if bool((answer_len == 0).any()):
         raise ValueError("every row needs at least one response token")
@@ -534,7 +543,8 @@ def sft_loss(logits: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor, p: to
 
 def prompt_mask_from_lengths(prompt_lengths: torch.Tensor, L: int) -> torch.Tensor:
     """prompt_lengths (B,) -> bool (B, L), True at positions < the row's prompt length."""
-    _check_ids(prompt_lengths, "prompt_lengths", dims=1)
+    validate.tensor(prompt_lengths, "prompt_lengths", dims=1, dtype=torch.int64)
+    validate.integer(L, "L", low=1)
     if bool((prompt_lengths < 0).any()) or bool((prompt_lengths >= L).any()):
         raise ValueError(f"prompt_lengths must lie in [0, {L}) so that a response remains")
     return torch.arange(L, device=prompt_lengths.device)[None] < prompt_lengths[:, None]
@@ -543,7 +553,11 @@ def prompt_mask_from_lengths(prompt_lengths: torch.Tensor, L: int) -> torch.Tens
 def sft_step_loss(model: Model, x0: torch.Tensor, prompt_lengths: torch.Tensor, mask_id: int, eps: float = EPS,
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """Algorithm 2 on one batch: x0 (B, L) = prompt + response (EOS-padded), prompt_lengths (B,). Scalar loss."""
-    _check_ids(x0, "x0", dims=2)
+    _check_model(model)
+    validate.tensor(x0, "x0", dims=2, dtype=torch.int64)
+    validate.tensor(prompt_lengths, "prompt_lengths", dims=1, dtype=torch.int64)
+    if prompt_lengths.shape != x0.shape[:1]:
+        raise ValueError(f"prompt_lengths has shape {tuple(prompt_lengths.shape)}; expected ({x0.shape[0]},)")
     prompt_mask = prompt_mask_from_lengths(prompt_lengths, x0.shape[1])
     p = sample_mask_probability(x0.shape[0], eps, generator).to(x0.device)
     xt, masked = forward_mask(x0, p, mask_id, maskable=~prompt_mask, generator=generator)
@@ -652,17 +666,21 @@ print("stratifying l lowers it further at n >= 4:",
 #| export lrn_lib.llada
 def transfer_schedule(n_masked: torch.Tensor, steps: int) -> torch.Tensor:
     """(9.8): tokens to commit per step, n_masked (B,) -> (B, steps) int64, summing to n_masked, front-loaded."""
-    _check_ids(n_masked, "n_masked", dims=1)
-    if not isinstance(steps, int) or steps <= 0:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    validate.tensor(n_masked, "n_masked", dims=1, kind="int")
+    if int(n_masked.min()) < 0:
+        raise ValueError(f"n_masked must be counts >= 0, got {int(n_masked.min())}")
+    validate.integer(steps, "steps", low=1)
     base, rem = n_masked // steps, n_masked % steps
     return base[:, None] + (torch.arange(steps, device=n_masked.device)[None] < rem[:, None]).long()   # (9.8)
 
 
 def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """(9.9): a sample of softmax(logits / T) per position via Gumbel-max in float64; T = 0 is argmax. (..., V) -> (...)."""
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+    validate.tensor(logits, "logits", kind="float")
+    if logits.dim() == 0:
+        raise ValueError("logits must have a vocabulary dim (..., V), got a scalar")
+    validate.number(temperature, "temperature", low=0)
+    validate.generator(generator, optional=True)
     z = logits.double()
     if temperature == 0:
         return z.argmax(-1)
@@ -675,6 +693,16 @@ def commit_most_confident(x: torch.Tensor, proposal: torch.Tensor, confidence: t
                           mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One remasking step: in each row b of x (B, L), the counts[b] (B,) masked positions of highest confidence
     (B, L) take their proposal (B, L); unmasked positions never change. Returns (x, committed (B, L) bool)."""
+    validate.tensor(x, "x", dims=2, kind="int")
+    validate.tensor(proposal, "proposal", kind="int")
+    validate.tensor(confidence, "confidence", kind="float")
+    validate.same_shape(x=x, proposal=proposal, confidence=confidence)
+    validate.tensor(counts, "counts", dims=1, kind="int")
+    if counts.shape != x.shape[:1]:
+        raise ValueError(f"counts has shape {tuple(counts.shape)}; expected ({x.shape[0]},)")
+    if int(counts.min()) < 0 or int(counts.max()) > x.shape[1]:
+        raise ValueError(f"counts must lie in [0, {x.shape[1]}], got {counts.tolist()}")
+    validate.integer(mask_id, "mask_id", low=0)
     is_mask = x == mask_id
     conf = torch.where(is_mask, confidence.double(), torch.full(x.shape, float("-inf"), dtype=torch.float64,
                                                                  device=x.device))
@@ -690,11 +718,9 @@ def commit_most_confident(x: torch.Tensor, proposal: torch.Tensor, confidence: t
 def fill_after_eos(tokens: torch.Tensor, eos_id: int, start: int = 0) -> torch.Tensor:
     """EOS handling after sampling: in tokens (B, L), every position of tokens[:, start:] after a row's first
     eos_id becomes eos_id (the response ends there). Returns a new (B, L) tensor."""
-    _check_ids(tokens, "tokens", dims=2)
-    if not isinstance(eos_id, int) or eos_id < 0:
-        raise ValueError(f"eos_id must be a non-negative int, got {eos_id!r}")
-    if not isinstance(start, int) or not 0 <= start <= tokens.shape[1]:
-        raise ValueError(f"start must be an int in [0, {tokens.shape[1]}], got {start!r}")
+    validate.tensor(tokens, "tokens", dims=2, dtype=torch.int64)
+    validate.integer(eos_id, "eos_id", low=0)
+    validate.integer(start, "start", low=0, high=tokens.shape[1])
     tail = tokens[:, start:]
     after = (tail == eos_id).long().cummax(1).values.bool()                      # at or after the first EOS
     return torch.cat([tokens[:, :start], torch.where(after, torch.full_like(tail, eos_id), tail)], dim=1)
@@ -703,13 +729,13 @@ def fill_after_eos(tokens: torch.Tensor, eos_id: int, start: int = 0) -> torch.T
 def classifier_free_guidance(model: Model, prompt_length: int, mask_id: int, scale: float) -> Model:
     """The guided mask predictor: logits = u + (1 + w)(c - u), c = model(x), u = model(x with the first
     prompt_length positions masked). Returns a Model: tokens (B, L) -> logits (B, L, V)."""
-    if not isinstance(prompt_length, int) or prompt_length < 0:
-        raise ValueError(f"prompt_length must be a non-negative int, got {prompt_length!r}")
-    if not isinstance(scale, (int, float)) or scale < 0:
-        raise ValueError(f"scale must be a number >= 0, got {scale!r}")
+    _check_model(model)
+    validate.integer(prompt_length, "prompt_length", low=0)
+    validate.integer(mask_id, "mask_id", low=0)
+    validate.number(scale, "scale", low=0)
 
     def guided(tokens: torch.Tensor) -> torch.Tensor:
-        _check_ids(tokens, "tokens", dims=2)
+        validate.tensor(tokens, "tokens", dims=2, dtype=torch.int64)
         if prompt_length > tokens.shape[1]:
             raise ValueError(f"prompt_length={prompt_length} exceeds the sequence length {tokens.shape[1]}")
         uncond = tokens.clone()
@@ -738,18 +764,22 @@ def fill_masks(model: Model, x: torch.Tensor, steps: int, mask_id: int, temperat
     and the last step of a block commits all that remain. order holds the step at which a position was
     committed, -1 for positions that were never masked.
     """
-    _check_ids(x, "x", dims=2)
-    _check_generator(generator)
-    if remasking not in REMASKING:
-        raise ValueError(f"remasking must be one of {REMASKING}, got {remasking!r}")
-    if not isinstance(steps, int) or steps <= 0:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    _check_model(model)
+    validate.tensor(x, "x", dims=2, dtype=torch.int64)
+    validate.generator(generator, optional=True)
+    validate.choice(remasking, "remasking", REMASKING)
+    validate.integer(steps, "steps", low=1)
+    validate.integer(mask_id, "mask_id", low=0)
+    validate.number(temperature, "temperature", low=0)
     L = x.shape[1]
-    blocks = [(0, L)] if blocks is None else list(blocks)
+    blocks = [(0, L)] if blocks is None else list(validate.nonempty(blocks, "blocks"))
     if steps % len(blocks):
         raise ValueError(f"steps={steps} must be a multiple of the number of blocks ({len(blocks)})")
     covered = torch.zeros(L, dtype=torch.bool, device=x.device)
-    for start, end in blocks:
+    for block in blocks:
+        if not (isinstance(block, (tuple, list)) and len(block) == 2):
+            raise TypeError(f"blocks must hold (start, end) pairs, got {block!r}")
+        start, end = (validate.integer(b, "blocks") for b in block)
         if not 0 <= start < end <= L:
             raise ValueError(f"block ({start}, {end}) is not inside [0, {L}]")
         covered[start:end] = True
@@ -795,14 +825,20 @@ def diffusion_generate(model: Model, prompt: torch.Tensor, gen_length: int, step
     cfg_scale: w > 0 samples from the classifier-free guided logits (9.10). Returns
     (tokens (B, P + gen_length), order (B, P + gen_length)) as fill_masks does.
     """
-    _check_ids(prompt, "prompt", dims=2)
+    validate.tensor(prompt, "prompt", dims=2, dtype=torch.int64, nonempty=False)
+    if prompt.shape[0] == 0:
+        raise ValueError(f"prompt must hold at least one row, got shape {tuple(prompt.shape)}")
+    validate.integer(mask_id, "mask_id", low=0)
     if bool((prompt == mask_id).any()):
         raise ValueError("prompt holds mask_id; use fill_masks to infill inside a prompt")
-    if not isinstance(gen_length, int) or gen_length <= 0:
-        raise ValueError(f"gen_length must be a positive int, got {gen_length!r}")
+    validate.integer(gen_length, "gen_length", low=1)
     block_length = gen_length if block_length is None else block_length
-    if not isinstance(block_length, int) or block_length <= 0 or gen_length % block_length:
+    validate.integer(block_length, "block_length", low=1)
+    if gen_length % block_length:
         raise ValueError(f"block_length={block_length!r} must be a positive divisor of gen_length={gen_length}")
+    if eos_id is not None:
+        validate.integer(eos_id, "eos_id", low=0)
+    validate.number(cfg_scale, "cfg_scale", low=0)
     P = prompt.shape[1]
     if cfg_scale:
         model = classifier_free_guidance(model, P, mask_id, cfg_scale)

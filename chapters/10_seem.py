@@ -167,6 +167,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from lrn_lib import validate
+
 CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "bar")      # class id = index
 COLOR_NAMES: tuple[str, ...] = ("red", "green", "blue", "yellow", "magenta", "cyan")
 COLORS = torch.tensor([[0.90, 0.15, 0.15], [0.15, 0.75, 0.20], [0.15, 0.30, 0.90],
@@ -193,28 +195,24 @@ class Scene:
     colors: torch.Tensor
     texts: list[str]
 
-
-def _check_generator(generator: torch.Generator) -> None:
-    """Raise TypeError unless generator is a torch.Generator."""
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-
-
-def _check_int(value: int, name: str, low: int) -> None:
-    """Raise TypeError unless value is an int, ValueError unless value >= low."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
+    def __post_init__(self):
+        validate.tensor(self.image, "image", dims=3, kind="float")
+        validate.tensor(self.masks, "masks", dims=3, dtype=torch.bool)
+        validate.ids(self.classes, "classes", len(CLASSES), dims=1)
+        validate.ids(self.colors, "colors", len(COLOR_NAMES), dims=1)
+        if not isinstance(self.texts, list) or not all(isinstance(t, str) for t in self.texts):
+            raise TypeError("texts must be a list of str")
+        n = self.masks.shape[0]
+        if self.image.shape[0] != 3 or self.masks.shape[1:] != self.image.shape[1:]:
+            raise ValueError(f"image {tuple(self.image.shape)} and masks {tuple(self.masks.shape)} must be (3, H, W), "
+                             "(N, H, W)")
+        if (len(self.classes), len(self.colors), len(self.texts)) != (n, n, n) or bool((self.masks.sum(0) > 1).any()):
+            raise ValueError(f"classes, colors and texts must hold one entry per mask ({n}), and masks be disjoint")
 
 
 def _check_mask(mask: torch.Tensor, name: str, nonempty: bool = False) -> None:
     """Raise TypeError unless mask is a bool tensor, ValueError unless it is 2-D (and non-empty if asked)."""
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        raise TypeError(f"{name} must be a bool torch.Tensor, got "
-                        f"{mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}")
-    if mask.dim() != 2:
-        raise ValueError(f"{name} must have shape (H, W), got {tuple(mask.shape)}")
+    validate.tensor(mask, name, dims=2, dtype=torch.bool)
     if nonempty and not bool(mask.any()):
         raise ValueError(f"{name} is empty: it has no True pixel")
 
@@ -280,17 +278,14 @@ def make_scene(generator: torch.Generator, size: int = 64, min_objects: int = 2,
     object's brightness by 1 + texture * sin(...) (random period 3-6 px, angle, phase per object);
     jitter, the std of a per-object offset to its RGB color.
     """
-    _check_generator(generator)
-    _check_int(size, "size", 16)
-    _check_int(min_objects, "min_objects", 1)
-    _check_int(max_objects, "max_objects", min_objects)
-    if max_objects > len(CLASSES) * len(COLOR_NAMES):
-        raise ValueError(f"max_objects must be <= {len(CLASSES) * len(COLOR_NAMES)}, got {max_objects}")
-    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not noise >= 0:
-        raise ValueError(f"noise must be a number >= 0, got {noise!r}")
+    validate.generator(generator)
+    validate.integer(size, "size", low=16)
+    validate.integer(min_objects, "min_objects", low=1)
+    validate.integer(max_objects, "max_objects", low=min_objects, high=len(CLASSES) * len(COLOR_NAMES))
+    validate.number(noise, "noise", low=0)
     if not isinstance(clutter, bool):
         raise TypeError(f"clutter must be a bool, got {type(clutter).__name__}")
-    _check_int(min_pixels, "min_pixels", 1)
+    validate.integer(min_pixels, "min_pixels", low=1)
     for name, value in (("same_color", same_color), ("texture", texture), ("jitter", jitter)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
             raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
@@ -354,8 +349,8 @@ def make_scene(generator: torch.Generator, size: int = 64, min_objects: int = 2,
 
 def make_scenes(n: int, generator: torch.Generator, **kwargs) -> list[Scene]:
     """n scenes from make_scene(generator, **kwargs), drawn in order from one generator."""
-    _check_int(n, "n", 0)
-    _check_generator(generator)
+    validate.integer(n, "n", low=0)
+    validate.generator(generator)
     return [make_scene(generator, **kwargs) for _ in range(n)]
 
 
@@ -377,7 +372,7 @@ def encode_text(texts: list[str], length: int | None = None) -> torch.Tensor:
     longest = max((len(ws) for ws in words), default=0)
     if length is None:
         length = longest
-    _check_int(length, "length", 0)
+    validate.integer(length, "length", low=0)
     if longest > length:
         raise ValueError(f"length={length} is shorter than the longest phrase ({longest} words)")
     ids = torch.zeros(len(texts), length, dtype=torch.int64)
@@ -388,9 +383,10 @@ def encode_text(texts: list[str], length: int | None = None) -> torch.Tensor:
 
 def overlay_masks(image: torch.Tensor, masks: torch.Tensor, alpha: float = 0.55) -> np.ndarray:
     """For figures: image (3, H, W) with masks (N, H, W) bool tinted in N distinct colors -> (H, W, 3) array."""
-    if not isinstance(image, torch.Tensor) or not isinstance(masks, torch.Tensor) or masks.dtype != torch.bool:
-        raise TypeError("image must be a torch.Tensor and masks a bool torch.Tensor")
-    if image.dim() != 3 or image.shape[0] != 3:
+    validate.tensor(image, "image", dims=3, kind="float")
+    validate.tensor(masks, "masks", dtype=torch.bool, nonempty=False)
+    validate.number(alpha, "alpha", low=0, high=1)
+    if image.shape[0] != 3:
         raise ValueError(f"image must have shape (3, H, W), got {tuple(image.shape)}")
     if masks.dim() != 3 or masks.shape[1:] != image.shape[1:]:
         raise ValueError(f"masks must have shape (N, {image.shape[1]}, {image.shape[2]}), got {tuple(masks.shape)}")
@@ -510,7 +506,7 @@ print("at least one scene in five has two touching objects of one color:", same_
 def sample_point(mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """A click drawn uniformly from the True pixels of mask (H, W) bool: returns (2,) int64 (y, x) on mask's device."""
     _check_mask(mask, "mask", nonempty=True)
-    _check_generator(generator)
+    validate.generator(generator)
     inside = mask.flatten().nonzero().squeeze(1).cpu()
     k = int(inside[torch.randint(len(inside), (1,), generator=generator)])
     return torch.tensor([k // mask.shape[1], k % mask.shape[1]], dtype=torch.int64, device=mask.device)
@@ -528,8 +524,8 @@ def _check_point(point: torch.Tensor, size: int) -> None:
 
 def point_mask(point: torch.Tensor, size: int, radius: int = 1) -> torch.Tensor:
     """A click as a prompt mask: the disc of the given radius around point (2,) (y, x); returns (size, size) bool (CPU)."""
-    _check_int(size, "size", 1)
-    _check_int(radius, "radius", 0)
+    validate.integer(size, "size", low=1)
+    validate.integer(radius, "radius", low=0)
     _check_point(point, size)
     ys, xs = _grid(size)
     return (ys - float(point[0])) ** 2 + (xs - float(point[1])) ** 2 <= radius * radius
@@ -544,7 +540,7 @@ def box_from_mask(mask: torch.Tensor) -> torch.Tensor:
 
 def box_mask(box: torch.Tensor, size: int) -> torch.Tensor:
     """A box prompt as a mask: box (4,) (y0, x0, y1, x1) inclusive, filled on a (size, size) bool grid (CPU)."""
-    _check_int(size, "size", 1)
+    validate.integer(size, "size", low=1)
     if not isinstance(box, torch.Tensor) or box.dtype not in (torch.int64, torch.int32):
         raise TypeError("box must be an integer torch.Tensor (y0, x0, y1, x1)")
     if box.shape != (4,):
@@ -571,7 +567,7 @@ def sample_scribble(mask: torch.Tensor, generator: torch.Generator) -> torch.Ten
     small sine wiggle, is clipped to the mask, and is kept as the 8-connected piece that contains the anchor.
     """
     _check_mask(mask, "mask", nonempty=True)
-    _check_generator(generator)
+    validate.generator(generator)
     device, mask = mask.device, mask.cpu()
     depth = _inner_distance(mask.numpy())
     deep = torch.from_numpy(depth >= 0.5 * depth.max())
@@ -603,12 +599,12 @@ def mask_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     Leading dims broadcast; returns (...) float32. Convention: two empty masks agree perfectly, IoU = 1.
     """
     for name, m in (("pred", pred), ("target", target)):
-        if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
-            raise TypeError(f"{name} must be a bool torch.Tensor")
+        validate.tensor(m, name, dtype=torch.bool, nonempty=False)
         if m.dim() < 2:
             raise ValueError(f"{name} must have at least 2 dims (..., H, W), got {tuple(m.shape)}")
-    if pred.shape[-2:] != target.shape[-2:]:
-        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in (H, W)")
+    lead = zip(pred.shape[-3::-1], target.shape[-3::-1])                           # leading dims, right-aligned
+    if pred.shape[-2:] != target.shape[-2:] or any(a != b and 1 not in (a, b) for a, b in lead):
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in (H, W) or do not broadcast")
     inter = (pred & target).sum((-2, -1)).float()
     union = (pred | target).sum((-2, -1)).float()
     return torch.where(union > 0, inter / union.clamp_min(1.0), torch.ones_like(union))   # (10.2)
@@ -641,13 +637,11 @@ def next_click(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, 
 def clicks_to_reach(ious: Sequence[float], threshold: float = 0.85) -> int:
     """(10.5) Number of clicks needed: the 1-based index of the first IoU in ious (one per click) that is
     >= threshold, or len(ious) + 1 if none is (the budget was not enough; the chapter reports how often)."""
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
-        raise ValueError(f"threshold must be a number in (0, 1], got {threshold!r}")
+    validate.number(threshold, "threshold", low=0, low_open=True, high=1)
     if isinstance(ious, (str, bytes)) or not isinstance(ious, Sequence):
         raise TypeError(f"ious must be a sequence of floats, got {type(ious).__name__}")
     for k, iou in enumerate(ious, start=1):
-        if isinstance(iou, bool) or not isinstance(iou, (int, float)):
-            raise TypeError(f"ious must hold floats, got {type(iou).__name__} at position {k - 1}")
+        validate.number(iou, f"ious[{k - 1}]", low=0, high=1)
         if iou >= threshold:                                                       # (10.5)
             return k
     return len(ious) + 1
@@ -939,6 +933,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+from lrn_lib import validate
 from lrn_lib.llama import FeedForward, LlamaConfig, RMSNorm, TransformerBlock, rope_cos_sin, rope_frequencies
 from lrn_lib.shapes import (CLASSES, TEXT_VOCAB, Scene, box_from_mask, box_mask, encode_text, next_click, point_mask,
                             sample_point, sample_scribble)
@@ -966,9 +961,7 @@ class SeemConfig:
     def __post_init__(self):
         for name in ("image_size", "dim", "n_heads", "n_layers", "n_object_queries", "n_points", "n_memory",
                      "text_len", "stem_dim", "ffn_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            validate.integer(getattr(self, name), name, low=1)
         if self.image_size % 16:
             raise ValueError(f"image_size must be a multiple of 16 (the backbone's stride), got {self.image_size}")
         if self.dim % 4 or self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
@@ -978,17 +971,10 @@ class SeemConfig:
             raise ValueError(f"stem_dim must be a multiple of 8 (group norm), got {self.stem_dim}")
 
 
-def _check_tensor(x: torch.Tensor, name: str, dims: int | None = None, dtype: torch.dtype | None = None,
-                  floating: bool = False) -> None:
-    """Raise TypeError unless x is a tensor (of dtype / floating), ValueError unless it has `dims` dims."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if dtype is not None and x.dtype != dtype:
-        raise TypeError(f"{name} must have dtype {dtype}, got {x.dtype}")
-    if floating and not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
-    if dims is not None and x.dim() != dims:
-        raise ValueError(f"{name} must have {dims} dims, got shape {tuple(x.shape)}")
+def _check_config(cfg: SeemConfig) -> None:
+    """Raise TypeError unless cfg is a SeemConfig."""
+    if not isinstance(cfg, SeemConfig):
+        raise TypeError(f"cfg must be a SeemConfig, got {type(cfg).__name__}")
 
 
 def sine_encoding(coords: torch.Tensor, dim: int, max_frequency: float = 16.0) -> torch.Tensor:
@@ -996,11 +982,12 @@ def sine_encoding(coords: torch.Tensor, dim: int, max_frequency: float = 16.0) -
 
     Each coordinate gets dim / 4 frequencies from 1 to max_frequency cycles per image side, as sin and cos.
     """
-    _check_tensor(coords, "coords", floating=True)
+    validate.tensor(coords, "coords", kind="float", nonempty=False)
     if coords.shape[-1:] != (2,):
         raise ValueError(f"coords must end in a dimension of 2 (y, x), got shape {tuple(coords.shape)}")
-    if not isinstance(dim, int) or dim < 4 or dim % 4:
+    if validate.integer(dim, "dim", low=4) % 4:
         raise ValueError(f"dim must be a positive multiple of 4, got {dim!r}")
+    validate.number(max_frequency, "max_frequency", low=0, low_open=True)
     n = dim // 4
     freqs = max_frequency ** (torch.arange(n, dtype=coords.dtype, device=coords.device) / max(n - 1, 1))
     angles = 2 * math.pi * coords[..., None] * freqs                          # (..., 2, n)
@@ -1010,6 +997,8 @@ def sine_encoding(coords: torch.Tensor, dim: int, max_frequency: float = 16.0) -
 def position_grid(height: int, width: int, dim: int, dtype: torch.dtype = torch.float32,
                   device: torch.device | str = "cpu") -> torch.Tensor:
     """sine_encoding at the pixel centres of a height x width map: (height * width, dim), row-major."""
+    validate.integer(height, "height", low=1)
+    validate.integer(width, "width", low=1)
     ys = (torch.arange(height, dtype=dtype, device=device) + 0.5) / height
     xs = (torch.arange(width, dtype=dtype, device=device) + 0.5) / width
     grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1)             # (h, w, 2)
@@ -1030,6 +1019,7 @@ class ImageEncoder(nn.Module):
 
     def __init__(self, cfg: SeemConfig):
         super().__init__()
+        _check_config(cfg)
         c, d = cfg.stem_dim, cfg.dim
         self.stem = nn.Sequential(_conv(5, c, 2), _conv(c, c))              # stride 2; RGB + (y, x) channels
         self.down = nn.ModuleList([nn.Sequential(_conv(c, d, 2), _conv(d, d)),    # stride 4
@@ -1041,7 +1031,7 @@ class ImageEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """images (B, 3, H, W) -> ([3 levels, coarse to fine], pixels (B, D, H/2, W/2))."""
-        _check_tensor(images, "images", dims=4, floating=True)
+        validate.tensor(images, "images", dims=4, kind="float")
         if images.shape[1] != 3 or images.shape[2] % 16 or images.shape[3] % 16:
             raise ValueError(f"images must be (B, 3, H, W) with H, W multiples of 16, got {tuple(images.shape)}")
         b, _, h, w = images.shape
@@ -1073,6 +1063,8 @@ class TextEncoder(nn.Module):
 
     def __init__(self, cfg: SeemConfig, n_layers: int = 1):
         super().__init__()
+        _check_config(cfg)
+        validate.integer(n_layers, "n_layers", low=1)
         self.llama_cfg = LlamaConfig(vocab_size=len(TEXT_VOCAB), dim=cfg.dim, n_layers=n_layers, n_heads=cfg.n_heads,
                                      n_kv_heads=cfg.n_heads, ffn_dim=cfg.ffn_dim, rope_theta=10000.0,
                                      max_seq_len=max(cfg.text_len, 8))
@@ -1084,7 +1076,7 @@ class TextEncoder(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ids (B, T) -> (tokens (B, T, D), pooled (B, D)); a row of padding only pools to pool's bias."""
-        _check_tensor(ids, "ids", dims=2, dtype=torch.int64)
+        validate.tensor(ids, "ids", dims=2, dtype=torch.int64, nonempty=False)
         if bool(((ids < 0) | (ids >= len(TEXT_VOCAB))).any()):
             raise ValueError(f"ids must lie in [0, {len(TEXT_VOCAB)})")
         keep = ids != 0
@@ -1168,11 +1160,11 @@ def sample_points(masks: torch.Tensor, k: int, generator: torch.Generator | None
     Returns (points (..., k, 2) int64 (y, x), valid (..., k) bool); a mask with m < k pixels gives m valid
     points, the others are invalid (their coordinates are 0).
     """
-    _check_tensor(masks, "masks", dtype=torch.bool)
+    validate.tensor(masks, "masks", dtype=torch.bool, nonempty=False)
     if masks.dim() < 2:
         raise ValueError(f"masks must have shape (..., H, W), got {tuple(masks.shape)}")
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= masks.shape[-2] * masks.shape[-1]:
-        raise ValueError(f"k must be an int in [1, H * W], got {k!r}")
+    validate.integer(k, "k", low=1, high=masks.shape[-2] * masks.shape[-1])
+    validate.generator(generator, optional=True)
     h, w = masks.shape[-2:]
     flat = masks.flatten(-2)
     scores = torch.rand(flat.shape, generator=generator, dtype=torch.float32).to(masks.device)
@@ -1189,10 +1181,12 @@ def sample_features(features: torch.Tensor, points: torch.Tensor, image_size: tu
 
     Returns (B, N, C). With h, w = H, W it returns features[b, :, y, x] exactly.
     """
-    _check_tensor(features, "features", dims=4, floating=True)
-    _check_tensor(points, "points", dims=3, dtype=torch.int64)
+    validate.tensor(features, "features", dims=4, kind="float")
+    validate.tensor(points, "points", dims=3, dtype=torch.int64, nonempty=False)
     if points.shape[0] != features.shape[0] or points.shape[2] != 2:
         raise ValueError(f"points must have shape ({features.shape[0]}, N, 2), got {tuple(points.shape)}")
+    if not isinstance(image_size, (tuple, list)) or len(image_size) != 2 or not all(type(n) is int and n > 0 for n in image_size):
+        raise ValueError(f"image_size must be a pair of positive ints (H, W), got {image_size!r}")
     height, width = image_size
     if bool(((points < 0) | (points[..., 0] >= height)[..., None] | (points[..., 1] >= width)[..., None]).any()):
         raise ValueError(f"points must lie inside the image of size {image_size}")
@@ -1210,6 +1204,7 @@ class VisualSampler(nn.Module):
 
     def __init__(self, cfg: SeemConfig):
         super().__init__()
+        _check_config(cfg)
         self.k = cfg.n_points
         self.proj = nn.Linear(cfg.dim, cfg.dim)
         self.polarity = nn.Embedding(2, cfg.dim)                      # e_+ (row 0) and e_- (row 1)
@@ -1217,11 +1212,14 @@ class VisualSampler(nn.Module):
     def forward(self, pixels: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """See the class docstring."""
-        _check_tensor(positive, "positive", dims=4, dtype=torch.bool)
-        _check_tensor(negative, "negative", dims=4, dtype=torch.bool)
+        validate.tensor(positive, "positive", dims=4, dtype=torch.bool, nonempty=False)
+        validate.tensor(negative, "negative", dims=4, dtype=torch.bool, nonempty=False)
         if positive.shape != negative.shape:
             raise ValueError(f"negative has shape {tuple(negative.shape)}; expected {tuple(positive.shape)}")
         b, p, h, w = positive.shape
+        validate.tensor(pixels, "pixels", dims=4, kind="float")
+        if pixels.shape[:2] != (b, self.proj.in_features):
+            raise ValueError(f"pixels must be ({b}, {self.proj.in_features}, h, w), got {tuple(pixels.shape)}")
         pts_pos, val_pos = sample_points(positive, self.k, generator)
         pts_neg, val_neg = sample_points(negative, self.k, generator)
         points, valid = torch.cat([pts_pos, pts_neg], 2), torch.cat([val_pos, val_neg], 2)   # (B, P, 2K, 2)
@@ -1331,14 +1329,14 @@ class AttentionMask:
     allowed: torch.Tensor
 
     def __post_init__(self):
-        _check_tensor(self.allowed, "allowed", dims=3, dtype=torch.bool)
+        validate.tensor(self.allowed, "allowed", dims=3, dtype=torch.bool, nonempty=False)
         if not bool(self.allowed.any(-1).all()):
             raise ValueError("allowed has a row that attends to nothing; use AttentionMask.from_blocked to reset it")
 
     @classmethod
     def from_blocked(cls, blocked: torch.Tensor) -> "AttentionMask":
         """From blocked (B, Lq, Lk) bool (True = blocked); a fully blocked row is reset to attend everywhere."""
-        _check_tensor(blocked, "blocked", dims=3, dtype=torch.bool)
+        validate.tensor(blocked, "blocked", dims=3, dtype=torch.bool, nonempty=False)
         return cls(~blocked | blocked.all(-1, keepdim=True))
 
     def for_sdpa(self) -> torch.Tensor:
@@ -1347,8 +1345,7 @@ class AttentionMask:
 
     def for_multihead(self, n_heads: int) -> torch.Tensor:
         """nn.MultiheadAttention's convention: (B * n_heads, Lq, Lk), True = blocked, batch-major."""
-        if isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads < 1:
-            raise ValueError(f"n_heads must be a positive int, got {n_heads!r}")
+        validate.integer(n_heads, "n_heads", low=1)
         return (~self.allowed).repeat_interleave(n_heads, dim=0)
 
 
@@ -1359,8 +1356,9 @@ def sequence_layout(n_object: int, n_prompts: int, token_kinds: list[int], n_mem
     the prompt tokens of each prompt (kinds token_kinds, VISUAL or TEXT). S = n_object + P (1 + n_memory + N).
     """
     for name, value in (("n_object", n_object), ("n_prompts", n_prompts), ("n_memory", n_memory)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        validate.integer(value, name, low=0)
+    if not isinstance(token_kinds, (list, tuple)):
+        raise TypeError(f"token_kinds must be a list of VISUAL / TEXT, got {type(token_kinds).__name__}")
     if any(k not in (VISUAL, TEXT) for k in token_kinds):
         raise ValueError(f"token_kinds must hold VISUAL ({VISUAL}) or TEXT ({TEXT}) only, got {list(token_kinds)}")
     prompts = torch.arange(n_prompts)
@@ -1377,9 +1375,11 @@ def query_prompt_mask(kinds: torch.Tensor, groups: torch.Tensor, valid: torch.Te
     Object queries see object queries; a prompt query sees itself and its prompt's valid tokens of every kind;
     a prompt token sees its prompt's valid tokens of its own kind. Every row sees itself. Returns (B, S, S).
     """
-    _check_tensor(kinds, "kinds", dims=1, dtype=torch.int64)
-    _check_tensor(groups, "groups", dims=1, dtype=torch.int64)
-    _check_tensor(valid, "valid", dims=2, dtype=torch.bool)
+    validate.tensor(kinds, "kinds", dims=1, dtype=torch.int64, nonempty=False)
+    validate.tensor(groups, "groups", dims=1, dtype=torch.int64, nonempty=False)
+    validate.tensor(valid, "valid", dims=2, dtype=torch.bool, nonempty=False)
+    if bool(((kinds < OBJECT) | (kinds > MEMORY)).any()):
+        raise ValueError(f"kinds must hold OBJECT, QUERY, VISUAL, TEXT or MEMORY ({OBJECT}..{MEMORY})")
     if groups.shape != kinds.shape or valid.shape[1] != kinds.shape[0]:
         raise ValueError(f"kinds {tuple(kinds.shape)}, groups {tuple(groups.shape)} and valid {tuple(valid.shape)} "
                          "must describe the same sequence")
@@ -1396,7 +1396,9 @@ def query_prompt_mask(kinds: torch.Tensor, groups: torch.Tensor, valid: torch.Te
 def cross_attention_mask(mask_logits: torch.Tensor, size: tuple[int, int]) -> AttentionMask:
     """Mask2Former's masked cross-attention: mask_logits (B, Q, h', w') resized (bilinear) to size (h, w);
     blocked where sigmoid < 0.5 (logit < 0); fully blocked rows reset. Returns (B, Q, h * w)."""
-    _check_tensor(mask_logits, "mask_logits", dims=4, floating=True)
+    validate.tensor(mask_logits, "mask_logits", dims=4, kind="float", nonempty=False)
+    if not isinstance(size, (tuple, list)) or len(size) != 2 or not all(type(s) is int and s > 0 for s in size):
+        raise ValueError(f"size must be a pair of positive ints (h, w), got {size!r}")
     resized = F.interpolate(mask_logits.detach(), size=size, mode="bilinear", align_corners=False)
     return AttentionMask.from_blocked(resized.flatten(2) < 0)
 
@@ -1410,11 +1412,22 @@ class MaskedAttention(nn.Module):
 
     def __init__(self, dim: int, n_heads: int):
         super().__init__()
+        validate.integer(dim, "dim", low=1)
+        validate.integer(n_heads, "n_heads", low=1)
+        if dim % n_heads:
+            raise ValueError(f"dim={dim} is not divisible by n_heads={n_heads}")
         self.n_heads = n_heads
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(dim, dim) for _ in range(4))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
         """See the class docstring."""
+        if not isinstance(mask, AttentionMask):
+            raise TypeError(f"mask must be an AttentionMask, got {type(mask).__name__}")
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            validate.tensor(x, name, dims=3, kind="float", nonempty=False)
+        if q.shape[-1] != self.q_proj.in_features or k.shape[::2] != (q.shape[0], q.shape[-1]) or v.shape != k.shape:
+            raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must be (B, Lq, D), (B, Lk, D) "
+                             f"with D = {self.q_proj.in_features}")
         if mask.allowed.shape != (q.shape[0], q.shape[1], k.shape[1]):
             raise ValueError(f"mask has shape {tuple(mask.allowed.shape)}; expected {(q.shape[0], q.shape[1], k.shape[1])}")
         b, lq, d = q.shape
@@ -1514,16 +1527,18 @@ class Prompts:
     previous: torch.Tensor | None = None
 
     def __post_init__(self):
-        _check_tensor(self.positive, "positive", dims=4, dtype=torch.bool)
-        _check_tensor(self.negative, "negative", dims=4, dtype=torch.bool)
-        _check_tensor(self.text, "text", dims=3, dtype=torch.int64)
+        validate.tensor(self.positive, "positive", dims=4, dtype=torch.bool, nonempty=False)
+        validate.tensor(self.negative, "negative", dims=4, dtype=torch.bool, nonempty=False)
+        validate.tensor(self.text, "text", dims=3, dtype=torch.int64, nonempty=False)
         if self.negative.shape != self.positive.shape:
             raise ValueError(f"negative has shape {tuple(self.negative.shape)}; expected {tuple(self.positive.shape)}")
         if self.text.shape[:2] != self.positive.shape[:2]:
             raise ValueError(f"text has shape {tuple(self.text.shape)}; expected ({self.positive.shape[0]}, "
                              f"{self.positive.shape[1]}, T)")
+        if bool(((self.text < 0) | (self.text >= len(TEXT_VOCAB))).any()):
+            raise ValueError(f"text holds ids outside TEXT_VOCAB [0, {len(TEXT_VOCAB)})")
         if self.previous is not None:
-            _check_tensor(self.previous, "previous", dims=4, dtype=torch.bool)
+            validate.tensor(self.previous, "previous", dims=4, dtype=torch.bool, nonempty=False)
             if self.previous.shape != self.positive.shape:
                 raise ValueError(f"previous has shape {tuple(self.previous.shape)}; expected {tuple(self.positive.shape)}")
 
@@ -1547,6 +1562,13 @@ class PromptTokens:
     valid: torch.Tensor
     kinds: torch.Tensor
 
+    def __post_init__(self):
+        for name, dims, kind in (("tokens", 4, "float"), ("pos", 4, "float"), ("valid", 3, "bool"), ("kinds", 1, "int")):
+            validate.tensor(getattr(self, name), name, dims=dims, kind=kind, nonempty=False)
+        b, p, n, _ = self.tokens.shape
+        if (self.pos.shape, self.valid.shape, self.kinds.shape) != (self.tokens.shape, (b, p, n), (n,)):
+            raise ValueError(f"tokens {tuple(self.tokens.shape)} = (B, P, N, D) needs pos of its shape, valid (B, P, N), kinds (N,)")
+
 
 @dataclass
 class SeemOutput:
@@ -1563,8 +1585,17 @@ class SeemOutput:
     n_object: int
     memory: torch.Tensor | None = None
 
+    def __post_init__(self):
+        validate.nonempty(self.class_logits, "class_logits")
+        validate.nonempty(self.mask_logits, "mask_logits")
+        validate.tensor(self.class_logits[0], "class_logits", dims=3, kind="float")
+        validate.integer(self.n_object, "n_object", low=0, high=self.class_logits[0].shape[1])
+
     def masks(self, size: tuple[int, int], layer: int = -1) -> torch.Tensor:
         """Mask logits of one prediction step upsampled to size (H, W): (B, Q + P, H, W)."""
+        validate.integer(layer, "layer", low=-len(self.mask_logits), high=len(self.mask_logits) - 1)
+        if not isinstance(size, (tuple, list)) or len(size) != 2 or not all(type(s) is int and s > 0 for s in size):
+            raise ValueError(f"size must be a pair of positive ints (H, W), got {size!r}")
         return F.interpolate(self.mask_logits[layer], size=size, mode="bilinear", align_corners=False)
 
 
@@ -1576,6 +1607,7 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, cfg: SeemConfig):
         super().__init__()
+        _check_config(cfg)
         self.cross = MaskedAttention(cfg.dim, cfg.n_heads)
         self.self_attn = MaskedAttention(cfg.dim, cfg.n_heads)
         self.ffn = FeedForward(cfg.dim, cfg.ffn_dim)
@@ -1584,6 +1616,10 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, pos: torch.Tensor, feats: torch.Tensor, feats_pos: torch.Tensor,
                 cross: AttentionMask, table: AttentionMask) -> torch.Tensor:
         """x (B, S, D) -> (B, S, D)."""
+        validate.tensor(x, "x", dims=3, kind="float")
+        validate.same_shape(x=x, pos=pos)
+        if not isinstance(cross, AttentionMask) or not isinstance(table, AttentionMask):
+            raise TypeError(f"cross and table must be AttentionMasks, got {type(cross).__name__}, {type(table).__name__}")
         n = cross.allowed.shape[1]
         c = x[:, :n]
         c = c + self.cross(self.norm_cross(c) + pos[:, :n], feats + feats_pos, feats, cross)          # (10.9)
@@ -1602,6 +1638,7 @@ class SeemDecoder(nn.Module):
 
     def __init__(self, cfg: SeemConfig):
         super().__init__()
+        _check_config(cfg)
         self.cfg = cfg
         d = cfg.dim
         self.object_query = nn.Parameter(torch.randn(cfg.n_object_queries, d) * 0.02)
@@ -1628,10 +1665,15 @@ class SeemDecoder(nn.Module):
     def forward(self, levels: list[torch.Tensor], pixels: torch.Tensor, class_embeddings: torch.Tensor,
                 prompt_tokens: PromptTokens | None = None, previous: torch.Tensor | None = None) -> SeemOutput:
         """See the class docstring."""
-        if not isinstance(levels, (list, tuple)) or len(levels) != 3:
-            raise ValueError("levels must be a list of 3 feature maps (B, D, h, w), coarse to fine")
-        _check_tensor(pixels, "pixels", dims=4, floating=True)
+        validate.tensor(pixels, "pixels", dims=4, kind="float")
+        validate.tensor(class_embeddings, "class_embeddings", dims=2, kind="float")
         b, d = pixels.shape[:2]
+        if (d, class_embeddings.shape[1]) != (self.cfg.dim,) * 2:
+            raise ValueError(f"pixels and class_embeddings must be (B, {self.cfg.dim}, h, w) and (C + 1, {self.cfg.dim})")
+        if not isinstance(levels, (list, tuple)) or len(levels) != 3 or any(tuple(f.shape[:2]) != (b, d) for f in levels):
+            raise ValueError(f"levels must be a list of 3 feature maps ({b}, {d}, h, w), coarse to fine")
+        if prompt_tokens is not None and not isinstance(prompt_tokens, PromptTokens):
+            raise TypeError(f"prompt_tokens must be a PromptTokens or None, got {type(prompt_tokens).__name__}")
         nq, m = self.cfg.n_object_queries, self.cfg.n_memory
         if prompt_tokens is None:
             empty = pixels.new_zeros(b, 0, 0, d)
@@ -1640,7 +1682,7 @@ class SeemDecoder(nn.Module):
         tok = prompt_tokens
         p = tok.tokens.shape[1]
         if previous is not None:
-            _check_tensor(previous, "previous", dims=4, dtype=torch.bool)
+            validate.tensor(previous, "previous", dims=4, dtype=torch.bool, nonempty=False)
             if previous.shape[:2] != (b, p):
                 raise ValueError(f"previous has shape {tuple(previous.shape)}; expected ({b}, {p}, H, W)")
         n_mem = m if previous is not None else 0
@@ -1682,8 +1724,7 @@ class SEEM(nn.Module):
 
     def __init__(self, cfg: SeemConfig):
         super().__init__()
-        if not isinstance(cfg, SeemConfig):
-            raise TypeError(f"cfg must be a SeemConfig, got {type(cfg).__name__}")
+        _check_config(cfg)
         self.cfg = cfg
         self.image_encoder = ImageEncoder(cfg)
         self.text_encoder = TextEncoder(cfg)
@@ -1695,11 +1736,16 @@ class SEEM(nn.Module):
 
     def class_embeddings(self, class_name_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Text embeddings t_c of the class names (C, T) ids, plus the no-object vector: (C + 1, D)."""
+        if class_name_ids is not None:
+            validate.tensor(class_name_ids, "class_name_ids", dims=2, dtype=torch.int64)
+            validate.ids(class_name_ids, "class_name_ids", len(TEXT_VOCAB))
         ids = self.class_name_ids if class_name_ids is None else class_name_ids
         return torch.cat([self.text_encoder(ids)[1], self.no_object[None]])
 
     def prompt_tokens(self, pixels: torch.Tensor, prompts: Prompts, generator: torch.Generator | None = None) -> PromptTokens:
         """Visual tokens (10.7) from the sampler and text tokens from the text encoder, per prompt."""
+        if not isinstance(prompts, Prompts):
+            raise TypeError(f"prompts must be a Prompts, got {type(prompts).__name__}")
         b, p = prompts.positive.shape[:2]
         vis, vis_pos, vis_valid = self.sampler(pixels, prompts.positive, prompts.negative, generator)
         t = prompts.text.shape[2]
@@ -1714,7 +1760,8 @@ class SEEM(nn.Module):
         """See the class docstring."""
         if prompts is not None and not isinstance(prompts, Prompts):
             raise TypeError(f"prompts must be a Prompts or None, got {type(prompts).__name__}")
-        _check_tensor(images, "images", dims=4, floating=True)
+        validate.tensor(images, "images", dims=4, kind="float")
+        validate.generator(generator, optional=True)
         if prompts is not None and prompts.positive.shape[0] != images.shape[0]:
             raise ValueError(f"prompts are for {prompts.positive.shape[0]} images, images has {images.shape[0]}")
         if prompts is not None and prompts.positive.shape[2:] != images.shape[2:]:
@@ -1838,20 +1885,21 @@ class LossWeights:
     dice: float = 5.0
     no_object: float = 0.1
 
+    def __post_init__(self):
+        for name in ("cls", "bce", "dice", "no_object"):
+            validate.number(getattr(self, name), name, low=0)
+
 
 def _check_pair(logits: torch.Tensor, targets: torch.Tensor) -> None:
-    """Raise unless logits is a floating (N, X) tensor and targets a (N', X) tensor (same X)."""
-    _check_tensor(logits, "logits", dims=2, floating=True)
-    _check_tensor(targets, "targets", dims=2)
-    if logits.shape[1] != targets.shape[1]:
-        raise ValueError(f"logits have {logits.shape[1]} pixels, targets {targets.shape[1]}")
+    """Raise unless logits is a floating (N, X) tensor and targets a tensor of the same shape."""
+    validate.tensor(logits, "logits", dims=2, kind="float", nonempty=False)
+    validate.tensor(targets, "targets", dims=2, nonempty=False)
+    validate.same_shape(logits=logits, targets=targets)
 
 
 def dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """(10.12) per mask: logits (N, X), targets (N, X) in {0, 1} -> (N,)."""
     _check_pair(logits, targets)
-    if logits.shape[0] != targets.shape[0]:
-        raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} must have equal shapes")
     prob, t = logits.sigmoid(), targets.to(logits.dtype)
     return 1 - (2 * (prob * t).sum(1) + 1) / (prob.sum(1) + t.sum(1) + 1)            # (10.12)
 
@@ -1859,8 +1907,6 @@ def dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def bce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """(10.13) per mask, the mean over pixels of sigmoid cross-entropy: logits (N, X), targets (N, X) -> (N,)."""
     _check_pair(logits, targets)
-    if logits.shape[0] != targets.shape[0]:
-        raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} must have equal shapes")
     return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype), reduction="none").mean(1)   # (10.13)
 
 
@@ -1868,15 +1914,19 @@ def matching_cost(class_logits: torch.Tensor, mask_logits: torch.Tensor, classes
                   weights: LossWeights = LossWeights()) -> torch.Tensor:
     """(10.14) for all pairs: class_logits (..., Q, C + 1), mask_logits (..., Q, X), classes (..., N) int64,
     masks (..., N, X) -> (..., Q, N); leading dimensions (a batch of images) must agree."""
-    _check_tensor(class_logits, "class_logits", floating=True)
-    _check_tensor(mask_logits, "mask_logits", dims=class_logits.dim(), floating=True)
-    _check_tensor(classes, "classes", dims=class_logits.dim() - 1, dtype=torch.int64)
-    _check_tensor(masks, "masks", dims=class_logits.dim())
+    validate.tensor(class_logits, "class_logits", kind="float")
+    validate.tensor(mask_logits, "mask_logits", dims=class_logits.dim(), kind="float")
+    validate.tensor(classes, "classes", dims=class_logits.dim() - 1, dtype=torch.int64, nonempty=False)
+    validate.tensor(masks, "masks", dims=class_logits.dim(), nonempty=False)
     lead = class_logits.shape[:-2]
     if (class_logits.dim() < 2 or mask_logits.shape[:-1] != class_logits.shape[:-1] or classes.shape[:-1] != lead
             or masks.shape[:-1] != classes.shape or masks.shape[-1] != mask_logits.shape[-1]):
         raise ValueError("class_logits and mask_logits need the same (..., Q), classes and masks the same (..., N), "
                          "mask_logits and masks the same X")
+    if classes.numel():
+        validate.ids(classes, "classes", class_logits.shape[-1] - 1)
+    if not isinstance(weights, LossWeights):
+        raise TypeError(f"weights must be a LossWeights, got {type(weights).__name__}")
     t = masks.to(mask_logits.dtype)
     prob = mask_logits.sigmoid()
     overlap = prob @ t.transpose(-1, -2)                                                     # (..., Q, N)
@@ -1889,14 +1939,27 @@ def matching_cost(class_logits: torch.Tensor, mask_logits: torch.Tensor, classes
 
 def hungarian_match(cost: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The assignment of minimal total cost for cost (Q, N), Q >= N: (rows (N,), cols (N,)) int64, cols sorted."""
-    _check_tensor(cost, "cost", dims=2, floating=True)
+    validate.tensor(cost, "cost", dims=2, kind="float", nonempty=False, finite=True)
     if cost.shape[0] < cost.shape[1]:
         raise ValueError(f"cost has {cost.shape[0]} queries for {cost.shape[1]} targets; need at least as many queries")
-    if not bool(torch.isfinite(cost).all()):
-        raise ValueError("cost must be finite")
     rows, cols = linear_sum_assignment(cost.detach().cpu().double().numpy())
     order = cols.argsort()
     return torch.as_tensor(rows[order], dtype=torch.int64), torch.as_tensor(cols[order], dtype=torch.int64)
+
+
+def _check_segments(masks: list[torch.Tensor], classes: list[torch.Tensor], name: str, disjoint: bool = True) -> None:
+    """Raise TypeError/ValueError unless masks[i] (N_i, H, W) bool (pairwise disjoint if asked), classes[i] (N_i,) int64."""
+    if not isinstance(masks, (list, tuple)) or not isinstance(classes, (list, tuple)):
+        raise TypeError(f"{name}_masks and {name}_classes must be lists with one tensor per image")
+    if len(masks) != len(classes):
+        raise ValueError(f"{name}_masks has {len(masks)} images, {name}_classes {len(classes)}")
+    for i, (m, c) in enumerate(zip(masks, classes)):
+        validate.tensor(m, f"{name}_masks[{i}]", dims=3, dtype=torch.bool, nonempty=False)
+        validate.tensor(c, f"{name}_classes[{i}]", dims=1, dtype=torch.int64, nonempty=False)
+        if c.shape[0] != m.shape[0]:
+            raise ValueError(f"{name}_classes[{i}] has {c.shape[0]} entries for the {m.shape[0]} of {name}_masks[{i}]")
+        if disjoint and bool((m.sum(0) > 1).any()):
+            raise ValueError(f"{name}_masks[{i}] has overlapping segments: panoptic segments must be disjoint")
 
 
 def seem_loss(out: SeemOutput, object_classes: list[torch.Tensor], object_masks: list[torch.Tensor],
@@ -1909,16 +1972,25 @@ def seem_loss(out: SeemOutput, object_classes: list[torch.Tensor], object_masks:
     """
     if not isinstance(out, SeemOutput):
         raise TypeError(f"out must be a SeemOutput, got {type(out).__name__}")
+    if not isinstance(weights, LossWeights):
+        raise TypeError(f"weights must be a LossWeights, got {type(weights).__name__}")
     b, q = out.class_logits[0].shape[0], out.n_object
     n_classes = out.class_logits[0].shape[-1] - 1
-    if len(object_classes) != b or len(object_masks) != b:
-        raise ValueError(f"object_classes and object_masks must hold one entry per image ({b})")
+    _check_segments(object_masks, object_classes, "object", disjoint=False)
+    if len(object_classes) != b or len({m.shape[-2:] for m in object_masks}) != 1:
+        raise ValueError(f"object_classes and object_masks must hold one entry per image ({b}), masks of one size")
+    if sum(len(c) for c in object_classes):
+        validate.ids(torch.cat(object_classes), "object_classes", n_classes)
+    size = object_masks[0].shape[-2:]
     p = out.class_logits[0].shape[1] - q
     if p and (prompt_classes is None or prompt_masks is None):
         raise ValueError(f"out answers {p} prompts per image: pass prompt_classes and prompt_masks")
-    if p and (prompt_classes.shape != (b, p) or prompt_masks.shape[:2] != (b, p)):
-        raise ValueError(f"prompt_classes must be ({b}, {p}) and prompt_masks ({b}, {p}, H, W)")
-    size = object_masks[0].shape[-2:]
+    if p:
+        validate.tensor(prompt_classes, "prompt_classes", dims=2, dtype=torch.int64)
+        validate.ids(prompt_classes, "prompt_classes", n_classes)
+        validate.tensor(prompt_masks, "prompt_masks", dims=4, dtype=torch.bool)
+    if p and (prompt_classes.shape != (b, p) or prompt_masks.shape != (b, p, *size)):
+        raise ValueError(f"prompt_classes must be ({b}, {p}) and prompt_masks ({b}, {p}, {size[0]}, {size[1]})")
     class_weight = torch.ones(n_classes + 1, dtype=out.class_logits[0].dtype, device=out.class_logits[0].device)
     class_weight[-1] = weights.no_object
     n_targets = max(sum(len(c) for c in object_classes), 1)
@@ -2030,9 +2102,8 @@ PROMPT_KINDS: tuple[str, ...] = ("point", "box", "scribble", "mask", "text", "po
 
 def coarse_mask(mask: torch.Tensor, cell: int = 4) -> torch.Tensor:
     """A rough mask prompt: every cell x cell block that touches mask (H, W) bool is filled. Returns (H, W) bool."""
-    _check_tensor(mask, "mask", dims=2, dtype=torch.bool)
-    if isinstance(cell, bool) or not isinstance(cell, int) or cell < 1:
-        raise ValueError(f"cell must be a positive int, got {cell!r}")
+    validate.tensor(mask, "mask", dims=2, dtype=torch.bool)
+    validate.integer(cell, "cell", low=1)
     h, w = mask.shape
     blocks = F.max_pool2d(mask[None, None].float(), cell, ceil_mode=True)[0, 0] > 0
     return blocks.repeat_interleave(cell, 0).repeat_interleave(cell, 1)[:h, :w]
@@ -2046,6 +2117,13 @@ def _check_scenes(scenes: list[Scene]) -> None:
         raise ValueError("scenes must all have the same image size")
 
 
+def _check_objects(scenes: list[Scene], objects: torch.Tensor) -> None:
+    """Raise TypeError/ValueError unless objects (B, P) int64 holds, in row b, object indices of scenes[b]."""
+    validate.tensor(objects, "objects", dims=2, dtype=torch.int64, nonempty=False)
+    if objects.shape[0] != len(scenes) or any(bool(((o < 0) | (o >= len(s.texts))).any()) for s, o in zip(scenes, objects)):
+        raise ValueError(f"objects must have {len(scenes)} rows, row b holding object indices of scenes[b]")
+
+
 def make_prompts(scenes: list[Scene], kinds: list[list[str]], generator: torch.Generator,
                  objects: torch.Tensor | None = None, text_len: int = 3) -> tuple[Prompts, torch.Tensor]:
     """Simulated prompts: kinds[b][p] in PROMPT_KINDS for prompt p of scene b, for object objects[b, p]
@@ -2055,8 +2133,10 @@ def make_prompts(scenes: list[Scene], kinds: list[list[str]], generator: torch.G
     in its scene that each prompt asks for).
     """
     _check_scenes(scenes)
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    validate.generator(generator)
+    validate.integer(text_len, "text_len", low=1)
+    if not isinstance(kinds, (list, tuple)) or not all(isinstance(row, (list, tuple)) for row in kinds):
+        raise TypeError(f"kinds must be a list of lists of prompt kinds, got {kinds!r}")
     if len(kinds) != len(scenes) or len({len(k) for k in kinds}) != 1:
         raise ValueError("kinds must hold one list of P prompt kinds per scene, all of the same length P")
     unknown = {k for row in kinds for k in row} - set(PROMPT_KINDS)
@@ -2065,9 +2145,9 @@ def make_prompts(scenes: list[Scene], kinds: list[list[str]], generator: torch.G
     b, p, size = len(scenes), len(kinds[0]), scenes[0].image.shape[-1]
     if objects is None:
         objects = torch.stack([torch.randint(len(s.texts), (p,), generator=generator) for s in scenes])
-    _check_tensor(objects, "objects", dims=2, dtype=torch.int64)
-    if objects.shape != (b, p) or any(int(o.max()) >= len(s.texts) or int(o.min()) < 0 for s, o in zip(scenes, objects)):
-        raise ValueError(f"objects must have shape ({b}, {p}) and index objects of its scene")
+    _check_objects(scenes, objects)
+    if objects.shape[1] != p:
+        raise ValueError(f"objects must have shape ({b}, {p}), got {tuple(objects.shape)}")
     positive = torch.zeros(b, p, size, size, dtype=torch.bool)
     text = torch.zeros(b, p, text_len, dtype=torch.int64)
     for i, (scene, row) in enumerate(zip(scenes, kinds)):
@@ -2090,9 +2170,7 @@ def make_prompts(scenes: list[Scene], kinds: list[list[str]], generator: torch.G
 def prompt_targets(scenes: list[Scene], objects: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The class (B, P) int64 and mask (B, P, H, W) bool of the object each prompt asks for (objects (B, P))."""
     _check_scenes(scenes)
-    _check_tensor(objects, "objects", dims=2, dtype=torch.int64)
-    if objects.shape[0] != len(scenes):
-        raise ValueError(f"objects has {objects.shape[0]} rows for {len(scenes)} scenes")
+    _check_objects(scenes, objects)
     classes = torch.stack([s.classes[o] for s, o in zip(scenes, objects)])
     masks = torch.stack([s.masks[o] for s, o in zip(scenes, objects)])
     return classes, masks
@@ -2107,12 +2185,13 @@ def corrective_prompts(prompts: Prompts, predicted: torch.Tensor, targets: torch
     """
     if not isinstance(prompts, Prompts):
         raise TypeError(f"prompts must be a Prompts, got {type(prompts).__name__}")
-    _check_tensor(predicted, "predicted", dims=4, dtype=torch.bool)
-    _check_tensor(targets, "targets", dims=4, dtype=torch.bool)
+    validate.tensor(predicted, "predicted", dims=4, dtype=torch.bool, nonempty=False)
+    validate.tensor(targets, "targets", dims=4, dtype=torch.bool, nonempty=False)
     if predicted.shape != prompts.positive.shape or targets.shape != prompts.positive.shape:
         raise ValueError(f"predicted and targets must have shape {tuple(prompts.positive.shape)}")
     if not isinstance(memory, bool):
         raise TypeError(f"memory must be a bool, got {type(memory).__name__}")
+    validate.integer(radius, "radius", low=0)
     positive, negative = prompts.positive.clone(), prompts.negative.clone()
     size = positive.shape[-1]
     for i in range(positive.shape[0]):
@@ -2137,6 +2216,8 @@ def batch_targets(scenes: list[Scene]) -> tuple[torch.Tensor, list[torch.Tensor]
 def answer_masks(model: SEEM, images: torch.Tensor, prompts: Prompts,
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Each prompt's answer after the last layer: the prompt query's mask logit > 0, at image size. (B, P, H, W) bool."""
+    if not isinstance(model, SEEM) or not isinstance(prompts, Prompts):
+        raise TypeError(f"model must be a SEEM and prompts a Prompts, got {type(model).__name__}, {type(prompts).__name__}")
     out = model(images, prompts, generator)
     return out.masks(images.shape[-2:])[:, out.n_object:] > 0
 
@@ -2420,21 +2501,6 @@ print("most false-alarm pixels after one click lie on other objects:", false_ala
 
 # %%
 #| export lrn_lib.seem
-def _check_segments(masks: list[torch.Tensor], classes: list[torch.Tensor], name: str) -> None:
-    """Raise TypeError/ValueError unless masks[i] (N_i, H, W) bool, pairwise disjoint, and classes[i] (N_i,) int64."""
-    if not isinstance(masks, (list, tuple)) or not isinstance(classes, (list, tuple)):
-        raise TypeError(f"{name}_masks and {name}_classes must be lists with one tensor per image")
-    if len(masks) != len(classes):
-        raise ValueError(f"{name}_masks has {len(masks)} images, {name}_classes {len(classes)}")
-    for i, (m, c) in enumerate(zip(masks, classes)):
-        _check_tensor(m, f"{name}_masks[{i}]", dims=3, dtype=torch.bool)
-        _check_tensor(c, f"{name}_classes[{i}]", dims=1, dtype=torch.int64)
-        if c.shape[0] != m.shape[0]:
-            raise ValueError(f"{name}_classes[{i}] has {c.shape[0]} entries for {m.shape[0]} masks")
-        if bool((m.sum(0) > 1).any()):
-            raise ValueError(f"{name}_masks[{i}] has overlapping segments: panoptic segments must be disjoint")
-
-
 def panoptic_quality(pred_masks: list[torch.Tensor], pred_classes: list[torch.Tensor],
                      true_masks: list[torch.Tensor], true_classes: list[torch.Tensor]) -> dict:
     """(10.16) Panoptic quality (Kirillov et al. 2019): per class over all images, then the mean over classes.

@@ -9,6 +9,7 @@ import torch
 
 from kernels import runtime
 from kernels.runtime import check_launchable, tl, triton
+from lrn_lib import validate
 
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256   # any d from 1 to 256: the head block is d rounded up to a power of two
@@ -97,23 +98,26 @@ def flash_attention_forward_kernel(
     tl.store(lse_ptr + bh.to(tl.int64) * n_queries + offs_m, lse, mask=offs_m < n_queries)
 
 
-def check_flash_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def check_flash_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+                       scale: float | None = None, *, launch: bool = True) -> None:
     """Raise a clear error unless the kernels can run attention on q, k, v (shapes as in the forward kernel).
+
+    causal: a bool; scale: None or a positive finite number. launch=False leaves out the last
+    check, that the kernels can run on q's device here.
 
     Defined in chapter 04 (FlashAttention-2).
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        validate.tensor(t, name, nonempty=False)
         if t.dtype not in ATTENTION_DTYPES:
             raise TypeError(f"{name} has dtype {t.dtype}; the attention kernels take float16 or bfloat16")
         if t.dim() != 4 or t.numel() == 0:
             raise ValueError(f"{name} has shape {tuple(t.shape)}; expected a non-empty (batch, heads, seq, head_dim)")
-        check_launchable(name, t)
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k, v have dtypes {q.dtype}, {k.dtype}, {v.dtype}; they must match")
-    if k.device != q.device or v.device != q.device:
-        raise ValueError(f"q, k, v are on {q.device}, {k.device}, {v.device}; they must share a device")
+    for name, t in (("k", k), ("v", v)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; they must share a device")
     if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: k and v must match, "
                          "and agree with q in batch and head_dim")
@@ -121,6 +125,12 @@ def check_flash_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Non
         raise ValueError(f"head_dim {q.shape[-1]} is not supported; the kernels take 1 to {MAX_HEAD_DIM}")
     if q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"k/v have {k.shape[1]} heads, which does not divide q's {q.shape[1]} heads")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if scale is not None:
+        validate.number(scale, "scale", low=0, low_open=True)
+    if launch:
+        check_launchable("q", q)
 
 
 def check_backward_inputs(q: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
@@ -129,6 +139,7 @@ def check_backward_inputs(q: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, d
 
     Defined in chapter 04 (FlashAttention-2).
     """
+    validate.tensor(q, "q", dims=4)
     for name, t, shape, dtypes in (("o", o, q.shape, (q.dtype,)), ("do", do, q.shape, (q.dtype,)),
                                    ("lse", lse, q.shape[:3], (torch.float32,)),
                                    ("dlse", dlse, q.shape[:3], (torch.float32,))):
@@ -149,6 +160,7 @@ def head_block(head_dim: int) -> int:
 
     Defined in chapter 04 (FlashAttention-2).
     """
+    validate.integer(head_dim, "head_dim", low=1, high=MAX_HEAD_DIM)
     return max(16, triton.next_power_of_2(head_dim))
 
 
@@ -175,6 +187,7 @@ def forward_config(head_dim: int) -> tuple[int, int, int, int]:
 
     Defined in chapter 04 (FlashAttention-2).
     """
+    validate.integer(head_dim, "head_dim", low=1, high=MAX_HEAD_DIM)
     if head_dim <= 64:
         return 128, 64, 4, 3
     if head_dim <= 128:
@@ -191,7 +204,7 @@ def flash_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
 
     Defined in chapter 04 (FlashAttention-2).
     """
-    check_flash_inputs(q, k, v)
+    check_flash_inputs(q, k, v, causal, scale)
     dtype = q.dtype
     q, k, v = _interpreter_dtype(*(_last_dim_contiguous(t) for t in (q, k, v)))
     b, h, n_q, d = q.shape
@@ -345,6 +358,7 @@ def backward_configs(head_dim: int) -> tuple[tuple[int, int, int, int], tuple[in
 
     Defined in chapter 04 (FlashAttention-2).
     """
+    validate.integer(head_dim, "head_dim", low=1, high=MAX_HEAD_DIM)
     if head_dim <= 128:
         return (64, 64, 4, 2), (64, 64, 4, 2)
     return (32, 32, 4, 1), (32, 32, 4, 1)
@@ -361,8 +375,9 @@ def flash_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
     Defined in chapter 04 (FlashAttention-2).
     """
-    check_flash_inputs(q, k, v)
+    check_flash_inputs(q, k, v, causal, scale, launch=False)
     check_backward_inputs(q, o, lse, do, dlse)
+    check_launchable("q", q)
     dtype = q.dtype
     q, k, v, o, do = _interpreter_dtype(*(_last_dim_contiguous(t) for t in (q, k, v, o, do)))
     lse = lse.contiguous()

@@ -5,6 +5,8 @@
 
 import torch
 
+from lrn_lib import validate
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -122,6 +124,9 @@ def pipeline_bytes(block_m: int, block_n: int, block_k: int, num_stages: int, el
 
     Defined in chapter 03 (Tiling).
     """
+    for name, value in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k),
+                        ("num_stages", num_stages), ("element_size", element_size)):
+        validate.integer(value, name, low=1)
     return num_stages * (block_m * block_k + block_k * block_n) * element_size
 
 
@@ -130,6 +135,9 @@ def prune_configs(configs: list, named_args: dict, **kwargs) -> list:
 
     Defined in chapter 03 (Tiling).
     """
+    validate.nonempty(configs, "configs")
+    if not isinstance(named_args, dict) or not isinstance(named_args.get("a_ptr"), torch.Tensor):
+        raise TypeError("named_args must be a dict holding the kernel's tensor argument 'a_ptr'")
     size = named_args["a_ptr"].element_size()
     kept = [c for c in configs if pipeline_bytes(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
                                                  c.num_stages, size) <= SHARED_MEMORY_BUDGET]
@@ -193,6 +201,8 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, allow_tf32: bool | None = None,
     m, n, k = check_matmul_operands(a, b, SUPPORTED_DTYPES)
     if config is not None:
         config = check_matmul_config(config)
+    if allow_tf32 is not None and not isinstance(allow_tf32, bool):
+        raise TypeError(f"allow_tf32 must be a bool or None, got {type(allow_tf32).__name__}")
     check_launchable("a", a)
     for name, x in (("a", a), ("b", b)):
         if _max_offset(x) > MAX_OFFSET:

@@ -7,6 +7,7 @@ import torch
 
 from kernels import runtime
 from kernels.runtime import check_launchable, tl, triton
+from lrn_lib import validate
 
 GROUPED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -105,7 +106,6 @@ def check_grouped_inputs(x: torch.Tensor, other: torch.Tensor, counts: torch.Ten
     for name, t in (("x", x), (other_name, other)):
         if t.dtype not in GROUPED_DTYPES:
             raise TypeError(f"{name} has dtype {t.dtype}; the grouped GEMM takes float16, bfloat16 or float32")
-        check_launchable(name, t)
     if other.dtype != x.dtype:
         raise TypeError(f"x has dtype {x.dtype} but {other_name} has {other.dtype}; they must match")
     if counts.dtype not in (torch.int32, torch.int64):
@@ -114,18 +114,18 @@ def check_grouped_inputs(x: torch.Tensor, other: torch.Tensor, counts: torch.Ten
         raise ValueError(f"x has shape {tuple(x.shape)}; expected a non-empty (rows, K) matrix")
     if other.dim() != other_dims or other.numel() == 0:
         raise ValueError(f"{other_name} has shape {tuple(other.shape)}; expected a non-empty {other_dims}-d tensor")
-    if counts.dim() != 1:
-        raise ValueError(f"counts has shape {tuple(counts.shape)}; expected (experts,)")
+    if counts.dim() != 1 or counts.numel() == 0:
+        raise ValueError(f"counts has shape {tuple(counts.shape)}; expected (experts,) with at least one expert")
     if other.device != x.device or counts.device != x.device:
         raise ValueError(f"x, {other_name}, counts are on {x.device}, {other.device}, {counts.device}; "
                          "they must share a device")
-    if not check_counts:
-        return
-    smallest, total = torch.stack([counts.min(), counts.sum()]).tolist()     # one wait for the device
-    if smallest < 0:
-        raise ValueError("counts has negative entries")
-    if total != x.shape[0]:
-        raise ValueError(f"counts sum to {total} but x has {x.shape[0]} rows")
+    if check_counts:
+        smallest, total = torch.stack([counts.min(), counts.sum()]).tolist()     # one wait for the device
+        if smallest < 0:
+            raise ValueError("counts has negative entries")
+        if total != x.shape[0]:
+            raise ValueError(f"counts sum to {total} but x has {x.shape[0]} rows")
+    check_launchable("x", x)                     # last: bad arguments are named even where triton is missing
 
 
 def expert_offsets(counts: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,9 +133,12 @@ def expert_offsets(counts: torch.Tensor, block_m: int) -> tuple[torch.Tensor, to
 
     Expert e owns rows [o_e, o_e+1) and row blocks [b_e, b_e+1) of block_m rows each: its last
     block is padded (rows at or past o_e+1 are masked); an expert with no rows owns no block.
+    counts must be non-negative; they are not read back here, so nothing waits for the device.
 
     Defined in chapter 05 (Mixture-of-Experts).
     """
+    validate.tensor(counts, "counts", dims=1, kind="int")
+    validate.integer(block_m, "block_m", low=1)
     zero = counts.new_zeros(1)
     rows = torch.cat([zero, torch.cumsum(counts, 0)])
     blocks = torch.cat([zero, torch.cumsum((counts + block_m - 1) // block_m, 0)])
@@ -148,6 +151,7 @@ def grouped_config(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
 
     Defined in chapter 05 (Mixture-of-Experts).
     """
+    validate.choice(dtype, "dtype", GROUPED_DTYPES)
     if runtime.MODE != "compiled":
         return 16, 32, 32, 4, 1
     if dtype == torch.float32:
@@ -160,6 +164,7 @@ def weight_grad_config(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
 
     Defined in chapter 05 (Mixture-of-Experts).
     """
+    validate.choice(dtype, "dtype", GROUPED_DTYPES)
     if runtime.MODE != "compiled":
         return 16, 32, 32, 4, 1
     if dtype == torch.float32:

@@ -5,7 +5,7 @@
 
 import torch
 
-from kernels.runtime import tl, triton
+from kernels.runtime import check_launchable, tl, triton
 from kernels.softmax import as_rows, check_row_kernel_input
 
 ONLINE_BLOCK = 8192  # columns per loop step (benchmarks/sweep_online_softmax.py)
@@ -96,11 +96,12 @@ def softmax_backward_triton(y: torch.Tensor, dy: torch.Tensor, dim: int = -1) ->
 
     Defined in chapter 02 (Online softmax).
     """
-    dim = check_row_kernel_input(y, dim, name="y")
-    check_row_kernel_input(dy, dim, name="dy")
+    dim = check_row_kernel_input(y, dim, name="y", launch=False)
+    check_row_kernel_input(dy, dim, name="dy", launch=False)
     if dy.shape != y.shape or dy.dtype != y.dtype or dy.device != y.device:
         raise ValueError(f"dy has shape {tuple(dy.shape)}, dtype {dy.dtype} on {dy.device}; expected y's "
                          f"{tuple(y.shape)}, {y.dtype} on {y.device}")
+    check_launchable("y", y)
     if dim != y.dim() - 1:
         return softmax_backward_triton(y.movedim(dim, -1), dy.movedim(dim, -1)).movedim(-1, dim)
     y2, dy2 = as_rows(y), as_rows(dy)

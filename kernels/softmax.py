@@ -6,6 +6,7 @@
 import torch
 
 from kernels.runtime import check_launchable, tl, triton
+from lrn_lib import validate
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FUSED_MAX_COLS = 65536  # longest row the fused kernel holds on chip; longer rows loop
@@ -67,28 +68,26 @@ def softmax_looped_kernel(x_ptr, y_ptr, n_cols, x_row_stride, y_row_stride, BLOC
 
 
 def check_row_kernel_input(x: torch.Tensor, dim: int, out: torch.Tensor | None = None,
-                           name: str = "x") -> int:
+                           name: str = "x", *, launch: bool = True) -> int:
     """Validate the input (and optional ``out``) of a row-wise kernel; return ``dim`` >= 0.
 
     Raises TypeError for a non-tensor or an unsupported dtype, ValueError for an empty or
-    0-d tensor, a ``dim`` out of range, a device the kernels cannot run on, or an ``out``
-    whose device, shape, dtype or layout does not match. Messages name the argument.
+    0-d tensor, a ``dim`` out of range, an ``out`` whose device, shape, dtype or layout does
+    not match, or (last, unless launch=False) a device the kernels cannot run on. Messages
+    name the argument.
 
     Defined in chapter 01 (Softmax).
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    validate.tensor(x, name, nonempty=False)
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{name} has dtype {x.dtype}; the kernels take float16, bfloat16 or float32")
     if x.dim() == 0 or x.numel() == 0:
         raise ValueError(f"{name} has shape {tuple(x.shape)}; the kernels need a non-empty tensor "
                          "with at least one dimension")
-    if not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
+    if isinstance(dim, bool) or not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
         raise ValueError(f"dim={dim!r} is out of range for {name} with {x.dim()} dimension(s)")
-    check_launchable(name, x)
     if out is not None:
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+        validate.tensor(out, "out", nonempty=False)
         if out.device != x.device:
             raise ValueError(f"out is on {out.device} but {name} is on {x.device}; they must share a device")
         if out.shape != x.shape or out.dtype != x.dtype:
@@ -96,6 +95,8 @@ def check_row_kernel_input(x: torch.Tensor, dim: int, out: torch.Tensor | None =
                              f"expected {name}'s {tuple(x.shape)} and {x.dtype}")
         if not out.is_contiguous():
             raise ValueError("out must be contiguous")
+    if launch:
+        check_launchable(name, x)
     return dim % x.dim()
 
 
@@ -104,6 +105,8 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
 
     Defined in chapter 01 (Softmax).
     """
+    if validate.tensor(x, "x").dim() == 0:
+        raise ValueError("x is a 0-d tensor; as_rows needs at least one dimension")
     rows = x.reshape(-1, x.shape[-1])
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
@@ -113,6 +116,7 @@ def fused_launch_config(n_cols: int) -> tuple[int, int, int]:
 
     Defined in chapter 01 (Softmax).
     """
+    validate.integer(n_cols, "n_cols", low=1, high=FUSED_MAX_COLS)
     block_n = triton.next_power_of_2(n_cols)
     block_m = max(1, min(16, 4096 // block_n))
     tile = block_m * block_n

@@ -8,13 +8,16 @@ import math
 import torch
 
 from kernels import runtime
-from lrn_lib.online_softmax import merge_lse
+from lrn_lib import validate
 
-def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+
+def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+                           scale: float | None = None) -> None:
     """Raise a clear TypeError/ValueError unless q, k, v form a valid attention problem.
 
     q: (batch, heads, n_queries, head_dim); k, v: (batch, kv_heads, n_keys, head_dim), with
-    kv_heads dividing heads, one floating dtype and one device, nothing empty.
+    kv_heads dividing heads, one floating dtype and one device, nothing empty; causal a
+    bool, scale None or a positive finite number.
 
     Defined in chapter 04 (FlashAttention-2).
     """
@@ -38,6 +41,10 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch and head_dim")
     if q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"k/v have {k.shape[1]} heads, which does not divide q's {q.shape[1]} heads")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if scale is not None:
+        validate.number(scale, "scale", low=0, low_open=True)
 
 
 def causal_visible(n_queries: int, n_keys: int, device: torch.device | None = None) -> torch.Tensor:
@@ -45,6 +52,10 @@ def causal_visible(n_queries: int, n_keys: int, device: torch.device | None = No
 
     Defined in chapter 04 (FlashAttention-2).
     """
+    validate.integer(n_queries, "n_queries", low=1)
+    validate.integer(n_keys, "n_keys", low=1)
+    if device is not None and not isinstance(device, (torch.device, str)):
+        raise TypeError(f"device must be a torch.device, a str or None, got {type(device).__name__}")
     i = torch.arange(n_queries, device=device)[:, None]
     j = torch.arange(n_keys, device=device)[None, :]
     return j <= i + (n_keys - n_queries)
@@ -60,7 +71,7 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
 
     Defined in chapter 04 (FlashAttention-2).
     """
-    check_attention_inputs(q, k, v)
+    check_attention_inputs(q, k, v, causal, scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     group = q.shape[1] // k.shape[1]
@@ -85,7 +96,9 @@ def flash_attention_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
 
     Defined in chapter 04 (FlashAttention-2).
     """
-    check_attention_inputs(q, k, v)
+    check_attention_inputs(q, k, v, causal, scale)
+    validate.integer(block_m, "block_m", low=1)
+    validate.integer(block_n, "block_n", low=1)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     n_q, n_k, group = q.shape[2], k.shape[2], q.shape[1] // k.shape[1]
@@ -128,6 +141,14 @@ def flash_attention_backward_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.T
 
     Defined in chapter 04 (FlashAttention-2).
     """
+    check_attention_inputs(q, k, v, causal, scale)
+    for name, t, shape in (("o", o, q.shape), ("do", do, q.shape), ("lse", lse, q.shape[:3]),
+                           ("dlse", dlse, q.shape[:3])):
+        if t is None and name == "dlse":
+            continue
+        if validate.tensor(t, name, kind="float").shape != shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {tuple(shape)} to match q")
+    validate.integer(block_n, "block_n", low=1)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     b, h, n_q, d = q.shape
@@ -194,6 +215,7 @@ def kernel_can_run(q: torch.Tensor) -> bool:
     """
     from kernels.flash_attention import MAX_HEAD_DIM
 
+    validate.tensor(q, "q", dims=4)
     return (runtime.MODE == "compiled" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
             and q.shape[-1] <= MAX_HEAD_DIM)
 
@@ -227,7 +249,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
 
     Defined in chapter 04 (FlashAttention-2).
     """
-    check_attention_inputs(q, k, v)
+    check_attention_inputs(q, k, v, causal, scale)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     if kernel_can_run(q):
         o, lse = FlashAttention.apply(q, k, v, causal, scale)
     else:

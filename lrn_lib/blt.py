@@ -11,10 +11,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lrn_lib import validate
 from lrn_lib.llama import (Attention, Llama, LlamaConfig, RMSNorm, TransformerBlock, rope_cos_sin, rope_frequencies,
                            tiny_config)
 from lrn_lib.patching import (N_BYTES, VOCAB_SIZE, check_tokens, entropy_patch_starts, hash_ngram_ids,
                               next_byte_entropies, patch_ids)
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, self_attention: bool) -> None:
+    """Raise unless q (B, H, Q, d) and k, v (B, Hkv, K, d) are float tensors with Hkv dividing H;
+    self-attention needs K = Q (the causal masks are aligned at position 0), other attention Hkv = H.
+
+    Defined in chapter 08 (The Byte Latent Transformer).
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        validate.tensor(x, name, dims=4, kind="float")
+    validate.same_shape(k=k, v=v)
+    b, h, n, d = q.shape
+    if k.shape[0] != b or k.shape[3] != d or h % k.shape[1] or (k.shape[2] != n if self_attention else k.shape[1] != h):
+        raise ValueError(f"k and v have shape {tuple(k.shape)}, which does not fit q {tuple(q.shape)}")
 
 
 def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -22,6 +37,7 @@ def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tens
 
     Defined in chapter 08 (The Byte Latent Transformer).
     """
+    _check_qkv(q, k, v, self_attention=True)
     rep = q.shape[1] // k.shape[1]
     return F.scaled_dot_product_attention(q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1),
                                           is_causal=True)
@@ -32,6 +48,8 @@ def use_sdpa(model: nn.Module) -> nn.Module:
 
     Defined in chapter 08 (The Byte Latent Transformer).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     for module in model.modules():
         if isinstance(module, Attention):
             module.attend = causal_sdpa
@@ -43,6 +61,8 @@ def entropy_model(dim: int = 64, n_layers: int = 2, n_heads: int = 4, max_seq_le
 
     Defined in chapter 08 (The Byte Latent Transformer).
     """
+    for name, value in (("dim", dim), ("n_layers", n_layers), ("n_heads", n_heads), ("max_seq_len", max_seq_len)):
+        validate.integer(value, name, low=1)
     return use_sdpa(Llama(tiny_config(vocab_size=VOCAB_SIZE, dim=dim, n_layers=n_layers, n_heads=n_heads,
                                       n_kv_heads=max(1, n_heads // 2), ffn_dim=int(2.5 * dim) // 2 * 2,
                                       max_seq_len=max_seq_len)))
@@ -56,7 +76,10 @@ def byte_entropies(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
     Defined in chapter 08 (The Byte Latent Transformer).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_tokens(tokens)
+    validate.tensor(tokens, "tokens", dims=2)
     return next_byte_entropies(model(tokens)[..., :N_BYTES])
 
 
@@ -68,12 +91,19 @@ class HashNgramEmbedding(nn.Module):
 
     def __init__(self, dim: int, ngrams: tuple[int, ...] = (3, 4, 5, 6, 7, 8), table_size: int = 4096):
         super().__init__()
+        validate.integer(dim, "dim", low=1)
+        validate.integer(table_size, "table_size", low=1)
+        if not isinstance(ngrams, (tuple, list)):
+            raise TypeError(f"ngrams must be a tuple of n-gram sizes, got {type(ngrams).__name__}")
+        for n in ngrams:
+            validate.integer(n, "ngrams", low=1)
         self.ngrams, self.table_size = tuple(ngrams), table_size
         self.byte = nn.Embedding(VOCAB_SIZE, dim)
         self.tables = nn.ModuleList(nn.Embedding(table_size, dim) for _ in self.ngrams)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, T) -> e (B, T, dim)."""
+        check_tokens(tokens)
         e = self.byte(tokens)
         for n, table in zip(self.ngrams, self.tables):
             e = e + table(hash_ngram_ids(tokens, n, self.table_size))             # (8.10)
@@ -85,8 +115,8 @@ def local_causal_mask(n: int, window: int, device: torch.device | str | None = N
 
     Defined in chapter 08 (The Byte Latent Transformer).
     """
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
+    validate.integer(n, "n", low=1)
+    validate.integer(window, "window", low=1)
     t = torch.arange(n, device=device)
     d = t[:, None] - t[None, :]
     return (d >= 0) & (d < window)
@@ -97,6 +127,8 @@ def encoder_cross_mask(pids: torch.Tensor, n_patches: int) -> torch.Tensor:
 
     Defined in chapter 08 (The Byte Latent Transformer).
     """
+    validate.integer(n_patches, "n_patches", low=1)
+    validate.ids(pids, "pids", n_patches, dims=2)
     return pids[:, None, :] == torch.arange(n_patches, device=pids.device)[None, :, None]
 
 
@@ -113,10 +145,8 @@ def decoder_patch_index(pids: torch.Tensor, lag: str = "next") -> torch.Tensor:
 
     Defined in chapter 08 (The Byte Latent Transformer).
     """
-    if lag not in DECODER_LAGS:
-        raise ValueError(f"lag must be one of {DECODER_LAGS}, got {lag!r}")
-    if pids.dim() != 2 or pids.shape[-1] == 0:
-        raise ValueError(f"pids must have shape (B, T) with T >= 1, got {tuple(pids.shape)}")
+    validate.choice(lag, "lag", DECODER_LAGS)
+    validate.tensor(pids, "pids", dims=2, kind="int")
     if lag == "own":
         return pids
     if lag == "previous":
@@ -133,6 +163,8 @@ def decoder_cross_mask(pids: torch.Tensor, n_patches: int, lag: str = "next") ->
     Defined in chapter 08 (The Byte Latent Transformer).
     """
     index = decoder_patch_index(pids, lag)
+    validate.integer(n_patches, "n_patches", low=1)
+    validate.ids(pids, "pids", n_patches)
     return torch.arange(n_patches, device=pids.device)[None, None, :] == index[:, :, None]
 
 
@@ -141,6 +173,7 @@ def block_causal_mask(pids: torch.Tensor) -> torch.Tensor:
 
     Defined in chapter 08 (The Byte Latent Transformer).
     """
+    validate.tensor(pids, "pids", dims=2, kind="int")
     return pids[:, None, :] <= pids[:, :, None]
 
 
@@ -151,8 +184,10 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
     Defined in chapter 08 (The Byte Latent Transformer).
     """
-    if mask.dtype != torch.bool:
-        raise TypeError(f"mask must be bool, got {mask.dtype}")
+    _check_qkv(q, k, v, self_attention=False)
+    validate.tensor(mask, "mask", dims=(2, 3), dtype=torch.bool)
+    if mask.shape[-2:] != (q.shape[2], k.shape[2]) or (mask.dim() == 3 and mask.shape[0] != q.shape[0]):
+        raise ValueError(f"mask has shape {tuple(mask.shape)}; expected (B, Q, K) = {(q.shape[0], q.shape[2], k.shape[2])}")
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
     m = mask if mask.dim() == 2 else mask[:, None]
     scores = scores.masked_fill(~m, torch.finfo(scores.dtype).min)
@@ -165,6 +200,7 @@ def windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window
 
     Defined in chapter 08 (The Byte Latent Transformer).
     """
+    _check_qkv(q, k, v, self_attention=True)
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     mask = local_causal_mask(q.shape[2], window, q.device)
@@ -178,6 +214,9 @@ class LocalBlock(TransformerBlock):
     """
 
     def __init__(self, cfg: LlamaConfig, window: int):
+        if not isinstance(cfg, LlamaConfig):
+            raise TypeError(f"cfg must be a LlamaConfig, got {type(cfg).__name__}")
+        validate.integer(window, "window", low=1)
         super().__init__(cfg)
         self.window = window
         self.attention.attend = functools.partial(windowed_attention, window=window)
@@ -193,6 +232,8 @@ class CrossAttention(nn.Module):
 
     def __init__(self, dim: int, kv_dim: int, n_heads: int):
         super().__init__()
+        for name, value in (("dim", dim), ("kv_dim", kv_dim), ("n_heads", n_heads)):
+            validate.integer(value, name, low=1)
         if dim % n_heads:
             raise ValueError(f"dim={dim} is not divisible by n_heads={n_heads}")
         self.n_heads = n_heads
@@ -204,6 +245,11 @@ class CrossAttention(nn.Module):
 
     def forward(self, queries: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """queries (B, Q, dim), keys (B, K, kv_dim), mask (B, Q, K) bool -> (B, Q, dim)."""
+        validate.tensor(queries, "queries", dims=3, kind="float")
+        validate.tensor(keys, "keys", dims=3, kind="float")
+        if queries.shape[-1] != self.wq.in_features or keys.shape[::2] != (queries.shape[0], self.wk.in_features):
+            raise ValueError(f"queries {tuple(queries.shape)} and keys {tuple(keys.shape)} must be (B, Q, "
+                             f"{self.wq.in_features}) and (B, K, {self.wk.in_features})")
         b, nq, dim = queries.shape
         split = lambda x: x.view(b, x.shape[1], self.n_heads, -1).transpose(1, 2)  # noqa: E731
         kv = self.kv_norm(keys)
@@ -235,10 +281,18 @@ class BLTConfig:
     def __post_init__(self):
         for name in ("local_dim", "local_heads", "encoder_layers", "decoder_layers", "window", "latent_dim",
                      "latent_heads", "latent_layers", "hash_table_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lag not in DECODER_LAGS:
-            raise ValueError(f"lag must be one of {DECODER_LAGS} (see decoder_patch_index), got {self.lag!r}")
+            validate.integer(getattr(self, name), name, low=1)
+        for dim, heads in (("local_dim", "local_heads"), ("latent_dim", "latent_heads")):
+            if getattr(self, dim) % (2 * getattr(self, heads)):
+                raise ValueError(f"{dim}={getattr(self, dim)} must be a multiple of 2 * {heads}={getattr(self, heads)} "
+                                 "(an even head dimension)")
+        if not isinstance(self.ngrams, (tuple, list)):
+            raise TypeError(f"ngrams must be a tuple of n-gram sizes, got {type(self.ngrams).__name__}")
+        for n in self.ngrams:
+            validate.integer(n, "ngrams", low=1)
+        validate.number(self.ffn_mult, "ffn_mult", low=0, low_open=True)
+        validate.number(self.rope_theta, "rope_theta", low=0, low_open=True)
+        validate.choice(self.lag, "lag", DECODER_LAGS)
 
     def llama(self, latent: bool) -> LlamaConfig:
         """The LlamaConfig of the latent (latent=True) or the local blocks."""
@@ -256,6 +310,8 @@ class LocalEncoder(nn.Module):
 
     def __init__(self, cfg: BLTConfig):
         super().__init__()
+        if not isinstance(cfg, BLTConfig):
+            raise TypeError(f"cfg must be a BLTConfig, got {type(cfg).__name__}")
         lc = cfg.llama(latent=False)
         self.embed = HashNgramEmbedding(cfg.local_dim, cfg.ngrams, cfg.hash_table_size)
         self.layers = nn.ModuleList(LocalBlock(lc, cfg.window) for _ in range(cfg.encoder_layers))
@@ -265,11 +321,14 @@ class LocalEncoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor, pids: torch.Tensor, n_patches: int) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens, pids (B, T) -> byte states h (B, T, local_dim), patch states (B, n_patches, local_dim)."""
+        check_tokens(tokens)
+        validate.tensor(pids, "pids", kind="int")
+        validate.same_shape(tokens=tokens, pids=pids)
+        mask = encoder_cross_mask(pids, n_patches)                                 # (8.12)
         b, t = tokens.shape
         h = self.embed(tokens)
         index = pids[..., None].expand(-1, -1, h.shape[-1])
         patches = h.new_zeros(b, n_patches, h.shape[-1]).scatter_reduce(1, index, h, "amax", include_self=False)
-        mask = encoder_cross_mask(pids, n_patches)                                 # (8.12)
         cos, sin = rope_cos_sin(torch.arange(t, device=tokens.device), self.omega, h.dtype)
         for layer, cross in zip(self.layers, self.cross):
             h = layer(h, cos, sin)                                                 # (8.11)
@@ -285,6 +344,8 @@ class LatentTransformer(nn.Module):
 
     def __init__(self, cfg: BLTConfig):
         super().__init__()
+        if not isinstance(cfg, BLTConfig):
+            raise TypeError(f"cfg must be a BLTConfig, got {type(cfg).__name__}")
         gc = cfg.llama(latent=True)
         self.proj = nn.Linear(cfg.local_dim, cfg.latent_dim, bias=False)
         self.layers = use_sdpa(nn.ModuleList(TransformerBlock(gc) for _ in range(cfg.latent_layers)))
@@ -293,6 +354,9 @@ class LatentTransformer(nn.Module):
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         """patches (B, P, local_dim) -> (B, P, latent_dim); output j depends on patches 0..j only."""
+        validate.tensor(patches, "patches", dims=3, kind="float")
+        if patches.shape[-1] != self.proj.in_features:
+            raise ValueError(f"patches must be (B, P, {self.proj.in_features}), got {tuple(patches.shape)}")
         z = self.proj(patches)
         cos, sin = rope_cos_sin(torch.arange(z.shape[1], device=z.device), self.omega, z.dtype)
         for layer in self.layers:
@@ -308,6 +372,8 @@ class LocalDecoder(nn.Module):
 
     def __init__(self, cfg: BLTConfig):
         super().__init__()
+        if not isinstance(cfg, BLTConfig):
+            raise TypeError(f"cfg must be a BLTConfig, got {type(cfg).__name__}")
         lc = cfg.llama(latent=False)
         self.lag = cfg.lag
         self.cross = nn.ModuleList(CrossAttention(cfg.local_dim, cfg.latent_dim, cfg.local_heads)
@@ -319,6 +385,13 @@ class LocalDecoder(nn.Module):
 
     def forward(self, h: torch.Tensor, latents: torch.Tensor, pids: torch.Tensor) -> torch.Tensor:
         """h (B, T, local_dim), latents (B, P, latent_dim), pids (B, T) -> logits (B, T, 256)."""
+        validate.tensor(h, "h", dims=3, kind="float")
+        validate.tensor(latents, "latents", dims=3, kind="float")
+        validate.tensor(pids, "pids", dims=2, kind="int")
+        dims = (self.output.in_features, self.cross[0].wk.in_features)
+        if h.shape[:2] != pids.shape or latents.shape[0] != h.shape[0] or (h.shape[-1], latents.shape[-1]) != dims:
+            raise ValueError(f"h {tuple(h.shape)}, latents {tuple(latents.shape)} and pids {tuple(pids.shape)} must be "
+                             f"(B, T, {dims[0]}), (B, P, {dims[1]}) and (B, T)")
         mask = decoder_cross_mask(pids, latents.shape[1], self.lag)                # (8.15)
         cos, sin = rope_cos_sin(torch.arange(h.shape[1], device=h.device), self.omega, h.dtype)
         for cross, layer in zip(self.cross, self.layers):
@@ -337,6 +410,8 @@ class BLT(nn.Module):
 
     def __init__(self, cfg: BLTConfig):
         super().__init__()
+        if not isinstance(cfg, BLTConfig):
+            raise TypeError(f"cfg must be a BLTConfig, got {type(cfg).__name__}")
         self.cfg = cfg
         self.encoder = LocalEncoder(cfg)
         self.latent = LatentTransformer(cfg)
@@ -345,6 +420,7 @@ class BLT(nn.Module):
 
     def reset_parameters(self, std: float = 0.02) -> None:
         """Normal(0, std) weights (output projections wo, w2 scaled down by depth), unit norm gains."""
+        validate.number(std, "std", low=0, low_open=True)
         depth = self.cfg.encoder_layers + self.cfg.decoder_layers + self.cfg.latent_layers
         for name, module in self.named_modules():
             if isinstance(module, (nn.Embedding, nn.Linear)):
@@ -356,6 +432,7 @@ class BLT(nn.Module):
     def forward(self, tokens: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
         """tokens (B, T) int64, starts (B, T) bool with starts[:, 0] True -> logits (B, T, 256)."""
         check_tokens(tokens)
+        validate.tensor(starts, "starts", dtype=torch.bool)
         if tokens.dim() != 2 or starts.shape != tokens.shape:
             raise ValueError(f"tokens must be (B, T) and starts the same shape, got {tuple(tokens.shape)}, "
                              f"{tuple(starts.shape)}")
@@ -379,6 +456,11 @@ def block_flops(dim: int, n_heads: int, n_kv_heads: int, ffn_dim: int, attended:
 
     Defined in chapter 08 (The Byte Latent Transformer).
     """
+    for name, value in (("dim", dim), ("n_heads", n_heads), ("n_kv_heads", n_kv_heads), ("ffn_dim", ffn_dim)):
+        validate.integer(value, name, low=1)
+    if dim % n_heads or n_heads % n_kv_heads:
+        raise ValueError(f"n_heads={n_heads} must divide dim={dim}, and n_kv_heads={n_kv_heads} divide n_heads")
+    validate.number(attended, "attended", low=0)
     kv = n_kv_heads * (dim // n_heads)
     return 2 * dim * (2 * dim + 2 * kv) + 6 * dim * ffn_dim + 4 * dim * attended  # (8.16)
 
@@ -388,6 +470,9 @@ def llama_flops_per_token(cfg: LlamaConfig, context: int) -> float:
 
     Defined in chapter 08 (The Byte Latent Transformer).
     """
+    if not isinstance(cfg, LlamaConfig):
+        raise TypeError(f"cfg must be a LlamaConfig, got {type(cfg).__name__}")
+    validate.integer(context, "context", low=1)
     per_block = block_flops(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim, (context + 1) / 2)
     return cfg.n_layers * per_block + 2 * cfg.dim * cfg.vocab_size
 
@@ -399,8 +484,10 @@ def blt_flops_per_byte(cfg: BLTConfig, patch_size: float, context: int) -> dict[
 
     Defined in chapter 08 (The Byte Latent Transformer).
     """
-    if patch_size < 1 or context < 1:
-        raise ValueError(f"need patch_size >= 1 and context >= 1, got {patch_size}, {context}")
+    if not isinstance(cfg, BLTConfig):
+        raise TypeError(f"cfg must be a BLTConfig, got {type(cfg).__name__}")
+    validate.number(patch_size, "patch_size", low=1)
+    validate.integer(context, "context", low=1)
     lc, gc = cfg.llama(latent=False), cfg.llama(latent=True)
     dl, dg = cfg.local_dim, cfg.latent_dim
     window = sum(min(t + 1, cfg.window) for t in range(context)) / context

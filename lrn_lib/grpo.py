@@ -12,19 +12,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lrn_lib import validate
 from lrn_lib.llama import KVCache, Llama, sample_next
 
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
-
-
-def _check_same_shape(**tensors: torch.Tensor) -> None:
-    """Raise ValueError naming the arguments when the tensors' shapes differ.
-
-    Defined in chapter 07 (GRPO: Group Relative Policy Optimization).
-    """
-    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
-    if len(set(shapes.values())) > 1:
-        raise ValueError(f"shapes differ: {shapes}")
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -35,7 +26,9 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
     Defined in chapter 07 (GRPO: Group Relative Policy Optimization).
     """
-    _check_same_shape(logp=logp, ref_logp=ref_logp)
+    validate.tensor(logp, "logp", kind="float")
+    validate.tensor(ref_logp, "ref_logp", kind="float")
+    validate.same_shape(logp=logp, ref_logp=ref_logp)
     delta = ref_logp - logp
     return torch.exp(delta) - delta - 1                                              # (7.4)
 
@@ -47,10 +40,11 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float =
 
     Defined in chapter 07 (GRPO: Group Relative Policy Optimization).
     """
-    if logits.dim() != 3 or ids.shape != logits.shape[:2]:
+    validate.tensor(logits, "logits", dims=3, kind="float")
+    validate.ids(ids, "ids", logits.shape[-1], dims=2)
+    if ids.shape != logits.shape[:2]:
         raise ValueError(f"logits must be (B, T, V) and ids (B, T); got {tuple(logits.shape)} and {tuple(ids.shape)}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
+    validate.number(temperature, "temperature", low=0, low_open=True)
     work = torch.promote_types(logits.dtype, torch.float32)
     logp = torch.log_softmax(logits[:, :-1].to(work) / temperature, dim=-1)          # (7.6)
     return logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
@@ -62,7 +56,15 @@ def completion_logprobs(model: nn.Module, prompt_ids: torch.Tensor, completion_i
 
     Defined in chapter 07 (GRPO: Group Relative Policy Optimization).
     """
-    if prompt_ids.dim() != 2 or completion_ids.dim() != 2 or prompt_ids.shape[0] != completion_ids.shape[0]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    vocab = getattr(getattr(model, "cfg", None), "vocab_size", None)
+    for name, t in (("prompt_ids", prompt_ids), ("completion_ids", completion_ids)):
+        if vocab is None:
+            validate.tensor(t, name, dims=2, kind="int")
+        else:
+            validate.ids(t, name, vocab, dims=2)
+    if prompt_ids.shape[0] != completion_ids.shape[0]:
         raise ValueError(f"prompt_ids (B, P) and completion_ids (B, L) must share B; got "
                          f"{tuple(prompt_ids.shape)} and {tuple(completion_ids.shape)}")
     ids = torch.cat([prompt_ids, completion_ids], dim=1)
@@ -76,8 +78,8 @@ def completion_mask(completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
 
     Defined in chapter 07 (GRPO: Group Relative Policy Optimization).
     """
-    if completion_ids.dim() != 2:
-        raise ValueError(f"completion_ids must be (B, L), got shape {tuple(completion_ids.shape)}")
+    validate.tensor(completion_ids, "completion_ids", dims=2, kind="int")
+    validate.integer(eos_id, "eos_id", low=0)
     is_eos = (completion_ids == eos_id).long()
     eos_before = is_eos.cumsum(1) - is_eos          # EOS tokens strictly before each position
     return (eos_before == 0).float()
@@ -88,19 +90,39 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True,
     """Group-relative advantages (7.3): rewards (N,) with each group's G samples contiguous -> ((N,), frac).
 
     A = (r - group mean) / (group std + eps) with the Bessel-corrected std, or r - group mean
-    when scale is False (Dr. GRPO). frac is the fraction of groups whose rewards are all equal.
+    when scale is False (Dr. GRPO). frac is the fraction of groups whose rewards are all equal;
+    those groups get advantage exactly 0 (their rounded mean need not equal their rewards).
+    Integer or bool rewards are converted to floats.
 
     Defined in chapter 07 (GRPO: Group Relative Policy Optimization).
     """
-    if rewards.dim() != 1:
-        raise ValueError(f"rewards must be 1-D (N,), got shape {tuple(rewards.shape)}")
-    if group_size < 2 or rewards.numel() % group_size:
-        raise ValueError(f"group_size={group_size} must be >= 2 and divide the {rewards.numel()} rewards")
+    validate.tensor(rewards, "rewards", dims=1, finite=True)
+    if not rewards.is_floating_point():
+        rewards = rewards.to(torch.get_default_dtype())
+    validate.integer(group_size, "group_size", low=2)
+    if rewards.numel() % group_size:
+        raise ValueError(f"group_size={group_size} must divide the {rewards.numel()} rewards")
+    validate.number(eps, "eps", low=0)
     grouped = rewards.view(-1, group_size)
     centred = grouped - grouped.mean(dim=1, keepdim=True)
     adv = centred / (grouped.std(dim=1, keepdim=True) + eps) if scale else centred   # (7.3)
-    all_equal = (grouped == grouped[:, :1]).all(dim=1).sum().item() / grouped.shape[0]
-    return adv.reshape(-1), all_equal
+    equal = (grouped == grouped[:, :1]).all(dim=1)
+    adv = adv.masked_fill(equal[:, None], 0.0)       # exactly 0, not rounding noise / (0 + eps)
+    return adv.reshape(-1), equal.sum().item() / grouped.shape[0]
+
+
+def _check_clip_range(epsilon_low: float | None, epsilon_high: float | None) -> None:
+    """Raise unless epsilon_low is None or in [0, 1] and epsilon_high is None or >= 0 (and None without epsilon_low).
+
+    Defined in chapter 07 (GRPO: Group Relative Policy Optimization).
+    """
+    if epsilon_low is None:
+        if epsilon_high is not None:
+            raise ValueError("epsilon_high needs epsilon_low: epsilon_low=None turns the clipping off")
+        return
+    validate.number(epsilon_low, "epsilon_low", low=0, high=1)       # the ratio is clipped at 1 - epsilon_low >= 0
+    if epsilon_high is not None:
+        validate.number(epsilon_high, "epsilon_high", low=0)
 
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
@@ -117,13 +139,27 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
 
     Defined in chapter 07 (GRPO: Group Relative Policy Optimization).
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type={loss_type!r}: expected one of {LOSS_TYPES}")
-    _check_same_shape(logp=logp, old_logp=old_logp, mask=mask)
+    validate.choice(loss_type, "loss_type", LOSS_TYPES)
+    validate.tensor(logp, "logp", dims=2, kind="float")
+    validate.tensor(old_logp, "old_logp", kind="float")
+    validate.tensor(mask, "mask")
+    if not (mask.is_floating_point() or mask.dtype == torch.bool):
+        raise TypeError(f"mask must be a float or bool tensor, got dtype {mask.dtype}")
+    validate.same_shape(logp=logp, old_logp=old_logp, mask=mask)
+    validate.tensor(advantages, "advantages", kind="float", finite=True)
     if advantages.shape != logp.shape[:1]:
         raise ValueError(f"advantages must be (B,) = {tuple(logp.shape[:1])}, got {tuple(advantages.shape)}")
+    _check_clip_range(epsilon_low, epsilon_high)
+    beta = validate.number(beta, "beta", low=0)
     if beta != 0.0 and ref_logp is None:
         raise ValueError("beta != 0 needs ref_logp")
+    if ref_logp is not None:
+        validate.tensor(ref_logp, "ref_logp", kind="float")
+        validate.same_shape(logp=logp, ref_logp=ref_logp)
+    if max_completion_length is not None:
+        validate.integer(max_completion_length, "max_completion_length", low=logp.shape[1])
+    if n_tokens is not None:
+        validate.number(n_tokens, "n_tokens", low=0)
     mask = mask.to(logp.dtype)
     adv = advantages.to(logp.dtype)[:, None]
     ratio = torch.exp(logp - old_logp)                                               # rho_{i,t}
@@ -191,7 +227,15 @@ class ArithmeticTokenizer:
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Text of ids, stopping after the first '<eos>' (which is kept)."""
-        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        if isinstance(ids, torch.Tensor):
+            ids = validate.tensor(ids, "ids", dims=1, kind="int", nonempty=False).tolist()
+        elif isinstance(ids, (list, tuple)):
+            for i in ids:
+                validate.integer(i, "ids")
+        else:
+            raise TypeError(f"ids must be a list of ints or a 1-D integer tensor, got {type(ids).__name__}")
+        if ids and not 0 <= min(ids) <= max(ids) < self.vocab_size:
+            raise ValueError(f"ids must lie in [0, {self.vocab_size}), got values from {min(ids)} to {max(ids)}")
         out = []
         for i in ids:
             out.append(self.vocab[i])
@@ -206,8 +250,11 @@ def make_problems(n: int, digits: int, generator: torch.Generator,
 
     Defined in chapter 07 (GRPO: Group Relative Policy Optimization).
     """
-    if n < 1 or digits < 2:
-        raise ValueError(f"need n >= 1 and digits >= 2, got n={n}, digits={digits}")
+    validate.integer(n, "n", low=1)
+    validate.integer(digits, "digits", low=2, high=7)              # 8 digits overflow the int64 count below
+    validate.generator(generator)
+    if exclude is not None and not isinstance(exclude, (set, frozenset)):
+        raise TypeError(f"exclude must be a set of problems or None, got {type(exclude).__name__}")
     lo = torch.tensor([10 ** (digits - 1), 10 ** (digits - 2), 10 ** (digits - 2)])
     span = torch.tensor([9 * 10 ** (digits - 1), 9 * 10 ** (digits - 2), 9 * 10 ** (digits - 2)])
     if n > int(span.prod()) - len(exclude or ()):
@@ -222,12 +269,40 @@ def make_problems(n: int, digits: int, generator: torch.Generator,
     return list(found)
 
 
+def _check_problem(problem: tuple[int, int, int], name: str = "problem") -> tuple[int, int, int]:
+    """Raise unless problem is a tuple (a, b, c) of three non-negative ints; returns it.
+
+    Defined in chapter 07 (GRPO: Group Relative Policy Optimization).
+    """
+    if not isinstance(problem, (tuple, list)) or len(problem) != 3:
+        raise TypeError(f"{name} must be a tuple (a, b, c) of three ints, got {problem!r}")
+    for x in problem:
+        validate.integer(x, name, low=0)
+    return tuple(problem)
+
+
+def _check_batch(completions: Sequence[str], problems: Sequence[tuple[int, int, int]]) -> None:
+    """Raise unless completions is a non-empty list of str and problems a list of problems of the same length.
+
+    Defined in chapter 07 (GRPO: Group Relative Policy Optimization).
+    """
+    validate.nonempty(completions, "completions")
+    validate.nonempty(problems, "problems")
+    if len(completions) != len(problems):
+        raise ValueError(f"{len(completions)} completions but {len(problems)} problems")
+    for c in completions:
+        if not isinstance(c, str):
+            raise TypeError(f"completions must hold str, got {type(c).__name__}")
+    for p in problems:
+        _check_problem(p, "problems")
+
+
 def prompt_text(problem: tuple[int, int, int]) -> str:
     """'a+b-c=' for problem (a, b, c).
 
     Defined in chapter 07 (GRPO: Group Relative Policy Optimization).
     """
-    a, b, c = problem
+    a, b, c = _check_problem(problem)
     return f"{a}+{b}-{c}="
 
 
@@ -236,7 +311,7 @@ def solution_text(problem: tuple[int, int, int]) -> str:
 
     Defined in chapter 07 (GRPO: Group Relative Policy Optimization).
     """
-    a, b, c = problem
+    a, b, c = _check_problem(problem)
     return f"<think>{a}+{b}={a + b}-{c}={a + b - c}</think>{a + b - c}<eos>"
 
 
@@ -248,6 +323,7 @@ def format_reward(completions: Sequence[str], problems: Sequence[tuple[int, int,
 
     Defined in chapter 07 (GRPO: Group Relative Policy Optimization).
     """
+    _check_batch(completions, problems)
     return torch.tensor([float(ANSWER_PATTERN.fullmatch(c) is not None) for c in completions])
 
 
@@ -256,8 +332,7 @@ def accuracy_reward(completions: Sequence[str], problems: Sequence[tuple[int, in
 
     Defined in chapter 07 (GRPO: Group Relative Policy Optimization).
     """
-    if len(completions) != len(problems):
-        raise ValueError(f"{len(completions)} completions but {len(problems)} problems")
+    _check_batch(completions, problems)
     out = []
     for text, (a, b, c) in zip(completions, problems):
         m = ANSWER_PATTERN.fullmatch(text)
@@ -275,10 +350,14 @@ def rollout(model: Llama, prompt_ids: torch.Tensor, group_size: int, max_new_tok
 
     Defined in chapter 07 (GRPO: Group Relative Policy Optimization).
     """
-    if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
-        raise ValueError(f"prompt_ids must be a non-empty (P, T) tensor, got shape {tuple(prompt_ids.shape)}")
-    if group_size < 1 or max_new_tokens < 1:
-        raise ValueError(f"need group_size >= 1 and max_new_tokens >= 1, got {group_size}, {max_new_tokens}")
+    if not isinstance(model, Llama):
+        raise TypeError(f"model must be a Llama, got {type(model).__name__}")
+    validate.ids(prompt_ids, "prompt_ids", model.cfg.vocab_size, dims=2)
+    validate.integer(group_size, "group_size", low=1)
+    validate.integer(max_new_tokens, "max_new_tokens", low=1)
+    validate.integer(eos_id, "eos_id", low=0, high=model.cfg.vocab_size - 1)
+    validate.number(temperature, "temperature", low=0)
+    validate.generator(generator, optional=True)
     prompts = prompt_ids.repeat_interleave(group_size, dim=0)
     param = next(model.parameters())
     b, t = prompts.shape
@@ -317,12 +396,16 @@ class GRPOConfig:
     max_grad_norm: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type={self.loss_type!r}: expected one of {LOSS_TYPES}")
-        if self.group_size < 2 or self.num_iterations < 1 or self.max_new_tokens < 1:
-            raise ValueError("need group_size >= 2, num_iterations >= 1 and max_new_tokens >= 1")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be positive for training, got {self.temperature}")
+        validate.choice(self.loss_type, "loss_type", LOSS_TYPES)
+        validate.integer(self.group_size, "group_size", low=2)
+        validate.integer(self.max_new_tokens, "max_new_tokens", low=1)
+        validate.integer(self.num_iterations, "num_iterations", low=1)
+        validate.number(self.temperature, "temperature", low=0, low_open=True)   # training samples, never greedy
+        _check_clip_range(self.epsilon_low, self.epsilon_high)
+        validate.number(self.beta, "beta", low=0)
+        if not isinstance(self.scale_rewards, bool):
+            raise TypeError(f"scale_rewards must be a bool, got {type(self.scale_rewards).__name__}")
+        validate.number(self.max_grad_norm, "max_grad_norm", low=0, low_open=True)
 
 
 RewardFn = Callable[[Sequence[str], Sequence[tuple[int, int, int]]], torch.Tensor]
@@ -341,14 +424,33 @@ class GRPOTrainer:
     def __init__(self, policy: Llama, tokenizer: ArithmeticTokenizer, rewards: dict[str, tuple[RewardFn, float]],
                  optimizer: torch.optim.Optimizer, cfg: GRPOConfig,
                  prompt_fn: Callable[[tuple[int, int, int]], str] = prompt_text) -> None:
+        if not isinstance(policy, Llama):
+            raise TypeError(f"policy must be a Llama, got {type(policy).__name__}")
+        if not isinstance(tokenizer, ArithmeticTokenizer):
+            raise TypeError(f"tokenizer must be an ArithmeticTokenizer, got {type(tokenizer).__name__}")
+        if tokenizer.vocab_size > policy.cfg.vocab_size:
+            raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the policy only {policy.cfg.vocab_size}")
+        if not isinstance(rewards, dict):
+            raise TypeError(f"rewards must be a dict name -> (function, weight), got {type(rewards).__name__}")
         if not rewards:
             raise ValueError("rewards must name at least one reward function")
+        for name, entry in rewards.items():
+            if not (isinstance(entry, tuple) and len(entry) == 2 and callable(entry[0])):
+                raise TypeError(f"rewards[{name!r}] must be a (function, weight) pair, got {entry!r}")
+            validate.number(entry[1], f"rewards[{name!r}] weight")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if not isinstance(cfg, GRPOConfig):
+            raise TypeError(f"cfg must be a GRPOConfig, got {type(cfg).__name__}")
+        if not callable(prompt_fn):
+            raise TypeError(f"prompt_fn must be callable, got {type(prompt_fn).__name__}")
         self.policy, self.tokenizer, self.rewards, self.optimizer, self.cfg = policy, tokenizer, rewards, optimizer, cfg
         self.prompt_fn = prompt_fn
         self.ref = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.beta != 0.0 else None
 
     def encode_prompts(self, problems: Sequence[tuple[int, int, int]]) -> torch.Tensor:
         """Prompt ids (P, T) on the policy's device; all prompts must have the same length."""
+        validate.nonempty(problems, "problems")
         rows = [self.tokenizer.encode(self.prompt_fn(p)) for p in problems]
         if len({len(r) for r in rows}) != 1:
             raise ValueError("problems give prompts of different lengths; this trainer does not left-pad")
@@ -357,13 +459,23 @@ class GRPOTrainer:
     def score(self, completion_ids: torch.Tensor, problems: Sequence[tuple[int, int, int]]
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[str]]:
         """Total rewards (N,), each named reward (N,), and the decoded texts of completion_ids (N, L)."""
+        validate.ids(completion_ids, "completion_ids", self.tokenizer.vocab_size, dims=2)
+        validate.nonempty(problems, "problems")
+        if len(problems) != completion_ids.shape[0]:
+            raise ValueError(f"{completion_ids.shape[0]} completion_ids rows but {len(problems)} problems")
         texts = [self.tokenizer.decode(row) for row in completion_ids.cpu()]
-        parts = {name: fn(texts, problems) for name, (fn, _) in self.rewards.items()}
+        parts = {}
+        for name, (fn, _) in self.rewards.items():
+            part = validate.tensor(fn(texts, problems), f"reward {name!r}", dims=1, finite=True)
+            if part.shape[0] != len(texts):
+                raise ValueError(f"reward {name!r} returned {part.shape[0]} values for {len(texts)} completions")
+            parts[name] = part if part.is_floating_point() else part.to(torch.get_default_dtype())
         total = sum(w * parts[name] for name, (_, w) in self.rewards.items())            # (7.8)
         return total, parts, texts
 
     def step(self, problems: Sequence[tuple[int, int, int]], generator: torch.Generator | None = None) -> dict[str, float]:
         """One GRPO step on a batch of problems; returns rewards, lengths and loss statistics."""
+        validate.generator(generator, optional=True)
         cfg = self.cfg
         prompts = self.encode_prompts(problems)
         self.policy.eval()
@@ -406,6 +518,12 @@ def evaluate(trainer: GRPOTrainer, problems: Sequence[tuple[int, int, int]], tem
 
     Defined in chapter 07 (GRPO: Group Relative Policy Optimization).
     """
+    if not isinstance(trainer, GRPOTrainer):
+        raise TypeError(f"trainer must be a GRPOTrainer, got {type(trainer).__name__}")
+    validate.nonempty(problems, "problems")
+    validate.number(temperature, "temperature", low=0)
+    validate.integer(batch, "batch", low=1)
+    validate.generator(generator, optional=True)
     trainer.policy.eval()
     sums: dict[str, float] = {}
     texts: list[str] = []
@@ -432,12 +550,10 @@ def pass_at_k(correct: torch.Tensor, k: int) -> torch.Tensor:
 
     Defined in chapter 07 (GRPO: Group Relative Policy Optimization).
     """
-    if not isinstance(correct, torch.Tensor) or correct.dim() != 2 or correct.shape[1] == 0:
-        raise ValueError(f"correct must be a (P, n) tensor with n >= 1, got {getattr(correct, 'shape', correct)!r}")
+    validate.tensor(correct, "correct", dims=2)
     if not bool(((correct == 0) | (correct == 1)).all()):
         raise ValueError("correct must hold only 0 and 1")
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    validate.integer(k, "k")
     n = correct.shape[1]
     if not 1 <= k <= n:
         raise ValueError(f"k={k} must be between 1 and the number of samples n={n}")

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import runtime
+from lrn_lib import validate
 from lrn_lib.attention import flash_attention
 
 GATES = ("softmax", "noisy", "gshard", "sigmoid")
@@ -26,6 +27,7 @@ def softmax_gate(logits: torch.Tensor) -> torch.Tensor:
 
     Defined in chapter 05 (Mixture-of-Experts).
     """
+    validate.tensor(logits, "logits", dims=2, kind="float")
     return torch.softmax(logits.float(), dim=-1)
 
 
@@ -37,6 +39,13 @@ def noisy_logits(x: torch.Tensor, w_gate: torch.Tensor, w_noise: torch.Tensor, t
 
     Defined in chapter 05 (Mixture-of-Experts).
     """
+    validate.tensor(x, "x", dims=2, kind="float")
+    validate.tensor(w_gate, "w_gate", dims=2, dtype=x.dtype)
+    validate.tensor(w_noise, "w_noise", dims=2, dtype=x.dtype)
+    if w_gate.shape[0] != x.shape[1] or w_noise.shape != w_gate.shape:
+        raise ValueError(f"w_gate and w_noise must be (d, E) with d = x.shape[1]; got x {tuple(x.shape)}, "
+                         f"w_gate {tuple(w_gate.shape)}, w_noise {tuple(w_noise.shape)}")
+    validate.generator(generator, optional=True)
     clean = x @ w_gate
     if not training:
         return clean
@@ -49,6 +58,8 @@ def keep_top_k(h: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
     Defined in chapter 05 (Mixture-of-Experts).
     """
+    validate.tensor(h, "h", dims=2, kind="float")
+    validate.integer(k, "k", low=1, high=h.shape[1])
     top, idx = h.float().topk(k, dim=-1)
     masked = torch.full_like(h.float(), -float("inf")).scatter(-1, idx, top)
     return torch.softmax(masked, dim=-1), idx
@@ -63,6 +74,10 @@ def top_k_gate(logits: torch.Tensor, k: int, renormalize: bool, bias: torch.Tens
 
     Defined in chapter 05 (Mixture-of-Experts).
     """
+    validate.tensor(logits, "logits", dims=2, kind="float")
+    validate.integer(k, "k", low=1, high=logits.shape[1])
+    if bias is not None and validate.tensor(bias, "bias", dims=1, kind="float").shape != logits.shape[1:]:
+        raise ValueError(f"bias must have shape ({logits.shape[1]},), one entry per expert, got {tuple(bias.shape)}")
     probs = torch.softmax(logits.float(), dim=-1)
     _, idx = (probs if bias is None else probs + bias).topk(k, dim=-1)
     weights = probs.gather(-1, idx)
@@ -81,6 +96,9 @@ def gshard_top2_gate(logits: torch.Tensor, generator: torch.Generator | None = N
 
     Defined in chapter 05 (Mixture-of-Experts).
     """
+    if validate.tensor(logits, "logits", dims=2, kind="float").shape[1] < 2:
+        raise ValueError(f"logits must have at least 2 experts (columns) for a top-2 gate, got {tuple(logits.shape)}")
+    validate.generator(generator, optional=True)
     probs = torch.softmax(logits.float(), dim=-1)
     top, idx = probs.topk(2, dim=-1)
     g = top / top.sum(-1, keepdim=True)
@@ -99,6 +117,10 @@ def sigmoid_gate(logits: torch.Tensor, k: int, bias: torch.Tensor | None = None
 
     Defined in chapter 05 (Mixture-of-Experts).
     """
+    validate.tensor(logits, "logits", dims=2, kind="float")
+    validate.integer(k, "k", low=1, high=logits.shape[1])
+    if bias is not None and validate.tensor(bias, "bias", dims=1, kind="float").shape != logits.shape[1:]:
+        raise ValueError(f"bias must have shape ({logits.shape[1]},), one entry per expert, got {tuple(bias.shape)}")
     s = torch.sigmoid(logits.float())
     _, idx = (s if bias is None else s + bias).topk(k, dim=-1)
     chosen = s.gather(-1, idx)
@@ -113,15 +135,10 @@ def expert_capacity(n_tokens: int, n_experts: int, capacity_factor: float, k: in
 
     Defined in chapter 05 (Mixture-of-Experts).
     """
-    for name, value in (("n_tokens", n_tokens), ("n_experts", n_experts), ("k", k)):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if n_tokens < 0 or n_experts < 1 or k < 1:
-        raise ValueError(f"need n_tokens >= 0, n_experts >= 1, k >= 1; got {n_tokens}, {n_experts}, {k}")
-    if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)):
-        raise TypeError(f"capacity_factor must be a number, got {type(capacity_factor).__name__}")
-    if not capacity_factor > 0 or not math.isfinite(capacity_factor):
-        raise ValueError(f"capacity_factor must be positive and finite, got {capacity_factor}")
+    validate.integer(n_tokens, "n_tokens", low=0)
+    validate.integer(n_experts, "n_experts", low=1)
+    validate.integer(k, "k", low=1)
+    capacity_factor = validate.number(capacity_factor, "capacity_factor", low=0, low_open=True)
     return math.ceil(Fraction(k * n_tokens, n_experts) * Fraction(repr(capacity_factor)))
 
 
@@ -133,8 +150,11 @@ def apply_capacity(indices: torch.Tensor, active: torch.Tensor, n_experts: int, 
 
     Defined in chapter 05 (Mixture-of-Experts).
     """
+    validate.ids(indices, "indices", validate.integer(n_experts, "n_experts", low=1), dims=2)
+    validate.same_shape(indices=indices, active=validate.tensor(active, "active", dtype=torch.bool))
+    validate.integer(capacity, "capacity", low=0)
     t, k = indices.shape
-    flat = indices.t().reshape(-1)                                # choice-major order: the priority order
+    flat = indices.t().reshape(-1).long()                         # choice-major order: the priority order
     live = active.t().reshape(-1)
     one_hot = F.one_hot(flat, n_experts) * live[:, None]
     position = (one_hot.cumsum(0) * one_hot).sum(1) - 1           # slot this assignment would take
@@ -147,6 +167,9 @@ def load_fractions(indices: torch.Tensor, n_experts: int, active: torch.Tensor |
 
     Defined in chapter 05 (Mixture-of-Experts).
     """
+    validate.ids(indices, "indices", validate.integer(n_experts, "n_experts", low=1), dims=2)
+    if active is not None:
+        validate.same_shape(indices=indices, active=validate.tensor(active, "active", dtype=torch.bool))
     flat = indices.reshape(-1)
     w = torch.ones_like(flat, dtype=torch.float32) if active is None else active.reshape(-1).float()
     counts = torch.zeros(n_experts, device=indices.device).index_add_(0, flat, w)
@@ -162,7 +185,12 @@ def switch_balance_loss(probs: torch.Tensor, indices: torch.Tensor, active: torc
 
     Defined in chapter 05 (Mixture-of-Experts).
     """
-    n = probs.shape[-1]
+    n = validate.tensor(probs, "probs", dims=2, kind="float").shape[1]
+    if validate.tensor(indices, "indices", dims=2, kind="int").shape[0] != probs.shape[0]:
+        raise ValueError(f"indices has {indices.shape[0]} tokens (rows) but probs has {probs.shape[0]}")
+    if f is not None and validate.tensor(f, "f", dims=1, kind="float").shape[0] != n:
+        raise ValueError(f"f must have one entry per expert, ({n},) for probs {tuple(probs.shape)}, "
+                         f"got {tuple(f.shape)}")
     if f is None:
         f = load_fractions(indices, n, active)
     return n * (f.detach() * probs.float().mean(0)).sum()
@@ -173,6 +201,7 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
 
     Defined in chapter 05 (Mixture-of-Experts).
     """
+    validate.tensor(logits, "logits", dims=2, kind="float")
     return torch.logsumexp(logits.float(), dim=-1).square().mean()
 
 
@@ -190,6 +219,8 @@ def micro_batch_balance_loss(probs: list[torch.Tensor], indices: list[torch.Tens
 
     Defined in chapter 05 (Mixture-of-Experts).
     """
+    if len(validate.nonempty(probs, "probs")) != len(validate.nonempty(indices, "indices")):
+        raise ValueError(f"probs and indices must hold one tensor per micro-batch, got {len(probs)} and {len(indices)}")
     return torch.stack([switch_balance_loss(p, i) for p, i in zip(probs, indices)]).mean()
 
 
@@ -204,10 +235,9 @@ def global_batch_balance_loss(probs: list[torch.Tensor], indices: list[torch.Ten
 
     Defined in chapter 05 (Mixture-of-Experts).
     """
-    if len(probs) == 0 or len(probs) != len(indices):
-        raise ValueError(f"probs and indices must be non-empty lists of equal length, got {len(probs)} "
-                         f"and {len(indices)}")
-    n = probs[0].shape[-1]
+    if len(validate.nonempty(probs, "probs")) != len(validate.nonempty(indices, "indices")):
+        raise ValueError(f"probs and indices must hold one tensor per micro-batch, got {len(probs)} and {len(indices)}")
+    n = validate.tensor(probs[0], "probs[0]", dims=2, kind="float").shape[1]
     counts = sum(load_fractions(i, n) * i.numel() for i in indices)
     if group is not None:
         dist.all_reduce(counts, group=group)
@@ -221,6 +251,8 @@ def update_balance_bias(bias: torch.Tensor, indices: torch.Tensor, rate: float) 
 
     Defined in chapter 05 (Mixture-of-Experts).
     """
+    validate.ids(indices, "indices", validate.tensor(bias, "bias", dims=1, kind="float").numel(), dims=2)
+    rate = validate.number(rate, "rate", low=0)
     counts = torch.bincount(indices.reshape(-1), minlength=bias.numel()).float()
     bias += rate * torch.sign(counts.mean() - counts)
     return bias
@@ -256,10 +288,10 @@ class Router(nn.Module):
 
     def __init__(self, d_model: int, n_experts: int, k: int, gate: str = "softmax", renormalize: bool = False):
         super().__init__()
-        if gate not in GATES:
-            raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
-        if gate == "gshard" and k != 2:
-            raise ValueError("the GShard gate routes to exactly 2 experts")
+        validate.integer(d_model, "d_model", low=1)
+        validate.integer(k, "k", low=1, high=validate.integer(n_experts, "n_experts", low=1))
+        if validate.choice(gate, "gate", GATES) == "gshard" and k != 2:
+            raise ValueError(f"k must be 2 for the GShard gate (it routes to exactly 2 experts), got {k}")
         self.n_experts, self.k, self.gate, self.renormalize = n_experts, k, gate, renormalize
         self.weight = nn.Parameter(torch.randn(d_model, n_experts) * d_model ** -0.5)
         self.noise = nn.Parameter(torch.zeros(d_model, n_experts)) if gate == "noisy" else None
@@ -267,6 +299,8 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Routing:
         """x (T, d) -> Routing."""
+        if validate.tensor(x, "x", dims=2, kind="float").shape[1] != self.weight.shape[0]:
+            raise ValueError(f"x must have shape (tokens, {self.weight.shape[0]}), got {tuple(x.shape)}")
         logits = (x @ self.weight.to(x.dtype)).float()
         probs = torch.softmax(logits, dim=-1)
         keep = torch.ones(x.shape[0], self.k, dtype=torch.bool, device=x.device)
@@ -290,7 +324,16 @@ def grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor)
 
     Defined in chapter 05 (Mixture-of-Experts).
     """
-    outs = [xe @ w[e] for e, xe in enumerate(torch.split(x, counts.tolist()))]
+    validate.tensor(x, "x", dims=2, kind="float", nonempty=False)
+    validate.same_device(x=x, w=validate.tensor(w, "w", dims=3, dtype=x.dtype))
+    sizes = validate.tensor(counts, "counts", dims=1, kind="int").tolist()
+    if w.shape[:2] != (len(sizes), x.shape[1]):
+        raise ValueError(f"w must be (experts, K, N) = ({len(sizes)}, {x.shape[1]}, N) for counts "
+                         f"{tuple(counts.shape)} and x {tuple(x.shape)}, got {tuple(w.shape)}")
+    if min(sizes) < 0 or sum(sizes) != x.shape[0]:
+        raise ValueError(f"counts must be >= 0 and sum to the {x.shape[0]} rows of x, "
+                         f"got min {min(sizes)}, sum {sum(sizes)}")
+    outs = [xe @ w[e] for e, xe in enumerate(torch.split(x, sizes))]
     return torch.cat(outs) if outs else x.new_zeros(0, w.shape[-1])
 
 
@@ -325,6 +368,7 @@ def kernel_can_run(x: torch.Tensor) -> bool:
 
     Defined in chapter 05 (Mixture-of-Experts).
     """
+    validate.tensor(x, "x", nonempty=False)
     return runtime.MODE == "compiled" and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -336,7 +380,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, use_kerne
 
     Defined in chapter 05 (Mixture-of-Experts).
     """
-    if use_kernel is None:
+    if validate.choice(use_kernel, "use_kernel", (None, True, False)) is None:
         use_kernel = kernel_can_run(x)
     return GroupedMM.apply(x, w, counts) if use_kernel else grouped_mm_reference(x, w, counts)
 
@@ -348,6 +392,8 @@ def sort_by_expert(indices: torch.Tensor, keep: torch.Tensor, n_experts: int
 
     Defined in chapter 05 (Mixture-of-Experts).
     """
+    validate.ids(indices, "indices", validate.integer(n_experts, "n_experts", low=1), dims=2)
+    validate.same_shape(indices=indices, keep=validate.tensor(keep, "keep", dtype=torch.bool))
     t, k = indices.shape
     token = torch.arange(t, device=indices.device).repeat_interleave(k)[keep.reshape(-1)]
     column = torch.arange(k, device=indices.device).repeat(t)[keep.reshape(-1)]
@@ -363,6 +409,12 @@ def expert_ffn(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, counts:
 
     Defined in chapter 05 (Mixture-of-Experts).
     """
+    validate.tensor(x, "x", dims=2, kind="float", nonempty=False)
+    if validate.tensor(w_in, "w_in", dims=3, kind="float").shape[1] != x.shape[1]:
+        raise ValueError(f"w_in must be (E, {x.shape[1]}, f) for x {tuple(x.shape)}, got {tuple(w_in.shape)}")
+    if validate.tensor(w_out, "w_out", dims=3, kind="float").shape[:2] != (w_in.shape[0], w_in.shape[2]):
+        raise ValueError(f"w_out must be ({w_in.shape[0]}, {w_in.shape[2]}, d) for w_in {tuple(w_in.shape)}, "
+                         f"got {tuple(w_out.shape)}")
     return grouped_mm(F.gelu(grouped_mm(x, w_in, counts, use_kernel)), w_out, counts, use_kernel)
 
 
@@ -380,6 +432,11 @@ class MoELayer(nn.Module):
                  renormalize: bool = False, capacity_factor: float | None = None, n_shared: int = 0,
                  use_kernel: bool | None = None):
         super().__init__()
+        validate.integer(d_ff, "d_ff", low=1)
+        validate.integer(n_shared, "n_shared", low=0)
+        if capacity_factor is not None:
+            validate.number(capacity_factor, "capacity_factor", low=0, low_open=True)
+        validate.choice(use_kernel, "use_kernel", (None, True, False))
         self.n_experts, self.k, self.capacity_factor, self.use_kernel = n_experts, k, capacity_factor, use_kernel
         self.router = Router(d_model, n_experts, k, gate, renormalize)
         self.w_in = nn.Parameter(torch.randn(n_experts, d_model, d_ff) * d_model ** -0.5)
@@ -398,6 +455,8 @@ class MoELayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., d) -> (..., d)."""
+        if validate.tensor(x, "x", kind="float").dim() == 0 or x.shape[-1] != self.w_in.shape[1]:
+            raise ValueError(f"x must have shape (..., {self.w_in.shape[1]}), got {tuple(x.shape)}")
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         r = self.last = self.route(x)
@@ -419,6 +478,14 @@ class AllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group=None) -> torch.Tensor:
         """x (sum(in_splits), ...) -> (sum(out_splits), ...): rows in_splits[j] go to rank j."""
+        for name, splits in (("out_splits", out_splits), ("in_splits", in_splits)):
+            for j, rows in enumerate(validate.nonempty(splits, name)):
+                validate.integer(rows, f"{name}[{j}]", low=0)
+        if len(out_splits) != len(in_splits):
+            raise ValueError(f"out_splits and in_splits need one entry per rank, "
+                             f"got {len(out_splits)} and {len(in_splits)}")
+        if validate.tensor(x, "x", nonempty=False).dim() == 0 or x.shape[0] != sum(in_splits):
+            raise ValueError(f"in_splits sum to {sum(in_splits)} but x has shape {tuple(x.shape)}")
         ctx.splits, ctx.group = (out_splits, in_splits), group
         out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
         dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
@@ -446,11 +513,14 @@ class ExpertParallelMoE(nn.Module):
         super().__init__()
         import copy
 
+        if not isinstance(layer, MoELayer):
+            raise TypeError(f"layer must be a MoELayer, got {type(layer).__name__}")
+        if layer.capacity_factor is not None:
+            raise ValueError(f"layer has capacity_factor {layer.capacity_factor}: the expert-parallel layer takes no "
+                             "capacity limit (it would depend on the rank split)")
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         if layer.n_experts % world:
-            raise ValueError(f"{layer.n_experts} experts cannot be split evenly over {world} ranks")
-        if layer.capacity_factor is not None:
-            raise ValueError("the expert-parallel layer takes no capacity limit (it would depend on the rank split)")
+            raise ValueError(f"layer has {layer.n_experts} experts, which cannot be split evenly over {world} ranks")
         self.group, self.world, self.n_experts = group, world, layer.n_experts
         self.local = layer.n_experts // world
         first = rank * self.local
@@ -463,6 +533,8 @@ class ExpertParallelMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., d) -> (..., d)."""
+        if validate.tensor(x, "x", kind="float").dim() == 0 or x.shape[-1] != self.w_in.shape[1]:
+            raise ValueError(f"x must have shape (..., {self.w_in.shape[1]}), got {tuple(x.shape)}")
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         r = self.last = self.router(x)
@@ -531,6 +603,8 @@ def expert_parallel_check(world: int = 2, seed: int = 0) -> dict[str, float]:
     """
     import torch.multiprocessing as mp
 
+    validate.integer(world, "world", low=1)
+    validate.integer(seed, "seed")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -553,6 +627,10 @@ class MoEBlock(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, moe: "MoELayer"):
         super().__init__()
+        if validate.integer(d_model, "d_model", low=1) % validate.integer(n_heads, "n_heads", low=1):
+            raise ValueError(f"n_heads must divide d_model = {d_model}, got {n_heads}")
+        if not isinstance(moe, nn.Module):
+            raise TypeError(f"moe must be an nn.Module (a MoELayer), got {type(moe).__name__}")
         self.n_heads = n_heads
         self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
@@ -561,6 +639,8 @@ class MoEBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, T, d) -> (B, T, d)."""
+        if validate.tensor(x, "x", dims=3, kind="float").shape[2] != self.proj.in_features:
+            raise ValueError(f"x must have shape (B, T, {self.proj.in_features}), got {tuple(x.shape)}")
         b, t, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
         a = flash_attention(q, k, v, causal=True)                   # chapter 4
@@ -579,6 +659,8 @@ class MoETransformer(nn.Module):
 
     def __init__(self, vocab: int, d_model: int, n_heads: int, n_layers: int, max_len: int, **moe):
         super().__init__()
+        for name, value in (("vocab", vocab), ("d_model", d_model), ("n_layers", n_layers), ("max_len", max_len)):
+            validate.integer(value, name, low=1)
         self.embed = nn.Embedding(vocab, d_model)
         self.pos = nn.Parameter(torch.randn(max_len, d_model) * 0.02)
         self.blocks = nn.ModuleList(MoEBlock(d_model, n_heads, MoELayer(d_model, **moe)) for _ in range(n_layers))
@@ -587,6 +669,8 @@ class MoETransformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, vocab)."""
+        if validate.ids(tokens, "tokens", self.embed.num_embeddings, dims=2).shape[1] > self.pos.shape[0]:
+            raise ValueError(f"tokens has {tokens.shape[1]} positions, more than max_len = {self.pos.shape[0]}")
         x = self.embed(tokens) + self.pos[: tokens.shape[1]]
         for block in self.blocks:
             x = block(x)

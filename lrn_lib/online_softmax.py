@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import torch
 
+from lrn_lib import validate
 from lrn_lib.softmax import check_softmax_input, safe_softmax
 
 
@@ -30,6 +31,19 @@ def _finite_or_zero(m: torch.Tensor) -> torch.Tensor:
     return torch.where(m == -float("inf"), torch.zeros_like(m), m)
 
 
+def check_state(state: SoftmaxState, name: str = "state") -> SoftmaxState:
+    """Raise a clear error unless ``state`` is a SoftmaxState of two floating tensors of one shape.
+
+    Defined in chapter 02 (Online softmax).
+    """
+    if not isinstance(state, SoftmaxState):
+        raise TypeError(f"{name} must be a SoftmaxState, got {type(state).__name__}")
+    validate.tensor(state.m, f"{name}.m", kind="float")
+    validate.tensor(state.d, f"{name}.d", kind="float")
+    validate.same_shape(**{f"{name}.m": state.m, f"{name}.d": state.d})
+    return state
+
+
 def softmax_state(x: torch.Tensor, dim: int = -1) -> SoftmaxState:
     """The state (m, d) of the scores of ``x`` along ``dim``, in float32 (float64 stays float64).
 
@@ -51,6 +65,9 @@ def merge_states(a: SoftmaxState, b: SoftmaxState) -> SoftmaxState:
 
     Defined in chapter 02 (Online softmax).
     """
+    check_state(a, "a")
+    check_state(b, "b")
+    validate.same_shape(**{"a.m": a.m, "b.m": b.m})          # states never broadcast
     m = torch.maximum(a.m, b.m)
     m_safe = _finite_or_zero(m)
     return SoftmaxState(m, a.d * torch.exp(a.m - m_safe) + b.d * torch.exp(b.m - m_safe))
@@ -61,6 +78,7 @@ def state_lse(state: SoftmaxState) -> torch.Tensor:
 
     Defined in chapter 02 (Online softmax).
     """
+    check_state(state)
     return state.m + torch.log(state.d)
 
 
@@ -71,6 +89,9 @@ def merge_lse(lse_a: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:
 
     Defined in chapter 02 (Online softmax).
     """
+    validate.tensor(lse_a, "lse_a", kind="float")
+    validate.tensor(lse_b, "lse_b", kind="float")
+    validate.same_shape(lse_a=lse_a, lse_b=lse_b)            # no broadcasting: one entry per row
     m = torch.maximum(lse_a, lse_b)
     m_safe = _finite_or_zero(m)
     return m_safe + torch.log(torch.exp(lse_a - m_safe) + torch.exp(lse_b - m_safe))
@@ -84,6 +105,7 @@ def online_softmax_reference(x: torch.Tensor, dim: int = -1, block: int = 256) -
     Defined in chapter 02 (Online softmax).
     """
     dim = check_softmax_input(x, dim)
+    validate.integer(block, "block", low=1)
     z = x.movedim(dim, -1)
     state = softmax_state(z[..., :block])
     for start in range(block, z.shape[-1], block):          # pass 1: one merged state
@@ -101,6 +123,9 @@ def softmax_backward_reference(y: torch.Tensor, dy: torch.Tensor, dim: int = -1)
 
     Defined in chapter 02 (Online softmax).
     """
+    dim = check_softmax_input(y, dim, "y")
+    validate.tensor(dy, "dy", kind="float")
+    validate.same_shape(y=y, dy=dy)
     return y * (dy - (dy * y).sum(dim=dim, keepdim=True))
 
 

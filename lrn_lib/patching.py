@@ -3,14 +3,15 @@
 """Chapter 08, The Byte Latent Transformer: the code this chapter exports to lrn_lib.patching."""
 
 
-import importlib
 import math
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
+
+from lrn_lib import validate
+from lrn_lib.corpus import english, python_source
 
 N_BYTES = 256                 # the values the models predict
 BOS, EOS, PAD = 256, 257, 258  # special input ids
@@ -21,20 +22,13 @@ SOURCE_MODULES = ("textwrap", "string", "heapq", "bisect", "shlex", "difflib", "
 def book_corpus(modules: tuple[str, ...] = SOURCE_MODULES) -> dict[str, bytes]:
     """The chapter's text, nothing downloaded: {"english": pydoc's topic pages, "python": stdlib source}.
 
-    The English part is the UTF-8 text of pydoc_data.topics (sorted by topic); the Python part
-    the source files of the standard-library modules named in modules (a package contributes
-    all its .py files, sorted).
+    Both parts come from the book's corpus (lrn_lib.corpus, a snapshot of Python 3.11.7): the
+    English part is pydoc's help topics, the Python part the sources of the standard-library
+    modules named in modules (a package contributes all its .py files, sorted).
 
     Defined in chapter 08 (The Byte Latent Transformer).
     """
-    from pydoc_data import topics
-
-    english = "\n".join(topics.topics[key] for key in sorted(topics.topics)).encode("utf-8")
-    files: list[Path] = []
-    for name in modules:
-        path = Path(importlib.import_module(name).__file__)
-        files += sorted(path.parent.rglob("*.py")) if path.name == "__init__.py" else [path]
-    return {"english": english, "python": b"".join(f.read_bytes() for f in files)}
+    return {"english": english(), "python": python_source(modules)}
 
 
 def bytes_to_tensor(data: bytes, bos: bool = False) -> torch.Tensor:
@@ -44,6 +38,8 @@ def bytes_to_tensor(data: bytes, bos: bool = False) -> torch.Tensor:
     """
     if not isinstance(data, (bytes, bytearray)):
         raise TypeError(f"data must be bytes, got {type(data).__name__}")
+    if not isinstance(bos, bool):
+        raise TypeError(f"bos must be a bool, got {type(bos).__name__}")
     values = ([BOS] if bos else []) + list(data)
     return torch.tensor(values, dtype=torch.int64)
 
@@ -53,14 +49,10 @@ def check_tokens(tokens: torch.Tensor, name: str = "tokens") -> None:
 
     Defined in chapter 08 (The Byte Latent Transformer).
     """
-    if not isinstance(tokens, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(tokens).__name__}")
-    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-        raise TypeError(f"{name} must hold integer ids, got dtype {tokens.dtype}")
-    if tokens.dim() < 1 or tokens.shape[-1] == 0:
+    validate.tensor(tokens, name, kind="int")
+    if tokens.dim() < 1:
         raise ValueError(f"{name} must have shape (..., T) with T >= 1, got {tuple(tokens.shape)}")
-    if int(tokens.min()) < 0 or int(tokens.max()) >= VOCAB_SIZE:
-        raise ValueError(f"{name} holds ids outside [0, {VOCAB_SIZE})")
+    validate.ids(tokens, name, VOCAB_SIZE)
 
 
 def bits_per_byte(total_nats: float, n_bytes: int) -> float:
@@ -68,10 +60,8 @@ def bits_per_byte(total_nats: float, n_bytes: int) -> float:
 
     Defined in chapter 08 (The Byte Latent Transformer).
     """
-    if not isinstance(n_bytes, int) or n_bytes <= 0:
-        raise ValueError(f"n_bytes must be a positive int, got {n_bytes!r}")
-    if not math.isfinite(total_nats) or total_nats < 0:
-        raise ValueError(f"total_nats must be finite and >= 0, got {total_nats!r}")
+    validate.integer(n_bytes, "n_bytes", low=1)
+    validate.number(total_nats, "total_nats", low=0)
     return total_nats / (n_bytes * math.log(2))                                   # (8.2)
 
 
@@ -95,6 +85,11 @@ def merge_pair(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
 
     Defined in chapter 08 (The Byte Latent Transformer).
     """
+    if not isinstance(ids, (list, tuple)):
+        raise TypeError(f"ids must be a list of ints, got {type(ids).__name__}")
+    if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+        raise TypeError(f"pair must be a tuple of 2 ids, got {pair!r}")
+    validate.integer(new_id, "new_id", low=0)
     out, i = [], 0
     while i < len(ids):
         if i + 1 < len(ids) and ids[i] == pair[0] and ids[i + 1] == pair[1]:
@@ -121,12 +116,17 @@ class BPETokenizer:
     cache: dict[bytes, list[int]] = field(init=False, repr=False)
 
     def __post_init__(self):
-        self.ranks = {tuple(pair): r for r, pair in enumerate(self.merges)}
+        if not isinstance(self.merges, (list, tuple)):
+            raise TypeError(f"merges must be a list of (id, id) pairs, got {type(self.merges).__name__}")
         self.pieces = [bytes([b]) for b in range(N_BYTES)]
-        for r, (a, b) in enumerate(self.merges):
+        for r, pair in enumerate(self.merges):
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(type(i) is int for i in pair)):
+                raise TypeError(f"merges[{r}] must be a pair of int ids, got {pair!r}")
+            a, b = pair
             if not (0 <= a < N_BYTES + r and 0 <= b < N_BYTES + r):
                 raise ValueError(f"merges[{r}] = {(a, b)} refers to an id not defined before it")
             self.pieces.append(self.pieces[a] + self.pieces[b])
+        self.ranks = {tuple(pair): r for r, pair in enumerate(self.merges)}
         self.cache = {}
 
     @property
@@ -137,8 +137,7 @@ class BPETokenizer:
     @classmethod
     def train(cls, data: bytes, n_merges: int) -> "BPETokenizer":
         """Learn up to n_merges merges from data (stops early when no pair occurs twice)."""
-        if not isinstance(n_merges, int) or n_merges < 0:
-            raise ValueError(f"n_merges must be an int >= 0, got {n_merges!r}")
+        validate.integer(n_merges, "n_merges", low=0)
         words = Counter(pretokenize(data))
         seqs = [list(w) for w in words]
         freqs = list(words.values())
@@ -172,6 +171,8 @@ class BPETokenizer:
         """Token ids of one pre-token: apply the lowest-ranked applicable merge until none applies."""
         if word in self.cache:
             return self.cache[word]
+        if not isinstance(word, (bytes, bytearray)):
+            raise TypeError(f"word must be bytes, got {type(word).__name__}")
         ids = list(word)
         while len(ids) > 1:
             rank = min(self.ranks.get(pair, len(self.merges)) for pair in zip(ids, ids[1:]))
@@ -187,7 +188,11 @@ class BPETokenizer:
 
     def decode(self, ids: list[int]) -> bytes:
         """Token ids -> bytes; ValueError on an id outside [0, vocab_size)."""
+        if not isinstance(ids, (list, tuple)):
+            raise TypeError(f"ids must be a list of ints, got {type(ids).__name__}")
         for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int):
+                raise TypeError(f"ids must hold ints, got {type(t).__name__}")
             if not 0 <= t < self.vocab_size:
                 raise ValueError(f"ids holds {t}, outside [0, {self.vocab_size})")
         return b"".join(self.pieces[t] for t in ids)
@@ -198,6 +203,9 @@ def force_first_two(starts: torch.Tensor) -> torch.Tensor:
 
     Defined in chapter 08 (The Byte Latent Transformer).
     """
+    validate.tensor(starts, "starts", dtype=torch.bool)
+    if starts.dim() < 1:
+        raise ValueError(f"starts must have shape (..., T), got {tuple(starts.shape)}")
     starts[..., 0] = True
     if starts.shape[-1] > 1:
         starts[..., 1] = True
@@ -209,9 +217,8 @@ def patch_ids(starts: torch.Tensor) -> torch.Tensor:
 
     Defined in chapter 08 (The Byte Latent Transformer).
     """
-    if not isinstance(starts, torch.Tensor) or starts.dtype != torch.bool:
-        raise TypeError("starts must be a bool tensor")
-    if starts.dim() < 1 or starts.shape[-1] == 0 or not bool(starts[..., 0].all()):
+    validate.tensor(starts, "starts", dtype=torch.bool)
+    if starts.dim() < 1 or not bool(starts[..., 0].all()):
         raise ValueError("starts must have shape (..., T) with T >= 1 and a patch starting at position 0")
     return starts.long().cumsum(-1) - 1                                           # (8.4)
 
@@ -221,8 +228,7 @@ def patch_lengths(starts: torch.Tensor) -> torch.Tensor:
 
     Defined in chapter 08 (The Byte Latent Transformer).
     """
-    if starts.dim() != 1:
-        raise ValueError(f"starts must be one sequence (T,), got shape {tuple(starts.shape)}")
+    validate.tensor(starts, "starts", dims=1, dtype=torch.bool)
     return torch.bincount(patch_ids(starts))
 
 
@@ -231,7 +237,11 @@ def mean_patch_size(starts: torch.Tensor) -> float:
 
     Defined in chapter 08 (The Byte Latent Transformer).
     """
-    return starts.numel() / int(starts.sum())
+    validate.tensor(starts, "starts", dtype=torch.bool)
+    n_patches = int(starts.sum())
+    if n_patches == 0:
+        raise ValueError("starts holds no patch start")
+    return starts.numel() / n_patches
 
 
 def fixed_patch_starts(tokens: torch.Tensor, stride: int) -> torch.Tensor:
@@ -240,8 +250,7 @@ def fixed_patch_starts(tokens: torch.Tensor, stride: int) -> torch.Tensor:
     Defined in chapter 08 (The Byte Latent Transformer).
     """
     check_tokens(tokens)
-    if not isinstance(stride, int) or stride < 1:
-        raise ValueError(f"stride must be an int >= 1, got {stride!r}")
+    validate.integer(stride, "stride", low=1)
     t = torch.arange(tokens.shape[-1], device=tokens.device)
     starts = ((t - 1) % stride == 0).expand(tokens.shape).clone()
     return force_first_two(starts)
@@ -282,6 +291,8 @@ def bpe_patch_starts(tokens: torch.Tensor, tokenizer: BPETokenizer) -> torch.Ten
     check_tokens(tokens)
     if tokens.dim() != 1:
         raise ValueError(f"tokens must be one sequence (T,), got shape {tuple(tokens.shape)}")
+    if not isinstance(tokenizer, BPETokenizer):
+        raise TypeError(f"tokenizer must be a BPETokenizer, got {type(tokenizer).__name__}")
     body = tokens[1:].tolist()
     if any(b >= N_BYTES for b in body):
         raise ValueError("tokens[1:] must be bytes (ids < 256)")
@@ -303,8 +314,7 @@ def next_byte_entropies(logits: torch.Tensor) -> torch.Tensor:
 
     Defined in chapter 08 (The Byte Latent Transformer).
     """
-    if not isinstance(logits, torch.Tensor) or not logits.dtype.is_floating_point:
-        raise TypeError("logits must be a floating-point tensor (..., T, V)")
+    validate.tensor(logits, "logits", kind="float")
     if logits.dim() < 2:
         raise ValueError(f"logits must have shape (..., T, V), got {tuple(logits.shape)}")
     logp = torch.log_softmax(logits.float(), dim=-1)
@@ -320,14 +330,11 @@ def entropy_patch_starts(entropies: torch.Tensor, threshold: float, rule: str = 
 
     Defined in chapter 08 (The Byte Latent Transformer).
     """
-    if not isinstance(entropies, torch.Tensor) or not entropies.dtype.is_floating_point:
-        raise TypeError("entropies must be a floating-point tensor (..., T)")
-    if entropies.dim() < 1 or entropies.shape[-1] == 0:
+    validate.tensor(entropies, "entropies", kind="float", finite=True)
+    if entropies.dim() < 1:
         raise ValueError(f"entropies must have shape (..., T) with T >= 1, got {tuple(entropies.shape)}")
-    if rule not in RULES:
-        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
-    if not math.isfinite(threshold):
-        raise ValueError(f"threshold must be finite, got {threshold!r}")
+    validate.choice(rule, "rule", RULES)
+    validate.number(threshold, "threshold")
     if rule == "global":
         starts = entropies > threshold                                            # (8.6)
     else:
@@ -343,8 +350,10 @@ def threshold_for_patch_size(entropies: torch.Tensor, target: float, rule: str =
 
     Defined in chapter 08 (The Byte Latent Transformer).
     """
-    if not target >= 1:
-        raise ValueError(f"target must be a mean patch size >= 1, got {target!r}")
+    validate.number(target, "target", low=1)
+    validate.integer(iters, "iters", low=1)
+    validate.tensor(entropies, "entropies", kind="float", finite=True)
+    validate.choice(rule, "rule", RULES)
     values = entropies if rule == "global" else entropies[..., 1:] - entropies[..., :-1]
     lo, hi = float(values.min()) - 1.0, float(values.max()) + 1.0
     if mean_patch_size(entropy_patch_starts(entropies, hi, rule)) < target:
@@ -370,10 +379,8 @@ def hash_ngram_ids(tokens: torch.Tensor, n: int, table_size: int) -> torch.Tenso
     Defined in chapter 08 (The Byte Latent Transformer).
     """
     check_tokens(tokens)
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an int >= 1, got {n!r}")
-    if not isinstance(table_size, int) or table_size < 1:
-        raise ValueError(f"table_size must be an int >= 1, got {table_size!r}")
+    validate.integer(n, "n", low=1)
+    validate.integer(table_size, "table_size", low=1)
     t = tokens.shape[-1]
     pad = torch.full((*tokens.shape[:-1], n - 1), PAD, dtype=torch.int64, device=tokens.device)
     padded = torch.cat([pad, tokens.long()], dim=-1)
@@ -393,19 +400,16 @@ def bootstrap_bpb_interval(nats: torch.Tensor, n_bytes: torch.Tensor, n_boot: in
 
     Defined in chapter 08 (The Byte Latent Transformer).
     """
-    if not isinstance(nats, torch.Tensor) or not nats.dtype.is_floating_point:
-        raise TypeError("nats must be a floating-point tensor (N,)")
-    if not isinstance(n_bytes, torch.Tensor):
-        raise TypeError("n_bytes must be a tensor (N,)")
-    if nats.dim() != 1 or nats.shape != n_bytes.shape or nats.numel() < 2:
-        raise ValueError(f"nats and n_bytes must both have shape (N,) with N >= 2, got {tuple(nats.shape)}, "
-                         f"{tuple(n_bytes.shape)}")
+    validate.tensor(nats, "nats", dims=1, kind="float", finite=True)
+    validate.tensor(n_bytes, "n_bytes", dims=1)
+    validate.same_shape(nats=nats, n_bytes=n_bytes)
+    if nats.numel() < 2:
+        raise ValueError(f"nats and n_bytes must hold N >= 2 windows, got {nats.numel()}")
     if bool((n_bytes <= 0).any()):
         raise ValueError("n_bytes must be positive")
-    if not isinstance(n_boot, int) or n_boot < 1:
-        raise ValueError(f"n_boot must be an int >= 1, got {n_boot!r}")
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level!r}")
+    validate.integer(n_boot, "n_boot", low=1)
+    validate.number(level, "level", low=0, high=1, low_open=True, high_open=True)
+    validate.integer(seed, "seed")
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, nats.numel(), (n_boot, nats.numel()), generator=gen)
     values = nats.double().cpu()[idx].sum(1) / (n_bytes.double().cpu()[idx].sum(1) * math.log(2))   # (8.2)

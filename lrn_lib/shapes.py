@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from lrn_lib import validate
+
 CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "bar")      # class id = index
 COLOR_NAMES: tuple[str, ...] = ("red", "green", "blue", "yellow", "magenta", "cyan")
 COLORS = torch.tensor([[0.90, 0.15, 0.15], [0.15, 0.75, 0.20], [0.15, 0.30, 0.90],
@@ -40,25 +42,19 @@ class Scene:
     colors: torch.Tensor
     texts: list[str]
 
-
-def _check_generator(generator: torch.Generator) -> None:
-    """Raise TypeError unless generator is a torch.Generator.
-
-    Defined in chapter 10 (SEEM: segmenting everything with any prompt).
-    """
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-
-
-def _check_int(value: int, name: str, low: int) -> None:
-    """Raise TypeError unless value is an int, ValueError unless value >= low.
-
-    Defined in chapter 10 (SEEM: segmenting everything with any prompt).
-    """
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
+    def __post_init__(self):
+        validate.tensor(self.image, "image", dims=3, kind="float")
+        validate.tensor(self.masks, "masks", dims=3, dtype=torch.bool)
+        validate.ids(self.classes, "classes", len(CLASSES), dims=1)
+        validate.ids(self.colors, "colors", len(COLOR_NAMES), dims=1)
+        if not isinstance(self.texts, list) or not all(isinstance(t, str) for t in self.texts):
+            raise TypeError("texts must be a list of str")
+        n = self.masks.shape[0]
+        if self.image.shape[0] != 3 or self.masks.shape[1:] != self.image.shape[1:]:
+            raise ValueError(f"image {tuple(self.image.shape)} and masks {tuple(self.masks.shape)} must be (3, H, W), "
+                             "(N, H, W)")
+        if (len(self.classes), len(self.colors), len(self.texts)) != (n, n, n) or bool((self.masks.sum(0) > 1).any()):
+            raise ValueError(f"classes, colors and texts must hold one entry per mask ({n}), and masks be disjoint")
 
 
 def _check_mask(mask: torch.Tensor, name: str, nonempty: bool = False) -> None:
@@ -66,11 +62,7 @@ def _check_mask(mask: torch.Tensor, name: str, nonempty: bool = False) -> None:
 
     Defined in chapter 10 (SEEM: segmenting everything with any prompt).
     """
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        raise TypeError(f"{name} must be a bool torch.Tensor, got "
-                        f"{mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}")
-    if mask.dim() != 2:
-        raise ValueError(f"{name} must have shape (H, W), got {tuple(mask.shape)}")
+    validate.tensor(mask, name, dims=2, dtype=torch.bool)
     if nonempty and not bool(mask.any()):
         raise ValueError(f"{name} is empty: it has no True pixel")
 
@@ -147,17 +139,14 @@ def make_scene(generator: torch.Generator, size: int = 64, min_objects: int = 2,
 
     Defined in chapter 10 (SEEM: segmenting everything with any prompt).
     """
-    _check_generator(generator)
-    _check_int(size, "size", 16)
-    _check_int(min_objects, "min_objects", 1)
-    _check_int(max_objects, "max_objects", min_objects)
-    if max_objects > len(CLASSES) * len(COLOR_NAMES):
-        raise ValueError(f"max_objects must be <= {len(CLASSES) * len(COLOR_NAMES)}, got {max_objects}")
-    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not noise >= 0:
-        raise ValueError(f"noise must be a number >= 0, got {noise!r}")
+    validate.generator(generator)
+    validate.integer(size, "size", low=16)
+    validate.integer(min_objects, "min_objects", low=1)
+    validate.integer(max_objects, "max_objects", low=min_objects, high=len(CLASSES) * len(COLOR_NAMES))
+    validate.number(noise, "noise", low=0)
     if not isinstance(clutter, bool):
         raise TypeError(f"clutter must be a bool, got {type(clutter).__name__}")
-    _check_int(min_pixels, "min_pixels", 1)
+    validate.integer(min_pixels, "min_pixels", low=1)
     for name, value in (("same_color", same_color), ("texture", texture), ("jitter", jitter)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
             raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
@@ -224,8 +213,8 @@ def make_scenes(n: int, generator: torch.Generator, **kwargs) -> list[Scene]:
 
     Defined in chapter 10 (SEEM: segmenting everything with any prompt).
     """
-    _check_int(n, "n", 0)
-    _check_generator(generator)
+    validate.integer(n, "n", low=0)
+    validate.generator(generator)
     return [make_scene(generator, **kwargs) for _ in range(n)]
 
 
@@ -249,7 +238,7 @@ def encode_text(texts: list[str], length: int | None = None) -> torch.Tensor:
     longest = max((len(ws) for ws in words), default=0)
     if length is None:
         length = longest
-    _check_int(length, "length", 0)
+    validate.integer(length, "length", low=0)
     if longest > length:
         raise ValueError(f"length={length} is shorter than the longest phrase ({longest} words)")
     ids = torch.zeros(len(texts), length, dtype=torch.int64)
@@ -263,9 +252,10 @@ def overlay_masks(image: torch.Tensor, masks: torch.Tensor, alpha: float = 0.55)
 
     Defined in chapter 10 (SEEM: segmenting everything with any prompt).
     """
-    if not isinstance(image, torch.Tensor) or not isinstance(masks, torch.Tensor) or masks.dtype != torch.bool:
-        raise TypeError("image must be a torch.Tensor and masks a bool torch.Tensor")
-    if image.dim() != 3 or image.shape[0] != 3:
+    validate.tensor(image, "image", dims=3, kind="float")
+    validate.tensor(masks, "masks", dtype=torch.bool, nonempty=False)
+    validate.number(alpha, "alpha", low=0, high=1)
+    if image.shape[0] != 3:
         raise ValueError(f"image must have shape (3, H, W), got {tuple(image.shape)}")
     if masks.dim() != 3 or masks.shape[1:] != image.shape[1:]:
         raise ValueError(f"masks must have shape (N, {image.shape[1]}, {image.shape[2]}), got {tuple(masks.shape)}")
@@ -281,7 +271,7 @@ def sample_point(mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor
     Defined in chapter 10 (SEEM: segmenting everything with any prompt).
     """
     _check_mask(mask, "mask", nonempty=True)
-    _check_generator(generator)
+    validate.generator(generator)
     inside = mask.flatten().nonzero().squeeze(1).cpu()
     k = int(inside[torch.randint(len(inside), (1,), generator=generator)])
     return torch.tensor([k // mask.shape[1], k % mask.shape[1]], dtype=torch.int64, device=mask.device)
@@ -305,8 +295,8 @@ def point_mask(point: torch.Tensor, size: int, radius: int = 1) -> torch.Tensor:
 
     Defined in chapter 10 (SEEM: segmenting everything with any prompt).
     """
-    _check_int(size, "size", 1)
-    _check_int(radius, "radius", 0)
+    validate.integer(size, "size", low=1)
+    validate.integer(radius, "radius", low=0)
     _check_point(point, size)
     ys, xs = _grid(size)
     return (ys - float(point[0])) ** 2 + (xs - float(point[1])) ** 2 <= radius * radius
@@ -327,7 +317,7 @@ def box_mask(box: torch.Tensor, size: int) -> torch.Tensor:
 
     Defined in chapter 10 (SEEM: segmenting everything with any prompt).
     """
-    _check_int(size, "size", 1)
+    validate.integer(size, "size", low=1)
     if not isinstance(box, torch.Tensor) or box.dtype not in (torch.int64, torch.int32):
         raise TypeError("box must be an integer torch.Tensor (y0, x0, y1, x1)")
     if box.shape != (4,):
@@ -359,7 +349,7 @@ def sample_scribble(mask: torch.Tensor, generator: torch.Generator) -> torch.Ten
     Defined in chapter 10 (SEEM: segmenting everything with any prompt).
     """
     _check_mask(mask, "mask", nonempty=True)
-    _check_generator(generator)
+    validate.generator(generator)
     device, mask = mask.device, mask.cpu()
     depth = _inner_distance(mask.numpy())
     deep = torch.from_numpy(depth >= 0.5 * depth.max())
@@ -393,12 +383,12 @@ def mask_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     Defined in chapter 10 (SEEM: segmenting everything with any prompt).
     """
     for name, m in (("pred", pred), ("target", target)):
-        if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
-            raise TypeError(f"{name} must be a bool torch.Tensor")
+        validate.tensor(m, name, dtype=torch.bool, nonempty=False)
         if m.dim() < 2:
             raise ValueError(f"{name} must have at least 2 dims (..., H, W), got {tuple(m.shape)}")
-    if pred.shape[-2:] != target.shape[-2:]:
-        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in (H, W)")
+    lead = zip(pred.shape[-3::-1], target.shape[-3::-1])                           # leading dims, right-aligned
+    if pred.shape[-2:] != target.shape[-2:] or any(a != b and 1 not in (a, b) for a, b in lead):
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in (H, W) or do not broadcast")
     inter = (pred & target).sum((-2, -1)).float()
     union = (pred | target).sum((-2, -1)).float()
     return torch.where(union > 0, inter / union.clamp_min(1.0), torch.ones_like(union))   # (10.2)
@@ -436,13 +426,11 @@ def clicks_to_reach(ious: Sequence[float], threshold: float = 0.85) -> int:
 
     Defined in chapter 10 (SEEM: segmenting everything with any prompt).
     """
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
-        raise ValueError(f"threshold must be a number in (0, 1], got {threshold!r}")
+    validate.number(threshold, "threshold", low=0, low_open=True, high=1)
     if isinstance(ious, (str, bytes)) or not isinstance(ious, Sequence):
         raise TypeError(f"ious must be a sequence of floats, got {type(ious).__name__}")
     for k, iou in enumerate(ious, start=1):
-        if isinstance(iou, bool) or not isinstance(iou, (int, float)):
-            raise TypeError(f"ious must hold floats, got {type(iou).__name__} at position {k - 1}")
+        validate.number(iou, f"ious[{k - 1}]", low=0, high=1)
         if iou >= threshold:                                                       # (10.5)
             return k
     return len(ious) + 1

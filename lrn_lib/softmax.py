@@ -6,6 +6,7 @@
 import torch
 
 from kernels import runtime
+from lrn_lib import validate
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -18,8 +19,7 @@ def check_softmax_input(x: torch.Tensor, dim: int, name: str = "x") -> int:
 
     Defined in chapter 01 (Softmax).
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    validate.tensor(x, name, nonempty=False)
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} has dtype {x.dtype}; softmax needs a floating dtype "
                         f"(float16, bfloat16, float32 or float64)")
@@ -27,7 +27,7 @@ def check_softmax_input(x: torch.Tensor, dim: int, name: str = "x") -> int:
         raise ValueError(f"{name} is a 0-d tensor; softmax needs at least one dimension")
     if x.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); softmax needs at least one element")
-    if not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
+    if isinstance(dim, bool) or not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
         raise ValueError(f"dim={dim!r} is out of range for {name} with {x.dim()} dimension(s)")
     return dim % x.dim()
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lrn_lib import validate
+
 
 @dataclass(frozen=True)
 class Ceilings:
@@ -22,6 +24,14 @@ class Ceilings:
     peak_flops: float
     bandwidth: float
     source: str
+
+    def __post_init__(self):
+        """Raise a clear error for a non-str name or source, or a ceiling that is not a positive number."""
+        for field in ("name", "source"):
+            if not isinstance(getattr(self, field), str):
+                raise TypeError(f"{field} must be a str, got {type(getattr(self, field)).__name__}")
+        validate.number(self.peak_flops, "peak_flops", low=0, low_open=True)
+        validate.number(self.bandwidth, "bandwidth", low=0, low_open=True)
 
     @property
     def ridge(self) -> float:
@@ -39,6 +49,8 @@ def matmul_flops(m: int, n: int, k: int) -> int:
 
     Defined in chapter 03 (Tiling).
     """
+    for name, size in (("m", m), ("n", n), ("k", k)):
+        validate.integer(size, name, low=1)
     return 2 * m * n * k
 
 
@@ -47,6 +59,8 @@ def matmul_min_bytes(m: int, n: int, k: int, bytes_per_element: int) -> int:
 
     Defined in chapter 03 (Tiling).
     """
+    for name, size in (("m", m), ("n", n), ("k", k), ("bytes_per_element", bytes_per_element)):
+        validate.integer(size, name, low=1)
     return (m * k + k * n + m * n) * bytes_per_element
 
 
@@ -55,8 +69,8 @@ def arithmetic_intensity(flops: float, bytes_moved: float) -> float:
 
     Defined in chapter 03 (Tiling).
     """
-    if bytes_moved <= 0:
-        raise ValueError(f"bytes_moved={bytes_moved!r}; it must be positive")
+    validate.number(flops, "flops", low=0)
+    validate.number(bytes_moved, "bytes_moved", low=0, low_open=True)
     return flops / bytes_moved
 
 
@@ -68,6 +82,9 @@ def tiled_traffic_bytes(m: int, n: int, k: int, block_m: int, block_n: int, byte
 
     Defined in chapter 03 (Tiling).
     """
+    for name, size in (("m", m), ("n", n), ("k", k), ("block_m", block_m), ("block_n", block_n),
+                       ("bytes_per_element", bytes_per_element)):
+        validate.integer(size, name, low=1)
     row_blocks, col_blocks = math.ceil(m / block_m), math.ceil(n / block_n)
     return (m * k * col_blocks + k * n * row_blocks + m * n) * bytes_per_element
 
@@ -77,6 +94,9 @@ def attainable_flops(intensity: float, ceilings: Ceilings) -> float:
 
     Defined in chapter 03 (Tiling).
     """
+    validate.number(intensity, "intensity", low=0)
+    if not isinstance(ceilings, Ceilings):
+        raise TypeError(f"ceilings must be a Ceilings, got {type(ceilings).__name__}")
     return min(ceilings.peak_flops, intensity * ceilings.bandwidth)
 
 
@@ -94,8 +114,7 @@ def tiled_matmul(a: torch.Tensor, b: torch.Tensor, block_m: int = 32, block_n: i
     """
     m, n, k = check_matmul_operands(a, b)
     for name, value in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r}; it must be a positive int")
+        validate.integer(value, name, low=1)
     acc_dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
     c = torch.empty((m, n), dtype=a.dtype, device=a.device)
     for i in range(0, m, block_m):                 # one iteration = one program of the kernel
@@ -114,6 +133,9 @@ def program_order(pid: int, num_pid_m: int, num_pid_n: int, group_m: int) -> tup
 
     Defined in chapter 03 (Tiling).
     """
+    for name, value in (("num_pid_m", num_pid_m), ("num_pid_n", num_pid_n), ("group_m", group_m)):
+        validate.integer(value, name, low=1)
+    validate.integer(pid, "pid", low=0, high=num_pid_m * num_pid_n - 1)
     per_group = group_m * num_pid_n
     first_m = (pid // per_group) * group_m
     rows_in_group = min(num_pid_m - first_m, group_m)
@@ -129,6 +151,9 @@ def wave_panels(programs: int, num_pid_m: int, num_pid_n: int, group_m: int) -> 
 
     Defined in chapter 03 (Tiling).
     """
+    for name, value in (("programs", programs), ("num_pid_m", num_pid_m), ("num_pid_n", num_pid_n),
+                        ("group_m", group_m)):
+        validate.integer(value, name, low=1)
     tiles = [program_order(p, num_pid_m, num_pid_n, group_m)
              for p in range(min(programs, num_pid_m * num_pid_n))]
     return len({t[0] for t in tiles}), len({t[1] for t in tiles})

@@ -148,6 +148,30 @@ def test_all_equal_groups_give_zero_advantage_and_zero_loss():
     assert loss.item() == 0.0
 
 
+def test_all_equal_groups_of_inexact_rewards_get_exactly_zero_advantage():
+    # 0.3 * 8 rounds: the group mean differs from 0.3 by an ulp, and (r - mean) / (0 + eps) was ~3e-4
+    rewards = torch.tensor([0.3] * 8 + [0.1] * 7 + [0.7] + [1.0, 0.0] * 4)
+    for scale in (True, False):
+        adv, frac = group_advantages(rewards, 8, scale=scale)
+        assert (adv[:8] == 0).all() and (adv[8:16] != 0).all() and frac == 1 / 3
+    adv, _ = group_advantages(torch.full((8,), 3, dtype=torch.int64), 4)      # integer rewards are accepted
+    assert adv.is_floating_point() and (adv == 0).all()
+
+
+def test_a_batch_of_all_equal_groups_does_not_move_the_policy():
+    torch.manual_seed(0)
+    tok = ArithmeticTokenizer()
+    model = Llama(tiny_config(vocab_size=tok.vocab_size, dim=32, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64))
+    constant = lambda completions, problems: torch.full((len(completions),), 0.3)      # noqa: E731
+    cfg = GRPOConfig(group_size=8, max_new_tokens=6, num_iterations=1, beta=0.0)
+    trainer = GRPOTrainer(model, tok, {"constant": (constant, 1.0)},
+                          torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0), cfg)
+    before = [p.detach().clone() for p in model.parameters()]
+    stats = trainer.step(make_problems(2, 2, torch.Generator().manual_seed(0)), torch.Generator().manual_seed(0))
+    assert stats["all_equal_groups"] == 1.0 and stats["loss_first_pass"] == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
 # ------------------------------------------------------------------ masks, log-probabilities, rollouts
 
 def test_completion_mask_keeps_the_first_eos_when_pad_is_eos():

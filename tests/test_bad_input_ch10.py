@@ -1,0 +1,358 @@
+"""Bad input to chapter 10's public functions gets a clear TypeError/ValueError naming the argument."""
+import pytest
+import torch
+
+from bad_input import assert_clear_error, cases
+from lrn_lib.seem import (OBJECT, SEEM, TEXT, VISUAL, AttentionMask, DecoderLayer, ImageEncoder, LossWeights,
+                          MaskedAttention, Prompts, PromptTokens, SeemConfig, SeemDecoder, SeemOutput, TextEncoder,
+                          VisualSampler, answer_masks, batch_targets, bce_loss, coarse_mask, corrective_prompts,
+                          cross_attention_mask, dice_loss, hungarian_match, make_prompts, matching_cost,
+                          panoptic_quality, position_grid, prompt_targets, query_prompt_mask, sample_features,
+                          sample_points, seem_loss, sequence_layout, sine_encoding)
+from lrn_lib.shapes import (Scene, box_from_mask, box_mask, clicks_to_reach, encode_text, make_scene, make_scenes,
+                            mask_iou, next_click, overlay_masks, point_mask, sample_point, sample_scribble)
+
+CFG = SeemConfig(image_size=32, dim=16, n_heads=2, n_layers=1, n_object_queries=3, n_points=2, n_memory=1,
+                 stem_dim=8, ffn_dim=16)
+torch.manual_seed(0)
+MODEL = SEEM(CFG)
+SCENES = make_scenes(2, torch.Generator().manual_seed(0), size=32, min_pixels=10)
+SCENE = SCENES[0]
+PROMPTS, OBJECTS = make_prompts(SCENES, [["box"], ["point"]], torch.Generator().manual_seed(1))
+IMAGES = torch.stack([s.image for s in SCENES])
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def bools(*shape, p=0.5):
+    return torch.rand(*shape, generator=gen(3)) < p
+
+
+def square(size=8, lo=2, hi=5):
+    m = torch.zeros(size, size, dtype=torch.bool)
+    m[lo:hi, lo:hi] = True
+    return m
+
+
+def prompts(b=1, p=1, size=8, t=3, **overrides):
+    args = dict(positive=torch.zeros(b, p, size, size, dtype=torch.bool),
+                negative=torch.zeros(b, p, size, size, dtype=torch.bool), text=torch.zeros(b, p, t, dtype=torch.int64))
+    return Prompts(**{**args, **overrides})
+
+
+def scene(**overrides):
+    args = dict(image=SCENE.image, masks=SCENE.masks, classes=SCENE.classes, colors=SCENE.colors, texts=SCENE.texts)
+    return Scene(**{**args, **overrides})
+
+
+def output(n_object=3, layers=2, b=1, rows=4, c=5, h=4):
+    return SeemOutput([torch.randn(b, rows, c) for _ in range(layers)], [torch.randn(b, rows, h, h) for _ in range(layers)],
+                      n_object)
+
+
+def tokens(b=1, p=1, n=3, d=16, **overrides):
+    args = dict(tokens=torch.zeros(b, p, n, d), pos=torch.zeros(b, p, n, d), valid=torch.ones(b, p, n, dtype=torch.bool),
+                kinds=torch.full((n,), VISUAL))
+    return PromptTokens(**{**args, **overrides})
+
+
+def loss(**overrides):
+    out = output(n_object=3, rows=4, c=5, h=4)
+    args = dict(out=out, object_classes=[torch.tensor([1, 3])], object_masks=[bools(2, 4, 4)],
+                prompt_classes=torch.tensor([[2]]), prompt_masks=bools(1, 1, 4, 4))
+    return seem_loss(**{**args, **overrides})
+
+
+def cost(**overrides):
+    args = dict(class_logits=torch.randn(4, 5), mask_logits=torch.randn(4, 9), classes=torch.tensor([0, 3]),
+                masks=bools(2, 9))
+    return matching_cost(**{**args, **overrides})
+
+
+def layer_inputs(s=4, hw=6, d=16, n_cross=3):
+    x, pos = torch.randn(1, s, d), torch.randn(1, s, d)
+    feats, fpos = torch.randn(1, hw, d), torch.randn(1, hw, d)
+    cross = AttentionMask(torch.ones(1, n_cross, hw, dtype=torch.bool))
+    table = AttentionMask(torch.ones(1, s, s, dtype=torch.bool))
+    return [x, pos, feats, fpos, cross, table]
+
+
+def decoder_inputs(b=1, d=16):
+    levels = [torch.randn(b, d, 2, 2), torch.randn(b, d, 4, 4), torch.randn(b, d, 8, 8)]
+    return [levels, torch.randn(b, d, 16, 16), torch.randn(5, d)]
+
+
+def panoptic(**overrides):
+    m = [torch.stack([square(), ~square()])]
+    args = dict(pred_masks=m, pred_classes=[torch.tensor([0, 1])], true_masks=m, true_classes=[torch.tensor([0, 1])])
+    return panoptic_quality(**{**args, **overrides})
+
+
+BAD_CALLS = {
+    # ---------------------------------------------------------------- lrn_lib.shapes
+    "lrn_lib.shapes.Scene": [
+        ("masks", lambda: scene(masks=SCENE.masks.float())),                          # not bool
+        ("classes", lambda: scene(classes=SCENE.classes + 10)),                       # outside CLASSES
+        ("texts", lambda: scene(texts=SCENE.texts[:1])),                              # one entry per mask
+        ("image", lambda: scene(image=SCENE.image[0])),                               # 2-D
+    ],
+    "lrn_lib.shapes.make_scene": [
+        ("generator", lambda: make_scene(0)),
+        ("size", lambda: make_scene(gen(), size=8)),
+        ("max_objects", lambda: make_scene(gen(), min_objects=3, max_objects=2)),
+        ("noise", lambda: make_scene(gen(), noise=float("inf"))),
+    ],
+    "lrn_lib.shapes.make_scenes": [
+        ("n", lambda: make_scenes(-1, gen())),
+        ("generator", lambda: make_scenes(2, 0)),
+        ("n", lambda: make_scenes(2.0, gen())),
+    ],
+    "lrn_lib.shapes.encode_text": [
+        ("texts", lambda: encode_text(["the purple circle"])),                        # outside TEXT_VOCAB
+        ("texts", lambda: encode_text("the red circle")),                             # a str, not a list
+        ("length", lambda: encode_text(["the red circle"], length=2)),
+        ("length", lambda: encode_text(["bar"], length=-1)),
+    ],
+    "lrn_lib.shapes.overlay_masks": [
+        ("masks", lambda: overlay_masks(SCENE.image, SCENE.masks[:, :5])),            # size differs
+        ("masks", lambda: overlay_masks(SCENE.image, SCENE.masks.float())),
+        ("alpha", lambda: overlay_masks(SCENE.image, SCENE.masks, alpha=2.0)),
+        ("image", lambda: overlay_masks(SCENE.image[:2], SCENE.masks)),
+    ],
+    "lrn_lib.shapes.sample_point": [
+        ("mask", lambda: sample_point(torch.zeros(8, 8, dtype=torch.bool), gen())),   # no True pixel
+        ("mask", lambda: sample_point(square().float(), gen())),
+        ("generator", lambda: sample_point(square(), 0)),
+        ("mask", lambda: sample_point(square()[None], gen())),                        # 3-D
+    ],
+    "lrn_lib.shapes.point_mask": [
+        ("point", lambda: point_mask(torch.tensor([8, 2]), 8)),                       # outside the grid
+        ("point", lambda: point_mask(torch.tensor([2.0, 2.0]), 8)),
+        ("radius", lambda: point_mask(torch.tensor([2, 2]), 8, radius=-1)),
+        ("size", lambda: point_mask(torch.tensor([2, 2]), 0)),
+    ],
+    "lrn_lib.shapes.box_from_mask": [
+        ("mask", lambda: box_from_mask(torch.zeros(8, 8, dtype=torch.bool))),
+        ("mask", lambda: box_from_mask(square().long())),
+    ],
+    "lrn_lib.shapes.box_mask": [
+        ("box", lambda: box_mask(torch.tensor([5, 0, 2, 3]), 8)),                     # y0 > y1
+        ("box", lambda: box_mask(torch.tensor([0, 0, 2]), 8)),
+        ("size", lambda: box_mask(torch.tensor([0, 0, 2, 2]), 0)),
+        ("box", lambda: box_mask([0, 0, 2, 2], 8)),
+    ],
+    "lrn_lib.shapes.sample_scribble": [
+        ("mask", lambda: sample_scribble(torch.zeros(8, 8, dtype=torch.bool), gen())),
+        ("generator", lambda: sample_scribble(square(), None)),
+        ("mask", lambda: sample_scribble(square().float(), gen())),
+    ],
+    "lrn_lib.shapes.mask_iou": [
+        ("pred", lambda: mask_iou(square().float(), square())),
+        ("pred", lambda: mask_iou(square(), square(9))),                              # (H, W) differ
+        ("pred", lambda: mask_iou(bools(2, 8, 8), bools(3, 8, 8))),                   # leading dims do not broadcast
+        ("target", lambda: mask_iou(square(), torch.ones(8))),
+    ],
+    "lrn_lib.shapes.next_click": [
+        ("pred equals target", lambda: next_click(square(), square())),
+        ("pred", lambda: next_click(square(), square(9))),
+        ("target", lambda: next_click(square(), square().float())),
+    ],
+    "lrn_lib.shapes.clicks_to_reach": [
+        ("threshold", lambda: clicks_to_reach([0.5], threshold=0.0)),
+        ("ious", lambda: clicks_to_reach(0.5)),
+        ("ious", lambda: clicks_to_reach([0.5, float("nan")])),
+        ("ious", lambda: clicks_to_reach([1.5])),                                     # not an IoU
+    ],
+    # ---------------------------------------------------------------- lrn_lib.seem
+    "lrn_lib.seem.SeemConfig": [
+        ("image_size", lambda: SeemConfig(image_size=40)),
+        ("dim", lambda: SeemConfig(dim=30)),
+        ("n_layers", lambda: SeemConfig(n_layers=0)),
+        ("n_heads", lambda: SeemConfig(n_heads=2.0)),
+    ],
+    "lrn_lib.seem.sine_encoding": [
+        ("coords", lambda: sine_encoding(torch.rand(5, 3), 8)),                       # last dim must be 2
+        ("dim", lambda: sine_encoding(torch.rand(5, 2), 6)),
+        ("coords", lambda: sine_encoding(torch.zeros(5, 2, dtype=torch.int64), 8)),
+        ("max_frequency", lambda: sine_encoding(torch.rand(5, 2), 8, max_frequency=-1.0)),
+    ],
+    "lrn_lib.seem.position_grid": [
+        ("height", lambda: position_grid(0, 4, 8)),
+        ("dim", lambda: position_grid(4, 4, 7)),
+        ("width", lambda: position_grid(4, 4.5, 8)),
+    ],
+    "lrn_lib.seem.ImageEncoder": [
+        ("cfg", lambda: ImageEncoder({"dim": 16})),
+        ("images", lambda: MODEL.image_encoder(torch.rand(1, 3, 30, 30))),            # not a multiple of 16
+        ("images", lambda: MODEL.image_encoder(torch.rand(3, 32, 32))),
+    ],
+    "lrn_lib.seem.TextEncoder": [
+        ("ids", lambda: MODEL.text_encoder(torch.full((1, 2), 99))),                  # outside TEXT_VOCAB
+        ("ids", lambda: MODEL.text_encoder(torch.ones(1, 2))),                        # float ids
+        ("n_layers", lambda: TextEncoder(CFG, n_layers=0)),
+        ("cfg", lambda: TextEncoder(None)),
+    ],
+    "lrn_lib.seem.sample_points": [
+        ("masks", lambda: sample_points(torch.ones(4, 4), 2)),
+        ("k", lambda: sample_points(torch.ones(4, 4, dtype=torch.bool), 17)),        # k > H * W
+        ("generator", lambda: sample_points(torch.ones(4, 4, dtype=torch.bool), 2, generator=0)),
+        ("k", lambda: sample_points(torch.ones(4, 4, dtype=torch.bool), 0)),
+    ],
+    "lrn_lib.seem.sample_features": [
+        ("points", lambda: sample_features(torch.zeros(1, 2, 4, 4), torch.full((1, 3, 2), 4), (4, 4))),  # outside
+        ("points", lambda: sample_features(torch.zeros(1, 2, 4, 4), torch.zeros(1, 3, 2), (4, 4))),      # float
+        ("image_size", lambda: sample_features(torch.zeros(1, 2, 4, 4), torch.zeros(1, 3, 2, dtype=torch.int64), 4)),
+        ("features", lambda: sample_features(torch.zeros(2, 4, 4), torch.zeros(1, 3, 2, dtype=torch.int64), (4, 4))),
+    ],
+    "lrn_lib.seem.VisualSampler": [
+        ("cfg", lambda: VisualSampler("small")),
+        ("negative", lambda: MODEL.sampler(torch.rand(1, 16, 16, 16), bools(1, 1, 32, 32), bools(1, 2, 32, 32))),
+        ("pixels", lambda: MODEL.sampler(torch.rand(1, 8, 16, 16), bools(1, 1, 32, 32), bools(1, 1, 32, 32))),
+        ("positive", lambda: MODEL.sampler(torch.rand(1, 16, 16, 16), bools(1, 1, 32, 32).float(), bools(1, 1, 32, 32))),
+    ],
+    "lrn_lib.seem.AttentionMask": [
+        ("attends to nothing", lambda: AttentionMask(torch.zeros(1, 2, 2, dtype=torch.bool))),
+        ("allowed", lambda: AttentionMask(torch.ones(2, 2, dtype=torch.bool))),
+        ("n_heads", lambda: AttentionMask(torch.ones(1, 2, 2, dtype=torch.bool)).for_multihead(0)),
+        ("blocked", lambda: AttentionMask.from_blocked(torch.ones(1, 2, 2))),
+    ],
+    "lrn_lib.seem.sequence_layout": [
+        ("token_kinds", lambda: sequence_layout(1, 1, [OBJECT], 0)),
+        ("n_object", lambda: sequence_layout(-1, 1, [VISUAL], 0)),
+        ("n_memory", lambda: sequence_layout(1, 1, [VISUAL], 1.0)),
+        ("token_kinds", lambda: sequence_layout(1, 1, None, 0)),
+    ],
+    "lrn_lib.seem.query_prompt_mask": [
+        ("kinds", lambda: query_prompt_mask(torch.zeros(3, dtype=torch.int64), torch.zeros(2, dtype=torch.int64),
+                                            torch.ones(1, 3, dtype=torch.bool))),
+        ("valid", lambda: query_prompt_mask(torch.zeros(3, dtype=torch.int64), torch.zeros(3, dtype=torch.int64),
+                                            torch.ones(1, 3))),
+        ("kinds", lambda: query_prompt_mask(torch.full((3,), 9), torch.zeros(3, dtype=torch.int64),
+                                            torch.ones(1, 3, dtype=torch.bool))),
+    ],
+    "lrn_lib.seem.cross_attention_mask": [
+        ("mask_logits", lambda: cross_attention_mask(torch.randn(2, 4, 4), (2, 2))),
+        ("size", lambda: cross_attention_mask(torch.randn(1, 2, 4, 4), (0, 2))),
+        ("size", lambda: cross_attention_mask(torch.randn(1, 2, 4, 4), 2)),
+    ],
+    "lrn_lib.seem.MaskedAttention": [
+        ("n_heads", lambda: MaskedAttention(16, 3)),
+        ("mask", lambda: MaskedAttention(16, 2)(*[torch.randn(1, 3, 16)] * 3, torch.ones(1, 3, 3, dtype=torch.bool))),
+        ("mask", lambda: MaskedAttention(16, 2)(*[torch.randn(1, 3, 16)] * 3,
+                                                AttentionMask(torch.ones(1, 3, 4, dtype=torch.bool)))),
+        ("q", lambda: MaskedAttention(16, 2)(torch.randn(1, 3, 8), *[torch.randn(1, 3, 16)] * 2,
+                                             AttentionMask(torch.ones(1, 3, 3, dtype=torch.bool)))),
+    ],
+    "lrn_lib.seem.Prompts": [
+        ("negative", lambda: prompts(negative=torch.zeros(1, 1, 8, 8))),
+        ("text", lambda: prompts(text=torch.zeros(1, 2, 3, dtype=torch.int64))),
+        ("previous", lambda: prompts(previous=torch.zeros(1, 2, 8, 8, dtype=torch.bool))),
+        ("text", lambda: prompts(text=torch.full((1, 1, 3), 99))),                    # ids outside TEXT_VOCAB
+    ],
+    "lrn_lib.seem.PromptTokens": [
+        ("pos", lambda: tokens(pos=torch.zeros(1, 1, 2, 16))),
+        ("valid", lambda: tokens(valid=torch.ones(1, 1, 3))),
+        ("kinds", lambda: tokens(kinds=torch.full((2,), TEXT))),
+    ],
+    "lrn_lib.seem.SeemOutput": [
+        ("n_object", lambda: output(n_object=5, rows=4)),                            # more objects than rows
+        ("class_logits", lambda: SeemOutput([], [], 0)),
+        ("layer", lambda: output(layers=2).masks((8, 8), layer=2)),
+        ("size", lambda: output().masks(8)),
+    ],
+    "lrn_lib.seem.DecoderLayer": [
+        ("cfg", lambda: DecoderLayer(42)),
+        ("cross", lambda: MODEL.decoder.layers[0](*layer_inputs()[:4], torch.ones(1, 3, 6, dtype=torch.bool),
+                                                   layer_inputs()[5])),
+        ("pos", lambda: MODEL.decoder.layers[0](layer_inputs()[0], torch.randn(1, 5, 16), *layer_inputs()[2:])),
+    ],
+    "lrn_lib.seem.SeemDecoder": [
+        ("cfg", lambda: SeemDecoder(None)),
+        ("levels", lambda: MODEL.decoder(decoder_inputs()[0][:2], *decoder_inputs()[1:])),
+        ("class_embeddings", lambda: MODEL.decoder(*decoder_inputs()[:2], torch.randn(5, 8))),
+        ("prompt_tokens", lambda: MODEL.decoder(*decoder_inputs(), prompt_tokens="tokens")),
+    ],
+    "lrn_lib.seem.SEEM": [
+        ("cfg", lambda: SEEM("small")),
+        ("images", lambda: MODEL(torch.zeros(1, 3, 30, 30))),
+        ("prompts", lambda: MODEL(IMAGES, prompts="the red circle")),
+        ("class_name_ids", lambda: MODEL(IMAGES, class_name_ids=torch.full((4, 3), 99))),
+    ],
+    "lrn_lib.seem.LossWeights": [
+        ("no_object", lambda: LossWeights(no_object=-0.1)),
+        ("cls", lambda: LossWeights(cls=float("nan"))),
+        ("dice", lambda: LossWeights(dice="5")),
+    ],
+    "lrn_lib.seem.dice_loss": [
+        ("logits", lambda: dice_loss(torch.zeros(2, 5), torch.zeros(2, 4))),
+        ("logits", lambda: dice_loss(torch.zeros(2, 5, dtype=torch.int64), torch.zeros(2, 5))),
+        ("targets", lambda: dice_loss(torch.zeros(2, 5), torch.zeros(10))),
+    ],
+    "lrn_lib.seem.bce_loss": [
+        ("targets", lambda: bce_loss(torch.zeros(2, 5), torch.zeros(3, 5))),
+        ("logits", lambda: bce_loss([[0.0] * 5] * 2, torch.zeros(2, 5))),
+    ],
+    "lrn_lib.seem.matching_cost": [
+        ("classes", lambda: cost(classes=torch.zeros(2))),                            # float classes
+        ("classes", lambda: cost(classes=torch.tensor([0, 7]))),                      # id >= C
+        ("classes and masks", lambda: cost(masks=bools(3, 9))),                       # N differs
+        ("weights", lambda: matching_cost(torch.randn(4, 5), torch.randn(4, 9), torch.tensor([0]), bools(1, 9),
+                                          weights={"cls": 2.0})),
+    ],
+    "lrn_lib.seem.hungarian_match": [
+        ("cost", lambda: hungarian_match(torch.rand(2, 3))),                          # fewer queries than targets
+        ("cost", lambda: hungarian_match(torch.tensor([[float("nan")]]))),
+        ("cost", lambda: hungarian_match(torch.rand(6))),
+    ],
+    "lrn_lib.seem.seem_loss": [
+        ("out", lambda: seem_loss({}, [], [])),
+        ("object_classes", lambda: loss(object_classes=[torch.tensor([1, 9])])),       # class id >= C
+        ("object_masks", lambda: loss(object_masks=[bools(3, 4, 4)])),                # 3 masks for 2 classes
+        ("prompt_masks", lambda: loss(prompt_masks=bools(1, 1, 5, 5))),
+    ],
+    "lrn_lib.seem.coarse_mask": [
+        ("cell", lambda: coarse_mask(torch.ones(4, 4, dtype=torch.bool), 0)),
+        ("mask", lambda: coarse_mask(torch.ones(4, 4), 2)),
+    ],
+    "lrn_lib.seem.make_prompts": [
+        ("unknown prompt kinds", lambda: make_prompts(SCENES, [["lasso"], ["box"]], gen())),
+        ("kinds", lambda: make_prompts(SCENES, [["box"]], gen())),
+        ("generator", lambda: make_prompts(SCENES, [["box"], ["box"]], 0)),
+        ("objects", lambda: make_prompts(SCENES, [["box"], ["box"]], gen(), objects=torch.tensor([[0], [9]]))),
+    ],
+    "lrn_lib.seem.prompt_targets": [
+        ("objects", lambda: prompt_targets(SCENES, torch.tensor([[0], [9]]))),        # no object 9
+        ("objects", lambda: prompt_targets(SCENES, torch.tensor([[0]]))),             # one row for two scenes
+        ("scenes", lambda: prompt_targets([], OBJECTS)),
+    ],
+    "lrn_lib.seem.corrective_prompts": [
+        ("memory", lambda: corrective_prompts(PROMPTS, PROMPTS.positive, PROMPTS.positive, memory=1)),
+        ("predicted", lambda: corrective_prompts(PROMPTS, PROMPTS.positive[:, :, :8], PROMPTS.positive, True)),
+        ("radius", lambda: corrective_prompts(PROMPTS, PROMPTS.positive, PROMPTS.positive, True, radius=-1)),
+        ("prompts", lambda: corrective_prompts("prompts", PROMPTS.positive, PROMPTS.positive, True)),
+    ],
+    "lrn_lib.seem.batch_targets": [
+        ("scenes", lambda: batch_targets([])),
+        ("scenes", lambda: batch_targets([SCENE, make_scene(gen(), size=48)])),        # two image sizes
+        ("scenes", lambda: batch_targets(SCENE)),
+    ],
+    "lrn_lib.seem.answer_masks": [
+        ("model", lambda: answer_masks(None, IMAGES, PROMPTS)),
+        ("prompts", lambda: answer_masks(MODEL, IMAGES, None)),
+        ("images", lambda: answer_masks(MODEL, IMAGES[:, :, :20], PROMPTS)),
+    ],
+    "lrn_lib.seem.panoptic_quality": [
+        ("pred_masks", lambda: panoptic(pred_masks=torch.stack([square()]))),         # a tensor, not a list
+        ("overlapping", lambda: panoptic(pred_masks=[torch.stack([square(), square()])])),
+        ("pred_classes[0]", lambda: panoptic(pred_classes=[torch.tensor([0])])),      # 1 class for 2 masks
+        ("true_masks[0]", lambda: panoptic(true_masks=[torch.stack([square(9), ~square(9)])])),
+    ],
+}
+NO_BAD_INPUT: dict[str, str] = {}
+
+
+@pytest.mark.parametrize("argument, call", cases(BAD_CALLS))
+def test_bad_call_raises_clear_error(argument, call):
+    assert_clear_error(argument, call)
