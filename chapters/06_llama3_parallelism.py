@@ -89,6 +89,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lrn_lib import corpus, validate
 from lrn_lib.attention import flash_attention
 from lrn_lib.moe import MoELayer
 
@@ -101,6 +102,12 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_seq_len: int = 8192
+
+    def __post_init__(self):
+        validate.number(self.factor, "factor", low=0, low_open=True)
+        validate.number(self.low_freq_factor, "low_freq_factor", low=0, low_open=True)
+        validate.number(self.high_freq_factor, "high_freq_factor", low=self.low_freq_factor, low_open=True)
+        validate.integer(self.original_max_seq_len, "original_max_seq_len", low=1)
 
 
 @dataclass(frozen=True)
@@ -122,6 +129,16 @@ class LlamaConfig:
     tie_embeddings: bool = False
 
     def __post_init__(self):
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+            validate.integer(getattr(self, name), name, low=1)
+        validate.number(self.norm_eps, "norm_eps", low=0)
+        validate.number(self.rope_theta, "rope_theta", low=0, low_open=True)
+        if not isinstance(self.rope_scaling, (RopeScaling, type(None))):
+            raise TypeError(f"rope_scaling must be a RopeScaling or None, got {type(self.rope_scaling).__name__}")
+        validate.integer(self.n_experts, "n_experts", low=0)
+        validate.integer(self.top_k, "top_k", low=1, high=self.n_experts or None)
+        if not isinstance(self.tie_embeddings, bool):
+            raise TypeError(f"tie_embeddings must be a bool, got {type(self.tie_embeddings).__name__}")
         if self.dim % self.n_heads:
             raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
@@ -134,8 +151,18 @@ class LlamaConfig:
         return self.dim // self.n_heads
 
 
+def check_config(cfg: LlamaConfig, name: str = "cfg") -> LlamaConfig:
+    """Raise TypeError unless cfg is a LlamaConfig (its own __post_init__ checked the fields); returns it."""
+    if not isinstance(cfg, LlamaConfig):
+        raise TypeError(f"{name} must be a LlamaConfig, got {type(cfg).__name__}")
+    return cfg
+
+
 def llama_ffn_dim(dim: int, ffn_dim_multiplier: float, multiple_of: int) -> int:
     """The SwiGLU width of Meta's Llama code: int(multiplier * int(8 dim / 3)), rounded up to multiple_of."""
+    validate.integer(dim, "dim", low=1)
+    validate.number(ffn_dim_multiplier, "ffn_dim_multiplier", low=0, low_open=True)
+    validate.integer(multiple_of, "multiple_of", low=1)
     hidden = int(ffn_dim_multiplier * int(2 * 4 * dim / 3))
     return multiple_of * math.ceil(hidden / multiple_of)
 
@@ -153,6 +180,10 @@ def tiny_config(**overrides) -> LlamaConfig:
     """A Llama 3 shape small enough to train on a laptop CPU: byte vocabulary, 2 layers, GQA 4:2."""
     base = LlamaConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160,
                        rope_theta=10000.0, max_seq_len=256)
+    unknown = sorted(set(overrides) - set(base.__dataclass_fields__))
+    if unknown:
+        raise TypeError(f"tiny_config got unknown overrides {unknown}; LlamaConfig's fields are "
+                        f"{sorted(base.__dataclass_fields__)}")
     return replace(base, **overrides)
 
 
@@ -170,6 +201,7 @@ def tiny_config(**overrides) -> LlamaConfig:
 #| export lrn_lib.llama
 def parameter_count(cfg: LlamaConfig) -> int:
     """Number of parameters of the model cfg describes (SwiGLU or MoE FFNs; the head counted once if tied)."""
+    check_config(cfg)
     kv = cfg.n_kv_heads * cfg.head_dim
     attention = 2 * cfg.dim * cfg.dim + 2 * cfg.dim * kv
     if cfg.n_experts:
@@ -183,6 +215,8 @@ def parameter_count(cfg: LlamaConfig) -> int:
 
 def training_flops(n_params: float, n_tokens: float) -> float:
     """The 6ND estimate of training compute (forward 2ND + backward 4ND)."""
+    validate.number(n_params, "n_params", low=0)
+    validate.number(n_tokens, "n_tokens", low=0)
     return 6.0 * n_params * n_tokens
 
 
@@ -224,11 +258,15 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
-        self.eps = eps
+        validate.integer(dim, "dim", low=1)
+        self.eps = validate.number(eps, "eps", low=0)
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., dim) -> (..., dim), normalized in at least float32."""
+        validate.tensor(x, "x", kind="float", nonempty=False)
+        if x.dim() == 0 or x.shape[-1] != self.weight.numel():
+            raise ValueError(f"x has shape {tuple(x.shape)}; its last dimension must be dim={self.weight.numel()}")
         work = torch.promote_types(x.dtype, torch.float32)
         xw = x.to(work)
         normed = xw * torch.rsqrt(xw.pow(2).mean(-1, keepdim=True) + self.eps)    # (6.2)
@@ -237,7 +275,7 @@ class RMSNorm(nn.Module):
 
 def rope_frequencies(cfg: LlamaConfig) -> torch.Tensor:
     """Rotation frequencies omega_i (head_dim // 2,) float64, with Llama 3.1 scaling if configured."""
-    d = cfg.head_dim
+    d = check_config(cfg).head_dim
     omega = cfg.rope_theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)       # (6.4)
     s = cfg.rope_scaling
     if s is None:
@@ -252,6 +290,10 @@ def rope_frequencies(cfg: LlamaConfig) -> torch.Tensor:
 
 def rope_cos_sin(positions: torch.Tensor, omega: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the angles m * omega_i for positions (T,): each (T, head_dim), halves repeated."""
+    validate.tensor(positions, "positions", dims=1, kind="int")
+    validate.tensor(omega, "omega", dims=1, kind="float")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     angles = positions.to(torch.float64)[:, None] * omega.to(positions.device)[None, :]
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -259,6 +301,12 @@ def rope_cos_sin(positions: torch.Tensor, omega: torch.Tensor, dtype: torch.dtyp
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x (B, H, T, hd) by (6.5), pairing coordinate i with i + hd/2; cos, sin (T, hd)."""
+    validate.tensor(x, "x", dims=range(2, 8), kind="float")
+    if x.shape[-1] % 2:
+        raise ValueError(f"x has shape {tuple(x.shape)}: its head dimension must be even to form rotation pairs")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if validate.tensor(t, name, kind="float").shape != x.shape[-2:]:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; x {tuple(x.shape)} needs {tuple(x.shape[-2:])}")
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin                                                   # (6.5)
@@ -330,6 +378,11 @@ class KVCache:
     """
 
     def __init__(self, cfg: LlamaConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
+        check_config(cfg)
+        validate.integer(batch, "batch", low=1)
+        validate.integer(max_len, "max_len", low=1)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
@@ -337,6 +390,13 @@ class KVCache:
 
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, Hkv, T, hd) at positions start..start+T-1; return all keys and values up to there."""
+        validate.integer(layer, "layer", low=0, high=len(self.k) - 1)
+        validate.integer(start, "start", low=0)
+        b, h_kv, _, hd = self.k[layer].shape
+        validate.tensor(k, "k", dims=4, kind="float")
+        if (k.shape[0], k.shape[1], k.shape[3]) != (b, h_kv, hd):
+            raise ValueError(f"k has shape {tuple(k.shape)}; this cache holds ({b}, {h_kv}, T, {hd})")
+        validate.same_shape(k=k, v=v)
         end = start + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"the cache holds {self.max_len} positions; writing up to {end} does not fit")
@@ -350,7 +410,8 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        check_config(cfg)
+        self.dim, self.n_heads, self.n_kv_heads, self.head_dim = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
@@ -360,6 +421,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
                 layer: int = 0, start: int = 0) -> torch.Tensor:
         """x (B, T, dim); cos, sin (T, hd) for the tokens' positions; with a cache, they sit at start..start+T-1."""
+        if validate.tensor(x, "x", dims=3, kind="float").shape[-1] != self.dim:
+            raise ValueError(f"x has shape {tuple(x.shape)}; expected (B, T, dim={self.dim})")
         b, t, _ = x.shape
         q = self.wq(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(b, t, -1, self.head_dim).transpose(1, 2)
@@ -376,12 +439,16 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, ffn_dim: int):
         super().__init__()
+        self.dim = validate.integer(dim, "dim", low=1)
+        validate.integer(ffn_dim, "ffn_dim", low=1)
         self.w1 = nn.Linear(dim, ffn_dim, bias=False)
         self.w3 = nn.Linear(dim, ffn_dim, bias=False)
         self.w2 = nn.Linear(ffn_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., dim) -> (..., dim)."""
+        if validate.tensor(x, "x", kind="float", nonempty=False).dim() == 0 or x.shape[-1] != self.dim:
+            raise ValueError(f"x has shape {tuple(x.shape)}; its last dimension must be dim={self.dim}")
         return self.w2(F.silu(self.w1(x)) * self.w3(x))                              # (6.3)
 
 
@@ -390,6 +457,7 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
+        check_config(cfg)
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -415,7 +483,7 @@ class Llama(nn.Module):
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = check_config(cfg)
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -437,12 +505,20 @@ class Llama(nn.Module):
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, V); positions (T,) default arange(T); a cache needs contiguous positions."""
-        if tokens.dim() != 2 or tokens.dtype != torch.int64:
-            raise ValueError(f"tokens must be a (batch, time) int64 tensor, got {tuple(tokens.shape)} {tokens.dtype}")
+        validate.tensor(tokens, "tokens", dims=2, dtype=torch.int64)
+        validate.ids(tokens, "tokens", self.cfg.vocab_size)
+        t, most = tokens.shape[1], self.cfg.max_seq_len
         if positions is None:
-            positions = torch.arange(tokens.shape[1], device=tokens.device)
-        if positions.shape != (tokens.shape[1],):
-            raise ValueError(f"positions has shape {tuple(positions.shape)}; expected ({tokens.shape[1]},)")
+            if t > most:
+                raise ValueError(f"tokens has {t} positions, more than cfg.max_seq_len={most}")
+            positions = torch.arange(t, device=tokens.device)
+        elif validate.tensor(positions, "positions", kind="int").shape != (t,):
+            raise ValueError(f"positions has shape {tuple(positions.shape)}; expected ({t},)")
+        elif int(positions.min()) < 0 or int(positions.max()) >= most:
+            raise ValueError(f"positions must lie in [0, cfg.max_seq_len={most}), got {int(positions.min())} "
+                             f"to {int(positions.max())}")
+        if cache is not None and not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a KVCache or None, got {type(cache).__name__}")
         x = self.tok_embeddings(tokens)
         cos, sin = rope_cos_sin(positions, self.omega, x.dtype)
         start = int(positions[0]) if cache is not None else 0
@@ -452,7 +528,15 @@ class Llama(nn.Module):
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over all B*T positions: logits (B, T, V), targets (B, T) -> scalar."""
+    """Mean next-token cross-entropy over all B*T positions: logits (B, T, V), targets (B, T) -> scalar.
+
+    Targets equal to -100 (F.cross_entropy's ignore_index) are left out of the mean."""
+    validate.tensor(logits, "logits", kind="float")
+    validate.tensor(targets, "targets", kind="int")
+    if logits.dim() < 2 or targets.shape != logits.shape[:-1]:
+        raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} must be (B, T, V) and (B, T)")
+    if bool(((targets >= logits.shape[-1]) | ((targets < 0) & (targets != -100))).any()):
+        raise ValueError(f"targets must hold ids in [0, {logits.shape[-1]}) (or -100, ignored)")
     logits = logits.reshape(-1, logits.shape[-1])
     return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets.reshape(-1))
 
@@ -486,12 +570,17 @@ TRANSFORMERS_NAMES = {"tok_embeddings": "model.embed_tokens", "norm": "model.nor
 
 def transformers_name(name: str) -> str:
     """The name in transformers' LlamaForCausalLM of our parameter `name` (e.g. layers.0.attention.wq.weight)."""
-    if name.startswith("layers."):
-        _, i, rest = name.split(".", 2)
-        module, kind = rest.rsplit(".", 1)
-        return f"model.layers.{i}.{TRANSFORMERS_NAMES[module]}.{kind}"
-    module, kind = name.rsplit(".", 1)
-    return f"{TRANSFORMERS_NAMES[module]}.{kind}"
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    try:
+        if name.startswith("layers."):
+            _, i, rest = name.split(".", 2)
+            module, kind = rest.rsplit(".", 1)
+            return f"model.layers.{i}.{TRANSFORMERS_NAMES[module]}.{kind}"
+        module, kind = name.rsplit(".", 1)
+        return f"{TRANSFORMERS_NAMES[module]}.{kind}"
+    except (KeyError, ValueError):
+        raise ValueError(f"name {name!r} is not a parameter name of lrn_lib.llama.Llama") from None
 
 
 def load_transformers_state_dict(model: "Llama", state_dict: dict[str, torch.Tensor]) -> None:
@@ -500,6 +589,10 @@ def load_transformers_state_dict(model: "Llama", state_dict: dict[str, torch.Ten
     Every parameter of `model` must be present with its shape; a tied model needs no
     lm_head.weight. Raises ValueError naming the first missing or mis-shaped tensor.
     """
+    if not isinstance(model, Llama):
+        raise TypeError(f"model must be an lrn_lib.llama.Llama, got {type(model).__name__}")
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
     if model.cfg.n_experts:
         raise ValueError("load_transformers_state_dict loads dense Llama models; this one has MoE FFNs")
     with torch.no_grad():
@@ -507,6 +600,8 @@ def load_transformers_state_dict(model: "Llama", state_dict: dict[str, torch.Ten
             key = transformers_name(name)
             if key not in state_dict:
                 raise ValueError(f"state_dict has no {key!r} (our {name})")
+            if not isinstance(state_dict[key], torch.Tensor):
+                raise TypeError(f"state_dict[{key!r}] must be a torch.Tensor, got {type(state_dict[key]).__name__}")
             if state_dict[key].shape != p.shape:
                 raise ValueError(f"state_dict[{key!r}] has shape {tuple(state_dict[key].shape)}; "
                                  f"our {name} is {tuple(p.shape)}")
@@ -548,8 +643,10 @@ print("logits from position 15 on changed:", bool((a[:, 15:] - b[:, 15:]).abs().
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Next tokens (B,) from last-position logits (B, V): greedy at temperature 0, else softmax(z / T) within top-p."""
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got temperature={temperature}, top_p={top_p}")
+    validate.tensor(logits, "logits", dims=2, kind="float")
+    validate.number(temperature, "temperature", low=0)
+    validate.number(top_p, "top_p", low=0, low_open=True, high=1)
+    validate.generator(generator, optional=True)
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.double() / temperature, dim=-1)
@@ -566,8 +663,19 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1
 def generate(model: Llama, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              use_cache: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
     """Extend prompt (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens)."""
-    if prompt.dim() != 2 or prompt.shape[1] == 0:
-        raise ValueError(f"prompt must be a non-empty (batch, time) tensor, got shape {tuple(prompt.shape)}")
+    if not isinstance(model, Llama):
+        raise TypeError(f"model must be an lrn_lib.llama.Llama, got {type(model).__name__}")
+    validate.tensor(prompt, "prompt", dims=2, dtype=torch.int64)
+    validate.ids(prompt, "prompt", model.cfg.vocab_size)
+    validate.integer(max_new_tokens, "max_new_tokens", low=0)
+    if prompt.shape[1] + max(max_new_tokens - 1, 0) > model.cfg.max_seq_len:
+        raise ValueError(f"a prompt of {prompt.shape[1]} tokens and max_new_tokens={max_new_tokens} run the model "
+                         f"past cfg.max_seq_len={model.cfg.max_seq_len}")
+    validate.number(temperature, "temperature", low=0)
+    validate.number(top_p, "top_p", low=0, low_open=True, high=1)
+    if not isinstance(use_cache, bool):
+        raise TypeError(f"use_cache must be a bool, got {type(use_cache).__name__}")
+    validate.generator(generator, optional=True)
     tokens = prompt
     param = next(model.parameters())
     cache = KVCache(model.cfg, prompt.shape[0], prompt.shape[1] + max_new_tokens, param.dtype, param.device) if use_cache else None
@@ -615,22 +723,27 @@ print("the cache is faster:", timings[True] < timings[False])
 # %% [markdown]
 # ### Training the tiny model
 #
-# To see the model learn, we train the tiny configuration on bytes of text every Python
-# installation has: the documentation topics in `pydoc_data`. A few hundred steps on a
+# To see the model learn, we train the tiny configuration on the bytes of the book's English
+# corpus (`lrn_lib.corpus`): the help topics of Python's `pydoc`, as one snapshot committed with the
+# book, so every Python version reads the same bytes. A few hundred steps on a
 # CPU take the loss from $\ln 256 \approx 5.5$ nats per byte to well under 3.
 
 # %%
 #| export lrn_lib.llama
 def pydoc_bytes() -> torch.Tensor:
-    """The bytes of the standard library's pydoc topics (English documentation text) as an int64 tensor."""
-    from pydoc_data import topics
-
-    text = "\n".join(topics.topics[key] for key in sorted(topics.topics))
-    return torch.tensor(list(text.encode("utf-8")), dtype=torch.int64)
+    """The book corpus's English part (pydoc's help topics, lrn_lib.corpus) as an int64 tensor (N,) of bytes."""
+    return torch.frombuffer(bytearray(corpus.english()), dtype=torch.uint8).to(torch.int64)
 
 
 def random_windows(data: torch.Tensor, batch: int, seq: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch of (inputs, next-token targets), each (batch, seq), from random windows of data (N,)."""
+    validate.tensor(data, "data", dims=1, kind="int")
+    validate.integer(batch, "batch", low=1)
+    validate.integer(seq, "seq", low=1)
+    if data.numel() < seq + 2:
+        raise ValueError(f"data has {data.numel()} tokens, too few for windows of seq + 1 = {seq + 1} tokens "
+                         f"(random_windows draws starts from 0 .. N - seq - 2, so N must be at least seq + 2)")
+    validate.generator(generator, optional=True)
     start = torch.randint(0, data.numel() - seq - 1, (batch,), generator=generator)
     window = torch.stack([data[s:s + seq + 1] for s in start.tolist()])
     return window[:, :-1], window[:, 1:]
@@ -694,6 +807,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from lrn_lib import validate
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free now, for the processes' rendezvous."""
@@ -724,6 +839,9 @@ def spawn(worker: Callable[..., Any], world: int, *args: Any) -> list[Any]:
     """
     import torch.multiprocessing as mp
 
+    if not callable(worker):
+        raise TypeError(f"worker must be a function, got {type(worker).__name__}")
+    validate.integer(world, "world", low=1)
     queue = mp.get_context("spawn").SimpleQueue()
     main = sys.modules["__main__"]
     script = main.__dict__.pop("__file__", None)     # children import the worker's module, never re-run a script
@@ -734,6 +852,26 @@ def spawn(worker: Callable[..., Any], world: int, *args: Any) -> list[Any]:
             main.__file__ = script
     results = dict(queue.get() for _ in range(world))
     return [results[r] for r in range(world)]
+
+
+def check_rank(rank: int, world: int) -> None:
+    """Raise unless world is an int >= 1 and rank an int in [0, world): the first check of every spawn worker."""
+    validate.integer(world, "world", low=1)
+    validate.integer(rank, "rank", low=0, high=world - 1)
+
+
+def check_mesh_shape(shape: "MeshShape", world: int) -> None:
+    """Raise TypeError unless shape is a MeshShape, ValueError unless its world size is `world`."""
+    if not isinstance(shape, MeshShape):
+        raise TypeError(f"shape must be a MeshShape, got {type(shape).__name__}")
+    if shape.world != world:
+        raise ValueError(f"shape {shape} needs {shape.world} ranks, but world={world}")
+
+
+def check_group(group: Any, name: str = "group") -> None:
+    """Raise TypeError unless group is a torch.distributed ProcessGroup or None (None: the whole world)."""
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"{name} must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
 
 
 # %% [markdown]
@@ -758,6 +896,10 @@ class MeshShape:
     pp: int = 1
     dp: int = 1
 
+    def __post_init__(self):
+        for name in MESH_DIMS:
+            validate.integer(getattr(self, name), name, low=1)
+
     @property
     def world(self) -> int:
         return self.tp * self.cp * self.pp * self.dp
@@ -768,8 +910,7 @@ class MeshShape:
 
     def coordinates(self, rank: int) -> dict[str, int]:
         """{'tp': i, 'cp': j, 'pp': k, 'dp': l} of one rank."""
-        if not 0 <= rank < self.world:
-            raise ValueError(f"rank {rank} is outside a mesh of {self.world} ranks")
+        validate.integer(rank, "rank", low=0, high=self.world - 1)
         dp, pp, cp, tp = (int(c[0]) for c in torch.nonzero(self.grid() == rank, as_tuple=True))
         return {"tp": tp, "cp": cp, "pp": pp, "dp": dp}
 
@@ -778,6 +919,8 @@ class MeshShape:
         for d in dims:
             if d not in MESH_DIMS:
                 raise ValueError(f"unknown mesh dimension {d!r}; expected one of {MESH_DIMS}")
+        if len(set(dims)) < len(dims):
+            raise ValueError(f"dims {dims} names a mesh dimension twice")
         axis = {"dp": 0, "pp": 1, "cp": 2, "tp": 3}
         inside = [axis[d] for d in dims]
         outside = [a for a in range(4) if a not in inside]
@@ -792,6 +935,8 @@ class Mesh:
     """
 
     def __init__(self, shape: MeshShape):
+        if not isinstance(shape, MeshShape):
+            raise TypeError(f"shape must be a MeshShape, got {type(shape).__name__}")
         if dist.get_world_size() != shape.world:
             raise ValueError(f"the mesh {shape} needs {shape.world} ranks but the world has {dist.get_world_size()}")
         self.shape = shape
@@ -808,6 +953,8 @@ class Mesh:
 
 def describe_rank(rank: int, world: int, shape: MeshShape) -> str:
     """One line per rank: its coordinates and the members of each of its groups (a spawn worker)."""
+    check_rank(rank, world)
+    check_mesh_shape(shape, world)
     mesh = Mesh(shape)
     c = mesh.coords
     groups = " ".join(f"{k}={mesh.members[k]}" for k in ("tp", "cp", "pp", "dp"))
@@ -838,6 +985,7 @@ for dims in (("tp",), ("cp",), ("pp",), ("dp",), ("cp", "dp")):
 #| export lrn_lib.mesh
 def collectives_demo(rank: int, world: int) -> str:
     """all_reduce and all_gather of each rank's number (a spawn worker); returns what this rank sees."""
+    check_rank(rank, world)
     x = torch.tensor([float(rank)])
     total = x.clone()
     dist.all_reduce(total)
@@ -906,8 +1054,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lrn_lib.llama import Llama, LlamaConfig, RMSNorm, lm_loss
-from lrn_lib.mesh import Mesh, MeshShape
+from lrn_lib import validate
+from lrn_lib.llama import Llama, LlamaConfig, RMSNorm, check_config, lm_loss
+from lrn_lib.mesh import Mesh, MeshShape, check_group, check_rank
 
 
 def shard_bounds(size: int, rank: int, world: int) -> tuple[int, int]:
@@ -916,8 +1065,8 @@ def shard_bounds(size: int, rank: int, world: int) -> tuple[int, int]:
     The first size % world ranks get one row more (torch.tensor_split's rule). Raises
     ValueError for a rank outside the group or when some rank would get no row.
     """
-    if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"rank={rank} is not a rank of a group of world={world}")
+    check_rank(rank, world)
+    validate.integer(size, "size", low=0)
     if size < world:
         raise ValueError(f"size={size} cannot be split over world={world} ranks with at least one row each")
     base, extra = divmod(size, world)
@@ -939,6 +1088,8 @@ class CopyToTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: "dist.ProcessGroup | None") -> torch.Tensor:
         """x (any shape) -> the same values."""
+        validate.tensor(x, "x", nonempty=False)
+        check_group(group)
         ctx.group = group
         return x.view_as(x)
 
@@ -954,6 +1105,8 @@ class ReduceFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: "dist.ProcessGroup | None") -> torch.Tensor:
         """x (any shape), a partial sum on each rank -> the full sum, the same on every rank."""
+        validate.tensor(x, "x", nonempty=False)
+        check_group(group)
         return _all_reduce_copy(x, group)
 
     @staticmethod
@@ -999,6 +1152,9 @@ class ColumnParallelLinear(nn.Module):
         super().__init__()
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        check_group(group)
+        if not isinstance(copy_input, bool):
+            raise TypeError(f"copy_input must be a bool, got {type(copy_input).__name__}")
         self.group, self.copy_input = group, copy_input
         self.start, self.stop = shard_bounds(linear.out_features, dist.get_rank(group), dist.get_world_size(group))
         self.weight = nn.Parameter(self.full_slice(linear.weight.detach(), "weight").clone())
@@ -1010,6 +1166,8 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in), the same on every rank -> this rank's output columns (..., out_r)."""
+        if validate.tensor(x, "x", kind="float", nonempty=False).dim() == 0 or x.shape[-1] != self.weight.shape[1]:
+            raise ValueError(f"x has shape {tuple(x.shape)}; this layer takes {self.weight.shape[1]} input features")
         if self.copy_input:
             x = copy_to_tp(x, self.group)
         return F.linear(x, self.weight, self.bias)
@@ -1026,6 +1184,7 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        check_group(group)
         self.group = group
         self.start, self.stop = shard_bounds(linear.in_features, dist.get_rank(group), dist.get_world_size(group))
         self.weight = nn.Parameter(self.full_slice(linear.weight.detach(), "weight").clone())
@@ -1037,7 +1196,7 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in_r), this rank's input columns -> (..., out), the same on every rank."""
-        if x.shape[-1] != self.stop - self.start:
+        if validate.tensor(x, "x", kind="float", nonempty=False).dim() == 0 or x.shape[-1] != self.stop - self.start:
             raise ValueError(f"x has {x.shape[-1]} features; this rank's block of the input has {self.stop - self.start}")
         y = reduce_from_tp(F.linear(x, self.weight), self.group)                        # (6.8)
         return y if self.bias is None else y + self.bias
@@ -1117,7 +1276,8 @@ class VocabParallelEmbedding(nn.Module):
             raise TypeError(f"embedding must be an nn.Embedding, got {type(embedding).__name__}")
         if embedding.padding_idx is not None or embedding.max_norm is not None:
             raise ValueError("embedding must have no padding_idx and no max_norm")
-        self.group = group
+        check_group(group)
+        self.group, self.num_embeddings = group, embedding.num_embeddings
         self.start, self.stop = shard_bounds(embedding.num_embeddings, dist.get_rank(group), dist.get_world_size(group))
         self.weight = nn.Parameter(self.full_slice(embedding.weight.detach(), "weight").clone())
 
@@ -1127,8 +1287,9 @@ class VocabParallelEmbedding(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (...) int64 global ids -> (..., dim)."""
-        if tokens.dtype != torch.int64:
+        if validate.tensor(tokens, "tokens").dtype != torch.int64:
             raise TypeError(f"tokens must be int64, got {tokens.dtype}")
+        validate.ids(tokens, "tokens", self.num_embeddings)            # an id outside every shard would embed to 0
         local = tokens - self.start
         mine = (local >= 0) & (local < self.stop - self.start)
         rows = F.embedding(local.masked_fill(~mine, 0), self.weight)
@@ -1142,6 +1303,11 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, start: int,
                 group: "dist.ProcessGroup | None") -> torch.Tensor:
         """logits (N, V_r) for vocabulary ids [start, start + V_r); targets (N,) global ids -> losses (N,)."""
+        validate.tensor(logits, "logits", dims=2, kind="float")
+        if validate.tensor(targets, "targets", dims=1, kind="int").shape[0] != logits.shape[0]:
+            raise ValueError(f"targets {tuple(targets.shape)} must hold one id per row of logits {tuple(logits.shape)}")
+        validate.integer(start, "start", low=0)
+        check_group(group)
         work = logits.to(torch.promote_types(logits.dtype, torch.float32))
         m = _all_reduce_copy(work.amax(-1), group, dist.ReduceOp.MAX)                   # m of (6.14)
         e = torch.exp(work - m[:, None])
@@ -1171,17 +1337,20 @@ def vocab_parallel_cross_entropy(local_logits: torch.Tensor, targets: torch.Tens
     local_logits (..., V_r): this rank's columns shard_bounds(vocab_size, rank, t) of the
     full logits; targets (...) int64 global ids -> scalar, the same on every rank of group.
     """
-    if targets.dtype != torch.int64:
+    validate.tensor(local_logits, "local_logits", kind="float")
+    if validate.tensor(targets, "targets").dtype != torch.int64:
         raise TypeError(f"targets must be int64, got {targets.dtype}")
     if local_logits.shape[:-1] != targets.shape:
         raise ValueError(f"local_logits {tuple(local_logits.shape)} and targets {tuple(targets.shape)} "
                          "must agree except in the last (vocabulary) dimension")
+    validate.integer(vocab_size, "vocab_size", low=1)
+    if targets.min() < 0 or targets.max() >= vocab_size:
+        raise ValueError(f"targets must lie in [0, vocab_size={vocab_size})")
+    check_group(group)
     start, stop = shard_bounds(vocab_size, dist.get_rank(group), dist.get_world_size(group))
     if local_logits.shape[-1] != stop - start:
         raise ValueError(f"local_logits has {local_logits.shape[-1]} vocabulary columns; this rank owns "
                          f"{stop - start} of vocab_size={vocab_size}")
-    if targets.numel() and (targets.min() < 0 or targets.max() >= vocab_size):
-        raise ValueError(f"targets must lie in [0, vocab_size={vocab_size})")
     losses = VocabParallelCrossEntropy.apply(local_logits.reshape(-1, stop - start), targets.reshape(-1), start, group)
     return losses.mean()
 
@@ -1204,6 +1373,9 @@ def tp_layers_check(rank: int, world: int, vocab_size: int = 67, seed: int = 0, 
     gradient); VocabParallelEmbedding ('embedding_out', 'embedding_grad'); and
     vocab_parallel_cross_entropy against F.cross_entropy ('ce_loss', 'ce_grad' of the logits).
     """
+    check_rank(rank, world)
+    for name, value in (("vocab_size", vocab_size), ("n_tokens", n_tokens), ("dim", dim), ("hidden", hidden)):
+        validate.integer(value, name, low=world)                   # every rank gets a row of each split
     torch.manual_seed(seed)
     up, down = nn.Linear(dim, hidden).double(), nn.Linear(hidden, dim).double()
     table = nn.Embedding(vocab_size, dim).double()
@@ -1285,6 +1457,9 @@ class TPRMSNorm(RMSNorm):
     """
 
     def __init__(self, norm: RMSNorm, group: "dist.ProcessGroup | None" = None):
+        if not isinstance(norm, RMSNorm):
+            raise TypeError(f"norm must be an lrn_lib.llama.RMSNorm, got {type(norm).__name__}")
+        check_group(group)
         super().__init__(norm.weight.numel(), norm.eps)
         self.weight = nn.Parameter(norm.weight.detach().clone())
         self.group = group
@@ -1296,8 +1471,8 @@ class TPRMSNorm(RMSNorm):
 
 def check_tp_config(cfg: LlamaConfig, tp: int) -> None:
     """Raise ValueError unless a model of shape cfg splits over tp ranks: heads, KV heads, vocabulary, FFN."""
-    if tp < 1:
-        raise ValueError(f"tp must be at least 1, got {tp}")
+    check_config(cfg)
+    validate.integer(tp, "tp", low=1)
     if cfg.n_heads % tp:
         raise ValueError(f"n_heads={cfg.n_heads} is not divisible by tp={tp}")
     if cfg.n_kv_heads % tp:
@@ -1329,6 +1504,7 @@ def tensor_parallel_llama(model: Llama, group: "dist.ProcessGroup | None" = None
     """
     if not isinstance(model, Llama):
         raise TypeError(f"model must be an lrn_lib.llama.Llama, got {type(model).__name__}")
+    check_group(group)
     tp = dist.get_world_size(group)
     check_tp_config(model.cfg, tp)
     _check_identical(model, group)
@@ -1351,11 +1527,19 @@ def tensor_parallel_llama(model: Llama, group: "dist.ProcessGroup | None" = None
 
 def gradient_errors(tp_model: nn.Module, full_model: nn.Module) -> dict[str, float]:
     """max |gradient of each tp_model parameter - the matching slice of full_model's gradient|, by name."""
+    for arg, model in (("tp_model", tp_model), ("full_model", full_model)):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{arg} must be an nn.Module, got {type(model).__name__}")
     errors = {}
     for module_name, module in tp_model.named_modules():
         for name, p in module.named_parameters(recurse=False):
             full_name = f"{module_name}.{name}" if module_name else name
-            full = full_model.get_parameter(full_name).grad
+            try:
+                full = full_model.get_parameter(full_name).grad
+            except AttributeError:
+                raise ValueError(f"full_model has no parameter {full_name!r} of tp_model") from None
+            if p.grad is None or full is None:
+                raise ValueError(f"{full_name} has no gradient in tp_model or full_model: run backward on both first")
             if hasattr(module, "full_slice"):
                 full = module.full_slice(full, name)
             errors[full_name] = (p.grad - full).abs().max().item()
@@ -1386,9 +1570,13 @@ def tp_llama_check(rank: int, world: int, cfg: LlamaConfig, tp: int | None = Non
     name -> this rank's parameter shape; 'forward' and 'backward': the sizes (numbers of
     elements) of the all-reduces the TP step issued.
     """
-    tp = world if tp is None else tp
+    check_rank(rank, world)
+    tp = world if tp is None else validate.integer(tp, "tp", low=1)
     if world % tp:
         raise ValueError(f"tp={tp} does not divide world={world}")
+    check_tp_config(cfg, tp)
+    validate.integer(batch, "batch", low=1)
+    validate.integer(seq, "seq", low=1)
     group = Mesh(MeshShape(tp=tp, dp=world // tp)).group["tp"] if tp < world else None
     torch.manual_seed(seed)
     full = Llama(cfg).double()
@@ -1436,6 +1624,10 @@ def dtensor_tp_check(rank: int, world: int, cfg: LlamaConfig, seed: int = 0, bat
     from torch.distributed.tensor import DTensor, Replicate
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
+    check_rank(rank, world)
+    check_tp_config(cfg, world)
+    validate.integer(batch, "batch", low=1)
+    validate.integer(seq, "seq", low=1)
     torch.manual_seed(seed)
     full = Llama(cfg).double()
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1))
@@ -1465,6 +1657,10 @@ def dtensor_tp_check(rank: int, world: int, cfg: LlamaConfig, seed: int = 0, bat
 
 def build_tp_llama(rank: int, world: int, cfg: LlamaConfig, seeds: list[int]) -> str:
     """spawn worker: build Llama(cfg) from seeds[rank] and shard it over the world; 'ok' or the ValueError's message."""
+    check_rank(rank, world)
+    check_config(cfg)
+    if len(validate.nonempty(seeds, "seeds")) != world:
+        raise ValueError(f"seeds must hold one seed per rank, {world}, got {len(seeds)}")
     torch.manual_seed(seeds[rank])
     try:
         tensor_parallel_llama(Llama(cfg))
@@ -1661,16 +1857,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from lrn_lib import validate
 from lrn_lib.attention import attention_reference, causal_visible, check_attention_inputs, flash_attention
 from lrn_lib.llama import Llama, lm_loss, tiny_config
-
-
-def _check_rank(rank: int, cp: int) -> None:
-    """Raise ValueError unless cp is a positive int and 0 <= rank < cp."""
-    if not isinstance(cp, int) or cp < 1:
-        raise ValueError(f"cp must be a positive int, got {cp!r}")
-    if not isinstance(rank, int) or not 0 <= rank < cp:
-        raise ValueError(f"rank must be an int in [0, {cp}), got {rank!r}")
+from lrn_lib.mesh import check_group, check_rank
 
 
 def chunk_ids(rank: int, cp: int, balanced: bool = True) -> list[int]:
@@ -1679,7 +1869,8 @@ def chunk_ids(rank: int, cp: int, balanced: bool = True) -> list[int]:
     balanced: the sequence is cut into 2*cp chunks and rank i holds [i, 2*cp - 1 - i]
     (Llama 3's causal load balancing); otherwise into cp chunks and rank i holds [i].
     """
-    _check_rank(rank, cp)
+    validate.integer(cp, "cp", low=1)
+    validate.integer(rank, "rank", low=0, high=cp - 1)
     return [rank, 2 * cp - 1 - rank] if balanced else [rank]
 
 
@@ -1688,21 +1879,16 @@ def _n_chunks(cp: int, balanced: bool) -> int:
     return 2 * cp if balanced else cp
 
 
-def _check_dim(x: torch.Tensor, dim: int) -> int:
-    """dim as a non-negative index into x's dimensions; ValueError naming dim otherwise."""
-    if not -x.dim() <= dim < x.dim():
-        raise ValueError(f"dim {dim} is out of range for a tensor with {x.dim()} dimensions")
-    return dim % x.dim()
-
-
 def shard_sequence(x: torch.Tensor, rank: int, cp: int, dim: int = 1, balanced: bool = True) -> torch.Tensor:
     """The part of a full sequence that CP rank `rank` holds.
 
     x: (..., T, ...) with the sequence along dim (T divisible by 2*cp when balanced, else by
     cp). Returns (..., T/cp, ...): the rank's chunks (chunk_ids) concatenated along dim.
     """
-    _check_rank(rank, cp)
-    dim = _check_dim(x, dim)
+    validate.integer(cp, "cp", low=1)
+    validate.integer(rank, "rank", low=0, high=cp - 1)
+    validate.tensor(x, "x")
+    dim = validate.integer(dim, "dim", low=-x.dim(), high=x.dim() - 1) % x.dim()
     n = _n_chunks(cp, balanced)
     if x.shape[dim] % n:
         layout = "2 * cp" if balanced else "cp"
@@ -1717,12 +1903,13 @@ def unshard_sequence(shards: list[torch.Tensor], dim: int = 1, balanced: bool = 
 
     shards: cp tensors of one shape (..., T/cp, ...). Returns (..., T, ...) in global order.
     """
-    if not shards:
-        raise ValueError("shards is empty; expected one tensor per CP rank")
+    validate.nonempty(shards, "shards")
+    for shard in shards:
+        validate.tensor(shard, "shards")
     if any(s.shape != shards[0].shape for s in shards):
         raise ValueError(f"shards have shapes {[tuple(s.shape) for s in shards]}; they must all match")
     cp = len(shards)
-    dim = _check_dim(shards[0], dim)
+    dim = validate.integer(dim, "dim", low=-shards[0].dim(), high=shards[0].dim() - 1) % shards[0].dim()
     per_rank = len(chunk_ids(0, cp, balanced))
     if shards[0].shape[dim] % per_rank:
         raise ValueError(f"shards have length {shards[0].shape[dim]} along dim {dim}, which does not split "
@@ -1740,8 +1927,9 @@ def shard_positions(seq_len: int, rank: int, cp: int, balanced: bool = True,
 
     These are the positions RoPE must rotate the shard's queries and keys by.
     """
-    if not isinstance(seq_len, int) or seq_len < 1:
-        raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
+    validate.integer(seq_len, "seq_len", low=1)
+    validate.integer(cp, "cp", low=1)
+    validate.integer(rank, "rank", low=0, high=cp - 1)
     n = _n_chunks(cp, balanced)
     if seq_len % n:
         raise ValueError(f"seq_len {seq_len} is not divisible by the {n} chunks of the layout")
@@ -1842,6 +2030,12 @@ def merge_partials(o: torch.Tensor, lse: torch.Tensor, o_b: torch.Tensor,
     o, o_b: (B, H, N, d); lse, lse_b: (B, H, N), all finite. Returns the (O, L) of attention
     over the union of both key sets.
     """
+    for name, x, y in (("o", o, o_b), ("lse", lse, lse_b)):
+        validate.tensor(x, name, dims=4 if name == "o" else 3, kind="float")
+        validate.tensor(y, name + "_b", kind="float")
+        validate.same_shape(**{name: x, name + "_b": y})
+    if lse.shape != o.shape[:-1]:
+        raise ValueError(f"lse has shape {tuple(lse.shape)}; o {tuple(o.shape)} needs {tuple(o.shape[:-1])}")
     o = o - torch.sigmoid(lse_b - lse)[..., None] * (o - o_b)       # (6.18), equal to (6.17)
     lse = lse - F.logsigmoid(lse - lse_b)                            # (6.18), equal to (2.3)
     return o, lse
@@ -1951,6 +2145,8 @@ def ring_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
     and L: (B, H, Tl) in float32 (float64 for float64 input): attention of the local queries
     over the whole sequence.
     """
+    _check_cp_inputs(q, k, v, balanced, causal, scale)
+    check_group(group)
     rank, cp = dist.get_rank(group), dist.get_world_size(group)
     mine = chunk_ids(rank, cp, balanced)
     c = q.shape[2] // len(mine)                                  # tokens per chunk
@@ -2008,6 +2204,12 @@ def attention_block_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     bottom-right mask of chapter 4. Returns (dQ (B, H, Nq, d), dK, dV (B, Hkv, Nk, d)), dK and
     dV summed over the query heads of each GQA group.
     """
+    check_attention_inputs(q, k, v, causal, scale)
+    validate.tensor(do, "do", kind="float")
+    validate.same_shape(q=q, do=do)
+    for name, t in (("lse", lse), ("delta", delta)):
+        if validate.tensor(t, name, kind="float").shape != q.shape[:-1]:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; q {tuple(q.shape)} needs {tuple(q.shape[:-1])}")
     b, h, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
     group = h // h_kv
@@ -2032,6 +2234,13 @@ def ring_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
     Shapes as in ring_attention_forward; o, lse are its results and do has o's shape.
     Returns (dQ, dK, dV) of this rank's shards in the dtypes of q, k, v.
     """
+    _check_cp_inputs(q, k, v, balanced, causal, scale)
+    for name, t in (("o", o), ("do", do)):
+        validate.tensor(t, name, kind="float")
+    validate.same_shape(q=q, o=o, do=do)
+    if validate.tensor(lse, "lse", kind="float").shape != q.shape[:-1]:
+        raise ValueError(f"lse has shape {tuple(lse.shape)}; q {tuple(q.shape)} needs {tuple(q.shape[:-1])}")
+    check_group(group)
     rank, cp = dist.get_rank(group), dist.get_world_size(group)
     mine = chunk_ids(rank, cp, balanced)
     c = q.shape[2] // len(mine)
@@ -2090,9 +2299,10 @@ class RingAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
-def _check_cp_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, balanced: bool) -> None:
+def _check_cp_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, balanced: bool, causal: bool = False,
+                     scale: float | None = None) -> None:
     """Chapter 4's checks, plus: q and k/v shards of one length that splits into the rank's chunks."""
-    check_attention_inputs(q, k, v)
+    check_attention_inputs(q, k, v, causal, scale)
     if k.shape[2] != q.shape[2]:
         raise ValueError(f"k has {k.shape[2]} local tokens but q has {q.shape[2]}; a CP rank holds the queries "
                          "and keys of the same tokens")
@@ -2111,7 +2321,8 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
     this rank's rows of softmax(scale Q K^T) V over the full sequence (causal: a token sees itself
     and earlier tokens). group: the CP process group (None: the whole world).
     """
-    _check_cp_inputs(q, k, v, balanced)
+    _check_cp_inputs(q, k, v, balanced, causal, scale)
+    check_group(group)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     return RingAttention.apply(q, k, v, causal, scale, group if group is not None else dist.group.WORLD, balanced)
 
@@ -2156,6 +2367,9 @@ class GatherSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup, dim: int, balanced: bool) -> torch.Tensor:
         """x (..., Tl, ...) on every rank -> the full (..., T, ...) in global order."""
+        validate.tensor(x, "x")
+        check_group(group)
+        validate.integer(dim, "dim", low=0, high=x.dim() - 1)
         parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, x.detach().contiguous(), group=group)
         ctx.group, ctx.dim, ctx.balanced = group, dim, balanced
@@ -2177,9 +2391,10 @@ def gather_sequence(x: torch.Tensor, group: dist.ProcessGroup | None = None, dim
 
     The inverse of shard_sequence across the group; the backward pass reduce-scatters.
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    return GatherSequence.apply(x, group if group is not None else dist.group.WORLD, _check_dim(x, dim), balanced)
+    validate.tensor(x, "x")
+    check_group(group)
+    dim = validate.integer(dim, "dim", low=-x.dim(), high=x.dim() - 1) % x.dim()
+    return GatherSequence.apply(x, group if group is not None else dist.group.WORLD, dim, balanced)
 
 
 def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
@@ -2190,7 +2405,8 @@ def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
     Same arguments and result as ring_attention. Differentiable: autograd through
     flash_attention, and a reduce-scatter of dK, dV in the gather's backward pass.
     """
-    _check_cp_inputs(q, k, v, balanced)
+    _check_cp_inputs(q, k, v, balanced, causal, scale)
+    check_group(group)
     group = group if group is not None else dist.group.WORLD
     k_all = gather_sequence(k, group, dim=2, balanced=balanced)
     v_all = gather_sequence(v, group, dim=2, balanced=balanced)
@@ -2220,6 +2436,17 @@ def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
 
 # %%
 #| export lrn_lib.context_parallel
+def _check_configs(configs: list[dict], keys: tuple[str, ...]) -> None:
+    """Raise unless configs is a non-empty list of dicts holding `keys`, each with a known variant."""
+    for cfg in validate.nonempty(configs, "configs"):
+        if not isinstance(cfg, dict):
+            raise TypeError(f"configs must hold dicts, got {type(cfg).__name__}")
+        missing = sorted(set(keys) - set(cfg))
+        if missing:
+            raise ValueError(f"a config of configs lacks the keys {missing}")
+        validate.choice(cfg["variant"], "variant", ("ring", "allgather"))
+
+
 def attention_check(rank: int, world: int, configs: list[dict],
                     cp_groups: list[list[int]] | None = None) -> list[dict[str, float]]:
     """Spawn worker: CP attention against full-sequence attention_reference, in float64.
@@ -2229,6 +2456,12 @@ def attention_check(rank: int, world: int, configs: list[dict],
     runs every config on its own (default: one group of all ranks). Returns, per config, the
     largest |difference| over all ranks of the output and of dQ, dK, dV.
     """
+    check_rank(rank, world)
+    _check_configs(configs, ("variant", "causal", "balanced", "batch", "heads", "kv_heads", "seq_len", "head_dim",
+                             "seed"))
+    if cp_groups is not None and sorted(r for ranks in validate.nonempty(cp_groups, "cp_groups") for r in ranks) \
+            != list(range(world)):
+        raise ValueError(f"cp_groups must partition the ranks 0..{world - 1}, got {cp_groups}")
     group = dist.group.WORLD
     for ranks in cp_groups or []:
         new = dist.new_group(ranks)                               # collective: every rank creates every group
@@ -2320,9 +2553,15 @@ def context_parallel_loss(logits: torch.Tensor, targets: torch.Tensor, group: di
     group's count of counted tokens (back-propagate it, then sum the gradients over the group);
     loss = the all-reduced sum of the shares, the single-process mean (detached).
     """
+    validate.tensor(logits, "logits", kind="float")
+    validate.tensor(targets, "targets", kind="int")
     if logits.dim() != 3 or targets.shape != logits.shape[:2]:
         raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} must be (B, T, V) "
                          "and (B, T)")
+    validate.integer(ignore_index, "ignore_index")
+    if bool((((targets < 0) | (targets >= logits.shape[-1])) & (targets != ignore_index)).any()):
+        raise ValueError(f"targets must hold ids in [0, {logits.shape[-1]}) or ignore_index={ignore_index}")
+    check_group(group)
     group = group if group is not None else dist.group.WORLD
     total = F.cross_entropy(logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32)),
                             targets.flatten(), ignore_index=ignore_index, reduction="sum")
@@ -2345,6 +2584,7 @@ def cp_attend(variant: str = "allgather", group: dist.ProcessGroup | None = None
     variants = {"ring": ring_attention, "allgather": allgather_attention}
     if variant not in variants:
         raise ValueError(f"variant must be one of {sorted(variants)}, got {variant!r}")
+    check_group(group)
     attention = variants[variant]
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -2402,6 +2642,8 @@ def model_check(rank: int, world: int, configs: list[dict]) -> list[dict[str, fl
     trailing targets are ignore_index), seed. Returns, per config, |loss difference|, the
     largest |gradient difference| over all parameters, and the largest |gradient|, over the group.
     """
+    check_rank(rank, world)
+    _check_configs(configs, ("variant", "balanced", "batch", "seq_len", "padding", "seed"))
     group = dist.group.WORLD
     results = []
     for cfg in configs:
@@ -2502,16 +2744,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from lrn_lib.llama import Llama, LlamaConfig, lm_loss, rope_cos_sin, tiny_config
-from lrn_lib.mesh import Mesh, MeshShape
-
-
-def _check_count(name: str, value: int, least: int = 1) -> None:
-    """TypeError unless value is an int, ValueError unless value >= least."""
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < least:
-        raise ValueError(f"{name} must be >= {least}, got {value}")
+from lrn_lib import validate
+from lrn_lib.llama import Llama, LlamaConfig, check_config, lm_loss, rope_cos_sin, tiny_config
+from lrn_lib.mesh import Mesh, MeshShape, check_group, check_rank
 
 
 def partition_layers(n_layers: int, num_stages: int, lighter_ends: bool = False) -> list[range]:
@@ -2522,8 +2757,8 @@ def partition_layers(n_layers: int, num_stages: int, lighter_ends: bool = False)
     layers would give them, leaving room for the embedding and the output head (Llama 3:
     126 layers over 16 stages -> 7, 8, ..., 8, 7).
     """
-    _check_count("n_layers", n_layers)
-    _check_count("num_stages", num_stages, 2 if lighter_ends else 1)
+    validate.integer(n_layers, "n_layers", low=1)
+    validate.integer(num_stages, "num_stages", low=2 if lighter_ends else 1)
     base, extra = divmod(n_layers + (2 if lighter_ends else 0), num_stages)
     sizes = [base + (s < extra) for s in range(num_stages)]
     if lighter_ends:
@@ -2550,9 +2785,13 @@ class LlamaStage(nn.Module):
         super().__init__()
         if not isinstance(model, Llama):
             raise TypeError(f"model must be a Llama, got {type(model).__name__}")
+        if not isinstance(layers, range):
+            raise TypeError(f"layers must be a range of layer indices, got {type(layers).__name__}")
+        if not isinstance(first, bool) or not isinstance(last, bool):
+            raise TypeError(f"first and last must be bools, got {first!r}, {last!r}")
         if len(layers) == 0 or layers.start < 0 or layers.stop > len(model.layers) or layers.step != 1:
             raise ValueError(f"layers={layers} is not a non-empty contiguous slice of {len(model.layers)} layers")
-        self.first, self.last = first, last
+        self.first, self.last, self.vocab_size = first, last, model.cfg.vocab_size
         self.tok_embeddings = model.tok_embeddings if first else None
         self.layers = nn.ModuleDict({str(i): model.layers[i] for i in layers})
         self.norm = model.norm if last else None
@@ -2563,9 +2802,12 @@ class LlamaStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """tokens (B, T) on the first stage, else hidden (B, T, dim) -> hidden (B, T, dim), or logits on the last stage."""
         if self.first:
-            if x.dim() != 2 or x.dtype != torch.int64:
+            if validate.tensor(x, "tokens").dim() != 2 or x.dtype != torch.int64:
                 raise ValueError(f"the first stage takes (batch, time) int64 tokens, got {tuple(x.shape)} {x.dtype}")
+            validate.ids(x, "tokens", self.vocab_size)
             x = self.tok_embeddings(x)
+        else:
+            validate.tensor(x, "x", dims=3, kind="float")
         positions = self.positions if self.positions is not None else torch.arange(x.shape[1], device=x.device)
         cos, sin = rope_cos_sin(positions, self.omega, x.dtype)
         for block in self.layers.values():
@@ -2577,9 +2819,10 @@ class LlamaStage(nn.Module):
 
 def build_stage(model: Llama, stage: int, num_stages: int, lighter_ends: bool = False) -> LlamaStage:
     """Stage `stage` of `num_stages` of model, with the layers partition_layers gives it."""
-    _check_count("num_stages", num_stages)
-    if not isinstance(stage, int) or not 0 <= stage < num_stages:
-        raise ValueError(f"stage must be an int in [0, {num_stages}), got {stage!r}")
+    if not isinstance(model, Llama):
+        raise TypeError(f"model must be a Llama, got {type(model).__name__}")
+    validate.integer(num_stages, "num_stages", low=1)
+    validate.integer(stage, "stage", low=0, high=num_stages - 1)
     layers = partition_layers(len(model.layers), num_stages, lighter_ends)[stage]
     return LlamaStage(model, layers, first=stage == 0, last=stage == num_stages - 1)
 
@@ -2638,8 +2881,8 @@ Action = tuple[str, int]           # ("F", i): forward of micro-batch i; ("B", i
 
 def _check_pipeline(num_stages: int, num_microbatches: int) -> None:
     """The size checks every schedule shares: ints >= 1 and num_microbatches >= num_stages."""
-    _check_count("num_stages", num_stages)
-    _check_count("num_microbatches", num_microbatches)
+    validate.integer(num_stages, "num_stages", low=1)
+    validate.integer(num_microbatches, "num_microbatches", low=1)
     if num_microbatches < num_stages:
         raise ValueError(f"num_microbatches={num_microbatches} is less than num_stages={num_stages}: "
                          "a pipeline needs at least one micro-batch per stage")
@@ -2721,6 +2964,17 @@ class Event(NamedTuple):
     end: float | Fraction
 
 
+def _check_schedule(schedule: list[list[Action]]) -> None:
+    """Raise unless schedule is a non-empty list of per-stage lists of actions ("F" or "B", micro-batch >= 0)."""
+    for actions in validate.nonempty(schedule, "schedule"):
+        if not isinstance(actions, (list, tuple)):
+            raise TypeError(f"schedule must hold one list of actions per stage, got {type(actions).__name__}")
+        for action in actions:
+            if not (isinstance(action, tuple) and len(action) == 2 and action[0] in ("F", "B")
+                    and isinstance(action[1], int) and action[1] >= 0):
+                raise ValueError(f"schedule holds an unknown action {action!r}; expected ('F' or 'B', micro-batch)")
+
+
 def simulate_schedule(schedule: list[list[Action]], forward_time: float | Fraction = 1,
                       backward_time: float | Fraction = 2) -> list[list[Event]]:
     """Earliest start and end of every action when messages are instant; one list of Events per stage.
@@ -2729,6 +2983,9 @@ def simulate_schedule(schedule: list[list[Action]], forward_time: float | Fracti
     actions in the listed order, one at a time. Times are exact Fractions. ValueError if an
     action is unknown or repeated, or if the schedule deadlocks.
     """
+    _check_schedule(schedule)
+    validate.number(forward_time, "forward_time", low=0, low_open=True)
+    validate.number(backward_time, "backward_time", low=0)
     durations = {"F": Fraction(forward_time), "B": Fraction(backward_time)}
     num_stages = len(schedule)
     finished: dict[tuple[str, int, int], Fraction] = {}
@@ -2761,10 +3018,14 @@ def simulate_schedule(schedule: list[list[Action]], forward_time: float | Fracti
 
 def bubble_fraction(timeline: list[list[Event]]) -> float | Fraction:
     """Idle share of the stages' time (6.23): 1 - total busy time / (stages * (last end - first start))."""
-    events = [e for stage in timeline for e in stage]
+    events = [e for stage in validate.nonempty(timeline, "timeline") for e in stage]
     if not events:
         raise ValueError("timeline has no events")
+    if not all(isinstance(e, Event) for e in events):
+        raise TypeError("timeline must hold lists of Events (simulate_schedule's or run_pipeline's)")
     span = max(e.end for e in events) - min(e.start for e in events)
+    if span <= 0:
+        raise ValueError("timeline spans no time: its events all start and end at one instant")
     busy = sum(e.end - e.start for e in events)
     total = len(timeline) * span
     return (total - busy) / total
@@ -2782,6 +3043,7 @@ def peak_in_flight(schedule: list[list[Action]]) -> list[int]:
     Each of them keeps its activations alive until its backward, so this counts the
     activation sets a stage stores at its peak.
     """
+    _check_schedule(schedule)
     peaks = []
     for actions in schedule:
         held = peak = 0
@@ -2947,8 +3209,19 @@ def run_pipeline(module: nn.Module, schedule: str, num_microbatches: int, activa
     mean loss of micro-batch i, which is scaled by 1/num_microbatches (6.25) before its backward.
     Zero the gradients before the call.
     """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}")
+    validate.integer(num_microbatches, "num_microbatches", low=1)
+    if not (isinstance(activation_shape, tuple) and activation_shape
+            and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in activation_shape)):
+        raise ValueError(f"activation_shape must be a tuple of positive ints, got {activation_shape!r}")
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn must be a function or None, got {type(loss_fn).__name__}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    check_group(group)
     group = group if group is not None else dist.group.WORLD
     stage, num_stages = dist.get_rank(group), dist.get_world_size(group)
     actions = SCHEDULES[schedule](num_stages, num_microbatches)[stage]
@@ -3052,6 +3325,18 @@ def pipeline_check(rank: int, world: int, microbatch_counts: tuple[int, ...] = (
     from the single-process step over the loss (last stage only) and every gradient of this
     rank's stage.
     """
+    check_rank(rank, world)
+    validate.integer(dp, "dp", low=1, high=world)
+    if world % dp:
+        raise ValueError(f"dp={dp} does not divide world={world}")
+    if cfg is not None:
+        check_config(cfg)
+    validate.integer(batch, "batch", low=1)
+    validate.integer(seq, "seq", low=1)
+    for m in validate.nonempty(microbatch_counts, "microbatch_counts"):
+        validate.integer(m, "microbatch_counts", low=world // dp)
+        if batch % m:
+            raise ValueError(f"microbatch_counts holds {m}, which does not divide batch={batch}")
     mesh = Mesh(MeshShape(pp=world // dp, dp=dp))
     group = mesh.group["pp"]
     stage, num_stages = dist.get_rank(group), dist.get_world_size(group)
@@ -3128,13 +3413,13 @@ class SimulatedCompute(nn.Module):
 
     def __init__(self, forward_seconds: float, backward_seconds: float):
         super().__init__()
-        if forward_seconds < 0 or backward_seconds < 0:
-            raise ValueError(f"times must be >= 0, got forward_seconds={forward_seconds}, "
-                             f"backward_seconds={backward_seconds}")
+        validate.number(forward_seconds, "forward_seconds", low=0)
+        validate.number(backward_seconds, "backward_seconds", low=0)
         self.forward_seconds, self.backward_seconds = forward_seconds, backward_seconds
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (...) -> the same values (...), after sleeping forward_seconds."""
+        validate.tensor(x, "x", nonempty=False)
         return _Sleep.apply(x, self.forward_seconds, self.backward_seconds)
 
 
@@ -3144,6 +3429,9 @@ def timeline_worker(rank: int, world: int, num_microbatches: int, forward_second
     Each stage is a Linear(4, 4) followed by SimulatedCompute(forward_seconds, 2 * forward_seconds).
     An untimed step with zero compute comes first: a process's first backward pays one-time setup costs.
     """
+    check_rank(rank, world)
+    validate.integer(num_microbatches, "num_microbatches", low=world)
+    validate.number(forward_seconds, "forward_seconds", low=0)
     torch.manual_seed(0)
     inputs = torch.randn(num_microbatches, 4) if rank == 0 else None
     targets = torch.zeros(num_microbatches, 4) if rank == world - 1 else None
@@ -3252,15 +3540,18 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from lrn_lib.llama import Llama, LlamaConfig, lm_loss, pydoc_bytes, random_windows
+from lrn_lib import validate
+from lrn_lib.llama import Llama, LlamaConfig, check_config, lm_loss, pydoc_bytes, random_windows
+from lrn_lib.mesh import check_group, check_rank
 
 SYNC_OPS = ("sum", "mean")
 
 
 def split_rows(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     """Rank `rank`'s contiguous slice of the rows of x (N, ...) -> (N_r, ...), sizes differing by at most one."""
-    if not 0 <= rank < world:
-        raise ValueError(f"rank={rank} is outside a world of {world} ranks")
+    check_rank(rank, world)
+    if validate.tensor(x, "x", nonempty=False).dim() == 0:
+        raise ValueError("x must have a dimension of rows, got a 0-dim tensor")
     if x.shape[0] < world:
         raise ValueError(f"x has {x.shape[0]} rows: fewer than world={world}, some rank would get none")
     return torch.tensor_split(x, world)[rank]
@@ -3279,10 +3570,13 @@ def backward_global_mean(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.T
     reduction that averages over the W ranks (DDP, FSDP2). Returns the global mean loss, a
     float64 scalar equal on every rank. Gradients are accumulated, not synchronized.
     """
-    if sync not in SYNC_OPS:
-        raise ValueError(f"sync must be one of {SYNC_OPS}, got {sync!r}")
-    if len(micro_batches) == 0:
-        raise ValueError("micro_batches is empty: every rank needs at least one micro-batch")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be a function, got {type(loss_fn).__name__}")
+    validate.choice(sync, "sync", SYNC_OPS)
+    for pair in validate.nonempty(micro_batches, "micro_batches"):
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[1], torch.Tensor)):
+            raise TypeError("micro_batches must hold (inputs, targets) pairs with a tensor of targets")
+    check_group(group)
     counts = [targets.numel() for _, targets in micro_batches]
     if min(counts) == 0:
         raise ValueError(f"micro_batches holds a micro-batch without tokens (token counts {counts})")
@@ -3318,8 +3612,9 @@ def gradient_buckets(grads: Sequence[torch.Tensor], bucket_bytes: int) -> list[l
     Walks the tensors from last to first (the order backward produces them) and starts a new
     bucket when the next tensor would overflow the current one or has another dtype.
     """
-    if bucket_bytes <= 0:
-        raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
+    if not isinstance(grads, (list, tuple)) or not all(isinstance(g, torch.Tensor) for g in grads):
+        raise TypeError(f"grads must be a list of tensors, got {type(grads).__name__}")
+    validate.integer(bucket_bytes, "bucket_bytes", low=1)
     buckets: list[list[int]] = []
     size = 0
     for i in reversed(range(len(grads))):
@@ -3340,6 +3635,10 @@ def all_reduce_gradients(module: nn.Module, group: dist.ProcessGroup | None = No
     A parameter without a gradient takes part with zeros, so every rank issues the same
     collectives. Returns the number of all_reduce calls.
     """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    check_group(group)
+    validate.integer(bucket_bytes, "bucket_bytes", low=1)
     params = [p for p in module.parameters() if p.requires_grad]
     for p in params:
         if p.grad is None:
@@ -3378,6 +3677,16 @@ for bucket_bytes in (25 * 2**20, 2**18, 2**16):
 def _adamw(params) -> torch.optim.AdamW:
     """The optimizer of every run in this section (large steps, so that errors would show)."""
     return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+
+
+def _check_run(rank: int, world: int, cfg: LlamaConfig, batch: int, seq: int, micro_steps: int, steps: int) -> None:
+    """The argument checks of the DP and FSDP workers: every rank gets rows and micro_steps micro-batches."""
+    check_rank(rank, world)
+    check_config(cfg)
+    validate.integer(batch, "batch", low=world)
+    validate.integer(seq, "seq", low=1, high=cfg.max_seq_len)
+    validate.integer(micro_steps, "micro_steps", low=1, high=batch // world)
+    validate.integer(steps, "steps", low=1)
 
 
 def _setup(cfg: LlamaConfig, batch: int, seq: int, steps: int, seed: int) -> tuple[Llama, list]:
@@ -3457,6 +3766,7 @@ def data_parallel_check(rank: int, world: int, cfg: LlamaConfig, batch: int, seq
     Returns the max |difference| of the losses, of every gradient and of the final parameters,
     and "naive_grad": the gradient error of averaging local means (6.28) on the first batch.
     """
+    _check_run(rank, world, cfg, batch, seq, micro_steps, steps)
     model, batches = _setup(cfg, batch, seq, steps, seed)
     ref = _reference_run(copy.deepcopy(model), batches)
     run = _parallel_run(copy.deepcopy(model), batches, rank, world, micro_steps, "sum",
@@ -3510,10 +3820,11 @@ def zero_bytes_per_rank(n_params: float, world: int, stage: int, param_bytes: fl
     Defaults are mixed-precision AdamW (2 + 2 + 12 bytes per parameter); returns a dict with
     keys params, grads, optimizer and total.
     """
-    if stage not in (0, 1, 2, 3):
-        raise ValueError(f"stage must be 0 (plain DP), 1, 2 or 3, got {stage}")
-    if world < 1:
-        raise ValueError(f"world must be at least 1, got {world}")
+    validate.integer(stage, "stage", low=0, high=3)
+    validate.integer(world, "world", low=1)
+    for name, value in (("n_params", n_params), ("param_bytes", param_bytes), ("grad_bytes", grad_bytes),
+                        ("optimizer_bytes", optimizer_bytes)):
+        validate.number(value, name, low=0)
     out = {"params": param_bytes * n_params / (world if stage >= 3 else 1),
            "grads": grad_bytes * n_params / (world if stage >= 2 else 1),
            "optimizer": optimizer_bytes * n_params / (world if stage >= 1 else 1)}
@@ -3588,6 +3899,7 @@ class GatherStats:
 
     def track(self, full: torch.Tensor) -> None:
         """Count full (P,) as alive until Python frees it."""
+        validate.tensor(full, "full", nonempty=False)
         nbytes = full.numel() * full.element_size()
         self.live += nbytes
         self.peak = max(self.peak, self.live)
@@ -3613,6 +3925,15 @@ class _GatherShards(torch.autograd.Function):
         return unit.reduce_scatter(grad_full), None
 
 
+def _check_shard_options(group: dist.ProcessGroup | None, stats: GatherStats | None, reshard_after_forward: bool) -> None:
+    """Raise unless group is a ProcessGroup or None, stats a GatherStats or None, reshard_after_forward a bool."""
+    check_group(group)
+    if stats is not None and not isinstance(stats, GatherStats):
+        raise TypeError(f"stats must be a GatherStats or None, got {type(stats).__name__}")
+    if not isinstance(reshard_after_forward, bool):
+        raise TypeError(f"reshard_after_forward must be a bool, got {type(reshard_after_forward).__name__}")
+
+
 class ShardedUnit(nn.Module):
     """ZeRO-3 wrapper: module's parameters live as one padded flat shard (6.30) per rank of `group`.
 
@@ -3625,6 +3946,9 @@ class ShardedUnit(nn.Module):
     def __init__(self, module: nn.Module, group: dist.ProcessGroup | None = None,
                  stats: GatherStats | None = None, reshard_after_forward: bool = True):
         super().__init__()
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+        _check_shard_options(group, stats, reshard_after_forward)
         named = list(module.named_parameters())
         if not named:
             raise ValueError(f"module ({type(module).__name__}) has no parameters to shard")
@@ -3725,6 +4049,7 @@ def shard_llama(model: Llama, group: dist.ProcessGroup | None = None, stats: Gat
     """ZeRO-3 a Llama in place over `group`: one ShardedUnit per embedding, block, final norm and head."""
     if not isinstance(model, Llama):
         raise TypeError(f"model must be a lrn_lib.llama.Llama, got {type(model).__name__}")
+    _check_shard_options(group, stats, reshard_after_forward)          # before the model is changed
 
     def wrap(module: nn.Module) -> ShardedUnit:
         return ShardedUnit(module, group, stats, reshard_after_forward)
@@ -3739,6 +4064,8 @@ def shard_llama(model: Llama, group: dist.ProcessGroup | None = None, stats: Gat
 
 def gather_full_state(model: nn.Module, grad: bool = False) -> dict[str, torch.Tensor]:
     """Collective: every sharded unit's full parameters (or gradients), named as in the unwrapped model."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     state = {}
     for path, unit in model.named_modules():
         if isinstance(unit, ShardedUnit):
@@ -3754,6 +4081,11 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 def persistent_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
     """Bytes this rank keeps across steps: parameters, their gradients, optimizer state tensors."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+
     def nbytes(tensors) -> int:
         return sum(_local(t).numel() * _local(t).element_size() for t in tensors)
 
@@ -3792,6 +4124,7 @@ def fsdp_check(rank: int, world: int, cfg: LlamaConfig, batch: int, seq: int, mi
     of every unit in model order, embedding first ("unit_bytes"), and the persistent bytes of
     a DP rank, our ZeRO-3 rank and an FSDP2 rank ("dp_bytes", "bytes", "fsdp2_bytes").
     """
+    _check_run(rank, world, cfg, batch, seq, micro_steps, steps)
     model, batches = _setup(cfg, batch, seq, steps, seed)
     ref = _reference_run(copy.deepcopy(model), batches)
     out: dict = {"dp_bytes": ref["bytes"]}
@@ -3950,10 +4283,11 @@ import torch.distributed as dist
 
 from lrn_lib.context_parallel import cp_attend, shard_positions, shard_sequence
 from lrn_lib.data_parallel import all_reduce_gradients, split_rows
+from lrn_lib import validate
 from lrn_lib.llama import Llama, LlamaConfig, lm_loss
-from lrn_lib.mesh import Mesh, MeshShape
+from lrn_lib.mesh import Mesh, MeshShape, check_mesh_shape, check_rank
 from lrn_lib.pipeline_parallel import build_stage, run_pipeline
-from lrn_lib.tensor_parallel import gradient_errors, tensor_parallel_llama, vocab_parallel_cross_entropy
+from lrn_lib.tensor_parallel import check_tp_config, gradient_errors, tensor_parallel_llama, vocab_parallel_cross_entropy
 
 
 def four_d_step(rank: int, world: int, shape: MeshShape, cfg: LlamaConfig, batch: int, seq: int,
@@ -3965,6 +4299,12 @@ def four_d_step(rank: int, world: int, shape: MeshShape, cfg: LlamaConfig, batch
     its group members, the step's loss (on last-stage ranks, else None), the single-process
     loss, and the largest |gradient difference| over this rank's parameter shards.
     """
+    check_rank(rank, world)
+    check_mesh_shape(shape, world)
+    check_tp_config(cfg, shape.tp)
+    validate.integer(batch, "batch", low=1)
+    validate.integer(seq, "seq", low=1, high=cfg.max_seq_len)
+    validate.integer(microbatches, "microbatches", low=shape.pp)      # a pipeline needs one per stage
     if batch % (shape.dp * microbatches):
         raise ValueError(f"batch={batch} does not split into dp={shape.dp} x microbatches={microbatches} parts")
     if seq % (2 * shape.cp):
@@ -4089,8 +4429,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from lrn_lib import corpus, validate
+from lrn_lib.attention import check_attention_inputs
 from lrn_lib.llama import Llama, LlamaConfig, lm_loss, random_windows, tiny_config
-from lrn_lib.mesh import free_port, spawn
+from lrn_lib.mesh import check_rank, free_port, spawn
 from lrn_lib.pipeline_parallel import LlamaStage, partition_layers
 
 try:
@@ -4110,6 +4452,7 @@ MESH_DIM_NAMES = ("dp", "pp", "cp", "tp")
 def build_mesh(args: argparse.Namespace) -> DeviceMesh:
     """The job's DeviceMesh, shape (dp, pp, cp, tp): TP varies fastest, as in Llama 3's Figure 5 and
     lrn_lib.mesh.MeshShape. Needs an initialized process group of dp * pp * cp * tp ranks."""
+    check_args(args)
     shape = (args.dp, args.pp, args.cp, args.tp)
     if dist.get_world_size() != math.prod(shape):
         raise ValueError(f"--dp {args.dp} --pp {args.pp} --cp {args.cp} --tp {args.tp} need {math.prod(shape)} "
@@ -4119,9 +4462,9 @@ def build_mesh(args: argparse.Namespace) -> DeviceMesh:
 # %% [markdown]
 # ### Data that needs no download
 #
-# The model reads bytes (vocabulary 256). The corpus is the standard library's own source: the
-# `json` and `email` packages and the text of pydoc's help topics, found through the
-# packages' `__file__`, about 1.2 MB (its exact bytes depend on the Python version). Step $s$
+# The model reads bytes (vocabulary 256). The corpus is the book's (`lrn_lib.corpus`, a snapshot of
+# Python 3.11.7's standard library, the same bytes on every Python): the sources of the `json` and
+# `email` packages and the text of pydoc's help topics, about 0.9 MB. Step $s$
 # draws its windows from a generator seeded with `(seed, s)`, so every rank computes the same
 # global batch of `--batch` sequences without a message; a rank keeps the rows of its dp
 # coordinate (rows $d\,B/D$ to $(d+1)\,B/D$ for dp rank $d$ of $D$), so ranks that differ only
@@ -4130,23 +4473,17 @@ def build_mesh(args: argparse.Namespace) -> DeviceMesh:
 # %%
 #| export lrn_lib.train
 def stdlib_corpus() -> torch.Tensor:
-    """Training bytes that need no download: the sources of the standard library's json and email
-    packages and pydoc's topic texts, as an int64 tensor (N,) of values 0..255."""
-    import email
-
-    import pydoc_data
-
-    files = []
-    for package in (json, email):
-        files += sorted(Path(package.__file__).parent.rglob("*.py"))
-    files.append(Path(pydoc_data.__file__).parent / "topics.py")
-    data = b"".join(f.read_bytes() for f in files)
+    """Training bytes that need no download (lrn_lib.corpus): the sources of the standard library's json
+    and email packages, then pydoc's help topics, as an int64 tensor (N,) of values 0..255."""
+    data = corpus.python_source(("json", "email")) + corpus.english()
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.int64)
 
 
 def global_batch(data: torch.Tensor, step: int, batch: int, seq: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole job's batch of one step: (inputs, targets), each (batch, seq) int64, drawn from data (N,)
     by a generator seeded with (seed, step), so every rank draws the same windows without talking."""
+    validate.integer(step, "step", low=0)
+    validate.integer(seed, "seed", low=0)
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
     return random_windows(data, batch, seq, generator)
 
@@ -4188,6 +4525,10 @@ def global_batch(data: torch.Tensor, step: int, batch: int, seq: int, seed: int)
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal GQA attention through torch's scaled_dot_product_attention (the call that context_parallel
     rewrites): q (B, H, T, hd), k, v (B, Hkv, T, hd) -> (B, H, T, hd)."""
+    check_attention_inputs(q, k, v)
+    if k.shape[2] != q.shape[2]:
+        raise ValueError(f"k has {k.shape[2]} positions but q has {q.shape[2]}: is_causal needs queries and keys "
+                         "of the same tokens")
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -4196,6 +4537,8 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
 def tensor_parallel_plan(stage: LlamaStage) -> dict:
     """parallelize_module's plan for one stage: Megatron's column/row pairs in attention and SwiGLU, the
     embedding split by vocabulary rows, the output head by vocabulary columns (logits gathered)."""
+    if not isinstance(stage, LlamaStage):
+        raise TypeError(f"stage must be a LlamaStage, got {type(stage).__name__}")
     plan = {}
     if stage.first:
         plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate())
@@ -4243,6 +4586,8 @@ def tensor_parallel_plan(stage: LlamaStage) -> dict:
 def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh | None:
     """The 1-D mesh over which gradients are averaged: dp, or cp, or both flattened (as torchtitan does);
     None when there is only one such rank."""
+    if not isinstance(mesh, DeviceMesh) or not {"dp", "cp"} <= set(mesh.mesh_dim_names or ()):
+        raise TypeError(f"mesh must be build_mesh's DeviceMesh with dimensions {MESH_DIM_NAMES}, got {mesh!r}")
     dp, cp = mesh["dp"].size(), mesh["cp"].size()
     if dp * cp == 1:
         return None
@@ -4258,6 +4603,10 @@ def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh | None:
 def shard_stage(stage: LlamaStage, mesh: DeviceMesh) -> LlamaStage:
     """Apply TP over mesh["tp"], then FSDP2 over the data ranks (dp, times cp when cp > 1): per block, then
     the stage as root. Returns the same module, its parameters now DTensors."""
+    if not isinstance(stage, LlamaStage):
+        raise TypeError(f"stage must be a LlamaStage, got {type(stage).__name__}")
+    if not isinstance(mesh, DeviceMesh) or tuple(mesh.mesh_dim_names or ()) != MESH_DIM_NAMES:
+        raise TypeError(f"mesh must be build_mesh's DeviceMesh with dimensions {MESH_DIM_NAMES}, got {mesh!r}")
     if mesh["tp"].size() > 1:
         parallelize_module(stage, mesh["tp"], tensor_parallel_plan(stage))
     data_mesh = data_parallel_mesh(mesh)
@@ -4334,6 +4683,9 @@ class Trainer:
     so all parallel layouts start from the single-process weights."""
 
     def __init__(self, args: argparse.Namespace, mesh: DeviceMesh):
+        check_args(args)
+        if not isinstance(mesh, DeviceMesh) or tuple(mesh.mesh_dim_names or ()) != MESH_DIM_NAMES:
+            raise TypeError(f"mesh must be build_mesh's DeviceMesh with dimensions {MESH_DIM_NAMES}, got {mesh!r}")
         self.args, self.mesh = args, mesh
         self.coord = {name: mesh[name].get_local_rank() for name in MESH_DIM_NAMES}
         cuda = args.device == "cuda"
@@ -4408,7 +4760,10 @@ class Trainer:
 
     def layout(self, name: str) -> str:
         """How parameter `name` lives on this rank: its mesh dimensions, placements, local and global shape."""
-        p = dict(self.stage.named_parameters())[name]
+        params = dict(self.stage.named_parameters())
+        if name not in params:
+            raise ValueError(f"name {name!r} is not a parameter of this rank's stage")
+        p = params[name]
         if not isinstance(p, DTensor):
             return f"plain tensor {tuple(p.shape)}, whole on this rank"
         dims = p.device_mesh.mesh_dim_names
@@ -4438,6 +4793,7 @@ def reference_run(args: argparse.Namespace) -> tuple[list[float], dict[str, torc
     """The single-process run the parallel ones must reproduce: a plain Llama (chapter 4's attention),
     lm_loss over the whole global batch and AdamW, on the CPU. Returns the per-step losses and the
     gradients of step 0, keyed by parameter name."""
+    check_args(args)
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     torch.manual_seed(args.seed)
     model = Llama(model_config(args)).to(dtype)
@@ -4462,6 +4818,9 @@ def check_worker(rank: int, world: int, runs: list[list[str]]) -> list[dict]:
     Returns one dict per run: {'losses': the job's per-step losses, 'loss_err': max |loss - reference|,
     'grad_err': max |gradient - reference| over this rank's parameters at step 0, 'n_params': their count,
     'groups': {dim: ranks of this rank's group along dim}, 'layout': {parameter name: Trainer.layout}}."""
+    check_rank(rank, world)
+    for argv in validate.nonempty(runs, "runs"):
+        _check_argv(argv, "runs")
     results = []
     for argv in runs:
         args = parse_args(argv)
@@ -4531,6 +4890,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     Raises ValueError naming the flag when the sizes do not fit together (a head count that TP
     cannot split, a batch that DP or the micro-batches cannot split, CP on a CPU, ...), when
     --device cuda finds no GPU, or when --log-file could not be written."""
+    _check_argv(argv)
     args = build_parser().parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -4546,12 +4906,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _check_argv(argv: list[str] | None, name: str = "argv") -> None:
+    """Raise TypeError unless argv is None or a list (or tuple) of strings, as sys.argv[1:] is."""
+    if argv is not None and not (isinstance(argv, (list, tuple)) and all(isinstance(a, str) for a in argv)):
+        raise TypeError(f"{name} must be a list of command-line strings such as ['--tp', '2'], got {argv!r}")
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Raise ValueError naming the flag if the parallel degrees and the model or batch sizes disagree."""
+    if not isinstance(args, argparse.Namespace):
+        raise TypeError(f"args must be an argparse.Namespace from parse_args, got {type(args).__name__}")
+    missing = sorted(set(vars(build_parser().parse_args([]))) - set(vars(args)))
+    if missing:
+        raise ValueError(f"args lacks the flags {missing}: build it with parse_args")
     for name in ("tp", "cp", "pp", "dp", "microbatches", "steps", "seq", "batch", "dim", "layers", "heads",
                  "kv_heads", "ffn_dim"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        validate.integer(getattr(args, name), f"--{name.replace('_', '-')}", low=1)
+    validate.choice(args.device, "--device", ("cpu", "cuda"))
+    validate.choice(args.dtype, "--dtype", sorted(DTYPES))
+    validate.choice(args.schedule, "--schedule", ("gpipe", "1f1b"))
     if args.dim % args.heads or (args.dim // args.heads) % 2:
         raise ValueError(f"--dim {args.dim} must be --heads {args.heads} times an even head size")
     if args.heads % args.kv_heads:
@@ -4575,8 +4948,7 @@ def check_args(args: argparse.Namespace) -> None:
                          "parallelism.")
     if args.cp > 1 and args.seq % (2 * args.cp):
         raise ValueError(f"--seq {args.seq} must be a multiple of 2 * --cp = {2 * args.cp} (load-balanced shards)")
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        raise ValueError(f"--lr must be a positive finite number, got {args.lr}")
+    validate.number(args.lr, "--lr", low=0, low_open=True)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch finds no CUDA GPU (a CPU-only torch, or no visible device)")
     world = args.tp * args.cp * args.pp * args.dp
@@ -4588,6 +4960,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 def model_config(args: argparse.Namespace) -> LlamaConfig:
     """The LlamaConfig the flags describe: byte vocabulary (256), max_seq_len = --seq."""
+    check_args(args)
     return tiny_config(dim=args.dim, n_layers=args.layers, n_heads=args.heads, n_kv_heads=args.kv_heads,
                        ffn_dim=args.ffn_dim, max_seq_len=args.seq)
 
@@ -4598,6 +4971,7 @@ def train(args: argparse.Namespace) -> list[dict]:
     tokens/s and writes --log-file (the flags, the world size, rank 0's parameter layouts, the largest
     peak GPU memory of any rank on CUDA, and the records). Returns the per-step records
     [{'step', 'loss', 'tokens_per_s'}]."""
+    check_args(args)
     trainer = Trainer(args, build_mesh(args))
     records, tokens = [], args.batch * args.seq
     for step in range(args.steps):
@@ -4623,6 +4997,7 @@ def train(args: argparse.Namespace) -> list[dict]:
 
 def train_worker(rank: int, world: int, argv: list[str]) -> list[dict]:
     """lrn_lib.mesh.spawn worker: train(parse_args(argv)) on one rank of a gloo world."""
+    check_rank(rank, world)
     return train(parse_args(argv))
 
 
@@ -4632,6 +5007,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     Under torchrun (RANK set) it joins the launched job (NCCL on GPUs, gloo on CPUs); alone with a
     world of one it starts its own; alone on the CPU with a larger world it spawns the ranks itself.
     Returns the per-step records."""
+    _check_argv(argv)
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parse_args(argv)
@@ -4849,9 +5225,9 @@ for name in ("layers.0.attention.wq.weight", "layers.0.attention.wo.weight", "la
 # %%
 #| export lrn_lib.accounting
 from dataclasses import dataclass
-from typing import NamedTuple
 
-from lrn_lib.llama import LlamaConfig, parameter_count, training_flops
+from lrn_lib import validate
+from lrn_lib.llama import LlamaConfig, check_config, parameter_count, training_flops
 
 GiB = 2 ** 30                 # memory is counted in binary gigabytes
 GB = 10 ** 9                  # traffic in decimal gigabytes, the unit of link bandwidths
@@ -4860,14 +5236,6 @@ GRAD_BYTES = 4                # fp32 gradient accumulation, sharded over the dp 
 OPTIMIZER_BYTES = 12          # fp32 master weights + Adam's m and v, sharded the same way
 ACTIVATION_BYTES = 2          # bf16 activations, and bf16 messages between GPUs
 LOGIT_BYTES = 4               # fp32 logits for the cross-entropy
-
-
-def _check_positive(name: str, value: int) -> None:
-    """TypeError unless value is an int, ValueError unless it is at least 1."""
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 @dataclass(frozen=True)
@@ -4888,7 +5256,7 @@ class Layout:
 
     def __post_init__(self):
         for name in ("tp", "cp", "pp", "dp", "seq_len", "batch_per_dp", "micro_batch"):
-            _check_positive(name, getattr(self, name))
+            validate.integer(getattr(self, name), name, low=1)
         if self.batch_per_dp % self.micro_batch:
             raise ValueError(f"micro_batch={self.micro_batch} does not divide batch_per_dp={self.batch_per_dp}")
         if self.seq_len % self.cp:
@@ -4915,7 +5283,8 @@ class Layout:
         return self.micro_batch * self.seq_len // self.cp
 
 
-class PublishedRun(NamedTuple):
+@dataclass(frozen=True)
+class PublishedRun:
     """A row of Table 4 of the Llama 3 paper: GPU count, layout and measured throughput."""
 
     name: str
@@ -4923,6 +5292,15 @@ class PublishedRun(NamedTuple):
     layout: Layout
     tflops_per_gpu: float
     mfu: float
+
+    def __post_init__(self):
+        if not isinstance(self.name, str):
+            raise TypeError(f"name must be a str, got {type(self.name).__name__}")
+        validate.integer(self.gpus, "gpus", low=1)
+        if not isinstance(self.layout, Layout):
+            raise TypeError(f"layout must be a Layout, got {type(self.layout).__name__}")
+        validate.number(self.tflops_per_gpu, "tflops_per_gpu", low=0, low_open=True)
+        validate.number(self.mfu, "mfu", low=0, low_open=True, high=1)
 
 
 LLAMA3_TABLE4 = (
@@ -4976,8 +5354,8 @@ def stage_layers(n_layers: int, pp: int) -> list[int]:
     The embedding and the head count as one layer each, so (n_layers + 2) must be a
     multiple of pp; pp = 1 puts every layer on the one stage.
     """
-    _check_positive("n_layers", n_layers)
-    _check_positive("pp", pp)
+    validate.integer(n_layers, "n_layers", low=1)
+    validate.integer(pp, "pp", low=1)
     if pp == 1:
         return [n_layers]
     per_stage, rest = divmod(n_layers + 2, pp)
@@ -4989,6 +5367,9 @@ def stage_layers(n_layers: int, pp: int) -> list[int]:
 
 def check_layout(cfg: LlamaConfig, layout: Layout) -> None:
     """Raise ValueError unless the layout splits cfg's heads, widths, vocabulary, tokens and layers evenly."""
+    check_config(cfg)
+    if not isinstance(layout, Layout):
+        raise TypeError(f"layout must be a Layout, got {type(layout).__name__}")
     if cfg.n_experts:
         raise ValueError(f"cfg.n_experts={cfg.n_experts}: this accounting covers dense models only")
     for name, size in (("n_heads", cfg.n_heads), ("n_kv_heads", cfg.n_kv_heads), ("ffn_dim", cfg.ffn_dim),
@@ -4998,16 +5379,9 @@ def check_layout(cfg: LlamaConfig, layout: Layout) -> None:
     stage_layers(cfg.n_layers, layout.pp)
 
 
-def _check_stage(layout: Layout, stage: int) -> None:
-    """TypeError/ValueError unless stage is an int in range(layout.pp)."""
-    if not isinstance(stage, int) or isinstance(stage, bool):
-        raise TypeError(f"stage must be an int, got {type(stage).__name__}")
-    if not 0 <= stage < layout.pp:
-        raise ValueError(f"stage must be in range({layout.pp}), got {stage}")
-
-
 def block_matrix_parameters(cfg: LlamaConfig) -> int:
     """Parameters in one block's seven weight matrices (Wq, Wk, Wv, Wo, W1, W2, W3), the part TP splits."""
+    check_config(cfg)
     kv = cfg.n_kv_heads * cfg.head_dim
     return 2 * cfg.dim * cfg.dim + 2 * cfg.dim * kv + 3 * cfg.dim * cfg.ffn_dim
 
@@ -5016,7 +5390,7 @@ def params_per_gpu(cfg: LlamaConfig, layout: Layout, stage: int) -> int:
     """Parameters one GPU of pipeline stage `stage` holds (6.39): its layers' TP shards, replicated norm
     gains, and the TP shard of the embedding (first stage) or of the final norm and head (last stage)."""
     check_layout(cfg, layout)
-    _check_stage(layout, stage)
+    validate.integer(stage, "stage", low=0, high=layout.pp - 1)
     layers = stage_layers(cfg.n_layers, layout.pp)[stage]
     embedding = cfg.vocab_size * cfg.dim // layout.tp
     count = layers * (block_matrix_parameters(cfg) // layout.tp + 2 * cfg.dim)       # (6.39)
@@ -5116,7 +5490,7 @@ def saved_activations(cfg: LlamaConfig) -> dict[str, int]:
     Keys name the tensors of lrn_lib.llama's block: matmul inputs, norm inputs, q/k/v after RoPE,
     the attention output and the SwiGLU intermediates (a fused implementation's list).
     """
-    kv = cfg.n_kv_heads * cfg.head_dim
+    kv = check_config(cfg).n_kv_heads * cfg.head_dim
     return {
         "attention_norm input x": cfg.dim,
         "wq/wk/wv input norm(x)": cfg.dim,
@@ -5163,6 +5537,7 @@ def memory_per_gpu(cfg: LlamaConfig, layout: Layout, stage: int) -> dict[str, fl
 
 def busiest_stage(cfg: LlamaConfig, layout: Layout) -> int:
     """The pipeline stage whose GPUs need the most memory (the first such stage on a tie)."""
+    check_layout(cfg, layout)
     totals = [memory_per_gpu(cfg, layout, s)["total"] for s in range(layout.pp)]
     return totals.index(max(totals))
 
@@ -5254,7 +5629,8 @@ plt.show()
 #| export lrn_lib.accounting
 def all_gather_bytes(size: float, n: int) -> float:
     """Bytes each of n GPUs sends in a ring all-gather (or reduce-scatter) of a size-byte tensor (6.44)."""
-    _check_positive("n", n)
+    validate.number(size, "size", low=0)
+    validate.integer(n, "n", low=1)
     return (n - 1) / n * size                                                     # (6.44)
 
 
@@ -5373,7 +5749,9 @@ print("TP sends the most bytes in every layout:",
 #| export lrn_lib.accounting
 def flops_per_token(cfg: LlamaConfig, seq_len: int, attention: bool = False) -> float:
     """Training FLOPs per token (6.49): 6N, plus the causal attention matmuls 6 * n_layers * dim * seq_len."""
-    _check_positive("seq_len", seq_len)
+    validate.integer(seq_len, "seq_len", low=1)
+    if not isinstance(attention, bool):
+        raise TypeError(f"attention must be a bool, got {type(attention).__name__}")
     flops = training_flops(parameter_count(cfg), 1)
     if attention:
         flops += 6 * cfg.n_layers * cfg.dim * seq_len                              # (6.49)
@@ -5382,6 +5760,9 @@ def flops_per_token(cfg: LlamaConfig, seq_len: int, attention: bool = False) -> 
 
 def implied_step_seconds(cfg: LlamaConfig, run: PublishedRun, attention: bool = False) -> float:
     """Seconds per step implied by a published run's throughput (6.49): tokens * F / (GPUs * FLOP/s)."""
+    check_config(cfg)
+    if not isinstance(run, PublishedRun):
+        raise TypeError(f"run must be a PublishedRun, got {type(run).__name__}")
     layout = run.layout
     flops = layout.tokens_per_step * flops_per_token(cfg, layout.seq_len, attention)
     return flops / (layout.gpus * run.tflops_per_gpu * 1e12)                      # (6.49)

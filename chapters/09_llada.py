@@ -1438,8 +1438,8 @@ for name, v in bpb.items():
 # samplers' exact check uses exact conditionals and gives the same numbers on both profiles:
 # random remasking with one token per step samples the model (0.019 against a floor of
 # 0.020), low-confidence remasking does not (0.44). On text the GPU profile's longer training
-# narrows neither gap much: 1.94 ± 0.08 bits per byte for the autoregressive model against
-# LLaDA's bound 3.42 ± 0.13 (CPU: 2.65 ± 0.15 against 4.07 ± 0.21). SFT gives 0.17 → 1.00 on
+# narrows neither gap much: 1.96 ± 0.08 bits per byte for the autoregressive model against
+# LLaDA's bound 3.55 ± 0.13 (CPU: 2.65 ± 0.15 against 4.07 ± 0.21). SFT gives 0.17 → 1.00 on
 # the trained prompts on both profiles and 0.17 → 0.50 (CPU) or 0.58 (GPU) on the held-out
 # ones.
 #

@@ -4,9 +4,9 @@
 
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
-from lrn_lib.llama import LlamaConfig, parameter_count, training_flops
+from lrn_lib import validate
+from lrn_lib.llama import LlamaConfig, check_config, parameter_count, training_flops
 
 GiB = 2 ** 30                 # memory is counted in binary gigabytes
 GB = 10 ** 9                  # traffic in decimal gigabytes, the unit of link bandwidths
@@ -15,17 +15,6 @@ GRAD_BYTES = 4                # fp32 gradient accumulation, sharded over the dp 
 OPTIMIZER_BYTES = 12          # fp32 master weights + Adam's m and v, sharded the same way
 ACTIVATION_BYTES = 2          # bf16 activations, and bf16 messages between GPUs
 LOGIT_BYTES = 4               # fp32 logits for the cross-entropy
-
-
-def _check_positive(name: str, value: int) -> None:
-    """TypeError unless value is an int, ValueError unless it is at least 1.
-
-    Defined in chapter 06 (LLaMA 3 and 4D parallelism).
-    """
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 @dataclass(frozen=True)
@@ -48,7 +37,7 @@ class Layout:
 
     def __post_init__(self):
         for name in ("tp", "cp", "pp", "dp", "seq_len", "batch_per_dp", "micro_batch"):
-            _check_positive(name, getattr(self, name))
+            validate.integer(getattr(self, name), name, low=1)
         if self.batch_per_dp % self.micro_batch:
             raise ValueError(f"micro_batch={self.micro_batch} does not divide batch_per_dp={self.batch_per_dp}")
         if self.seq_len % self.cp:
@@ -75,7 +64,8 @@ class Layout:
         return self.micro_batch * self.seq_len // self.cp
 
 
-class PublishedRun(NamedTuple):
+@dataclass(frozen=True)
+class PublishedRun:
     """A row of Table 4 of the Llama 3 paper: GPU count, layout and measured throughput.
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
@@ -86,6 +76,15 @@ class PublishedRun(NamedTuple):
     layout: Layout
     tflops_per_gpu: float
     mfu: float
+
+    def __post_init__(self):
+        if not isinstance(self.name, str):
+            raise TypeError(f"name must be a str, got {type(self.name).__name__}")
+        validate.integer(self.gpus, "gpus", low=1)
+        if not isinstance(self.layout, Layout):
+            raise TypeError(f"layout must be a Layout, got {type(self.layout).__name__}")
+        validate.number(self.tflops_per_gpu, "tflops_per_gpu", low=0, low_open=True)
+        validate.number(self.mfu, "mfu", low=0, low_open=True, high=1)
 
 
 LLAMA3_TABLE4 = (
@@ -106,8 +105,8 @@ def stage_layers(n_layers: int, pp: int) -> list[int]:
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
-    _check_positive("n_layers", n_layers)
-    _check_positive("pp", pp)
+    validate.integer(n_layers, "n_layers", low=1)
+    validate.integer(pp, "pp", low=1)
     if pp == 1:
         return [n_layers]
     per_stage, rest = divmod(n_layers + 2, pp)
@@ -122,6 +121,9 @@ def check_layout(cfg: LlamaConfig, layout: Layout) -> None:
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
+    check_config(cfg)
+    if not isinstance(layout, Layout):
+        raise TypeError(f"layout must be a Layout, got {type(layout).__name__}")
     if cfg.n_experts:
         raise ValueError(f"cfg.n_experts={cfg.n_experts}: this accounting covers dense models only")
     for name, size in (("n_heads", cfg.n_heads), ("n_kv_heads", cfg.n_kv_heads), ("ffn_dim", cfg.ffn_dim),
@@ -131,22 +133,12 @@ def check_layout(cfg: LlamaConfig, layout: Layout) -> None:
     stage_layers(cfg.n_layers, layout.pp)
 
 
-def _check_stage(layout: Layout, stage: int) -> None:
-    """TypeError/ValueError unless stage is an int in range(layout.pp).
-
-    Defined in chapter 06 (LLaMA 3 and 4D parallelism).
-    """
-    if not isinstance(stage, int) or isinstance(stage, bool):
-        raise TypeError(f"stage must be an int, got {type(stage).__name__}")
-    if not 0 <= stage < layout.pp:
-        raise ValueError(f"stage must be in range({layout.pp}), got {stage}")
-
-
 def block_matrix_parameters(cfg: LlamaConfig) -> int:
     """Parameters in one block's seven weight matrices (Wq, Wk, Wv, Wo, W1, W2, W3), the part TP splits.
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
+    check_config(cfg)
     kv = cfg.n_kv_heads * cfg.head_dim
     return 2 * cfg.dim * cfg.dim + 2 * cfg.dim * kv + 3 * cfg.dim * cfg.ffn_dim
 
@@ -158,7 +150,7 @@ def params_per_gpu(cfg: LlamaConfig, layout: Layout, stage: int) -> int:
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
     check_layout(cfg, layout)
-    _check_stage(layout, stage)
+    validate.integer(stage, "stage", low=0, high=layout.pp - 1)
     layers = stage_layers(cfg.n_layers, layout.pp)[stage]
     embedding = cfg.vocab_size * cfg.dim // layout.tp
     count = layers * (block_matrix_parameters(cfg) // layout.tp + 2 * cfg.dim)       # (6.39)
@@ -177,7 +169,7 @@ def saved_activations(cfg: LlamaConfig) -> dict[str, int]:
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
-    kv = cfg.n_kv_heads * cfg.head_dim
+    kv = check_config(cfg).n_kv_heads * cfg.head_dim
     return {
         "attention_norm input x": cfg.dim,
         "wq/wk/wv input norm(x)": cfg.dim,
@@ -229,6 +221,7 @@ def busiest_stage(cfg: LlamaConfig, layout: Layout) -> int:
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
+    check_layout(cfg, layout)
     totals = [memory_per_gpu(cfg, layout, s)["total"] for s in range(layout.pp)]
     return totals.index(max(totals))
 
@@ -238,7 +231,8 @@ def all_gather_bytes(size: float, n: int) -> float:
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
-    _check_positive("n", n)
+    validate.number(size, "size", low=0)
+    validate.integer(n, "n", low=1)
     return (n - 1) / n * size                                                     # (6.44)
 
 
@@ -282,7 +276,9 @@ def flops_per_token(cfg: LlamaConfig, seq_len: int, attention: bool = False) -> 
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
-    _check_positive("seq_len", seq_len)
+    validate.integer(seq_len, "seq_len", low=1)
+    if not isinstance(attention, bool):
+        raise TypeError(f"attention must be a bool, got {type(attention).__name__}")
     flops = training_flops(parameter_count(cfg), 1)
     if attention:
         flops += 6 * cfg.n_layers * cfg.dim * seq_len                              # (6.49)
@@ -294,6 +290,9 @@ def implied_step_seconds(cfg: LlamaConfig, run: PublishedRun, attention: bool = 
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
+    check_config(cfg)
+    if not isinstance(run, PublishedRun):
+        raise TypeError(f"run must be a PublishedRun, got {type(run).__name__}")
     layout = run.layout
     flops = layout.tokens_per_step * flops_per_token(cfg, layout.seq_len, attention)
     return flops / (layout.gpus * run.tflops_per_gpu * 1e12)                      # (6.49)

@@ -11,19 +11,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from lrn_lib import validate
 from lrn_lib.attention import attention_reference, causal_visible, check_attention_inputs, flash_attention
 from lrn_lib.llama import Llama, lm_loss, tiny_config
-
-
-def _check_rank(rank: int, cp: int) -> None:
-    """Raise ValueError unless cp is a positive int and 0 <= rank < cp.
-
-    Defined in chapter 06 (LLaMA 3 and 4D parallelism).
-    """
-    if not isinstance(cp, int) or cp < 1:
-        raise ValueError(f"cp must be a positive int, got {cp!r}")
-    if not isinstance(rank, int) or not 0 <= rank < cp:
-        raise ValueError(f"rank must be an int in [0, {cp}), got {rank!r}")
+from lrn_lib.mesh import check_group, check_rank
 
 
 def chunk_ids(rank: int, cp: int, balanced: bool = True) -> list[int]:
@@ -34,7 +25,8 @@ def chunk_ids(rank: int, cp: int, balanced: bool = True) -> list[int]:
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
-    _check_rank(rank, cp)
+    validate.integer(cp, "cp", low=1)
+    validate.integer(rank, "rank", low=0, high=cp - 1)
     return [rank, 2 * cp - 1 - rank] if balanced else [rank]
 
 
@@ -46,16 +38,6 @@ def _n_chunks(cp: int, balanced: bool) -> int:
     return 2 * cp if balanced else cp
 
 
-def _check_dim(x: torch.Tensor, dim: int) -> int:
-    """dim as a non-negative index into x's dimensions; ValueError naming dim otherwise.
-
-    Defined in chapter 06 (LLaMA 3 and 4D parallelism).
-    """
-    if not -x.dim() <= dim < x.dim():
-        raise ValueError(f"dim {dim} is out of range for a tensor with {x.dim()} dimensions")
-    return dim % x.dim()
-
-
 def shard_sequence(x: torch.Tensor, rank: int, cp: int, dim: int = 1, balanced: bool = True) -> torch.Tensor:
     """The part of a full sequence that CP rank `rank` holds.
 
@@ -64,8 +46,10 @@ def shard_sequence(x: torch.Tensor, rank: int, cp: int, dim: int = 1, balanced: 
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
-    _check_rank(rank, cp)
-    dim = _check_dim(x, dim)
+    validate.integer(cp, "cp", low=1)
+    validate.integer(rank, "rank", low=0, high=cp - 1)
+    validate.tensor(x, "x")
+    dim = validate.integer(dim, "dim", low=-x.dim(), high=x.dim() - 1) % x.dim()
     n = _n_chunks(cp, balanced)
     if x.shape[dim] % n:
         layout = "2 * cp" if balanced else "cp"
@@ -82,12 +66,13 @@ def unshard_sequence(shards: list[torch.Tensor], dim: int = 1, balanced: bool = 
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
-    if not shards:
-        raise ValueError("shards is empty; expected one tensor per CP rank")
+    validate.nonempty(shards, "shards")
+    for shard in shards:
+        validate.tensor(shard, "shards")
     if any(s.shape != shards[0].shape for s in shards):
         raise ValueError(f"shards have shapes {[tuple(s.shape) for s in shards]}; they must all match")
     cp = len(shards)
-    dim = _check_dim(shards[0], dim)
+    dim = validate.integer(dim, "dim", low=-shards[0].dim(), high=shards[0].dim() - 1) % shards[0].dim()
     per_rank = len(chunk_ids(0, cp, balanced))
     if shards[0].shape[dim] % per_rank:
         raise ValueError(f"shards have length {shards[0].shape[dim]} along dim {dim}, which does not split "
@@ -107,8 +92,9 @@ def shard_positions(seq_len: int, rank: int, cp: int, balanced: bool = True,
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
-    if not isinstance(seq_len, int) or seq_len < 1:
-        raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
+    validate.integer(seq_len, "seq_len", low=1)
+    validate.integer(cp, "cp", low=1)
+    validate.integer(rank, "rank", low=0, high=cp - 1)
     n = _n_chunks(cp, balanced)
     if seq_len % n:
         raise ValueError(f"seq_len {seq_len} is not divisible by the {n} chunks of the layout")
@@ -124,6 +110,12 @@ def merge_partials(o: torch.Tensor, lse: torch.Tensor, o_b: torch.Tensor,
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
+    for name, x, y in (("o", o, o_b), ("lse", lse, lse_b)):
+        validate.tensor(x, name, dims=4 if name == "o" else 3, kind="float")
+        validate.tensor(y, name + "_b", kind="float")
+        validate.same_shape(**{name: x, name + "_b": y})
+    if lse.shape != o.shape[:-1]:
+        raise ValueError(f"lse has shape {tuple(lse.shape)}; o {tuple(o.shape)} needs {tuple(o.shape[:-1])}")
     o = o - torch.sigmoid(lse_b - lse)[..., None] * (o - o_b)       # (6.18), equal to (6.17)
     lse = lse - F.logsigmoid(lse - lse_b)                            # (6.18), equal to (2.3)
     return o, lse
@@ -174,6 +166,8 @@ def ring_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
+    _check_cp_inputs(q, k, v, balanced, causal, scale)
+    check_group(group)
     rank, cp = dist.get_rank(group), dist.get_world_size(group)
     mine = chunk_ids(rank, cp, balanced)
     c = q.shape[2] // len(mine)                                  # tokens per chunk
@@ -210,6 +204,12 @@ def attention_block_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
+    check_attention_inputs(q, k, v, causal, scale)
+    validate.tensor(do, "do", kind="float")
+    validate.same_shape(q=q, do=do)
+    for name, t in (("lse", lse), ("delta", delta)):
+        if validate.tensor(t, name, kind="float").shape != q.shape[:-1]:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; q {tuple(q.shape)} needs {tuple(q.shape[:-1])}")
     b, h, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
     group = h // h_kv
@@ -236,6 +236,13 @@ def ring_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
+    _check_cp_inputs(q, k, v, balanced, causal, scale)
+    for name, t in (("o", o), ("do", do)):
+        validate.tensor(t, name, kind="float")
+    validate.same_shape(q=q, o=o, do=do)
+    if validate.tensor(lse, "lse", kind="float").shape != q.shape[:-1]:
+        raise ValueError(f"lse has shape {tuple(lse.shape)}; q {tuple(q.shape)} needs {tuple(q.shape[:-1])}")
+    check_group(group)
     rank, cp = dist.get_rank(group), dist.get_world_size(group)
     mine = chunk_ids(rank, cp, balanced)
     c = q.shape[2] // len(mine)
@@ -296,12 +303,13 @@ class RingAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
-def _check_cp_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, balanced: bool) -> None:
+def _check_cp_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, balanced: bool, causal: bool = False,
+                     scale: float | None = None) -> None:
     """Chapter 4's checks, plus: q and k/v shards of one length that splits into the rank's chunks.
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
-    check_attention_inputs(q, k, v)
+    check_attention_inputs(q, k, v, causal, scale)
     if k.shape[2] != q.shape[2]:
         raise ValueError(f"k has {k.shape[2]} local tokens but q has {q.shape[2]}; a CP rank holds the queries "
                          "and keys of the same tokens")
@@ -322,7 +330,8 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
-    _check_cp_inputs(q, k, v, balanced)
+    _check_cp_inputs(q, k, v, balanced, causal, scale)
+    check_group(group)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     return RingAttention.apply(q, k, v, causal, scale, group if group is not None else dist.group.WORLD, balanced)
 
@@ -338,6 +347,9 @@ class GatherSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup, dim: int, balanced: bool) -> torch.Tensor:
         """x (..., Tl, ...) on every rank -> the full (..., T, ...) in global order."""
+        validate.tensor(x, "x")
+        check_group(group)
+        validate.integer(dim, "dim", low=0, high=x.dim() - 1)
         parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, x.detach().contiguous(), group=group)
         ctx.group, ctx.dim, ctx.balanced = group, dim, balanced
@@ -361,9 +373,10 @@ def gather_sequence(x: torch.Tensor, group: dist.ProcessGroup | None = None, dim
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    return GatherSequence.apply(x, group if group is not None else dist.group.WORLD, _check_dim(x, dim), balanced)
+    validate.tensor(x, "x")
+    check_group(group)
+    dim = validate.integer(dim, "dim", low=-x.dim(), high=x.dim() - 1) % x.dim()
+    return GatherSequence.apply(x, group if group is not None else dist.group.WORLD, dim, balanced)
 
 
 def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
@@ -376,7 +389,8 @@ def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
-    _check_cp_inputs(q, k, v, balanced)
+    _check_cp_inputs(q, k, v, balanced, causal, scale)
+    check_group(group)
     group = group if group is not None else dist.group.WORLD
     k_all = gather_sequence(k, group, dim=2, balanced=balanced)
     v_all = gather_sequence(v, group, dim=2, balanced=balanced)
@@ -390,6 +404,20 @@ def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
     return torch.cat(outs, dim=2)
 
 
+def _check_configs(configs: list[dict], keys: tuple[str, ...]) -> None:
+    """Raise unless configs is a non-empty list of dicts holding `keys`, each with a known variant.
+
+    Defined in chapter 06 (LLaMA 3 and 4D parallelism).
+    """
+    for cfg in validate.nonempty(configs, "configs"):
+        if not isinstance(cfg, dict):
+            raise TypeError(f"configs must hold dicts, got {type(cfg).__name__}")
+        missing = sorted(set(keys) - set(cfg))
+        if missing:
+            raise ValueError(f"a config of configs lacks the keys {missing}")
+        validate.choice(cfg["variant"], "variant", ("ring", "allgather"))
+
+
 def attention_check(rank: int, world: int, configs: list[dict],
                     cp_groups: list[list[int]] | None = None) -> list[dict[str, float]]:
     """Spawn worker: CP attention against full-sequence attention_reference, in float64.
@@ -401,6 +429,12 @@ def attention_check(rank: int, world: int, configs: list[dict],
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
+    check_rank(rank, world)
+    _check_configs(configs, ("variant", "causal", "balanced", "batch", "heads", "kv_heads", "seq_len", "head_dim",
+                             "seed"))
+    if cp_groups is not None and sorted(r for ranks in validate.nonempty(cp_groups, "cp_groups") for r in ranks) \
+            != list(range(world)):
+        raise ValueError(f"cp_groups must partition the ranks 0..{world - 1}, got {cp_groups}")
     group = dist.group.WORLD
     for ranks in cp_groups or []:
         new = dist.new_group(ranks)                               # collective: every rank creates every group
@@ -444,9 +478,15 @@ def context_parallel_loss(logits: torch.Tensor, targets: torch.Tensor, group: di
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
+    validate.tensor(logits, "logits", kind="float")
+    validate.tensor(targets, "targets", kind="int")
     if logits.dim() != 3 or targets.shape != logits.shape[:2]:
         raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} must be (B, T, V) "
                          "and (B, T)")
+    validate.integer(ignore_index, "ignore_index")
+    if bool((((targets < 0) | (targets >= logits.shape[-1])) & (targets != ignore_index)).any()):
+        raise ValueError(f"targets must hold ids in [0, {logits.shape[-1]}) or ignore_index={ignore_index}")
+    check_group(group)
     group = group if group is not None else dist.group.WORLD
     total = F.cross_entropy(logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32)),
                             targets.flatten(), ignore_index=ignore_index, reduction="sum")
@@ -471,6 +511,7 @@ def cp_attend(variant: str = "allgather", group: dist.ProcessGroup | None = None
     variants = {"ring": ring_attention, "allgather": allgather_attention}
     if variant not in variants:
         raise ValueError(f"variant must be one of {sorted(variants)}, got {variant!r}")
+    check_group(group)
     attention = variants[variant]
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -489,6 +530,8 @@ def model_check(rank: int, world: int, configs: list[dict]) -> list[dict[str, fl
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
+    check_rank(rank, world)
+    _check_configs(configs, ("variant", "balanced", "batch", "seq_len", "padding", "seed"))
     group = dist.group.WORLD
     results = []
     for cfg in configs:

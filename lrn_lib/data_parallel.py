@@ -15,7 +15,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from lrn_lib.llama import Llama, LlamaConfig, lm_loss, pydoc_bytes, random_windows
+from lrn_lib import validate
+from lrn_lib.llama import Llama, LlamaConfig, check_config, lm_loss, pydoc_bytes, random_windows
+from lrn_lib.mesh import check_group, check_rank
 
 SYNC_OPS = ("sum", "mean")
 
@@ -25,8 +27,9 @@ def split_rows(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
-    if not 0 <= rank < world:
-        raise ValueError(f"rank={rank} is outside a world of {world} ranks")
+    check_rank(rank, world)
+    if validate.tensor(x, "x", nonempty=False).dim() == 0:
+        raise ValueError("x must have a dimension of rows, got a 0-dim tensor")
     if x.shape[0] < world:
         raise ValueError(f"x has {x.shape[0]} rows: fewer than world={world}, some rank would get none")
     return torch.tensor_split(x, world)[rank]
@@ -47,10 +50,13 @@ def backward_global_mean(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.T
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
-    if sync not in SYNC_OPS:
-        raise ValueError(f"sync must be one of {SYNC_OPS}, got {sync!r}")
-    if len(micro_batches) == 0:
-        raise ValueError("micro_batches is empty: every rank needs at least one micro-batch")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be a function, got {type(loss_fn).__name__}")
+    validate.choice(sync, "sync", SYNC_OPS)
+    for pair in validate.nonempty(micro_batches, "micro_batches"):
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[1], torch.Tensor)):
+            raise TypeError("micro_batches must hold (inputs, targets) pairs with a tensor of targets")
+    check_group(group)
     counts = [targets.numel() for _, targets in micro_batches]
     if min(counts) == 0:
         raise ValueError(f"micro_batches holds a micro-batch without tokens (token counts {counts})")
@@ -74,8 +80,9 @@ def gradient_buckets(grads: Sequence[torch.Tensor], bucket_bytes: int) -> list[l
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
-    if bucket_bytes <= 0:
-        raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
+    if not isinstance(grads, (list, tuple)) or not all(isinstance(g, torch.Tensor) for g in grads):
+        raise TypeError(f"grads must be a list of tensors, got {type(grads).__name__}")
+    validate.integer(bucket_bytes, "bucket_bytes", low=1)
     buckets: list[list[int]] = []
     size = 0
     for i in reversed(range(len(grads))):
@@ -98,6 +105,10 @@ def all_reduce_gradients(module: nn.Module, group: dist.ProcessGroup | None = No
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    check_group(group)
+    validate.integer(bucket_bytes, "bucket_bytes", low=1)
     params = [p for p in module.parameters() if p.requires_grad]
     for p in params:
         if p.grad is None:
@@ -118,6 +129,19 @@ def _adamw(params) -> torch.optim.AdamW:
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
     return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+
+
+def _check_run(rank: int, world: int, cfg: LlamaConfig, batch: int, seq: int, micro_steps: int, steps: int) -> None:
+    """The argument checks of the DP and FSDP workers: every rank gets rows and micro_steps micro-batches.
+
+    Defined in chapter 06 (LLaMA 3 and 4D parallelism).
+    """
+    check_rank(rank, world)
+    check_config(cfg)
+    validate.integer(batch, "batch", low=world)
+    validate.integer(seq, "seq", low=1, high=cfg.max_seq_len)
+    validate.integer(micro_steps, "micro_steps", low=1, high=batch // world)
+    validate.integer(steps, "steps", low=1)
 
 
 def _setup(cfg: LlamaConfig, batch: int, seq: int, steps: int, seed: int) -> tuple[Llama, list]:
@@ -220,6 +244,7 @@ def data_parallel_check(rank: int, world: int, cfg: LlamaConfig, batch: int, seq
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
+    _check_run(rank, world, cfg, batch, seq, micro_steps, steps)
     model, batches = _setup(cfg, batch, seq, steps, seed)
     ref = _reference_run(copy.deepcopy(model), batches)
     run = _parallel_run(copy.deepcopy(model), batches, rank, world, micro_steps, "sum",
@@ -242,10 +267,11 @@ def zero_bytes_per_rank(n_params: float, world: int, stage: int, param_bytes: fl
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
-    if stage not in (0, 1, 2, 3):
-        raise ValueError(f"stage must be 0 (plain DP), 1, 2 or 3, got {stage}")
-    if world < 1:
-        raise ValueError(f"world must be at least 1, got {world}")
+    validate.integer(stage, "stage", low=0, high=3)
+    validate.integer(world, "world", low=1)
+    for name, value in (("n_params", n_params), ("param_bytes", param_bytes), ("grad_bytes", grad_bytes),
+                        ("optimizer_bytes", optimizer_bytes)):
+        validate.number(value, name, low=0)
     out = {"params": param_bytes * n_params / (world if stage >= 3 else 1),
            "grads": grad_bytes * n_params / (world if stage >= 2 else 1),
            "optimizer": optimizer_bytes * n_params / (world if stage >= 1 else 1)}
@@ -266,6 +292,7 @@ class GatherStats:
 
     def track(self, full: torch.Tensor) -> None:
         """Count full (P,) as alive until Python frees it."""
+        validate.tensor(full, "full", nonempty=False)
         nbytes = full.numel() * full.element_size()
         self.live += nbytes
         self.peak = max(self.peak, self.live)
@@ -294,6 +321,18 @@ class _GatherShards(torch.autograd.Function):
         return unit.reduce_scatter(grad_full), None
 
 
+def _check_shard_options(group: dist.ProcessGroup | None, stats: GatherStats | None, reshard_after_forward: bool) -> None:
+    """Raise unless group is a ProcessGroup or None, stats a GatherStats or None, reshard_after_forward a bool.
+
+    Defined in chapter 06 (LLaMA 3 and 4D parallelism).
+    """
+    check_group(group)
+    if stats is not None and not isinstance(stats, GatherStats):
+        raise TypeError(f"stats must be a GatherStats or None, got {type(stats).__name__}")
+    if not isinstance(reshard_after_forward, bool):
+        raise TypeError(f"reshard_after_forward must be a bool, got {type(reshard_after_forward).__name__}")
+
+
 class ShardedUnit(nn.Module):
     """ZeRO-3 wrapper: module's parameters live as one padded flat shard (6.30) per rank of `group`.
 
@@ -308,6 +347,9 @@ class ShardedUnit(nn.Module):
     def __init__(self, module: nn.Module, group: dist.ProcessGroup | None = None,
                  stats: GatherStats | None = None, reshard_after_forward: bool = True):
         super().__init__()
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+        _check_shard_options(group, stats, reshard_after_forward)
         named = list(module.named_parameters())
         if not named:
             raise ValueError(f"module ({type(module).__name__}) has no parameters to shard")
@@ -401,6 +443,7 @@ def shard_llama(model: Llama, group: dist.ProcessGroup | None = None, stats: Gat
     """
     if not isinstance(model, Llama):
         raise TypeError(f"model must be a lrn_lib.llama.Llama, got {type(model).__name__}")
+    _check_shard_options(group, stats, reshard_after_forward)          # before the model is changed
 
     def wrap(module: nn.Module) -> ShardedUnit:
         return ShardedUnit(module, group, stats, reshard_after_forward)
@@ -418,6 +461,8 @@ def gather_full_state(model: nn.Module, grad: bool = False) -> dict[str, torch.T
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     state = {}
     for path, unit in model.named_modules():
         if isinstance(unit, ShardedUnit):
@@ -439,6 +484,11 @@ def persistent_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+
     def nbytes(tensors) -> int:
         return sum(_local(t).numel() * _local(t).element_size() for t in tensors)
 
@@ -469,6 +519,7 @@ def fsdp_check(rank: int, world: int, cfg: LlamaConfig, batch: int, seq: int, mi
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
+    _check_run(rank, world, cfg, batch, seq, micro_steps, steps)
     model, batches = _setup(cfg, batch, seq, steps, seed)
     ref = _reference_run(copy.deepcopy(model), batches)
     out: dict = {"dp_bytes": ref["bytes"]}

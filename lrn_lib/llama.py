@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lrn_lib import corpus, validate
 from lrn_lib.attention import flash_attention
 from lrn_lib.moe import MoELayer
 
@@ -25,6 +26,12 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_seq_len: int = 8192
+
+    def __post_init__(self):
+        validate.number(self.factor, "factor", low=0, low_open=True)
+        validate.number(self.low_freq_factor, "low_freq_factor", low=0, low_open=True)
+        validate.number(self.high_freq_factor, "high_freq_factor", low=self.low_freq_factor, low_open=True)
+        validate.integer(self.original_max_seq_len, "original_max_seq_len", low=1)
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,16 @@ class LlamaConfig:
     tie_embeddings: bool = False
 
     def __post_init__(self):
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+            validate.integer(getattr(self, name), name, low=1)
+        validate.number(self.norm_eps, "norm_eps", low=0)
+        validate.number(self.rope_theta, "rope_theta", low=0, low_open=True)
+        if not isinstance(self.rope_scaling, (RopeScaling, type(None))):
+            raise TypeError(f"rope_scaling must be a RopeScaling or None, got {type(self.rope_scaling).__name__}")
+        validate.integer(self.n_experts, "n_experts", low=0)
+        validate.integer(self.top_k, "top_k", low=1, high=self.n_experts or None)
+        if not isinstance(self.tie_embeddings, bool):
+            raise TypeError(f"tie_embeddings must be a bool, got {type(self.tie_embeddings).__name__}")
         if self.dim % self.n_heads:
             raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
@@ -61,11 +78,24 @@ class LlamaConfig:
         return self.dim // self.n_heads
 
 
+def check_config(cfg: LlamaConfig, name: str = "cfg") -> LlamaConfig:
+    """Raise TypeError unless cfg is a LlamaConfig (its own __post_init__ checked the fields); returns it.
+
+    Defined in chapter 06 (LLaMA 3 and 4D parallelism).
+    """
+    if not isinstance(cfg, LlamaConfig):
+        raise TypeError(f"{name} must be a LlamaConfig, got {type(cfg).__name__}")
+    return cfg
+
+
 def llama_ffn_dim(dim: int, ffn_dim_multiplier: float, multiple_of: int) -> int:
     """The SwiGLU width of Meta's Llama code: int(multiplier * int(8 dim / 3)), rounded up to multiple_of.
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
+    validate.integer(dim, "dim", low=1)
+    validate.number(ffn_dim_multiplier, "ffn_dim_multiplier", low=0, low_open=True)
+    validate.integer(multiple_of, "multiple_of", low=1)
     hidden = int(ffn_dim_multiplier * int(2 * 4 * dim / 3))
     return multiple_of * math.ceil(hidden / multiple_of)
 
@@ -86,6 +116,10 @@ def tiny_config(**overrides) -> LlamaConfig:
     """
     base = LlamaConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=160,
                        rope_theta=10000.0, max_seq_len=256)
+    unknown = sorted(set(overrides) - set(base.__dataclass_fields__))
+    if unknown:
+        raise TypeError(f"tiny_config got unknown overrides {unknown}; LlamaConfig's fields are "
+                        f"{sorted(base.__dataclass_fields__)}")
     return replace(base, **overrides)
 
 
@@ -94,6 +128,7 @@ def parameter_count(cfg: LlamaConfig) -> int:
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
+    check_config(cfg)
     kv = cfg.n_kv_heads * cfg.head_dim
     attention = 2 * cfg.dim * cfg.dim + 2 * cfg.dim * kv
     if cfg.n_experts:
@@ -110,6 +145,8 @@ def training_flops(n_params: float, n_tokens: float) -> float:
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
+    validate.number(n_params, "n_params", low=0)
+    validate.number(n_tokens, "n_tokens", low=0)
     return 6.0 * n_params * n_tokens
 
 
@@ -121,11 +158,15 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
-        self.eps = eps
+        validate.integer(dim, "dim", low=1)
+        self.eps = validate.number(eps, "eps", low=0)
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., dim) -> (..., dim), normalized in at least float32."""
+        validate.tensor(x, "x", kind="float", nonempty=False)
+        if x.dim() == 0 or x.shape[-1] != self.weight.numel():
+            raise ValueError(f"x has shape {tuple(x.shape)}; its last dimension must be dim={self.weight.numel()}")
         work = torch.promote_types(x.dtype, torch.float32)
         xw = x.to(work)
         normed = xw * torch.rsqrt(xw.pow(2).mean(-1, keepdim=True) + self.eps)    # (6.2)
@@ -137,7 +178,7 @@ def rope_frequencies(cfg: LlamaConfig) -> torch.Tensor:
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
-    d = cfg.head_dim
+    d = check_config(cfg).head_dim
     omega = cfg.rope_theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)       # (6.4)
     s = cfg.rope_scaling
     if s is None:
@@ -155,6 +196,10 @@ def rope_cos_sin(positions: torch.Tensor, omega: torch.Tensor, dtype: torch.dtyp
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
+    validate.tensor(positions, "positions", dims=1, kind="int")
+    validate.tensor(omega, "omega", dims=1, kind="float")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     angles = positions.to(torch.float64)[:, None] * omega.to(positions.device)[None, :]
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -165,6 +210,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
+    validate.tensor(x, "x", dims=range(2, 8), kind="float")
+    if x.shape[-1] % 2:
+        raise ValueError(f"x has shape {tuple(x.shape)}: its head dimension must be even to form rotation pairs")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if validate.tensor(t, name, kind="float").shape != x.shape[-2:]:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; x {tuple(x.shape)} needs {tuple(x.shape[-2:])}")
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin                                                   # (6.5)
@@ -187,6 +238,11 @@ class KVCache:
     """
 
     def __init__(self, cfg: LlamaConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
+        check_config(cfg)
+        validate.integer(batch, "batch", low=1)
+        validate.integer(max_len, "max_len", low=1)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
@@ -194,6 +250,13 @@ class KVCache:
 
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, Hkv, T, hd) at positions start..start+T-1; return all keys and values up to there."""
+        validate.integer(layer, "layer", low=0, high=len(self.k) - 1)
+        validate.integer(start, "start", low=0)
+        b, h_kv, _, hd = self.k[layer].shape
+        validate.tensor(k, "k", dims=4, kind="float")
+        if (k.shape[0], k.shape[1], k.shape[3]) != (b, h_kv, hd):
+            raise ValueError(f"k has shape {tuple(k.shape)}; this cache holds ({b}, {h_kv}, T, {hd})")
+        validate.same_shape(k=k, v=v)
         end = start + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"the cache holds {self.max_len} positions; writing up to {end} does not fit")
@@ -210,7 +273,8 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        check_config(cfg)
+        self.dim, self.n_heads, self.n_kv_heads, self.head_dim = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
@@ -220,6 +284,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
                 layer: int = 0, start: int = 0) -> torch.Tensor:
         """x (B, T, dim); cos, sin (T, hd) for the tokens' positions; with a cache, they sit at start..start+T-1."""
+        if validate.tensor(x, "x", dims=3, kind="float").shape[-1] != self.dim:
+            raise ValueError(f"x has shape {tuple(x.shape)}; expected (B, T, dim={self.dim})")
         b, t, _ = x.shape
         q = self.wq(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(b, t, -1, self.head_dim).transpose(1, 2)
@@ -239,12 +305,16 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, ffn_dim: int):
         super().__init__()
+        self.dim = validate.integer(dim, "dim", low=1)
+        validate.integer(ffn_dim, "ffn_dim", low=1)
         self.w1 = nn.Linear(dim, ffn_dim, bias=False)
         self.w3 = nn.Linear(dim, ffn_dim, bias=False)
         self.w2 = nn.Linear(ffn_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., dim) -> (..., dim)."""
+        if validate.tensor(x, "x", kind="float", nonempty=False).dim() == 0 or x.shape[-1] != self.dim:
+            raise ValueError(f"x has shape {tuple(x.shape)}; its last dimension must be dim={self.dim}")
         return self.w2(F.silu(self.w1(x)) * self.w3(x))                              # (6.3)
 
 
@@ -256,6 +326,7 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
+        check_config(cfg)
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -277,7 +348,7 @@ class Llama(nn.Module):
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = check_config(cfg)
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -299,12 +370,20 @@ class Llama(nn.Module):
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, V); positions (T,) default arange(T); a cache needs contiguous positions."""
-        if tokens.dim() != 2 or tokens.dtype != torch.int64:
-            raise ValueError(f"tokens must be a (batch, time) int64 tensor, got {tuple(tokens.shape)} {tokens.dtype}")
+        validate.tensor(tokens, "tokens", dims=2, dtype=torch.int64)
+        validate.ids(tokens, "tokens", self.cfg.vocab_size)
+        t, most = tokens.shape[1], self.cfg.max_seq_len
         if positions is None:
-            positions = torch.arange(tokens.shape[1], device=tokens.device)
-        if positions.shape != (tokens.shape[1],):
-            raise ValueError(f"positions has shape {tuple(positions.shape)}; expected ({tokens.shape[1]},)")
+            if t > most:
+                raise ValueError(f"tokens has {t} positions, more than cfg.max_seq_len={most}")
+            positions = torch.arange(t, device=tokens.device)
+        elif validate.tensor(positions, "positions", kind="int").shape != (t,):
+            raise ValueError(f"positions has shape {tuple(positions.shape)}; expected ({t},)")
+        elif int(positions.min()) < 0 or int(positions.max()) >= most:
+            raise ValueError(f"positions must lie in [0, cfg.max_seq_len={most}), got {int(positions.min())} "
+                             f"to {int(positions.max())}")
+        if cache is not None and not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a KVCache or None, got {type(cache).__name__}")
         x = self.tok_embeddings(tokens)
         cos, sin = rope_cos_sin(positions, self.omega, x.dtype)
         start = int(positions[0]) if cache is not None else 0
@@ -316,8 +395,16 @@ class Llama(nn.Module):
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over all B*T positions: logits (B, T, V), targets (B, T) -> scalar.
 
+    Targets equal to -100 (F.cross_entropy's ignore_index) are left out of the mean.
+
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
+    validate.tensor(logits, "logits", kind="float")
+    validate.tensor(targets, "targets", kind="int")
+    if logits.dim() < 2 or targets.shape != logits.shape[:-1]:
+        raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} must be (B, T, V) and (B, T)")
+    if bool(((targets >= logits.shape[-1]) | ((targets < 0) & (targets != -100))).any()):
+        raise ValueError(f"targets must hold ids in [0, {logits.shape[-1]}) (or -100, ignored)")
     logits = logits.reshape(-1, logits.shape[-1])
     return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets.reshape(-1))
 
@@ -335,12 +422,17 @@ def transformers_name(name: str) -> str:
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
-    if name.startswith("layers."):
-        _, i, rest = name.split(".", 2)
-        module, kind = rest.rsplit(".", 1)
-        return f"model.layers.{i}.{TRANSFORMERS_NAMES[module]}.{kind}"
-    module, kind = name.rsplit(".", 1)
-    return f"{TRANSFORMERS_NAMES[module]}.{kind}"
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    try:
+        if name.startswith("layers."):
+            _, i, rest = name.split(".", 2)
+            module, kind = rest.rsplit(".", 1)
+            return f"model.layers.{i}.{TRANSFORMERS_NAMES[module]}.{kind}"
+        module, kind = name.rsplit(".", 1)
+        return f"{TRANSFORMERS_NAMES[module]}.{kind}"
+    except (KeyError, ValueError):
+        raise ValueError(f"name {name!r} is not a parameter name of lrn_lib.llama.Llama") from None
 
 
 def load_transformers_state_dict(model: "Llama", state_dict: dict[str, torch.Tensor]) -> None:
@@ -351,6 +443,10 @@ def load_transformers_state_dict(model: "Llama", state_dict: dict[str, torch.Ten
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
+    if not isinstance(model, Llama):
+        raise TypeError(f"model must be an lrn_lib.llama.Llama, got {type(model).__name__}")
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
     if model.cfg.n_experts:
         raise ValueError("load_transformers_state_dict loads dense Llama models; this one has MoE FFNs")
     with torch.no_grad():
@@ -358,6 +454,8 @@ def load_transformers_state_dict(model: "Llama", state_dict: dict[str, torch.Ten
             key = transformers_name(name)
             if key not in state_dict:
                 raise ValueError(f"state_dict has no {key!r} (our {name})")
+            if not isinstance(state_dict[key], torch.Tensor):
+                raise TypeError(f"state_dict[{key!r}] must be a torch.Tensor, got {type(state_dict[key]).__name__}")
             if state_dict[key].shape != p.shape:
                 raise ValueError(f"state_dict[{key!r}] has shape {tuple(state_dict[key].shape)}; "
                                  f"our {name} is {tuple(p.shape)}")
@@ -370,8 +468,10 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got temperature={temperature}, top_p={top_p}")
+    validate.tensor(logits, "logits", dims=2, kind="float")
+    validate.number(temperature, "temperature", low=0)
+    validate.number(top_p, "top_p", low=0, low_open=True, high=1)
+    validate.generator(generator, optional=True)
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.double() / temperature, dim=-1)
@@ -391,8 +491,19 @@ def generate(model: Llama, prompt: torch.Tensor, max_new_tokens: int, temperatur
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
-    if prompt.dim() != 2 or prompt.shape[1] == 0:
-        raise ValueError(f"prompt must be a non-empty (batch, time) tensor, got shape {tuple(prompt.shape)}")
+    if not isinstance(model, Llama):
+        raise TypeError(f"model must be an lrn_lib.llama.Llama, got {type(model).__name__}")
+    validate.tensor(prompt, "prompt", dims=2, dtype=torch.int64)
+    validate.ids(prompt, "prompt", model.cfg.vocab_size)
+    validate.integer(max_new_tokens, "max_new_tokens", low=0)
+    if prompt.shape[1] + max(max_new_tokens - 1, 0) > model.cfg.max_seq_len:
+        raise ValueError(f"a prompt of {prompt.shape[1]} tokens and max_new_tokens={max_new_tokens} run the model "
+                         f"past cfg.max_seq_len={model.cfg.max_seq_len}")
+    validate.number(temperature, "temperature", low=0)
+    validate.number(top_p, "top_p", low=0, low_open=True, high=1)
+    if not isinstance(use_cache, bool):
+        raise TypeError(f"use_cache must be a bool, got {type(use_cache).__name__}")
+    validate.generator(generator, optional=True)
     tokens = prompt
     param = next(model.parameters())
     cache = KVCache(model.cfg, prompt.shape[0], prompt.shape[1] + max_new_tokens, param.dtype, param.device) if use_cache else None
@@ -411,14 +522,11 @@ def generate(model: Llama, prompt: torch.Tensor, max_new_tokens: int, temperatur
 
 
 def pydoc_bytes() -> torch.Tensor:
-    """The bytes of the standard library's pydoc topics (English documentation text) as an int64 tensor.
+    """The book corpus's English part (pydoc's help topics, lrn_lib.corpus) as an int64 tensor (N,) of bytes.
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
-    from pydoc_data import topics
-
-    text = "\n".join(topics.topics[key] for key in sorted(topics.topics))
-    return torch.tensor(list(text.encode("utf-8")), dtype=torch.int64)
+    return torch.frombuffer(bytearray(corpus.english()), dtype=torch.uint8).to(torch.int64)
 
 
 def random_windows(data: torch.Tensor, batch: int, seq: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -426,6 +534,13 @@ def random_windows(data: torch.Tensor, batch: int, seq: int, generator: torch.Ge
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
+    validate.tensor(data, "data", dims=1, kind="int")
+    validate.integer(batch, "batch", low=1)
+    validate.integer(seq, "seq", low=1)
+    if data.numel() < seq + 2:
+        raise ValueError(f"data has {data.numel()} tokens, too few for windows of seq + 1 = {seq + 1} tokens "
+                         f"(random_windows draws starts from 0 .. N - seq - 2, so N must be at least seq + 2)")
+    validate.generator(generator, optional=True)
     start = torch.randint(0, data.numel() - seq - 1, (batch,), generator=generator)
     window = torch.stack([data[s:s + seq + 1] for s in start.tolist()])
     return window[:, :-1], window[:, 1:]

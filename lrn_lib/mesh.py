@@ -13,6 +13,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from lrn_lib import validate
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free now, for the processes' rendezvous.
@@ -51,6 +53,9 @@ def spawn(worker: Callable[..., Any], world: int, *args: Any) -> list[Any]:
     """
     import torch.multiprocessing as mp
 
+    if not callable(worker):
+        raise TypeError(f"worker must be a function, got {type(worker).__name__}")
+    validate.integer(world, "world", low=1)
     queue = mp.get_context("spawn").SimpleQueue()
     main = sys.modules["__main__"]
     script = main.__dict__.pop("__file__", None)     # children import the worker's module, never re-run a script
@@ -61,6 +66,35 @@ def spawn(worker: Callable[..., Any], world: int, *args: Any) -> list[Any]:
             main.__file__ = script
     results = dict(queue.get() for _ in range(world))
     return [results[r] for r in range(world)]
+
+
+def check_rank(rank: int, world: int) -> None:
+    """Raise unless world is an int >= 1 and rank an int in [0, world): the first check of every spawn worker.
+
+    Defined in chapter 06 (LLaMA 3 and 4D parallelism).
+    """
+    validate.integer(world, "world", low=1)
+    validate.integer(rank, "rank", low=0, high=world - 1)
+
+
+def check_mesh_shape(shape: "MeshShape", world: int) -> None:
+    """Raise TypeError unless shape is a MeshShape, ValueError unless its world size is `world`.
+
+    Defined in chapter 06 (LLaMA 3 and 4D parallelism).
+    """
+    if not isinstance(shape, MeshShape):
+        raise TypeError(f"shape must be a MeshShape, got {type(shape).__name__}")
+    if shape.world != world:
+        raise ValueError(f"shape {shape} needs {shape.world} ranks, but world={world}")
+
+
+def check_group(group: Any, name: str = "group") -> None:
+    """Raise TypeError unless group is a torch.distributed ProcessGroup or None (None: the whole world).
+
+    Defined in chapter 06 (LLaMA 3 and 4D parallelism).
+    """
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"{name} must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
 
 
 MESH_DIMS = ("tp", "cp", "pp", "dp")
@@ -78,6 +112,10 @@ class MeshShape:
     pp: int = 1
     dp: int = 1
 
+    def __post_init__(self):
+        for name in MESH_DIMS:
+            validate.integer(getattr(self, name), name, low=1)
+
     @property
     def world(self) -> int:
         return self.tp * self.cp * self.pp * self.dp
@@ -88,8 +126,7 @@ class MeshShape:
 
     def coordinates(self, rank: int) -> dict[str, int]:
         """{'tp': i, 'cp': j, 'pp': k, 'dp': l} of one rank."""
-        if not 0 <= rank < self.world:
-            raise ValueError(f"rank {rank} is outside a mesh of {self.world} ranks")
+        validate.integer(rank, "rank", low=0, high=self.world - 1)
         dp, pp, cp, tp = (int(c[0]) for c in torch.nonzero(self.grid() == rank, as_tuple=True))
         return {"tp": tp, "cp": cp, "pp": pp, "dp": dp}
 
@@ -98,6 +135,8 @@ class MeshShape:
         for d in dims:
             if d not in MESH_DIMS:
                 raise ValueError(f"unknown mesh dimension {d!r}; expected one of {MESH_DIMS}")
+        if len(set(dims)) < len(dims):
+            raise ValueError(f"dims {dims} names a mesh dimension twice")
         axis = {"dp": 0, "pp": 1, "cp": 2, "tp": 3}
         inside = [axis[d] for d in dims]
         outside = [a for a in range(4) if a not in inside]
@@ -114,6 +153,8 @@ class Mesh:
     """
 
     def __init__(self, shape: MeshShape):
+        if not isinstance(shape, MeshShape):
+            raise TypeError(f"shape must be a MeshShape, got {type(shape).__name__}")
         if dist.get_world_size() != shape.world:
             raise ValueError(f"the mesh {shape} needs {shape.world} ranks but the world has {dist.get_world_size()}")
         self.shape = shape
@@ -133,6 +174,8 @@ def describe_rank(rank: int, world: int, shape: MeshShape) -> str:
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
+    check_rank(rank, world)
+    check_mesh_shape(shape, world)
     mesh = Mesh(shape)
     c = mesh.coords
     groups = " ".join(f"{k}={mesh.members[k]}" for k in ("tp", "cp", "pp", "dp"))
@@ -144,6 +187,7 @@ def collectives_demo(rank: int, world: int) -> str:
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
+    check_rank(rank, world)
     x = torch.tensor([float(rank)])
     total = x.clone()
     dist.all_reduce(total)

@@ -8,10 +8,11 @@ import torch.distributed as dist
 
 from lrn_lib.context_parallel import cp_attend, shard_positions, shard_sequence
 from lrn_lib.data_parallel import all_reduce_gradients, split_rows
+from lrn_lib import validate
 from lrn_lib.llama import Llama, LlamaConfig, lm_loss
-from lrn_lib.mesh import Mesh, MeshShape
+from lrn_lib.mesh import Mesh, MeshShape, check_mesh_shape, check_rank
 from lrn_lib.pipeline_parallel import build_stage, run_pipeline
-from lrn_lib.tensor_parallel import gradient_errors, tensor_parallel_llama, vocab_parallel_cross_entropy
+from lrn_lib.tensor_parallel import check_tp_config, gradient_errors, tensor_parallel_llama, vocab_parallel_cross_entropy
 
 
 def four_d_step(rank: int, world: int, shape: MeshShape, cfg: LlamaConfig, batch: int, seq: int,
@@ -25,6 +26,12 @@ def four_d_step(rank: int, world: int, shape: MeshShape, cfg: LlamaConfig, batch
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
+    check_rank(rank, world)
+    check_mesh_shape(shape, world)
+    check_tp_config(cfg, shape.tp)
+    validate.integer(batch, "batch", low=1)
+    validate.integer(seq, "seq", low=1, high=cfg.max_seq_len)
+    validate.integer(microbatches, "microbatches", low=shape.pp)      # a pipeline needs one per stage
     if batch % (shape.dp * microbatches):
         raise ValueError(f"batch={batch} does not split into dp={shape.dp} x microbatches={microbatches} parts")
     if seq % (2 * shape.cp):

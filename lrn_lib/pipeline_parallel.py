@@ -15,19 +15,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from lrn_lib.llama import Llama, LlamaConfig, lm_loss, rope_cos_sin, tiny_config
-from lrn_lib.mesh import Mesh, MeshShape
-
-
-def _check_count(name: str, value: int, least: int = 1) -> None:
-    """TypeError unless value is an int, ValueError unless value >= least.
-
-    Defined in chapter 06 (LLaMA 3 and 4D parallelism).
-    """
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < least:
-        raise ValueError(f"{name} must be >= {least}, got {value}")
+from lrn_lib import validate
+from lrn_lib.llama import Llama, LlamaConfig, check_config, lm_loss, rope_cos_sin, tiny_config
+from lrn_lib.mesh import Mesh, MeshShape, check_group, check_rank
 
 
 def partition_layers(n_layers: int, num_stages: int, lighter_ends: bool = False) -> list[range]:
@@ -40,8 +30,8 @@ def partition_layers(n_layers: int, num_stages: int, lighter_ends: bool = False)
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
-    _check_count("n_layers", n_layers)
-    _check_count("num_stages", num_stages, 2 if lighter_ends else 1)
+    validate.integer(n_layers, "n_layers", low=1)
+    validate.integer(num_stages, "num_stages", low=2 if lighter_ends else 1)
     base, extra = divmod(n_layers + (2 if lighter_ends else 0), num_stages)
     sizes = [base + (s < extra) for s in range(num_stages)]
     if lighter_ends:
@@ -70,9 +60,13 @@ class LlamaStage(nn.Module):
         super().__init__()
         if not isinstance(model, Llama):
             raise TypeError(f"model must be a Llama, got {type(model).__name__}")
+        if not isinstance(layers, range):
+            raise TypeError(f"layers must be a range of layer indices, got {type(layers).__name__}")
+        if not isinstance(first, bool) or not isinstance(last, bool):
+            raise TypeError(f"first and last must be bools, got {first!r}, {last!r}")
         if len(layers) == 0 or layers.start < 0 or layers.stop > len(model.layers) or layers.step != 1:
             raise ValueError(f"layers={layers} is not a non-empty contiguous slice of {len(model.layers)} layers")
-        self.first, self.last = first, last
+        self.first, self.last, self.vocab_size = first, last, model.cfg.vocab_size
         self.tok_embeddings = model.tok_embeddings if first else None
         self.layers = nn.ModuleDict({str(i): model.layers[i] for i in layers})
         self.norm = model.norm if last else None
@@ -83,9 +77,12 @@ class LlamaStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """tokens (B, T) on the first stage, else hidden (B, T, dim) -> hidden (B, T, dim), or logits on the last stage."""
         if self.first:
-            if x.dim() != 2 or x.dtype != torch.int64:
+            if validate.tensor(x, "tokens").dim() != 2 or x.dtype != torch.int64:
                 raise ValueError(f"the first stage takes (batch, time) int64 tokens, got {tuple(x.shape)} {x.dtype}")
+            validate.ids(x, "tokens", self.vocab_size)
             x = self.tok_embeddings(x)
+        else:
+            validate.tensor(x, "x", dims=3, kind="float")
         positions = self.positions if self.positions is not None else torch.arange(x.shape[1], device=x.device)
         cos, sin = rope_cos_sin(positions, self.omega, x.dtype)
         for block in self.layers.values():
@@ -100,9 +97,10 @@ def build_stage(model: Llama, stage: int, num_stages: int, lighter_ends: bool = 
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
-    _check_count("num_stages", num_stages)
-    if not isinstance(stage, int) or not 0 <= stage < num_stages:
-        raise ValueError(f"stage must be an int in [0, {num_stages}), got {stage!r}")
+    if not isinstance(model, Llama):
+        raise TypeError(f"model must be a Llama, got {type(model).__name__}")
+    validate.integer(num_stages, "num_stages", low=1)
+    validate.integer(stage, "stage", low=0, high=num_stages - 1)
     layers = partition_layers(len(model.layers), num_stages, lighter_ends)[stage]
     return LlamaStage(model, layers, first=stage == 0, last=stage == num_stages - 1)
 
@@ -115,8 +113,8 @@ def _check_pipeline(num_stages: int, num_microbatches: int) -> None:
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
-    _check_count("num_stages", num_stages)
-    _check_count("num_microbatches", num_microbatches)
+    validate.integer(num_stages, "num_stages", low=1)
+    validate.integer(num_microbatches, "num_microbatches", low=1)
     if num_microbatches < num_stages:
         raise ValueError(f"num_microbatches={num_microbatches} is less than num_stages={num_stages}: "
                          "a pipeline needs at least one micro-batch per stage")
@@ -166,6 +164,20 @@ class Event(NamedTuple):
     end: float | Fraction
 
 
+def _check_schedule(schedule: list[list[Action]]) -> None:
+    """Raise unless schedule is a non-empty list of per-stage lists of actions ("F" or "B", micro-batch >= 0).
+
+    Defined in chapter 06 (LLaMA 3 and 4D parallelism).
+    """
+    for actions in validate.nonempty(schedule, "schedule"):
+        if not isinstance(actions, (list, tuple)):
+            raise TypeError(f"schedule must hold one list of actions per stage, got {type(actions).__name__}")
+        for action in actions:
+            if not (isinstance(action, tuple) and len(action) == 2 and action[0] in ("F", "B")
+                    and isinstance(action[1], int) and action[1] >= 0):
+                raise ValueError(f"schedule holds an unknown action {action!r}; expected ('F' or 'B', micro-batch)")
+
+
 def simulate_schedule(schedule: list[list[Action]], forward_time: float | Fraction = 1,
                       backward_time: float | Fraction = 2) -> list[list[Event]]:
     """Earliest start and end of every action when messages are instant; one list of Events per stage.
@@ -176,6 +188,9 @@ def simulate_schedule(schedule: list[list[Action]], forward_time: float | Fracti
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
+    _check_schedule(schedule)
+    validate.number(forward_time, "forward_time", low=0, low_open=True)
+    validate.number(backward_time, "backward_time", low=0)
     durations = {"F": Fraction(forward_time), "B": Fraction(backward_time)}
     num_stages = len(schedule)
     finished: dict[tuple[str, int, int], Fraction] = {}
@@ -211,10 +226,14 @@ def bubble_fraction(timeline: list[list[Event]]) -> float | Fraction:
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
-    events = [e for stage in timeline for e in stage]
+    events = [e for stage in validate.nonempty(timeline, "timeline") for e in stage]
     if not events:
         raise ValueError("timeline has no events")
+    if not all(isinstance(e, Event) for e in events):
+        raise TypeError("timeline must hold lists of Events (simulate_schedule's or run_pipeline's)")
     span = max(e.end for e in events) - min(e.start for e in events)
+    if span <= 0:
+        raise ValueError("timeline spans no time: its events all start and end at one instant")
     busy = sum(e.end - e.start for e in events)
     total = len(timeline) * span
     return (total - busy) / total
@@ -237,6 +256,7 @@ def peak_in_flight(schedule: list[list[Action]]) -> list[int]:
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
+    _check_schedule(schedule)
     peaks = []
     for actions in schedule:
         held = peak = 0
@@ -293,8 +313,19 @@ def run_pipeline(module: nn.Module, schedule: str, num_microbatches: int, activa
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}")
+    validate.integer(num_microbatches, "num_microbatches", low=1)
+    if not (isinstance(activation_shape, tuple) and activation_shape
+            and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in activation_shape)):
+        raise ValueError(f"activation_shape must be a tuple of positive ints, got {activation_shape!r}")
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn must be a function or None, got {type(loss_fn).__name__}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    check_group(group)
     group = group if group is not None else dist.group.WORLD
     stage, num_stages = dist.get_rank(group), dist.get_world_size(group)
     actions = SCHEDULES[schedule](num_stages, num_microbatches)[stage]
@@ -381,6 +412,18 @@ def pipeline_check(rank: int, world: int, microbatch_counts: tuple[int, ...] = (
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
+    check_rank(rank, world)
+    validate.integer(dp, "dp", low=1, high=world)
+    if world % dp:
+        raise ValueError(f"dp={dp} does not divide world={world}")
+    if cfg is not None:
+        check_config(cfg)
+    validate.integer(batch, "batch", low=1)
+    validate.integer(seq, "seq", low=1)
+    for m in validate.nonempty(microbatch_counts, "microbatch_counts"):
+        validate.integer(m, "microbatch_counts", low=world // dp)
+        if batch % m:
+            raise ValueError(f"microbatch_counts holds {m}, which does not divide batch={batch}")
     mesh = Mesh(MeshShape(pp=world // dp, dp=dp))
     group = mesh.group["pp"]
     stage, num_stages = dist.get_rank(group), dist.get_world_size(group)
@@ -442,13 +485,13 @@ class SimulatedCompute(nn.Module):
 
     def __init__(self, forward_seconds: float, backward_seconds: float):
         super().__init__()
-        if forward_seconds < 0 or backward_seconds < 0:
-            raise ValueError(f"times must be >= 0, got forward_seconds={forward_seconds}, "
-                             f"backward_seconds={backward_seconds}")
+        validate.number(forward_seconds, "forward_seconds", low=0)
+        validate.number(backward_seconds, "backward_seconds", low=0)
         self.forward_seconds, self.backward_seconds = forward_seconds, backward_seconds
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (...) -> the same values (...), after sleeping forward_seconds."""
+        validate.tensor(x, "x", nonempty=False)
         return _Sleep.apply(x, self.forward_seconds, self.backward_seconds)
 
 
@@ -460,6 +503,9 @@ def timeline_worker(rank: int, world: int, num_microbatches: int, forward_second
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
+    check_rank(rank, world)
+    validate.integer(num_microbatches, "num_microbatches", low=world)
+    validate.number(forward_seconds, "forward_seconds", low=0)
     torch.manual_seed(0)
     inputs = torch.randn(num_microbatches, 4) if rank == 0 else None
     targets = torch.zeros(num_microbatches, 4) if rank == world - 1 else None

@@ -10,8 +10,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lrn_lib.llama import Llama, LlamaConfig, RMSNorm, lm_loss
-from lrn_lib.mesh import Mesh, MeshShape
+from lrn_lib import validate
+from lrn_lib.llama import Llama, LlamaConfig, RMSNorm, check_config, lm_loss
+from lrn_lib.mesh import Mesh, MeshShape, check_group, check_rank
 
 
 def shard_bounds(size: int, rank: int, world: int) -> tuple[int, int]:
@@ -22,8 +23,8 @@ def shard_bounds(size: int, rank: int, world: int) -> tuple[int, int]:
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
-    if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"rank={rank} is not a rank of a group of world={world}")
+    check_rank(rank, world)
+    validate.integer(size, "size", low=0)
     if size < world:
         raise ValueError(f"size={size} cannot be split over world={world} ranks with at least one row each")
     base, extra = divmod(size, world)
@@ -51,6 +52,8 @@ class CopyToTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: "dist.ProcessGroup | None") -> torch.Tensor:
         """x (any shape) -> the same values."""
+        validate.tensor(x, "x", nonempty=False)
+        check_group(group)
         ctx.group = group
         return x.view_as(x)
 
@@ -69,6 +72,8 @@ class ReduceFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: "dist.ProcessGroup | None") -> torch.Tensor:
         """x (any shape), a partial sum on each rank -> the full sum, the same on every rank."""
+        validate.tensor(x, "x", nonempty=False)
+        check_group(group)
         return _all_reduce_copy(x, group)
 
     @staticmethod
@@ -107,6 +112,9 @@ class ColumnParallelLinear(nn.Module):
         super().__init__()
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        check_group(group)
+        if not isinstance(copy_input, bool):
+            raise TypeError(f"copy_input must be a bool, got {type(copy_input).__name__}")
         self.group, self.copy_input = group, copy_input
         self.start, self.stop = shard_bounds(linear.out_features, dist.get_rank(group), dist.get_world_size(group))
         self.weight = nn.Parameter(self.full_slice(linear.weight.detach(), "weight").clone())
@@ -118,6 +126,8 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in), the same on every rank -> this rank's output columns (..., out_r)."""
+        if validate.tensor(x, "x", kind="float", nonempty=False).dim() == 0 or x.shape[-1] != self.weight.shape[1]:
+            raise ValueError(f"x has shape {tuple(x.shape)}; this layer takes {self.weight.shape[1]} input features")
         if self.copy_input:
             x = copy_to_tp(x, self.group)
         return F.linear(x, self.weight, self.bias)
@@ -136,6 +146,7 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        check_group(group)
         self.group = group
         self.start, self.stop = shard_bounds(linear.in_features, dist.get_rank(group), dist.get_world_size(group))
         self.weight = nn.Parameter(self.full_slice(linear.weight.detach(), "weight").clone())
@@ -147,7 +158,7 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in_r), this rank's input columns -> (..., out), the same on every rank."""
-        if x.shape[-1] != self.stop - self.start:
+        if validate.tensor(x, "x", kind="float", nonempty=False).dim() == 0 or x.shape[-1] != self.stop - self.start:
             raise ValueError(f"x has {x.shape[-1]} features; this rank's block of the input has {self.stop - self.start}")
         y = reduce_from_tp(F.linear(x, self.weight), self.group)                        # (6.8)
         return y if self.bias is None else y + self.bias
@@ -167,7 +178,8 @@ class VocabParallelEmbedding(nn.Module):
             raise TypeError(f"embedding must be an nn.Embedding, got {type(embedding).__name__}")
         if embedding.padding_idx is not None or embedding.max_norm is not None:
             raise ValueError("embedding must have no padding_idx and no max_norm")
-        self.group = group
+        check_group(group)
+        self.group, self.num_embeddings = group, embedding.num_embeddings
         self.start, self.stop = shard_bounds(embedding.num_embeddings, dist.get_rank(group), dist.get_world_size(group))
         self.weight = nn.Parameter(self.full_slice(embedding.weight.detach(), "weight").clone())
 
@@ -177,8 +189,9 @@ class VocabParallelEmbedding(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (...) int64 global ids -> (..., dim)."""
-        if tokens.dtype != torch.int64:
+        if validate.tensor(tokens, "tokens").dtype != torch.int64:
             raise TypeError(f"tokens must be int64, got {tokens.dtype}")
+        validate.ids(tokens, "tokens", self.num_embeddings)            # an id outside every shard would embed to 0
         local = tokens - self.start
         mine = (local >= 0) & (local < self.stop - self.start)
         rows = F.embedding(local.masked_fill(~mine, 0), self.weight)
@@ -195,6 +208,11 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, start: int,
                 group: "dist.ProcessGroup | None") -> torch.Tensor:
         """logits (N, V_r) for vocabulary ids [start, start + V_r); targets (N,) global ids -> losses (N,)."""
+        validate.tensor(logits, "logits", dims=2, kind="float")
+        if validate.tensor(targets, "targets", dims=1, kind="int").shape[0] != logits.shape[0]:
+            raise ValueError(f"targets {tuple(targets.shape)} must hold one id per row of logits {tuple(logits.shape)}")
+        validate.integer(start, "start", low=0)
+        check_group(group)
         work = logits.to(torch.promote_types(logits.dtype, torch.float32))
         m = _all_reduce_copy(work.amax(-1), group, dist.ReduceOp.MAX)                   # m of (6.14)
         e = torch.exp(work - m[:, None])
@@ -226,17 +244,20 @@ def vocab_parallel_cross_entropy(local_logits: torch.Tensor, targets: torch.Tens
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
-    if targets.dtype != torch.int64:
+    validate.tensor(local_logits, "local_logits", kind="float")
+    if validate.tensor(targets, "targets").dtype != torch.int64:
         raise TypeError(f"targets must be int64, got {targets.dtype}")
     if local_logits.shape[:-1] != targets.shape:
         raise ValueError(f"local_logits {tuple(local_logits.shape)} and targets {tuple(targets.shape)} "
                          "must agree except in the last (vocabulary) dimension")
+    validate.integer(vocab_size, "vocab_size", low=1)
+    if targets.min() < 0 or targets.max() >= vocab_size:
+        raise ValueError(f"targets must lie in [0, vocab_size={vocab_size})")
+    check_group(group)
     start, stop = shard_bounds(vocab_size, dist.get_rank(group), dist.get_world_size(group))
     if local_logits.shape[-1] != stop - start:
         raise ValueError(f"local_logits has {local_logits.shape[-1]} vocabulary columns; this rank owns "
                          f"{stop - start} of vocab_size={vocab_size}")
-    if targets.numel() and (targets.min() < 0 or targets.max() >= vocab_size):
-        raise ValueError(f"targets must lie in [0, vocab_size={vocab_size})")
     losses = VocabParallelCrossEntropy.apply(local_logits.reshape(-1, stop - start), targets.reshape(-1), start, group)
     return losses.mean()
 
@@ -252,6 +273,9 @@ def tp_layers_check(rank: int, world: int, vocab_size: int = 67, seed: int = 0, 
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
+    check_rank(rank, world)
+    for name, value in (("vocab_size", vocab_size), ("n_tokens", n_tokens), ("dim", dim), ("hidden", hidden)):
+        validate.integer(value, name, low=world)                   # every rank gets a row of each split
     torch.manual_seed(seed)
     up, down = nn.Linear(dim, hidden).double(), nn.Linear(hidden, dim).double()
     table = nn.Embedding(vocab_size, dim).double()
@@ -299,6 +323,9 @@ class TPRMSNorm(RMSNorm):
     """
 
     def __init__(self, norm: RMSNorm, group: "dist.ProcessGroup | None" = None):
+        if not isinstance(norm, RMSNorm):
+            raise TypeError(f"norm must be an lrn_lib.llama.RMSNorm, got {type(norm).__name__}")
+        check_group(group)
         super().__init__(norm.weight.numel(), norm.eps)
         self.weight = nn.Parameter(norm.weight.detach().clone())
         self.group = group
@@ -313,8 +340,8 @@ def check_tp_config(cfg: LlamaConfig, tp: int) -> None:
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
-    if tp < 1:
-        raise ValueError(f"tp must be at least 1, got {tp}")
+    check_config(cfg)
+    validate.integer(tp, "tp", low=1)
     if cfg.n_heads % tp:
         raise ValueError(f"n_heads={cfg.n_heads} is not divisible by tp={tp}")
     if cfg.n_kv_heads % tp:
@@ -351,6 +378,7 @@ def tensor_parallel_llama(model: Llama, group: "dist.ProcessGroup | None" = None
     """
     if not isinstance(model, Llama):
         raise TypeError(f"model must be an lrn_lib.llama.Llama, got {type(model).__name__}")
+    check_group(group)
     tp = dist.get_world_size(group)
     check_tp_config(model.cfg, tp)
     _check_identical(model, group)
@@ -376,11 +404,19 @@ def gradient_errors(tp_model: nn.Module, full_model: nn.Module) -> dict[str, flo
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
+    for arg, model in (("tp_model", tp_model), ("full_model", full_model)):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{arg} must be an nn.Module, got {type(model).__name__}")
     errors = {}
     for module_name, module in tp_model.named_modules():
         for name, p in module.named_parameters(recurse=False):
             full_name = f"{module_name}.{name}" if module_name else name
-            full = full_model.get_parameter(full_name).grad
+            try:
+                full = full_model.get_parameter(full_name).grad
+            except AttributeError:
+                raise ValueError(f"full_model has no parameter {full_name!r} of tp_model") from None
+            if p.grad is None or full is None:
+                raise ValueError(f"{full_name} has no gradient in tp_model or full_model: run backward on both first")
             if hasattr(module, "full_slice"):
                 full = module.full_slice(full, name)
             errors[full_name] = (p.grad - full).abs().max().item()
@@ -400,9 +436,13 @@ def tp_llama_check(rank: int, world: int, cfg: LlamaConfig, tp: int | None = Non
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
-    tp = world if tp is None else tp
+    check_rank(rank, world)
+    tp = world if tp is None else validate.integer(tp, "tp", low=1)
     if world % tp:
         raise ValueError(f"tp={tp} does not divide world={world}")
+    check_tp_config(cfg, tp)
+    validate.integer(batch, "batch", low=1)
+    validate.integer(seq, "seq", low=1)
     group = Mesh(MeshShape(tp=tp, dp=world // tp)).group["tp"] if tp < world else None
     torch.manual_seed(seed)
     full = Llama(cfg).double()
@@ -452,6 +492,10 @@ def dtensor_tp_check(rank: int, world: int, cfg: LlamaConfig, seed: int = 0, bat
     from torch.distributed.tensor import DTensor, Replicate
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
+    check_rank(rank, world)
+    check_tp_config(cfg, world)
+    validate.integer(batch, "batch", low=1)
+    validate.integer(seq, "seq", low=1)
     torch.manual_seed(seed)
     full = Llama(cfg).double()
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1))
@@ -484,6 +528,10 @@ def build_tp_llama(rank: int, world: int, cfg: LlamaConfig, seeds: list[int]) ->
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
+    check_rank(rank, world)
+    check_config(cfg)
+    if len(validate.nonempty(seeds, "seeds")) != world:
+        raise ValueError(f"seeds must hold one seed per rank, {world}, got {len(seeds)}")
     torch.manual_seed(seeds[rank])
     try:
         tensor_parallel_llama(Llama(cfg))

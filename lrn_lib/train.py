@@ -17,8 +17,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from lrn_lib import corpus, validate
+from lrn_lib.attention import check_attention_inputs
 from lrn_lib.llama import Llama, LlamaConfig, lm_loss, random_windows, tiny_config
-from lrn_lib.mesh import free_port, spawn
+from lrn_lib.mesh import check_rank, free_port, spawn
 from lrn_lib.pipeline_parallel import LlamaStage, partition_layers
 
 try:
@@ -41,6 +43,7 @@ def build_mesh(args: argparse.Namespace) -> DeviceMesh:
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
+    check_args(args)
     shape = (args.dp, args.pp, args.cp, args.tp)
     if dist.get_world_size() != math.prod(shape):
         raise ValueError(f"--dp {args.dp} --pp {args.pp} --cp {args.cp} --tp {args.tp} need {math.prod(shape)} "
@@ -49,20 +52,12 @@ def build_mesh(args: argparse.Namespace) -> DeviceMesh:
 
 
 def stdlib_corpus() -> torch.Tensor:
-    """Training bytes that need no download: the sources of the standard library's json and email
-    packages and pydoc's topic texts, as an int64 tensor (N,) of values 0..255.
+    """Training bytes that need no download (lrn_lib.corpus): the sources of the standard library's json
+    and email packages, then pydoc's help topics, as an int64 tensor (N,) of values 0..255.
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
-    import email
-
-    import pydoc_data
-
-    files = []
-    for package in (json, email):
-        files += sorted(Path(package.__file__).parent.rglob("*.py"))
-    files.append(Path(pydoc_data.__file__).parent / "topics.py")
-    data = b"".join(f.read_bytes() for f in files)
+    data = corpus.python_source(("json", "email")) + corpus.english()
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.int64)
 
 
@@ -72,6 +67,8 @@ def global_batch(data: torch.Tensor, step: int, batch: int, seq: int, seed: int)
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
+    validate.integer(step, "step", low=0)
+    validate.integer(seed, "seed", low=0)
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
     return random_windows(data, batch, seq, generator)
 
@@ -82,6 +79,10 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
+    check_attention_inputs(q, k, v)
+    if k.shape[2] != q.shape[2]:
+        raise ValueError(f"k has {k.shape[2]} positions but q has {q.shape[2]}: is_causal needs queries and keys "
+                         "of the same tokens")
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -93,6 +94,8 @@ def tensor_parallel_plan(stage: LlamaStage) -> dict:
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
+    if not isinstance(stage, LlamaStage):
+        raise TypeError(f"stage must be a LlamaStage, got {type(stage).__name__}")
     plan = {}
     if stage.first:
         plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate())
@@ -113,6 +116,8 @@ def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh | None:
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
+    if not isinstance(mesh, DeviceMesh) or not {"dp", "cp"} <= set(mesh.mesh_dim_names or ()):
+        raise TypeError(f"mesh must be build_mesh's DeviceMesh with dimensions {MESH_DIM_NAMES}, got {mesh!r}")
     dp, cp = mesh["dp"].size(), mesh["cp"].size()
     if dp * cp == 1:
         return None
@@ -131,6 +136,10 @@ def shard_stage(stage: LlamaStage, mesh: DeviceMesh) -> LlamaStage:
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
+    if not isinstance(stage, LlamaStage):
+        raise TypeError(f"stage must be a LlamaStage, got {type(stage).__name__}")
+    if not isinstance(mesh, DeviceMesh) or tuple(mesh.mesh_dim_names or ()) != MESH_DIM_NAMES:
+        raise TypeError(f"mesh must be build_mesh's DeviceMesh with dimensions {MESH_DIM_NAMES}, got {mesh!r}")
     if mesh["tp"].size() > 1:
         parallelize_module(stage, mesh["tp"], tensor_parallel_plan(stage))
     data_mesh = data_parallel_mesh(mesh)
@@ -163,6 +172,9 @@ class Trainer:
     """
 
     def __init__(self, args: argparse.Namespace, mesh: DeviceMesh):
+        check_args(args)
+        if not isinstance(mesh, DeviceMesh) or tuple(mesh.mesh_dim_names or ()) != MESH_DIM_NAMES:
+            raise TypeError(f"mesh must be build_mesh's DeviceMesh with dimensions {MESH_DIM_NAMES}, got {mesh!r}")
         self.args, self.mesh = args, mesh
         self.coord = {name: mesh[name].get_local_rank() for name in MESH_DIM_NAMES}
         cuda = args.device == "cuda"
@@ -237,7 +249,10 @@ class Trainer:
 
     def layout(self, name: str) -> str:
         """How parameter `name` lives on this rank: its mesh dimensions, placements, local and global shape."""
-        p = dict(self.stage.named_parameters())[name]
+        params = dict(self.stage.named_parameters())
+        if name not in params:
+            raise ValueError(f"name {name!r} is not a parameter of this rank's stage")
+        p = params[name]
         if not isinstance(p, DTensor):
             return f"plain tensor {tuple(p.shape)}, whole on this rank"
         dims = p.device_mesh.mesh_dim_names
@@ -261,6 +276,7 @@ def reference_run(args: argparse.Namespace) -> tuple[list[float], dict[str, torc
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
+    check_args(args)
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     torch.manual_seed(args.seed)
     model = Llama(model_config(args)).to(dtype)
@@ -288,6 +304,9 @@ def check_worker(rank: int, world: int, runs: list[list[str]]) -> list[dict]:
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
+    check_rank(rank, world)
+    for argv in validate.nonempty(runs, "runs"):
+        _check_argv(argv, "runs")
     results = []
     for argv in runs:
         args = parse_args(argv)
@@ -347,6 +366,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
+    _check_argv(argv)
     args = build_parser().parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -362,15 +382,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _check_argv(argv: list[str] | None, name: str = "argv") -> None:
+    """Raise TypeError unless argv is None or a list (or tuple) of strings, as sys.argv[1:] is.
+
+    Defined in chapter 06 (LLaMA 3 and 4D parallelism).
+    """
+    if argv is not None and not (isinstance(argv, (list, tuple)) and all(isinstance(a, str) for a in argv)):
+        raise TypeError(f"{name} must be a list of command-line strings such as ['--tp', '2'], got {argv!r}")
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Raise ValueError naming the flag if the parallel degrees and the model or batch sizes disagree.
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
+    if not isinstance(args, argparse.Namespace):
+        raise TypeError(f"args must be an argparse.Namespace from parse_args, got {type(args).__name__}")
+    missing = sorted(set(vars(build_parser().parse_args([]))) - set(vars(args)))
+    if missing:
+        raise ValueError(f"args lacks the flags {missing}: build it with parse_args")
     for name in ("tp", "cp", "pp", "dp", "microbatches", "steps", "seq", "batch", "dim", "layers", "heads",
                  "kv_heads", "ffn_dim"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        validate.integer(getattr(args, name), f"--{name.replace('_', '-')}", low=1)
+    validate.choice(args.device, "--device", ("cpu", "cuda"))
+    validate.choice(args.dtype, "--dtype", sorted(DTYPES))
+    validate.choice(args.schedule, "--schedule", ("gpipe", "1f1b"))
     if args.dim % args.heads or (args.dim // args.heads) % 2:
         raise ValueError(f"--dim {args.dim} must be --heads {args.heads} times an even head size")
     if args.heads % args.kv_heads:
@@ -394,8 +430,7 @@ def check_args(args: argparse.Namespace) -> None:
                          "parallelism.")
     if args.cp > 1 and args.seq % (2 * args.cp):
         raise ValueError(f"--seq {args.seq} must be a multiple of 2 * --cp = {2 * args.cp} (load-balanced shards)")
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        raise ValueError(f"--lr must be a positive finite number, got {args.lr}")
+    validate.number(args.lr, "--lr", low=0, low_open=True)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch finds no CUDA GPU (a CPU-only torch, or no visible device)")
     world = args.tp * args.cp * args.pp * args.dp
@@ -410,6 +445,7 @@ def model_config(args: argparse.Namespace) -> LlamaConfig:
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
+    check_args(args)
     return tiny_config(dim=args.dim, n_layers=args.layers, n_heads=args.heads, n_kv_heads=args.kv_heads,
                        ffn_dim=args.ffn_dim, max_seq_len=args.seq)
 
@@ -422,6 +458,7 @@ def train(args: argparse.Namespace) -> list[dict]:
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
+    check_args(args)
     trainer = Trainer(args, build_mesh(args))
     records, tokens = [], args.batch * args.seq
     for step in range(args.steps):
@@ -450,6 +487,7 @@ def train_worker(rank: int, world: int, argv: list[str]) -> list[dict]:
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
+    check_rank(rank, world)
     return train(parse_args(argv))
 
 
@@ -462,6 +500,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     Defined in chapter 06 (LLaMA 3 and 4D parallelism).
     """
+    _check_argv(argv)
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parse_args(argv)

@@ -183,6 +183,27 @@ def test_bad_inputs_raise_clear_errors():
         generate(model, torch.zeros(1, 0, dtype=torch.int64), 3)
 
 
+def test_the_checks_keep_what_is_allowed_at_the_edges():
+    torch.manual_seed(0)
+    model = Llama(tiny_config(vocab_size=16, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=32,
+                              max_seq_len=8)).eval()
+    prompt = torch.randint(0, 16, (1, 3))
+    assert generate(model, prompt, 6).shape == (1, 9)            # the model sees positions 0..7, max_seq_len 8
+    assert torch.equal(generate(model, prompt, 0), prompt)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, prompt, 7)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.randint(0, 16, (1, 9)))
+    logits, targets = torch.randn(2, 4, 16), torch.randint(0, 16, (2, 4))
+    ignored = targets.clone()
+    ignored[:, -1] = -100                                        # F.cross_entropy's ignore_index passes through
+    assert torch.allclose(lm_loss(logits, ignored), lm_loss(logits[:, :-1], targets[:, :-1]))
+    with pytest.raises(ValueError, match="targets"):
+        lm_loss(logits, targets[:, :3])
+    with pytest.raises(ValueError, match="targets"):                # same numel, other shape: was silently wrong
+        lm_loss(logits, targets.reshape(4, 2))
+
+
 def test_ffn_widths_follow_metas_multiplier_and_multiple_of():
     assert [llama_ffn_dim(d, m, r) for d, m, r in ((4096, 1.3, 1024), (8192, 1.3, 4096), (16384, 1.2, 4096))] == \
         [14336, 28672, 53248]
