@@ -11,13 +11,16 @@ A chapter is a jupytext pair: ``chapters/NN_slug.py`` (percent format, the sourc
 a second pair under ``chapters/solutions/``. book.toml also records each chapter's expected
 run time per profile, which ``run`` compares with the measured one. A code cell whose first line is
 ``#| export MODULE`` (for example ``#| export lrn_lib.softmax``) is written into that
-module by ``export``, in book order, with a generated-file header; every function and
-class it defines gets "Defined in chapter NN." appended to its docstring.
+module by ``export``, in book order, with a generated-file header and a module docstring that
+lists its public names by the section teaching them (opened by the docstring the module's
+first export cell starts with, if any); every public function and class gets "Defined in
+chapter NN (Title), section S." appended to its docstring.
 """
 from __future__ import annotations
 
 import argparse
 import ast
+import inspect
 import sys
 import time
 from dataclasses import dataclass
@@ -154,10 +157,24 @@ def _read_source(notebook: Path):
     return jupytext.read(source)
 
 
-def export_cells(chapter: Chapter) -> dict[str, list[tuple[int, str]]]:
-    """The export cells of a chapter: module -> [(cell number, source without the marker)]."""
-    found: dict[str, list[tuple[int, str]]] = {}
+@dataclass(frozen=True)
+class ExportCell:
+    """One export cell: its number in the chapter, its code (marker removed) and the section it sits in."""
+
+    number: int
+    body: str
+    section: str | None  # the heading of the last "## " markdown section above it ("4.5 The forward kernel")
+
+
+def export_cells(chapter: Chapter) -> dict[str, list[ExportCell]]:
+    """The export cells of a chapter: module -> its cells, in chapter order."""
+    found: dict[str, list[ExportCell]] = {}
+    section = None
     for number, cell in enumerate(_read_source(chapter.notebook).cells, start=1):
+        if cell.cell_type == "markdown":
+            headings = [line[3:].strip() for line in cell.source.split("\n") if line.startswith("## ")]
+            section = headings[-1] if headings else section
+            continue
         if cell.cell_type != "code" or not cell.source.startswith(EXPORT_MARKER):
             continue
         marker, _, body = cell.source.partition("\n")
@@ -167,44 +184,83 @@ def export_cells(chapter: Chapter) -> dict[str, list[tuple[int, str]]]:
                 f"chapter {chapter.id}, cell {number}: exports to {module!r}, which book.toml does not "
                 f"list for this chapter (it lists {list(chapter.modules)})"
             )
-        found.setdefault(module, []).append((number, body))
+        found.setdefault(module, []).append(ExportCell(number, body, section))
     return found
 
 
-def stamp_docstrings(source: str, chapter: Chapter, where: str) -> str:
-    """Append "Defined in chapter NN." to the docstring of each top-level function and class."""
-    tree = ast.parse(source)
+def _public_definitions(tree: ast.Module) -> list[ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef]:
+    """The top-level functions and classes whose names do not start with an underscore."""
+    return [node for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+            and not node.name.startswith("_")]
+
+
+def stamp_docstrings(source: str, chapter: Chapter, where: str, section: str | None = None) -> str:
+    """Append "Defined in chapter NN (Title), section S." to the docstring of each public top-level
+    function and class (private helpers are left as written)."""
     lines = source.split("\n")
     edits = []
-    for node in tree.body:
-        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            continue
+    for node in _public_definitions(ast.parse(source)):
         doc = node.body[0]
         if not (isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
                 and isinstance(doc.value.value, str)):
             raise BookError(f"{where}: exported {node.name} has no docstring")
         edits.append(doc)
+    place = f"chapter {chapter.id} ({chapter.title})" + (f", section {section}" if section else "")
     for doc in reversed(edits):  # bottom-up, so earlier positions stay valid
         row, col = doc.end_lineno - 1, doc.end_col_offset - 3  # the closing quotes
         indent = " " * doc.col_offset
         head = "\n".join(lines[:row] + [lines[row][:col]]).rstrip()
         tail = "\n".join([lines[row][col:]] + lines[row + 1:])
-        note = f"\n\n{indent}Defined in chapter {chapter.id} ({chapter.title}).\n{indent}"
+        note = f"\n\n{indent}Defined in {place}.\n{indent}"
         lines = (head + note + tail).split("\n")
     return "\n".join(lines)
 
 
-def render_module(module: str, chapter: Chapter, cells: list[tuple[int, str]], root: Path) -> str:
+def _split_module_docstring(body: str) -> tuple[str | None, str]:
+    """(the docstring a cell opens with, or None; the cell's code without it)."""
+    tree = ast.parse(body)
+    first = tree.body[0] if tree.body else None
+    if not (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+            and isinstance(first.value.value, str)):
+        return None, body
+    rest = body.split("\n")[first.end_lineno:]
+    return inspect.cleandoc(first.value.value), "\n".join(rest)
+
+
+def module_docstring(module: str, chapter: Chapter, cells: list[ExportCell]) -> str:
+    """The generated module's docstring: what the module holds (the docstring its first export cell
+    opens with, if any), then its public names with their one-line summaries, by section."""
+    intro, _ = _split_module_docstring(cells[0].body.strip("\n"))
+    lines = [intro or f"What chapter {chapter.id} ({chapter.title}) builds in {module}.", "",
+             f"Public names, by the section of chapter {chapter.id} that teaches them:"]
+    shown = None  # the section heading listed last
+    for cell in cells:
+        for node in _public_definitions(ast.parse(_split_module_docstring(cell.body.strip("\n"))[1])):
+            heading = cell.section or chapter.title
+            if heading != shown:
+                shown = heading
+                lines += ["", heading]
+            summary = (ast.get_docstring(node) or "").strip().split("\n")[0]
+            lines.append(f"    {node.name}: {summary}" if summary else f"    {node.name}")
+    text = "\n".join(lines).replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
+    return f'"""{text}\n"""'
+
+
+def render_module(module: str, chapter: Chapter, cells: list[ExportCell], root: Path) -> str:
     """The text of a generated module."""
     source = chapter.source.relative_to(root)
     parts = [
         f"{GENERATED_LINE} from {source}: do not edit.\n"
         "# Change the chapter's `#| export` cells, then run `make export` (or `make book`).\n"
-        f'"""Chapter {chapter.id}, {chapter.title}: the code this chapter exports to {module}."""'
+        + module_docstring(module, chapter, cells)
     ]
-    for number, body in cells:
-        where = f"chapter {chapter.id}, cell {number}"
-        parts.append(stamp_docstrings(body.strip("\n"), chapter, where))
+    for index, cell in enumerate(cells):
+        where = f"chapter {chapter.id}, cell {cell.number}"
+        body = cell.body.strip("\n")
+        if index == 0:
+            body = _split_module_docstring(body)[1].strip("\n")
+        if body:
+            parts.append(stamp_docstrings(body, chapter, where, cell.section))
     return "\n\n\n".join(parts) + "\n"
 
 

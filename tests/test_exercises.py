@@ -395,6 +395,59 @@ def test_a_result_of_the_wrong_shape_is_reported(capsys):
     assert "of shape" in out and "reduce over the last dimension only" in out
 
 
+@pytest.mark.parametrize("answer", [None, torch.zeros(3), 1.5])
+def test_an_answer_that_is_not_a_function_gets_a_clear_message_not_a_type_error(answer, capsys):
+    assert check("01.logsumexp", answer) is False
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "TypeError" not in out
+    assert out.startswith(f"01.logsumexp: your answer must be a function (callable); got {type(answer).__name__}.")
+    assert 'check("01.logsumexp", logsumexp)' in out
+
+
+@pytest.mark.parametrize("written", ["01.logsumexp", "1.logsumexp", " 01.logsumexp ", " 1 . logsumexp"])
+def test_exercise_ids_are_accepted_with_or_without_the_leading_zero(written, capsys):
+    assert check(written, SOLUTIONS["01.logsumexp"]) is True
+    assert capsys.readouterr().out == "01.logsumexp: passed 200 random cases\n"
+
+
+@pytest.mark.parametrize("chapter", ["04", "4", 4, " 4 "])
+def test_exercises_accepts_the_chapter_as_a_number_or_text(chapter):
+    assert exercises(chapter) == exercises("04")
+
+
+def lse_wrong_on_large_inputs(x):
+    """Right on the small edge cases, off by one on every input of more than 100 entries."""
+    return logsumexp(x, -1) + (1.0 if x.numel() > 100 else 0.0)
+
+
+def test_a_failure_on_a_large_tensor_is_one_short_line_that_points_to_verbose(capsys):
+    assert check("01.logsumexp", lse_wrong_on_large_inputs, seed=7) is False
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1
+    line = out.rstrip("\n")
+    assert len(line) <= 400, f"{len(line)} characters: {line}"
+    assert "<tensor of shape (" in line and "first difference: lse[" in line
+    assert line.endswith(" (Values shortened; check(..., verbose=True) prints them in full.)")
+
+
+def test_verbose_prints_the_uncut_line_and_every_tensor_in_full(capsys):
+    assert check("01.logsumexp", lse_wrong_on_large_inputs, seed=7, verbose=True) is False
+    verdict, *details = capsys.readouterr().out.rstrip("\n").split("\n")
+    assert "Values shortened" not in verdict and "..." not in verdict
+    text = "\n".join(details)
+    assert details[0].startswith("  input x = shape (") and "  your lse = shape (" in text
+    assert "  expected lse = shape (" in text and "..." not in text
+    shape = tuple(int(n) for n in re.match(r"  input x = shape \(([\d, ]+)\)", details[0]).group(1).split(",") if n)
+    assert math.prod(shape) > 100
+    assert len(re.findall(r"-?inf|nan|-?\d+\.\d+(?:e[+-]\d+)?", text)) >= math.prod(shape), "every entry is printed"
+
+
+def test_a_short_failure_line_is_not_cut_and_has_no_note(capsys):
+    assert check("01.logsumexp", lambda x: x.amax(-1), seed=1) is False
+    out = capsys.readouterr().out
+    assert "Values shortened" not in out and "<tensor of shape" not in out
+
+
 def test_each_call_draws_fresh_inputs_and_a_seed_repeats_them(capsys):
     def recorder(seen):
         def lse(x):

@@ -85,3 +85,19 @@ def test_environment_yml_lists_the_same_packages_as_pyproject():
              if line.startswith("  - ") and not line.strip().endswith(":")]
     have = requirement_names(conda) - {"python", "pip"}
     assert have == wanted
+
+
+def test_each_chapters_exercises_import_only_modules_of_that_chapter_or_earlier():
+    """lrn_lib/exercises/chNN.py holds chapter NN's exercises and may import only library modules of
+    chapters at or before NN in book.toml's order, plus infrastructure."""
+    position = {c.id: k for k, c in enumerate(BOOK.chapters)}
+    order = module_chapters(BOOK)
+    chapter_position = {m: (0 if c == 0 else position[f"{c:02d}"]) for m, c in order.items()}
+    files = sorted((ROOT / "lrn_lib" / "exercises").glob("*.py"))
+    assert {p.stem for p in files} - {"__init__", "machinery"} <= {f"ch{i}" for i in position}
+    for path in files:
+        if not path.stem.startswith("ch"):
+            continue
+        module, own = f"lrn_lib.exercises.{path.stem}", position[path.stem[2:]]
+        for target in module_imports(BOOK, module):
+            assert chapter_position[target] <= own, f"{module} imports {target}, of a later chapter"
