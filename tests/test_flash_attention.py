@@ -11,16 +11,12 @@ import math
 import pytest
 import torch
 
+from conftest import kernel_device, needs_triton
 from kernels import runtime
 from lrn_lib.attention import (attention_reference, causal_visible, flash_attention, flash_attention_backward_blocks,
                                flash_attention_blocks)
 
-needs_triton = pytest.mark.skipif(runtime.MODE == "unavailable", reason="triton is not installed")
 INF = float("inf")
-
-
-def kernel_device() -> str:
-    return "cuda" if runtime.MODE == "compiled" else "cpu"
 
 
 def random_qkv(b, h, h_kv, n_q, n_k, d, dtype=torch.float64, device="cpu"):

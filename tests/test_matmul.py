@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
+from conftest import kernel_device, needs_triton
 from kernels import runtime
 from lrn_lib import tiling
 
-needs_triton = pytest.mark.skipif(runtime.MODE == "unavailable", reason="triton is not installed")
 interpreter_only = pytest.mark.skipif(runtime.MODE != "interpreted",
                                       reason="interpreter sizes; compiled kernels are tested under the gpu marker")
 UNIT_ROUNDOFF = {torch.float16: 2**-11, torch.bfloat16: 2**-8, torch.float32: 2**-24, torch.float64: 2**-53}
@@ -35,10 +35,6 @@ def assert_close_to_float64(c, a, b, atol=1e-5):
 
 def operands(m, n, k, dtype, device="cpu"):
     return torch.randn(m, k, device=device).to(dtype), torch.randn(k, n, device=device).to(dtype)
-
-
-def kernel_device() -> str:
-    return "cuda" if runtime.MODE == "compiled" else "cpu"
 
 
 # ------------------------------------------------------------------ cost model and roofline

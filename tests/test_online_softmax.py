@@ -8,19 +8,15 @@ import random
 import pytest
 import torch
 
+from conftest import kernel_device, needs_triton
 from kernels import runtime
 from lrn_lib.online_softmax import (ReferenceSoftmax, SoftmaxState, TritonSoftmax, merge_lse, merge_states,
                                     online_softmax_reference, softmax_backward_reference, softmax_state,
                                     state_lse)
 from lrn_lib.softmax import safe_softmax
 
-needs_triton = pytest.mark.skipif(runtime.MODE == "unavailable", reason="triton is not installed")
 KERNEL_TOLERANCE = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 INF = float("inf")
-
-
-def kernel_device() -> str:
-    return "cuda" if runtime.MODE == "compiled" else "cpu"
 
 
 def random_rows(rng: random.Random, n_rows: int = 3) -> torch.Tensor:

@@ -7,10 +7,10 @@ float64 reference.
 import pytest
 import torch
 
+from conftest import needs_triton
 from kernels import runtime
 from lrn_lib.softmax import logsumexp, safe_softmax, softmax
 
-needs_triton = pytest.mark.skipif(runtime.MODE == "unavailable", reason="triton is not installed")
 KERNEL_TOLERANCE = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 
