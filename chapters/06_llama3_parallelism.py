@@ -781,7 +781,7 @@ plt.ylabel("loss (nats per byte)")
 plt.title("tiny Llama on pydoc text")
 plt.show()
 prompt = torch.tensor([list(b"The return statement ")], device=config.DEVICE)
-print(bytes(generate(model, prompt, 60)[0].tolist()).decode("utf-8", errors="replace"))
+print(bytes(generate(model, prompt, SEQ - prompt.shape[1])[0].tolist()).decode("utf-8", errors="replace"))  # within max_seq_len
 
 # %%
 print("held-out loss below 3 nats per byte:", held_out_loss < 3.0)
