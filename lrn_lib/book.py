@@ -235,7 +235,7 @@ def module_docstring(module: str, chapter: Chapter, cells: list[ExportCell]) -> 
              f"Public names, by the section of chapter {chapter.id} that teaches them:"]
     shown = None  # the section heading listed last
     for cell in cells:
-        for node in _public_definitions(ast.parse(_split_module_docstring(cell.body.strip("\n"))[1])):
+        for node in _public_definitions(ast.parse(cell.body.strip("\n"))):
             heading = cell.section or chapter.title
             if heading != shown:
                 shown = heading
