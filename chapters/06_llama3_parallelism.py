@@ -90,7 +90,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lrn_lib import corpus, validate
-from lrn_lib.attention import flash_attention
+from lrn_lib.attention import check_attention_inputs, flash_attention
 from lrn_lib.moe import MoELayer
 
 
@@ -355,7 +355,10 @@ print("kept:", int((scaled == base).sum()), " divided by 8:", int(torch.isclose(
 # query head $j$ to KV head $j / (n_h / n_{kv})$ and uses the bottom-right causal mask, so
 # the same call serves training (queries = keys) and generation with a KV cache (a few new
 # queries against all cached keys). The way $q$, $k$, $v$ meet is a replaceable attribute,
-# `attend`: section 6.6 swaps in ring attention there. Heads are found from the tensor's
+# `attend`: section 6.6 swaps in ring attention there. A model that needs another pattern than
+# causal for one call (padding, a local window, a prompt's blocks) passes a boolean `mask`
+# through `forward` instead; `sdpa_attention` then runs PyTorch's fused attention with it,
+# and without a mask it is the causal path the later chapters use on CPU. Heads are found from the tensor's
 # width (`view(B, T, -1, hd)`), so a projection that holds only some heads (tensor
 # parallelism, 6.5) works unchanged.
 #
@@ -369,6 +372,31 @@ print("kept:", int((scaled == base).sum()), " divided by 8:", int(torch.isclose(
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal GQA attention with chapter 4's flash_attention: q (B, H, T, hd), k, v (B, Hkv, S, hd) -> (B, H, T, hd)."""
     return flash_attention(q, k, v, causal=True)
+
+
+def check_mask(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Raise unless mask is a bool (B or 1, 1, T, S) table for q (B, H, T, hd), k (B, Hkv, S, hd); returns it."""
+    validate.tensor(mask, "mask", dims=4, dtype=torch.bool)
+    b, t, s = q.shape[0], q.shape[2], k.shape[2]
+    if mask.shape[0] not in (1, b) or mask.shape[1] != 1 or tuple(mask.shape[2:]) != (t, s):
+        raise ValueError(f"mask has shape {tuple(mask.shape)}; expected ({b} or 1, 1, {t}, {s})")
+    if mask.device != q.device:
+        raise ValueError(f"mask is on {mask.device} but q is on {q.device}")
+    return mask
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """GQA attention through torch's fused scaled_dot_product_attention: q (B, H, T, hd), k, v (B, Hkv, S, hd)
+    -> (B, H, T, hd). Causal (queries = keys) without a mask; with one, mask (B or 1, 1, T, S) bool, True = may attend."""
+    check_attention_inputs(q, k, v)
+    if mask is None and k.shape[2] != q.shape[2]:
+        raise ValueError(f"k has {k.shape[2]} positions but q has {q.shape[2]}: is_causal needs queries and keys "
+                         "of the same tokens")
+    if mask is not None:
+        check_mask(mask, q, k)
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
 
 
 class KVCache:
@@ -419,8 +447,9 @@ class Attention(nn.Module):
         self.attend = causal_attention
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
-                layer: int = 0, start: int = 0) -> torch.Tensor:
-        """x (B, T, dim); cos, sin (T, hd) for the tokens' positions; with a cache, they sit at start..start+T-1."""
+                layer: int = 0, start: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, dim); cos, sin (T, hd) for the tokens' positions; with a cache, they sit at start..start+T-1.
+        mask (B or 1, 1, T, S) bool replaces `attend` for this call (True = may attend)."""
         if validate.tensor(x, "x", dims=3, kind="float").shape[-1] != self.dim:
             raise ValueError(f"x has shape {tuple(x.shape)}; expected (B, T, dim={self.dim})")
         b, t, _ = x.shape
@@ -430,7 +459,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, start, k, v)
-        o = self.attend(q, k, v)
+        o = self.attend(q, k, v) if mask is None else sdpa_attention(q, k, v, mask)
         return self.wo(o.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -465,9 +494,9 @@ class TransformerBlock(nn.Module):
                              if cfg.n_experts else FeedForward(cfg.dim, cfg.ffn_dim))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
-                layer: int = 0, start: int = 0) -> torch.Tensor:
-        """x (B, T, dim) -> (B, T, dim)."""
-        h = x + self.attention(self.attention_norm(x), cos, sin, cache, layer, start)   # (6.1)
+                layer: int = 0, start: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, dim) -> (B, T, dim); mask as in Attention.forward."""
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache, layer, start, mask)   # (6.1)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -503,8 +532,9 @@ class Llama(nn.Module):
                 nn.init.ones_(module.weight)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        """tokens (B, T) -> logits (B, T, V); positions (T,) default arange(T); a cache needs contiguous positions."""
+                cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, V); positions (T,) default arange(T); a cache needs contiguous positions;
+        mask (B or 1, 1, T, S) bool, True = may attend, replaces the causal attention of every layer."""
         validate.tensor(tokens, "tokens", dims=2, dtype=torch.int64)
         validate.ids(tokens, "tokens", self.cfg.vocab_size)
         t, most = tokens.shape[1], self.cfg.max_seq_len
@@ -523,7 +553,7 @@ class Llama(nn.Module):
         cos, sin = rope_cos_sin(positions, self.omega, x.dtype)
         start = int(positions[0]) if cache is not None else 0
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i, start)
+            x = layer(x, cos, sin, cache, i, start, mask)
         return self.output(self.norm(x))
 
 
@@ -4430,8 +4460,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from lrn_lib import corpus, validate
-from lrn_lib.attention import check_attention_inputs
-from lrn_lib.llama import Llama, LlamaConfig, lm_loss, random_windows, tiny_config
+from lrn_lib.llama import Llama, LlamaConfig, lm_loss, random_windows, sdpa_attention, tiny_config
 from lrn_lib.mesh import check_rank, free_port, spawn
 from lrn_lib.pipeline_parallel import LlamaStage, partition_layers
 
@@ -4514,26 +4543,14 @@ def global_batch(data: torch.Tensor, step: int, batch: int, seq: int, seed: int)
 # cross-entropy on the shards (`loss_parallel`), which saves the gather; with our 256 bytes the
 # gathered logits are simpler. RMSNorm weights stay plain tensors, the same on every TP rank.
 #
-# The attention itself goes through `F.scaled_dot_product_attention` (SDPA): it is the call
-# that context parallelism intercepts, and on GPUs it runs a FlashAttention kernel. We repeat
-# the key/value heads for GQA before calling it, since the context-parallel path takes
-# plain multi-head inputs. The stage module is section 6.7's `LlamaStage`, whose `positions`
+# The attention itself goes through section 6.1's `sdpa_attention`, PyTorch's
+# `F.scaled_dot_product_attention` (SDPA): it is the call that context parallelism intercepts,
+# and on GPUs it runs a FlashAttention kernel. It repeats the key/value heads for GQA before
+# the call, since the context-parallel path takes plain multi-head inputs. The stage module is section 6.7's `LlamaStage`, whose `positions`
 # attribute carries the RoPE positions (under CP a rank holds positions that are not $0..T-1$).
 
 # %%
 #| export lrn_lib.train
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal GQA attention through torch's scaled_dot_product_attention (the call that context_parallel
-    rewrites): q (B, H, T, hd), k, v (B, Hkv, T, hd) -> (B, H, T, hd)."""
-    check_attention_inputs(q, k, v)
-    if k.shape[2] != q.shape[2]:
-        raise ValueError(f"k has {k.shape[2]} positions but q has {q.shape[2]}: is_causal needs queries and keys "
-                         "of the same tokens")
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-
-
 def tensor_parallel_plan(stage: LlamaStage) -> dict:
     """parallelize_module's plan for one stage: Megatron's column/row pairs in attention and SwiGLU, the
     embedding split by vocabulary rows, the output head by vocabulary columns (logits gathered)."""

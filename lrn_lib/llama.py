@@ -17,6 +17,8 @@ Public names, by the section of chapter 06 that teaches them:
     rope_cos_sin: cos and sin of the angles m * omega_i for positions (T,): each (T, head_dim), halves repeated.
     apply_rope: Rotate x (B, H, T, hd) by (6.5), pairing coordinate i with i + hd/2; cos, sin (T, hd).
     causal_attention: Causal GQA attention with chapter 4's flash_attention: q (B, H, T, hd), k, v (B, Hkv, S, hd) -> (B, H, T, hd).
+    check_mask: Raise unless mask is a bool (B or 1, 1, T, S) table for q (B, H, T, hd), k (B, Hkv, S, hd); returns it.
+    sdpa_attention: GQA attention through torch's fused scaled_dot_product_attention: q (B, H, T, hd), k, v (B, Hkv, S, hd)
     KVCache: Keys and values of every layer for generation: k[layer], v[layer] of shape (B, Hkv, max_len, hd).
     Attention: Grouped-query attention with RoPE. x (B, T, dim) -> (B, T, dim).
     FeedForward: SwiGLU (6.3): w2(silu(w1 x) * w3 x). x (..., dim) -> (..., dim).
@@ -44,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lrn_lib import corpus, validate
-from lrn_lib.attention import flash_attention
+from lrn_lib.attention import check_attention_inputs, flash_attention
 from lrn_lib.moe import MoELayer
 
 
@@ -262,6 +264,37 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return flash_attention(q, k, v, causal=True)
 
 
+def check_mask(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Raise unless mask is a bool (B or 1, 1, T, S) table for q (B, H, T, hd), k (B, Hkv, S, hd); returns it.
+
+    Defined in chapter 06 (LLaMA 3 and 4D parallelism), section 6.1 The model.
+    """
+    validate.tensor(mask, "mask", dims=4, dtype=torch.bool)
+    b, t, s = q.shape[0], q.shape[2], k.shape[2]
+    if mask.shape[0] not in (1, b) or mask.shape[1] != 1 or tuple(mask.shape[2:]) != (t, s):
+        raise ValueError(f"mask has shape {tuple(mask.shape)}; expected ({b} or 1, 1, {t}, {s})")
+    if mask.device != q.device:
+        raise ValueError(f"mask is on {mask.device} but q is on {q.device}")
+    return mask
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """GQA attention through torch's fused scaled_dot_product_attention: q (B, H, T, hd), k, v (B, Hkv, S, hd)
+    -> (B, H, T, hd). Causal (queries = keys) without a mask; with one, mask (B or 1, 1, T, S) bool, True = may attend.
+
+    Defined in chapter 06 (LLaMA 3 and 4D parallelism), section 6.1 The model.
+    """
+    check_attention_inputs(q, k, v)
+    if mask is None and k.shape[2] != q.shape[2]:
+        raise ValueError(f"k has {k.shape[2]} positions but q has {q.shape[2]}: is_causal needs queries and keys "
+                         "of the same tokens")
+    if mask is not None:
+        check_mask(mask, q, k)
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+
+
 class KVCache:
     """Keys and values of every layer for generation: k[layer], v[layer] of shape (B, Hkv, max_len, hd).
 
@@ -315,8 +348,9 @@ class Attention(nn.Module):
         self.attend = causal_attention
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
-                layer: int = 0, start: int = 0) -> torch.Tensor:
-        """x (B, T, dim); cos, sin (T, hd) for the tokens' positions; with a cache, they sit at start..start+T-1."""
+                layer: int = 0, start: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, dim); cos, sin (T, hd) for the tokens' positions; with a cache, they sit at start..start+T-1.
+        mask (B or 1, 1, T, S) bool replaces `attend` for this call (True = may attend)."""
         if validate.tensor(x, "x", dims=3, kind="float").shape[-1] != self.dim:
             raise ValueError(f"x has shape {tuple(x.shape)}; expected (B, T, dim={self.dim})")
         b, t, _ = x.shape
@@ -326,7 +360,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, start, k, v)
-        o = self.attend(q, k, v)
+        o = self.attend(q, k, v) if mask is None else sdpa_attention(q, k, v, mask)
         return self.wo(o.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -367,9 +401,9 @@ class TransformerBlock(nn.Module):
                              if cfg.n_experts else FeedForward(cfg.dim, cfg.ffn_dim))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
-                layer: int = 0, start: int = 0) -> torch.Tensor:
-        """x (B, T, dim) -> (B, T, dim)."""
-        h = x + self.attention(self.attention_norm(x), cos, sin, cache, layer, start)   # (6.1)
+                layer: int = 0, start: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, dim) -> (B, T, dim); mask as in Attention.forward."""
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache, layer, start, mask)   # (6.1)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -401,8 +435,9 @@ class Llama(nn.Module):
                 nn.init.ones_(module.weight)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        """tokens (B, T) -> logits (B, T, V); positions (T,) default arange(T); a cache needs contiguous positions."""
+                cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, V); positions (T,) default arange(T); a cache needs contiguous positions;
+        mask (B or 1, 1, T, S) bool, True = may attend, replaces the causal attention of every layer."""
         validate.tensor(tokens, "tokens", dims=2, dtype=torch.int64)
         validate.ids(tokens, "tokens", self.cfg.vocab_size)
         t, most = tokens.shape[1], self.cfg.max_seq_len
@@ -421,7 +456,7 @@ class Llama(nn.Module):
         cos, sin = rope_cos_sin(positions, self.omega, x.dtype)
         start = int(positions[0]) if cache is not None else 0
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i, start)
+            x = layer(x, cos, sin, cache, i, start, mask)
         return self.output(self.norm(x))
 
 

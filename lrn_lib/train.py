@@ -8,7 +8,6 @@ Public names, by the section of chapter 06 that teaches them:
     build_mesh: The job's DeviceMesh, shape (dp, pp, cp, tp): TP varies fastest, as in Llama 3's Figure 5 and
     stdlib_corpus: Training bytes that need no download (lrn_lib.corpus): the sources of the standard library's json
     global_batch: The whole job's batch of one step: (inputs, targets), each (batch, seq) int64, drawn from data (N,)
-    sdpa_attention: Causal GQA attention through torch's scaled_dot_product_attention (the call that context_parallel
     tensor_parallel_plan: parallelize_module's plan for one stage: Megatron's column/row pairs in attention and SwiGLU, the
     data_parallel_mesh: The 1-D mesh over which gradients are averaged: dp, or cp, or both flattened (as torchtitan does);
     shard_stage: Apply TP over mesh["tp"], then FSDP2 over the data ranks (dp, times cp when cp > 1): per block, then
@@ -41,8 +40,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from lrn_lib import corpus, validate
-from lrn_lib.attention import check_attention_inputs
-from lrn_lib.llama import Llama, LlamaConfig, lm_loss, random_windows, tiny_config
+from lrn_lib.llama import Llama, LlamaConfig, lm_loss, random_windows, sdpa_attention, tiny_config
 from lrn_lib.mesh import check_rank, free_port, spawn
 from lrn_lib.pipeline_parallel import LlamaStage, partition_layers
 
@@ -94,21 +92,6 @@ def global_batch(data: torch.Tensor, step: int, batch: int, seq: int, seed: int)
     validate.integer(seed, "seed", low=0)
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
     return random_windows(data, batch, seq, generator)
-
-
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal GQA attention through torch's scaled_dot_product_attention (the call that context_parallel
-    rewrites): q (B, H, T, hd), k, v (B, Hkv, T, hd) -> (B, H, T, hd).
-
-    Defined in chapter 06 (LLaMA 3 and 4D parallelism), section 6.10 The production path: PyTorch's own engine and `torchrun`.
-    """
-    check_attention_inputs(q, k, v)
-    if k.shape[2] != q.shape[2]:
-        raise ValueError(f"k has {k.shape[2]} positions but q has {q.shape[2]}: is_causal needs queries and keys "
-                         "of the same tokens")
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
 def tensor_parallel_plan(stage: LlamaStage) -> dict:
