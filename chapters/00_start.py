@@ -79,12 +79,12 @@ print("every requirement of the book is met on this machine:", all(passed for pa
 # %%
 import matplotlib.pyplot as plt
 
-from lrn_lib.book import load_book, module_chapters, module_imports
+from lrn_lib.book import INFRASTRUCTURE, load_book, module_chapters, module_imports
 
 book = load_book()
 chapter_of = {m: c for m, c in module_chapters(book).items() if book.module_path(m).is_file()}
 edges = [(m, target) for m in chapter_of for target in sorted(module_imports(book, m))]
-titles = {int(c.id): f"{c.id} {c.title}" for c in book.chapters} | {0: "infrastructure"}
+titles = {k: f"{c.id} {c.title}" for k, c in enumerate(book.chapters)} | {INFRASTRUCTURE: "infrastructure"}
 for module, chapter in chapter_of.items():
     imports = ", ".join(sorted(module_imports(book, module))) or "-"
     print(f"{titles[chapter]:24s} {module:24s} imports {imports}")

@@ -113,11 +113,16 @@ def load_book(root: Path | None = None) -> Book:
 
 # ---------------------------------------------------------------- the library's shape
 
+INFRASTRUCTURE = -1  # the position module_chapters gives hand-written infrastructure: before every chapter
+
+
 def module_chapters(book: Book) -> dict[str, int]:
-    """Library module -> the number of the chapter that introduces it (0 for infrastructure)."""
-    order = {module: 0 for module in book.infrastructure}
-    for chapter in book.chapters:
-        order.update({module: int(chapter.id) for module in chapter.modules})
+    """Library module -> the position in book.toml's chapter list of the chapter that introduces it
+    (INFRASTRUCTURE for hand-written infrastructure). Positions, not chapter ids, order the layers,
+    so a chapter can be inserted or renumbered by editing book.toml alone."""
+    order = {module: INFRASTRUCTURE for module in book.infrastructure}
+    for position, chapter in enumerate(book.chapters):
+        order.update({module: position for module in chapter.modules})
     return order
 
 

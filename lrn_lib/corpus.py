@@ -30,7 +30,7 @@ from pathlib import Path
 ARCHIVE = Path(__file__).parent / "data" / "corpus.zip"
 SOURCE_PYTHON = "3.11.7"    # the interpreter the snapshot was taken from
 PYTHON_MODULES = (
-    # chapter 8's CPU profile, in this order
+    # chapter 12's CPU profile, in this order
     "textwrap", "string", "heapq", "bisect", "shlex", "difflib", "calendar", "json",
     # chapter 6's training command, and more code for the GPU profiles
     "email", "asyncio", "logging", "argparse", "typing", "dataclasses", "inspect", "collections",

@@ -34,9 +34,9 @@ def results_dir() -> Path:
 
 
 def results_path(chapter: str) -> Path:
-    """The JSON file of one chapter's GPU-profile figures, e.g. ``chapter07_gpu_profile.json``."""
+    """The JSON file of one chapter's GPU-profile figures, e.g. ``chapter11_gpu_profile.json``."""
     if not (isinstance(chapter, str) and len(chapter) == 2 and chapter.isdigit()):
-        raise ValueError(f"chapter must be a two-digit string such as '07', got {chapter!r}")
+        raise ValueError(f"chapter must be a two-digit string such as '11', got {chapter!r}")
     return results_dir() / f"chapter{chapter}_gpu_profile.json"
 
 

@@ -184,7 +184,7 @@ BAD_CALLS = {
         ("bytes_moved", lambda: arithmetic_intensity(10, 0)),
         ("flops", lambda: arithmetic_intensity(-10, 5)),
         ("bytes_moved", lambda: arithmetic_intensity(10, float("inf"))),
-        ("flops", lambda: arithmetic_intensity("10", 5)),
+        ("flops", lambda: arithmetic_intensity("14", 5)),
     ],
     "lrn_lib.tiling.tiled_traffic_bytes": [
         ("block_m", lambda: tiled_traffic_bytes(64, 64, 64, 0, 32, 2)),      # ZeroDivisionError before

@@ -1,4 +1,4 @@
-"""Chapter 8: the BLT model's masks, its causality (the decoder lag rules), hash embeddings, FLOPs accounting."""
+"""Chapter 12: the BLT model's masks, its causality (the decoder lag rules), hash embeddings, FLOPs accounting."""
 from dataclasses import replace
 
 import pytest

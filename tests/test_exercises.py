@@ -98,16 +98,16 @@ SOLUTIONS = {
     "06.sharded_cross_entropy": lambda shards, targets: torch.nn.functional.cross_entropy(
         torch.cat(shards, -1), targets, reduction="none"),
     "06.schedule_bubble": lambda schedule, f, b: bubble_fraction(simulate_schedule(schedule, f, b)),
-    "07.group_advantages": lambda rewards, g: group_advantages(rewards, g)[0],
-    "07.grpo_loss": lambda logp, old, ref, adv, mask, eps, beta: grpo_loss(
+    "11.group_advantages": lambda rewards, g: group_advantages(rewards, g)[0],
+    "11.grpo_loss": lambda logp, old, ref, adv, mask, eps, beta: grpo_loss(
         logp, old, adv, mask, "grpo", epsilon_low=eps, beta=beta, ref_logp=ref)[0],
-    "08.rolling_ids": lambda data, n, m: hash_ngram_ids(bytes_to_tensor(data), n, m).tolist(),
-    "09.pretraining_loss": pretraining_loss,
-    "09.transfer_schedule": transfer_schedule,
-    "09.commit_low_confidence": commit_low_confidence,
-    "10.mask_losses": lambda logits, targets: (dice_loss(logits, targets), bce_loss(logits, targets)),
-    "10.next_click": next_click,
-    "10.prompt_table": lambda kinds, groups, valid: query_prompt_mask(kinds, groups, valid).allowed,
+    "12.rolling_ids": lambda data, n, m: hash_ngram_ids(bytes_to_tensor(data), n, m).tolist(),
+    "13.pretraining_loss": pretraining_loss,
+    "13.transfer_schedule": transfer_schedule,
+    "13.commit_low_confidence": commit_low_confidence,
+    "14.mask_losses": lambda logits, targets: (dice_loss(logits, targets), bce_loss(logits, targets)),
+    "14.next_click": next_click,
+    "14.prompt_table": lambda kinds, groups, valid: query_prompt_mask(kinds, groups, valid).allowed,
 }
 
 
@@ -304,32 +304,32 @@ WRONG = [  # (id, wrong function, words the message must contain)
     ("06.sharded_cross_entropy", lambda shards, targets: torch.log(sum(torch.exp(z).sum(-1) for z in shards))
      - torch.cat(shards, -1).gather(-1, targets[:, None])[:, 0], ["overflows", "global maximum"]),
     ("06.schedule_bubble", bubble_by_formula, ["not of every schedule", "(6.23)"]),
-    ("07.group_advantages", advantages_population_std, ["Bessel", "G - 1"]),
-    ("07.group_advantages", lambda r, g: (r - r.mean()) / (r.std() + 1e-4), ["whole batch", "(7.3)"]),
-    ("07.grpo_loss", grpo_loss_token_mean, ["bnpo", "own tokens first", "(7.5)"]),
-    ("07.grpo_loss", lambda *args: -SOLUTIONS["07.grpo_loss"](*args), ["sign is flipped", "-J"]),
-    ("08.rolling_ids", rolling_ids_without_plus_one, ["c = x + 1", "zero byte"]),
-    ("09.pretraining_loss", lambda logits, x0, masked, p: SOLUTIONS["09.pretraining_loss"](
-        logits, x0, masked, torch.ones_like(p)), ["divided by its row's p", "(9.3)"]),
-    ("09.pretraining_loss", lambda logits, x0, masked, p: pretraining_loss(logits, x0, masked, p) * x0.numel()
+    ("11.group_advantages", advantages_population_std, ["Bessel", "G - 1"]),
+    ("11.group_advantages", lambda r, g: (r - r.mean()) / (r.std() + 1e-4), ["whole batch", "(11.3)"]),
+    ("11.grpo_loss", grpo_loss_token_mean, ["bnpo", "own tokens first", "(11.5)"]),
+    ("11.grpo_loss", lambda *args: -SOLUTIONS["11.grpo_loss"](*args), ["sign is flipped", "-J"]),
+    ("12.rolling_ids", rolling_ids_without_plus_one, ["c = x + 1", "zero byte"]),
+    ("13.pretraining_loss", lambda logits, x0, masked, p: SOLUTIONS["13.pretraining_loss"](
+        logits, x0, masked, torch.ones_like(p)), ["divided by its row's p", "(13.3)"]),
+    ("13.pretraining_loss", lambda logits, x0, masked, p: pretraining_loss(logits, x0, masked, p) * x0.numel()
      / masked.sum(), ["number of masked tokens", "B * L"]),
-    ("09.transfer_schedule", lambda n, steps: transfer_schedule(n, steps).flip(-1),
-     ["remainder goes to the last steps", "(9.8)"]),
-    ("09.commit_low_confidence", commit_anywhere, ["only masked positions compete", "-inf"]),
-    ("09.commit_low_confidence", lambda x, prop, conf, counts, mask_id: commit_low_confidence(
+    ("13.transfer_schedule", lambda n, steps: transfer_schedule(n, steps).flip(-1),
+     ["remainder goes to the last steps", "(13.8)"]),
+    ("13.commit_low_confidence", commit_anywhere, ["only masked positions compete", "-inf"]),
+    ("13.commit_low_confidence", lambda x, prop, conf, counts, mask_id: commit_low_confidence(
         x, prop, -conf, counts, mask_id), ["least confident"]),
-    ("10.mask_losses", dice_without_smoothing, ["no +1 terms", "(10.12)"]),
-    ("10.mask_losses", bce_summed, ["sum over the pixels", "(10.13)"]),
-    ("10.mask_losses", lambda logits, targets: (1 - dice_loss(logits, targets), bce_loss(logits, targets)),
+    ("14.mask_losses", dice_without_smoothing, ["no +1 terms", "(14.12)"]),
+    ("14.mask_losses", bce_summed, ["sum over the pixels", "(14.13)"]),
+    ("14.mask_losses", lambda logits, targets: (1 - dice_loss(logits, targets), bce_loss(logits, targets)),
      ["dice coefficient", "1 minus"]),
-    ("10.next_click", lambda pred, target: (next_click(pred, target)[0].flip(0), next_click(pred, target)[1]),
+    ("14.next_click", lambda pred, target: (next_click(pred, target)[0].flip(0), next_click(pred, target)[1]),
      ["(x, y)", "row first"]),
-    ("10.next_click", click_without_border, ["image border", "pad the region"]),
-    ("10.next_click", click_on_the_larger_area, ["deeper inscribed disc", "more pixels"]),
-    ("10.prompt_table", lambda kinds, groups, valid: ~query_prompt_mask(kinds, groups, valid).allowed,
+    ("14.next_click", click_without_border, ["image border", "pad the region"]),
+    ("14.next_click", click_on_the_larger_area, ["deeper inscribed disc", "more pixels"]),
+    ("14.prompt_table", lambda kinds, groups, valid: ~query_prompt_mask(kinds, groups, valid).allowed,
      ["inverted", "True means may attend"]),
-    ("10.prompt_table", table_with_objects_seeing_prompts, ["object queries only", "claim 1"]),
-    ("10.prompt_table", table_across_prompts, ["prompts never see each other", "claim 2"]),
+    ("14.prompt_table", table_with_objects_seeing_prompts, ["object queries only", "claim 1"]),
+    ("14.prompt_table", table_across_prompts, ["prompts never see each other", "claim 2"]),
 ]
 
 
@@ -360,12 +360,12 @@ def test_checker_rejects_a_plausible_mistake_and_names_it(exercise_id, wrong, wo
 
 
 CHAPTER_10_MISTAKES = [(exercise_id, k) for exercise_id, exercise in sorted(EXERCISES.items())
-                       if exercise.chapter == "10" for k in range(len(exercise.mistakes))]
+                       if exercise.chapter == "14" for k in range(len(exercise.mistakes))]
 
 
 @pytest.mark.parametrize("exercise_id, k", CHAPTER_10_MISTAKES, ids=[f"{e}-{k}" for e, k in CHAPTER_10_MISTAKES])
 def test_each_chapter_10_mistake_model_earns_its_own_hint(exercise_id, k, capsys):
-    """Every mistake model of chapter 10 fails its checker (on a fixed edge case, so whatever the seed) and
+    """Every mistake model of chapter 14 fails its checker (on a fixed edge case, so whatever the seed) and
     is named by its own hint, not another's."""
     mistake = EXERCISES[exercise_id].mistakes[k]
     assert check(exercise_id, mistake.model) is False
@@ -519,7 +519,7 @@ def test_chapter_exercises_section_and_solutions_name_every_checker(chapter_id):
     assert set(re.findall(r'check\("(\d\d\.\w+)"', solutions)) == ids
 
 
-@pytest.mark.parametrize("chapter_id", ["06", "07", "08", "09", "10"])
+@pytest.mark.parametrize("chapter_id", ["06", "11", "12", "13", "14"])
 def test_later_chapters_exercises_and_solutions_name_every_checker(chapter_id):
     """Chapters 06-10: the Exercises section ends the chapter and offers every kind of exercise; its
     text names each checker; the solutions run every checker."""

@@ -1,4 +1,4 @@
-"""Chapter 7: GRPO's KL estimator, advantages, completion mask, log-probabilities and loss, against
+"""Chapter 11: GRPO's KL estimator, advantages, completion mask, log-probabilities and loss, against
 direct float64 transcriptions of DeepSeekMath's equations and against TRL's GRPOTrainer loss."""
 import itertools
 import math
@@ -32,7 +32,7 @@ def batch(b=12, length=7, seed=0):
 # ------------------------------------------------------------------ float64 transcriptions of the paper
 
 def paper_loss(logp, old, ref, adv, mask, loss_type, eps_low, eps_high, beta, max_len):
-    """-J of (7.5) term by term in Python floats, with the normalization of loss_type."""
+    """-J of (11.5) term by term in Python floats, with the normalization of loss_type."""
     b, length = logp.shape
     terms = [[0.0] * length for _ in range(b)]
     for i in range(b):
@@ -89,7 +89,7 @@ def test_reinforce_without_clipping_has_the_policy_gradient():
     logp = old.clone().requires_grad_(True)
     loss, _ = grpo_loss(logp, old, adv, mask, "grpo", epsilon_low=None)
     loss.backward()
-    expected = -adv[:, None] * mask / mask.sum(-1, keepdim=True) / logp.shape[0]   # gradient of (7.1)
+    expected = -adv[:, None] * mask / mask.sum(-1, keepdim=True) / logp.shape[0]   # gradient of (11.1)
     assert torch.allclose(logp.grad, expected, rtol=1e-12)
 
 

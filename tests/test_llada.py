@@ -1,4 +1,4 @@
-"""Chapter 9: LLaDA's masking process, losses, Monte Carlo likelihoods and samplers."""
+"""Chapter 13: LLaDA's masking process, losses, Monte Carlo likelihoods and samplers."""
 import itertools
 import math
 

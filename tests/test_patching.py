@@ -1,4 +1,4 @@
-"""Chapter 8: patching rules on hand-made sequences, threshold search, hash n-gram ids, BPE, bits per byte."""
+"""Chapter 12: patching rules on hand-made sequences, threshold search, hash n-gram ids, BPE, bits per byte."""
 import math
 
 import pytest

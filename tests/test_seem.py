@@ -1,4 +1,4 @@
-"""Chapter 10: SEEM's sampler, attention tables, decoder structure, matching, losses and prompt simulation."""
+"""Chapter 14: SEEM's sampler, attention tables, decoder structure, matching, losses and prompt simulation."""
 import itertools
 import math
 
@@ -111,7 +111,7 @@ def test_sampler_reads_features_at_the_prompted_locations(h, w, H, W):
     cols = torch.arange(w, dtype=torch.float64)[None, :].expand(h, w)
     feats = torch.stack([rows, cols])[None].expand(2, 2, h, w).contiguous()
     read = sample_features(feats, points, (H, W))
-    cell = (points.double() + 0.5) * torch.tensor([h / H, w / W], dtype=torch.float64) - 0.5     # (10.8)
+    cell = (points.double() + 0.5) * torch.tensor([h / H, w / W], dtype=torch.float64) - 0.5     # (14.8)
     expect = torch.minimum(cell.clamp_min(0), torch.tensor([h - 1, w - 1], dtype=torch.float64))
     assert torch.allclose(read, expect, atol=1e-12)
 
@@ -250,7 +250,7 @@ def test_class_logits_are_scaled_cosine_similarities():
     logits, masks = model.decoder.heads(h, pixels, emb)
     z = model.decoder.class_proj(model.decoder.out_norm(h))
     cos = torch.einsum("bqd,cd->bqc", z, emb) / (z.norm(dim=-1)[..., None] * emb.norm(dim=-1))
-    assert torch.allclose(logits, math.exp(model.decoder.logit_scale.item()) * cos, atol=1e-10)   # (10.6)
+    assert torch.allclose(logits, math.exp(model.decoder.logit_scale.item()) * cos, atol=1e-10)   # (14.6)
     assert logits.shape == (2, 3, len(CLASSES) + 1) and masks.shape == (2, 3, 4, 4)
 
 
@@ -282,8 +282,8 @@ def test_losses_against_direct_float64_formulas():
     targets = torch.rand(4, 37, generator=g) < 0.4
     for i in range(4):
         m, t = logits[i].tolist(), targets[i].double().tolist()
-        assert dice_loss(logits, targets)[i].item() == pytest.approx(direct_dice(m, t), abs=1e-12)     # (10.12)
-        assert bce_loss(logits, targets)[i].item() == pytest.approx(direct_bce(m, t), abs=1e-12)       # (10.13)
+        assert dice_loss(logits, targets)[i].item() == pytest.approx(direct_dice(m, t), abs=1e-12)     # (14.12)
+        assert bce_loss(logits, targets)[i].item() == pytest.approx(direct_bce(m, t), abs=1e-12)       # (14.13)
 
 
 def test_matching_cost_against_direct_formulas():
@@ -298,7 +298,7 @@ def test_matching_cost_against_direct_formulas():
     for i, j in itertools.product(range(q), range(n)):
         p = torch.softmax(class_logits[i], 0)[classes[j]].item()
         m, t = mask_logits[i].tolist(), masks[j].double().tolist()
-        want = -w.cls * p + w.bce * direct_bce(m, t) + w.dice * direct_dice(m, t)                  # (10.14)
+        want = -w.cls * p + w.bce * direct_bce(m, t) + w.dice * direct_dice(m, t)                  # (14.14)
         assert cost[i, j].item() == pytest.approx(want, abs=1e-10)
 
 
@@ -336,7 +336,7 @@ def test_seem_loss_matches_a_hand_computation():
         m, t = mask_logits[0][i, q].flatten().tolist(), pr_masks[i, 0].flatten().double().tolist()
         prompt += w.bce * direct_bce(m, t) + w.dice * direct_dice(m, t)
         prompt -= w.cls * torch.log_softmax(class_logits[0][i, q], 0)[pr_classes[i, 0]].item()
-    want = w.cls * ce_num / ce_den + mask_sum / n_targets + prompt / b                             # (10.15)
+    want = w.cls * ce_num / ce_den + mask_sum / n_targets + prompt / b                             # (14.15)
     assert losses["total"].item() == pytest.approx(want, abs=1e-10)
 
 
@@ -544,7 +544,7 @@ def test_panoptic_quality_matches_a_hand_computation_per_class():
     assert c0["sq"] == pytest.approx(0.875) and c0["rq"] == 1.0 and c0["pq"] == pytest.approx(0.875)
     assert c1["pq"] == 0.0 and c1["sq"] == 0.0 and c1["rq"] == 0.0
     assert r["pq"] == pytest.approx((0.875 + 0.0) / 2) and r["sq"] == pytest.approx(0.4375) and r["rq"] == 0.5
-    pooled = 1.75 / (2 + 0.5 * 2 + 0.5 * 1)          # one PQ over all segments: not what (10.16) defines
+    pooled = 1.75 / (2 + 0.5 * 2 + 0.5 * 1)          # one PQ over all segments: not what (14.16) defines
     assert abs(r["pq"] - pooled) > 0.05
 
 

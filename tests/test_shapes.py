@@ -1,4 +1,4 @@
-"""Chapter 10: the generated shapes world, the simulated prompts and the interactive metrics."""
+"""Chapter 14: the generated shapes world, the simulated prompts and the interactive metrics."""
 import math
 
 import numpy as np

@@ -12,13 +12,13 @@
 # ---
 
 # %% [markdown]
-# # Chapter 10. SEEM: segmenting everything with any prompt: solutions to the exercises
+# # Chapter 14. SEEM: segmenting everything with any prompt: solutions to the exercises
 #
-# Worked solutions to the exercises at the end of chapter 10. Each code solution is run
+# Worked solutions to the exercises at the end of chapter 14. Each code solution is run
 # through its checker, `lrn_lib.exercises.check`, which tests it on fresh random inputs
 # against the library's references (`lrn_lib.seem`, `lrn_lib.shapes`) and prints one line.
 # Exercises 2 and 3 train small models; to keep this notebook to about a minute on two CPU
-# cores they use a smaller world and model than section 10.9 (stated where they are set up).
+# cores they use a smaller world and model than section 14.9 (stated where they are set up).
 
 # %%
 import math
@@ -39,7 +39,7 @@ from lrn_lib.shapes import clicks_to_reach, make_scenes, mask_iou
 
 config.seed_everything(0)
 torch.set_num_threads(1)
-print("\n".join(exercises("10")))
+print("\n".join(exercises("14")))
 
 # %% [markdown]
 # ## Exercise 1 (derive): why the dice loss ignores object size
@@ -47,7 +47,7 @@ print("\n".join(exercises("10")))
 # **The dice loss.** With confident sigmoids, $\sigma(m_x) \in \{0, 1\}$, the prediction
 # covers $a n$ of the target's $n$ pixels and $b n$ pixels outside it, so
 # $\sum_x \sigma(m_x) t_x = a n$, $\sum_x \sigma(m_x) = (a + b) n$ and $\sum_x t_x = n$.
-# Without its $+1$ terms, (10.12) is
+# Without its $+1$ terms, (14.12) is
 #
 # $$\mathcal{L}_{\text{dice}} = 1 - \frac{2 a n}{(a + b) n + n} = 1 - \frac{2a}{1 + a + b}, \qquad (\text{E}1)$$
 #
@@ -56,7 +56,7 @@ print("\n".join(exercises("10")))
 #
 # **The cross-entropy.** A sigmoid of exactly 0 or 1 would make a wrong pixel's
 # cross-entropy infinite, so take "confident" to mean logits $m_x = \pm M$ with $M$ large.
-# In the form $\log(1 + e^{m}) - t\,m$ of (10.13), a right pixel costs
+# In the form $\log(1 + e^{m}) - t\,m$ of (14.13), a right pixel costs
 # $\log(1 + e^{-M}) \approx e^{-M}$ and a wrong one $\log(1 + e^{M}) \approx M$. The wrong
 # pixels are the $(1 - a) n$ misses and the $b n$ false alarms, so
 #
@@ -78,19 +78,19 @@ print("\n".join(exercises("10")))
 # so the cross-entropy pulls on an object with a total force proportional to its $n$, and
 # the dice loss with a force per pixel of order $1/n$, a total independent of $n$.
 #
-# **Why (10.15) uses both.** The dice loss alone is size-fair and tracks the overlap that
-# IoU (10.2) measures (the dice coefficient is $2\,\mathrm{IoU} / (1 + \mathrm{IoU})$), but
+# **Why (14.15) uses both.** The dice loss alone is size-fair and tracks the overlap that
+# IoU (14.2) measures (the dice coefficient is $2\,\mathrm{IoU} / (1 + \mathrm{IoU})$), but
 # it is a ratio over the whole mask, so every pixel's gradient depends on all the others; it
 # reaches a logit through $\sigma'(m_x) = \sigma(m_x)(1 - \sigma(m_x))$, which vanishes for
 # a *confidently wrong* pixel, so it barely moves the worst mistakes; and it is blind to
 # calibration (any $\sigma$ with the same sums $I$ and $S$ costs the same). The cross-entropy
 # gives every pixel its own gradient $\sigma(m_x) - t_x$, largest exactly for confidently
 # wrong pixels, and makes $\sigma$ a probability, but neglects small objects. Mask2Former
-# weights them equally ($\lambda_{\text{bce}} = \lambda_{\text{dice}} = 5$), and (10.15)
+# weights them equally ($\lambda_{\text{bce}} = \lambda_{\text{dice}} = 5$), and (14.15)
 # follows it: the cross-entropy teaches pixels, the dice loss keeps small objects from
 # being dropped.
 #
-# **The $+1$ terms on an empty target.** With $\sum_x t_x = 0$, (10.12) becomes
+# **The $+1$ terms on an empty target.** With $\sum_x t_x = 0$, (14.12) becomes
 #
 # $$\mathcal{L}_{\text{dice}} = 1 - \frac{1}{\sum_x \sigma(m_x) + 1} = \frac{\sum_x \sigma(m_x)}{\sum_x \sigma(m_x) + 1}: \qquad (\text{E}4)$$
 #
@@ -102,7 +102,7 @@ print("\n".join(exercises("10")))
 #
 # A numerical check with the library's losses, on $X = 4096$ pixels with logits $\pm 20$
 # (sigmoids within $2 \cdot 10^{-9}$ of 0 and 1): (E1) for both sizes, (E2) against the
-# exact (10.13), and (E4) on an empty target.
+# exact (14.13), and (E4) on an empty target.
 
 # %%
 X, M = 4096, 20.0
@@ -123,7 +123,7 @@ def dice_without_ones(logits: torch.Tensor, target: torch.Tensor) -> float:
     return (1 - 2 * (p * t).sum() / (p.sum() + t.sum())).item()
 
 
-print(" n     a    b   | dice (E1) | dice without +1 | dice (10.12) | BCE (10.13) | M (1 - a + b) n / X")
+print(" n     a    b   | dice (E1) | dice without +1 | dice (14.12) | BCE (14.13) | M (1 - a + b) n / X")
 rows = []
 for n in (20, 2000):
     for a, b in ((0.0, 0.0), (0.5, 0.0), (1.0, 0.5), (0.9, 0.1)):
@@ -137,7 +137,7 @@ for k in (0, 1, 5, 100):
     logits = torch.full((1, X), -M, dtype=torch.float64)
     logits[0, :k] = M
     dice = dice_loss(logits, torch.zeros(1, X, dtype=torch.bool)).item()
-    print(f"empty target, {k:3d} false-alarm pixels: dice (10.12) {dice:.4f} = k / (k + 1) = {k / (k + 1):.4f}")
+    print(f"empty target, {k:3d} false-alarm pixels: dice (14.12) {dice:.4f} = k / (k + 1) = {k / (k + 1):.4f}")
 
 # %%
 small, large = [r for r in rows if r[0] == 20], [r for r in rows if r[0] == 2000]
@@ -243,9 +243,9 @@ class MultiSEEM(SEEM):
 
 # %% [markdown]
 # **Training only the best output.** At every prediction step, each prompt's $K$ masks are
-# scored against the prompt's target by dice + BCE, (10.12) + (10.13), and only the lowest
+# scored against the prompt's target by dice + BCE, (14.12) + (14.13), and only the lowest
 # scoring one is kept; the object rows and the kept rows form an ordinary `SeemOutput`, and
-# the library's `seem_loss` (10.15) does the rest. The kept output is chosen without
+# the library's `seem_loss` (14.15) does the rest. The kept output is chosen without
 # gradient, as in SAM. The IoU head is trained on every output, by the squared error
 # between its prediction and the IoU of that output's final mask.
 
@@ -270,7 +270,7 @@ def best_outputs(out: SeemOutput, iou: torch.Tensor, prompt_masks: torch.Tensor)
 
 
 # %% [markdown]
-# **A small training setup, shared with exercise 3.** Section 10.9 trains for a few
+# **A small training setup, shared with exercise 3.** Section 14.9 trains for a few
 # minutes; here each model gets about fifteen seconds. What changes: scenes of the easy
 # world (flat colors; 10.2), of $32 \times 32$ pixels (objects of at least 10 visible
 # pixels) instead of 64, 600 of them;
@@ -296,7 +296,7 @@ scene_seconds = time.perf_counter() - t0
 
 
 def train(model: nn.Module, second_round: float) -> list[float]:
-    """Section 10.9's loop at the small setup; a MultiSEEM trains its best outputs and its IoU head."""
+    """Section 14.9's loop at the small setup; a MultiSEEM trains its best outputs and its IoU head."""
     opt = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 25) * 0.5 * (1 + math.cos(math.pi * min(s, STEPS) / STEPS)))
@@ -361,7 +361,7 @@ agreement = [mask_iou(answers[:, 0, i], answers[:, 0, j]).mean().item() for i, j
 # %%
 # NBVAL_IGNORE_OUTPUT
 print(f"scenes drawn in {scene_seconds:.1f} s; training: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
-print(f"loss (10.15), first 25 / last 25 steps: one output {np.mean(one_history[:25]):.1f} / "
+print(f"loss (14.15), first 25 / last 25 steps: one output {np.mean(one_history[:25]):.1f} / "
       f"{np.mean(one_history[-25:]):.1f}, three outputs {np.mean(three_history[:25]):.1f} / "
       f"{np.mean(three_history[-25:]):.1f}")
 print(f"point-prompt mean IoU, one output: {iou_single.mean():.3f}")
@@ -402,7 +402,7 @@ print("the three answers to a click are not copies of each other (mean IoU betwe
 # Two models with the same seed and steps, at the small setup of exercise 2: the
 # one-output model above was trained with `SECOND_ROUND = 0`, so it never saw a memory
 # prompt (nor a corrective click); the second trains as in 10.9, with a second round in
-# half of the batches. Each runs section 10.10's interactive session on the 100 held-out
+# half of the batches. Each runs section 14.10's interactive session on the 100 held-out
 # objects, 8 clicks, with and without the memory prompt. Then the second model gets an
 # *oracle* memory: from round 2 on, the memory prompt is the target mask itself instead of
 # the previous answer.
@@ -417,7 +417,7 @@ seconds["second rounds"] = time.perf_counter() - t0
 
 
 def session(model: nn.Module, memory: bool, oracle: bool = False) -> torch.Tensor:
-    """IoU after each click (objects, N_CLICKS), the clicks from next_click as in section 10.10."""
+    """IoU after each click (objects, N_CLICKS), the clicks from next_click as in section 14.10."""
     prompts = Prompts(torch.zeros_like(eval_masks), torch.zeros_like(eval_masks),
                       torch.zeros(len(held_out), 1, 3, dtype=torch.int64))
     pred, ious = torch.zeros_like(eval_masks), []
@@ -461,44 +461,44 @@ print("after 8 clicks, the model trained without second rounds has lost more IoU
 # answer. So the learned memory is as good as the best memory could be, but only because
 # the model reads neither: it has not learned to use the memory tokens at all. This is the
 # chapter's finding at 650 steps (and the GPU profile's at 1000) in a sharper form. The
-# memory tokens summarize the previous mask through (10.11) and reach the answer only
+# memory tokens summarize the previous mask through (14.11) and reach the answer only
 # through the prompt query's self-attention, where they are 4 of its 24 keys, and the loss
 # gives them a reason to matter only on the second-round half of the batches, where the
 # first answer was wrong in a way the memory could fix.
 #
 # What second rounds do teach is to take corrective clicks without harm. The model that
-# never saw one gets *worse* with more clicks: its negative-click embedding $e_-$ of (10.7)
+# never saw one gets *worse* with more clicks: its negative-click embedding $e_-$ of (14.7)
 # was never trained (no negative token occurred), and it never saw more than one click on
 # an object, so the corrective tokens push its answer off. The model trained with second
 # rounds holds its first-click IoU to within about a hundredth. Neither uses the clicks to
-# climb, as in section 10.10: at this budget the first click's answer is close to the best
+# climb, as in section 14.10: at this budget the first click's answer is close to the best
 # the model can do, and NoC@85 mostly counts objects never reached. The paper's memory and
 # clicks work on top of a far better first answer.
 
 # %% [markdown]
 # ## Exercise 4 (implement): the mask losses
 #
-# (10.12) directly, with the probabilities $\sigma(m)$ and the $+1$ terms, which keep an
-# empty target finite (E4). For (10.13), $\log(1 + e^{m}) - t\,m$ with `F.softplus`,
+# (14.12) directly, with the probabilities $\sigma(m)$ and the $+1$ terms, which keep an
+# empty target finite (E4). For (14.13), $\log(1 + e^{m}) - t\,m$ with `F.softplus`,
 # which returns $m$ itself for large $m$ instead of overflowing, and $\log(1 + e^{m})
 # \approx e^{m}$ for very negative $m$; the mean, not the sum, over the $X$ pixels.
 
 # %%
 def mask_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(10.12) and (10.13) per mask: logits (N, X), targets (N, X) bool -> (dice (N,), bce (N,))."""
+    """(14.12) and (14.13) per mask: logits (N, X), targets (N, X) bool -> (dice (N,), bce (N,))."""
     t = targets.to(logits.dtype)
     p = torch.sigmoid(logits)
-    dice = 1 - (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)               # (10.12)
-    bce = (F.softplus(logits) - t * logits).mean(1)                                 # (10.13)
+    dice = 1 - (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)               # (14.12)
+    bce = (F.softplus(logits) - t * logits).mean(1)                                 # (14.13)
     return dice, bce
 
 
-print(check("10.mask_losses", mask_losses))
+print(check("14.mask_losses", mask_losses))
 
 # %% [markdown]
 # ## Exercise 5 (implement): the corrective click
 #
-# The depth (10.4) of a pixel is its distance to the nearest pixel outside its region. A
+# The depth (14.4) of a pixel is its distance to the nearest pixel outside its region. A
 # one-pixel frame of `False` around the region makes the image border count as outside.
 # Here it is computed by brute force, in exact integer arithmetic: the squared distance from
 # every region pixel to every outside pixel, minimized. Squared distances order pixels as
@@ -508,7 +508,7 @@ print(check("10.mask_losses", mask_losses))
 
 # %%
 def squared_depth(region: torch.Tensor) -> torch.Tensor:
-    """(10.4) squared: for region (H, W) bool, the squared distance of each pixel to the nearest pixel outside
+    """(14.4) squared: for region (H, W) bool, the squared distance of each pixel to the nearest pixel outside
     it, the image border counting as outside; 0 off the region. (H, W) int64."""
     h, w = region.shape
     framed = torch.zeros(h + 2, w + 2, dtype=torch.bool)
@@ -521,15 +521,15 @@ def squared_depth(region: torch.Tensor) -> torch.Tensor:
 
 
 def next_click(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """The corrective click (10.3), (10.4): ((y, x) int64, True for a positive click on a miss)."""
-    d_miss, d_false = squared_depth(target & ~pred), squared_depth(pred & ~target)   # (10.3)
+    """The corrective click (14.3), (14.4): ((y, x) int64, True for a positive click on a miss)."""
+    d_miss, d_false = squared_depth(target & ~pred), squared_depth(pred & ~target)   # (14.3)
     positive = bool(d_miss.max() > d_false.max())                                  # a tie goes to the false alarm
     depth = d_miss if positive else d_false
     k = int(depth.flatten().argmax())                                               # the first of equal depths
     return torch.tensor([k // depth.shape[1], k % depth.shape[1]]), positive
 
 
-print(check("10.next_click", next_click))
+print(check("14.next_click", next_click))
 
 # %% [markdown]
 # ## Exercise 6 (implement): the self-attention table
@@ -542,7 +542,7 @@ print(check("10.next_click", next_click))
 
 # %%
 def prompt_table(kinds: torch.Tensor, groups: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Section 10.6's table: kinds, groups (S,), valid (B, S) -> allowed (B, S, S) bool, True = may attend."""
+    """Section 14.6's table: kinds, groups (S,), valid (B, S) -> allowed (B, S, S) bool, True = may attend."""
     row, key = kinds[:, None], kinds[None, :]
     same_prompt = (groups[:, None] == groups[None, :]) & (row != OBJECT)
     rule = torch.where(row == OBJECT, key == OBJECT,
@@ -550,4 +550,4 @@ def prompt_table(kinds: torch.Tensor, groups: torch.Tensor, valid: torch.Tensor)
     return (rule[None] & valid[:, None, :]) | torch.eye(len(kinds), dtype=torch.bool)
 
 
-print(check("10.prompt_table", prompt_table))
+print(check("14.prompt_table", prompt_table))

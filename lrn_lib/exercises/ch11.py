@@ -1,8 +1,8 @@
-"""The exercises of chapter 07 (GRPO: Group Relative Policy Optimization): their random inputs, the mistake models that
+"""The exercises of chapter 11 (GRPO: Group Relative Policy Optimization): their random inputs, the mistake models that
 name a wrong answer, and the catalogue entries (``EXERCISES``) that lrn_lib.exercises loads
-when a chapter 07 id is checked.
+when a chapter 11 id is checked.
 
-Hand-written; may import only library modules of chapter 07 or earlier (book.toml order).
+Hand-written; may import only library modules of chapter 11 or earlier (book.toml order).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def _cases_group_advantages(rng: random.Random, gen: torch.Generator) -> Iterato
                            "two groups, one all right and one all wrong: advantages 0")
     yield _advantages_case(torch.tensor([0.0, 2.0], dtype=F64), 2, "G = 2")
     yield _advantages_case(torch.tensor([1.0, 0.0, 0.0, 1.5, 1.0, 1.0, 1.0, 1.0], dtype=F64), 4,
-                           "section 7.2's example")
+                           "section 11.2's example")
     yield _advantages_case(torch.tensor([3.0, 0.0, 1.0, 2.0, 10.0, 10.0], dtype=F64), 2,
                            "three groups of 2, the last equal")
     while True:
@@ -137,53 +137,53 @@ def _grpo_unmasked(logp, old_logp, ref_logp, advantages, mask, epsilon, beta):
 
 EXERCISES: tuple[Exercise, ...] = (
     Exercise(
-        id="07.group_advantages", summary="group-relative advantages with the Bessel std plus 1e-4, (7.3)",
+        id="11.group_advantages", summary="group-relative advantages with the Bessel std plus 1e-4, (11.3)",
         signature="group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor  "
                   "(rewards (N,), groups contiguous -> advantages (N,))",
         cases=_cases_group_advantages, n_cases=200, outputs=("advantages",),
         fallback="view the rewards as (N / G, G), one group per row; A = (r - row mean) / (row std + 1e-4) "
-                 "with the Bessel-corrected std, (7.3) and section 7.2",
+                 "with the Bessel-corrected std, (11.3) and section 11.2",
         shape_hint="return one advantage per completion, shape (N,), in the order of the rewards",
         nonfinite_hint="nan or inf: a group whose rewards are all equal has std 0; add epsilon = 1e-4 to the "
-                       "std, so that the advantage is exactly 0 (section 7.2)",
+                       "std, so that the advantage is exactly 0 (section 11.2)",
         mistakes=(
             Mistake(lambda r, g: _adv_std(r, g, unbiased=False),
-                    "your std divides by G; section 7.2 uses the sample std with Bessel's correction, "
+                    "your std divides by G; section 11.2 uses the sample std with Bessel's correction, "
                     "dividing by G - 1 (torch's default, unbiased=True)"),
             Mistake(lambda r, g: _adv_std(r, g, eps=0.0),
-                    "you left out epsilon = 1e-4: a group of equal rewards must give 0, not nan (section 7.2)"),
+                    "you left out epsilon = 1e-4: a group of equal rewards must give 0, not nan (section 11.2)"),
             Mistake(_adv_batch,
                     "you normalized over the whole batch; the baseline and the scale are each group's own "
-                    "mean and std, (7.3)"),
+                    "mean and std, (11.3)"),
             Mistake(_adv_strided,
                     "your groups are strided; the G samples of one prompt are contiguous: rewards.view(-1, G)"),
             Mistake(lambda r, g: (r.view(-1, g) - r.view(-1, g).mean(1, keepdim=True)).reshape(-1),
-                    "you only subtracted the group mean (Dr. GRPO's choice); (7.3) also divides by the "
+                    "you only subtracted the group mean (Dr. GRPO's choice); (11.3) also divides by the "
                     "group's std + 1e-4"),
         )),
     Exercise(
-        id="07.grpo_loss", summary="the clipped GRPO loss -J with the k3 KL and the per-sequence mean, (7.5)",
+        id="11.grpo_loss", summary="the clipped GRPO loss -J with the k3 KL and the per-sequence mean, (11.5)",
         signature="grpo_loss(logp, old_logp, ref_logp, advantages, mask, epsilon: float, beta: float) -> "
                   "torch.Tensor  ((B, L) tensors, advantages (B,) -> a 0-dim loss)",
         cases=_cases_grpo_loss, n_cases=200, outputs=("loss",),
         fallback="per token: -min(rho A, clip(rho, 1 - eps, 1 + eps) A) + beta (e^(ref - logp) - (ref - logp) - 1); "
-                 "masked mean over each row's tokens, then the mean over rows, (7.5)",
+                 "masked mean over each row's tokens, then the mean over rows, (11.5)",
         shape_hint="return a single number (a 0-dim tensor)",
         mistakes=(
             Mistake(_grpo_max,
                     "you took the max of the two branches; the objective takes the min (the pessimistic "
-                    "one), and the loss is minus that, (7.2)"),
+                    "one), and the loss is minus that, (11.2)"),
             Mistake(_grpo_token_mean,
                     "you averaged over all tokens of the batch (the bnpo normalization); the paper's grpo "
-                    "averages each row over its own tokens first, then over rows, (7.5)"),
+                    "averages each row over its own tokens first, then over rows, (11.5)"),
             Mistake(_grpo_kl_sign,
-                    "the KL term enters the loss with +beta (the objective subtracts it), (7.5)"),
+                    "the KL term enters the loss with +beta (the objective subtracts it), (11.5)"),
             Mistake(_grpo_k1,
-                    "the KL term is the estimator (7.4), e^(ref - logp) - (ref - logp) - 1, not logp - ref"),
+                    "the KL term is the estimator (11.4), e^(ref - logp) - (ref - logp) - 1, not logp - ref"),
             Mistake(_grpo_unmasked,
                     "tokens after the end of a completion (mask 0) must not count: multiply by the mask "
                     "before summing"),
             Mistake(lambda *args: -_grpo_reference(*args),
-                    "your sign is flipped: the loss is -J, so minimizing it maximizes the objective (7.5)"),
+                    "your sign is flipped: the loss is -J, so minimizing it maximizes the objective (11.5)"),
         )),
 )

@@ -1,8 +1,8 @@
-"""The exercises of chapter 10 (SEEM: segmenting everything with any prompt): their random inputs, the mistake models that
+"""The exercises of chapter 14 (SEEM: segmenting everything with any prompt): their random inputs, the mistake models that
 name a wrong answer, and the catalogue entries (``EXERCISES``) that lrn_lib.exercises loads
-when a chapter 10 id is checked.
+when a chapter 14 id is checked.
 
-Hand-written; may import only library modules of chapter 10 or earlier (book.toml order).
+Hand-written; may import only library modules of chapter 14 or earlier (book.toml order).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from lrn_lib.shapes import next_click
 
 
 def _mask_losses_reference(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(10.12) and (10.13) per mask: the library's dice_loss and bce_loss."""
+    """(14.12) and (14.13) per mask: the library's dice_loss and bce_loss."""
     return dice_loss(logits, targets), bce_loss(logits, targets)
 
 
@@ -104,7 +104,7 @@ def _cases_prompt_table(rng: random.Random, gen: torch.Generator) -> Iterator[Ca
     kinds, groups = sequence_layout(3, 2, [VISUAL] * 4 + [TEXT] * 2, 2)
     valid = torch.ones(1, len(kinds), dtype=torch.bool)
     valid[0, 17:19] = False
-    yield _prompt_table_case(kinds, groups, valid, "section 10.6's figure: 3 objects, 2 prompts with 4 visual, "
+    yield _prompt_table_case(kinds, groups, valid, "section 14.6's figure: 3 objects, 2 prompts with 4 visual, "
                                                    "2 text and 2 memory tokens, 2 padding tokens")
     kinds, groups = sequence_layout(4, 0, [VISUAL, TEXT], 0)
     yield _prompt_table_case(kinds, groups, torch.ones(2, 4, dtype=torch.bool), "no prompt: object queries only")
@@ -173,7 +173,7 @@ def _prompt_table_diagnose(case: Case, got: list[torch.Tensor]) -> str | None:
     b, i, j = (int(v) for v in wrong.nonzero()[0])
     verdict = "may attend to it" if bool(want[b, i, j]) else "must not attend to it"
     return (f"in image {b}, row {i} is a {_table_member(kinds, groups, valid, b, i)} and key {j} a "
-            f"{_table_member(kinds, groups, valid, b, j)}: the row {verdict}. The rules of section 10.6: object "
+            f"{_table_member(kinds, groups, valid, b, j)}: the row {verdict}. The rules of section 14.6: object "
             "queries see object queries; a prompt query sees its own prompt's members; a prompt token sees its "
             "prompt's tokens of its own kind; padding keys are blocked; every row sees itself")
 
@@ -209,7 +209,7 @@ def _cases_next_click(rng: random.Random, gen: torch.Generator) -> Iterator[Case
     blobs = ((ys - 6) ** 2 + (xs - 5) ** 2 <= 9) | _rect(12, 12, 1, 8, 2, 10)
     yield _click_case(blobs, torch.zeros(12, 12, dtype=torch.bool), "an empty target: every error is a false alarm")
     yield _click_case(torch.zeros(12, 12, dtype=torch.bool), _rect(12, 12, 0, 0, 11, 4),
-                      "a miss along three sides of the image: the border counts as outside (10.4)")
+                      "a miss along three sides of the image: the border counts as outside (14.4)")
     yield _click_case(_rect(16, 16, 11, 11, 13, 13), _rect(16, 16, 1, 1, 7, 7),
                       "a 7 x 7 miss and a 3 x 3 false alarm: the deeper region gets the click")
     yield _click_case(_rect(20, 20, 2, 0, 3, 19), _rect(20, 20, 10, 3, 14, 7),
@@ -222,7 +222,7 @@ def _cases_next_click(rng: random.Random, gen: torch.Generator) -> Iterator[Case
                       "a diamond-shaped miss: distances are Euclidean")
     ys, xs = torch.arange(24)[:, None], torch.arange(13)[None, :]
     yield _click_case(torch.zeros(24, 13, dtype=torch.bool), ((ys - 6).abs() + (xs - 6).abs() <= 5) |
-                      _rect(24, 13, 13, 1, 21, 9), "a diamond and a square missed: the square is deeper, by (10.4)")
+                      _rect(24, 13, 13, 1, 21, 9), "a diamond and a square missed: the square is deeper, by (14.4)")
     yield _click_case(_rect(1, 16, 0, 5, 0, 12), _rect(1, 16, 0, 3, 0, 8),
                       "an image one pixel high: every error pixel has depth 1")
     yield _click_case(torch.zeros(9, 13, dtype=torch.bool), torch.ones(9, 13, dtype=torch.bool),
@@ -252,7 +252,7 @@ def _cases_next_click(rng: random.Random, gen: torch.Generator) -> Iterator[Case
 
 
 def _depths(pred: torch.Tensor, target: torch.Tensor, pad: bool = True, metric: str = "euclidean"):
-    """The inner distance transforms of the miss and the false-alarm regions (10.3), (10.4), as numpy arrays."""
+    """The inner distance transforms of the miss and the false-alarm regions (14.3), (14.4), as numpy arrays."""
     def depth(region: np.ndarray) -> np.ndarray:
         padded = np.pad(region, 1) if pad else region
         if metric == "euclidean":
@@ -289,48 +289,48 @@ def _click_with(pad: bool = True, metric: str = "euclidean", choose: str = "deep
 
 # ---------------------------------------------------------------- the catalogue
 
-_EUCLIDEAN_HINT = ("(10.4) measures depth with the Euclidean distance (ndimage.distance_transform_edt), not a "
+_EUCLIDEAN_HINT = ("(14.4) measures depth with the Euclidean distance (ndimage.distance_transform_edt), not a "
                    "chessboard or taxicab distance: a pixel one step along a diagonal lies sqrt(2) away")
 
 EXERCISES: tuple[Exercise, ...] = (
     Exercise(
-        id="10.mask_losses", summary="the dice loss (10.12) and the sigmoid cross-entropy (10.13) of each mask",
+        id="14.mask_losses", summary="the dice loss (14.12) and the sigmoid cross-entropy (14.13) of each mask",
         signature="mask_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]  "
                   "(logits (N, X) float, targets (N, X) bool -> (dice (N,), bce (N,)))",
         cases=_cases_mask_losses, n_cases=200, outputs=("dice", "bce"),
-        fallback="per row: dice = 1 - (2 sum sigma(m) t + 1) / (sum sigma(m) + sum t + 1), equation (10.12); "
-                 "bce = the mean over the X pixels of log(1 + e^m) - t m, equation (10.13)",
+        fallback="per row: dice = 1 - (2 sum sigma(m) t + 1) / (sum sigma(m) + sum t + 1), equation (14.12); "
+                 "bce = the mean over the X pixels of log(1 + e^m) - t m, equation (14.13)",
         shape_hint="return one dice loss and one BCE per mask (row of logits): two tensors of shape (N,)",
         nonfinite_hint="inf or nan where the answer is finite: log(1 + e^m) overflows for large m and log sigma(m) "
                        "is -inf once sigma(m) rounds to 0 or 1; use softplus(m) - t m "
-                       "(F.binary_cross_entropy_with_logits), and keep the +1 terms of (10.12)",
+                       "(F.binary_cross_entropy_with_logits), and keep the +1 terms of (14.12)",
         mistakes=(
             Mistake(lambda lo, t: _mask_losses_reference(lo, t)[::-1],
                     "your two outputs are swapped: return (dice, bce) in this order"),
             Mistake(lambda lo, t: (_dice_with(lo, t, smooth=0.0), bce_loss(lo, t)),
-                    "your dice has no +1 terms: (10.12) adds 1 to the numerator and to the denominator, so an "
+                    "your dice has no +1 terms: (14.12) adds 1 to the numerator and to the denominator, so an "
                     "empty target with an empty prediction costs 0 instead of 0/0 (exercise 1)"),
             Mistake(lambda lo, t: (_dice_with(lo, t, sigmoid=False), bce_loss(lo, t)),
-                    "your dice uses the logits m_x; (10.12) uses the probabilities sigma(m_x)"),
+                    "your dice uses the logits m_x; (14.12) uses the probabilities sigma(m_x)"),
             Mistake(lambda lo, t: (_dice_with(lo, t, square=True), bce_loss(lo, t)),
-                    "you squared the terms of the denominator (V-Net's variant); (10.12) sums sigma(m_x) and t_x "
+                    "you squared the terms of the denominator (V-Net's variant); (14.12) sums sigma(m_x) and t_x "
                     "themselves, as Mask2Former does"),
             Mistake(lambda lo, t: (1 - dice_loss(lo, t), bce_loss(lo, t)),
-                    "you returned the dice coefficient; the loss (10.12) is 1 minus it, 0 for a perfect mask"),
+                    "you returned the dice coefficient; the loss (14.12) is 1 minus it, 0 for a perfect mask"),
             Mistake(lambda lo, t: (dice_loss(lo, t), bce_loss(lo, t) * lo.shape[1]),
-                    "your BCE is the sum over the pixels; (10.13) is the mean, divided by X"),
+                    "your BCE is the sum over the pixels; (14.13) is the mean, divided by X"),
             Mistake(lambda lo, t: (dice_loss(lo, t), _bce_naive(lo, t)),
                     "log sigma(m) and log(1 - sigma(m)) are -inf once sigma(m) rounds to 0 or 1 (m beyond about "
-                    "+-37 in float64): write (10.13) as softplus(m) - t m, or use "
+                    "+-37 in float64): write (14.13) as softplus(m) - t m, or use "
                     "F.binary_cross_entropy_with_logits"),
         )),
     Exercise(
-        id="10.next_click", summary="the simulated user's corrective click, (10.3) and (10.4)",
+        id="14.next_click", summary="the simulated user's corrective click, (14.3) and (14.4)",
         signature="next_click(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, bool]  "
                   "(pred, target (H, W) bool, not equal -> ((y, x) int64 of shape (2,), positive))",
         cases=_cases_next_click, n_cases=150, outputs=("point", "positive"),
-        fallback="misses E+ = target & ~pred, false alarms E- = pred & ~target (10.3); the Euclidean distance of each "
-                 "pixel to the nearest pixel outside its region, the image border counting as outside (10.4); the "
+        fallback="misses E+ = target & ~pred, false alarms E- = pred & ~target (14.3); the Euclidean distance of each "
+                 "pixel to the nearest pixel outside its region, the image border counting as outside (14.4); the "
                  "click goes to the deepest pixel of the region whose deepest pixel is deeper (a tie goes to the "
                  "false alarms; among equal depths the first pixel in row-major order); positive on a miss",
         shape_hint="return the click as (y, x), a tensor of 2 integers, and positive as one bool",
@@ -340,16 +340,16 @@ EXERCISES: tuple[Exercise, ...] = (
                     "your point is (x, y); the library, and the checker, want (y, x): row first, then column"),
             Mistake(_click_with(flip=True),
                     "a click on a miss (target & ~pred) is positive, one on a false alarm (pred & ~target) "
-                    "is negative (10.3)"),
+                    "is negative (14.3)"),
             Mistake(_click_with(pad=False),
-                    "the image border counts as the border of an error region in (10.4): pad the region with one "
+                    "the image border counts as the border of an error region in (14.4): pad the region with one "
                     "row and column of False on each side before the distance transform, else a region cut by the "
                     "border has its deepest pixel on the border itself"),
             Mistake(_click_with(choose="area"),
-                    "'larger' is the region with the deeper inscribed disc, max d_E (10.4), not the one with more "
-                    "pixels: a long sliver one pixel wide is large but hard to click on (section 10.3)"),
+                    "'larger' is the region with the deeper inscribed disc, max d_E (14.4), not the one with more "
+                    "pixels: a long sliver one pixel wide is large but hard to click on (section 14.3)"),
             Mistake(_click_with(choose="shallower"),
-                    "you clicked in the error region whose deepest pixel is shallower; (10.4) takes the region "
+                    "you clicked in the error region whose deepest pixel is shallower; (14.4) takes the region "
                     "whose deepest pixel is deeper"),
             Mistake(_click_with(choose="ties to misses"),
                     "when the two regions are equally deep the click goes to the false alarm (negative), as the "
@@ -363,31 +363,31 @@ EXERCISES: tuple[Exercise, ...] = (
                     _EUCLIDEAN_HINT),
         )),
     Exercise(
-        id="10.prompt_table", summary="the decoder's self-attention table of section 10.6 (SEEM's Figure 3b)",
+        id="14.prompt_table", summary="the decoder's self-attention table of section 14.6 (SEEM's Figure 3b)",
         signature="prompt_table(kinds: torch.Tensor, groups: torch.Tensor, valid: torch.Tensor) -> torch.Tensor  "
                   "(kinds, groups (S,) int64, valid (B, S) bool -> allowed (B, S, S) bool, True = may attend)",
         cases=_cases_prompt_table, n_cases=200, outputs=("allowed",),
         fallback="allowed[b, i, j] when (both are object queries, or i is a prompt query and j a non-object member of "
                  "its prompt, or i is a prompt token and j a token of its kind in its prompt) and valid[b, j], "
-                 "or when i == j, section 10.6",
+                 "or when i == j, section 14.6",
         shape_hint="return one (S, S) table per image: (B, S, S), with the batch of valid first",
         rtol=0.0, atol=0.0, diagnose=_prompt_table_diagnose,
         mistakes=(
             Mistake(lambda kinds, groups, valid: ~_table_with()(kinds, groups, valid),
                     "your table is inverted: True means blocked in nn.MultiheadAttention's convention, but here, "
-                    "as in F.scaled_dot_product_attention, True means may attend (section 10.6)"),
+                    "as in F.scaled_dot_product_attention, True means may attend (section 14.6)"),
             Mistake(_table_with(objects_see_all=True),
                     "object queries attend to object queries only: if they saw prompts, the prompt-free output "
-                    "would change whenever a user prompts (claim 1 of section 10.6)"),
+                    "would change whenever a user prompts (claim 1 of section 14.6)"),
             Mistake(_table_with(queries_see_objects=True),
                     "a prompt query does not attend to the object queries, only to its own prompt's members "
-                    "(the table of section 10.6)"),
+                    "(the table of section 14.6)"),
             Mistake(_table_with(other_prompts=True),
                     "prompts never see each other: a prompt query and a prompt token attend only to members "
-                    "with their own group (claim 2 of section 10.6)"),
+                    "with their own group (claim 2 of section 14.6)"),
             Mistake(_table_with(all_kinds=True),
                     "a prompt token attends to tokens of its own kind only, so memory tokens see only memory "
-                    "tokens (claim 3 of section 10.6); only the prompt query reads every kind"),
+                    "tokens (claim 3 of section 14.6); only the prompt query reads every kind"),
             Mistake(_table_with(use_valid=False),
                     "padding members (valid[b, j] False) must be blocked as keys in every row but their own"),
             Mistake(_table_with(self_always=False),

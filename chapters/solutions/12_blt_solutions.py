@@ -12,12 +12,12 @@
 # ---
 
 # %% [markdown]
-# # Chapter 8. The Byte Latent Transformer: solutions to the exercises
+# # Chapter 12. The Byte Latent Transformer: solutions to the exercises
 #
-# Worked solutions to the exercises at the end of chapter 8. The code solution of Exercise
+# Worked solutions to the exercises at the end of chapter 12. The code solution of Exercise
 # 2 is run through its checker, `lrn_lib.exercises.check`, which tests it on fresh random
 # inputs against the library's reference (`lrn_lib.patching.hash_ngram_ids`) and prints one
-# line. The measurement of Exercise 4 runs at a much smaller scale than section 8.7, so
+# line. The measurement of Exercise 4 runs at a much smaller scale than section 12.7, so
 # that the notebook takes about a minute on a CPU.
 
 # %%
@@ -38,13 +38,13 @@ from lrn_lib.patching import (BOS, HASH_BASE, HASH_PRIME, N_BYTES, PAD, bits_per
 
 config.seed_everything(0)
 torch.set_num_threads(2)
-print("\n".join(exercises("08")))
+print("\n".join(exercises("12")))
 
 # %% [markdown]
 # ## Exercise 1 (derive): where the FLOPs go
 #
 # Write $d_l, d_g$ for the local and latent widths, $C$ for the context in bytes, and
-# $B(d, a)$ for a block's FLOPs (8.16) at a position attending to $a$ keys. In (8.17) the
+# $B(d, a)$ for a block's FLOPs (12.16) at a position attending to $a$ keys. In (12.17) the
 # encoder, decoder, the constant parts of both cross-attentions and the head do not depend
 # on $s$; the encoder cross-attention's patch-query side ($4d_l^2/s$), the decoder's reads of
 # the latent states ($4 d_g d_l / s$) and the latent transformer ($[2 d_l d_g + L_g B(d_g, a_g)]/s$)
@@ -119,7 +119,7 @@ print("with a large latent, BLT matches the BPE model's FLOPs at a patch size ne
 
 # %%
 def rolling_ids(data: bytes, n: int, table_size: int) -> list[int]:
-    """(8.9) of the n-gram ending at every byte of data, PAD-padded at the start, by the rolling update."""
+    """(12.9) of the n-gram ending at every byte of data, PAD-padded at the start, by the rolling update."""
     values = [PAD + 1] * (n - 1) + [x + 1 for x in data]                      # c = x + 1, PAD included
     top = pow(HASH_BASE, n - 1, HASH_PRIME)
     h = 0
@@ -132,7 +132,7 @@ def rolling_ids(data: bytes, n: int, table_size: int) -> list[int]:
     return ids
 
 
-print(check("08.rolling_ids", rolling_ids))
+print(check("12.rolling_ids", rolling_ids))
 data = bytes(torch.randint(0, 256, (1000,), generator=torch.Generator().manual_seed(0)).tolist())
 print("equal to hash_ngram_ids for n = 3..8 on 1000 random bytes:",
       all(rolling_ids(data, n, 4096) == hash_ngram_ids(bytes_to_tensor(data), n, 4096).tolist() for n in range(3, 9)))
@@ -142,7 +142,7 @@ print("equal to hash_ngram_ids for n = 3..8 on 1000 random bytes:",
 #
 # The logits at byte $t$ predict byte $t + 1$, so byte $t$ may read the latent state $z_j$
 # of patch $j$ exactly when every byte of patch $j$ is at or before $t$. The freshest such
-# patch is the one just before the patch of byte $t + 1$, which is (8.15). The reference code
+# patch is the one just before the patch of byte $t + 1$, which is (12.15). The reference code
 # reaches it from patch *lengths*: it drops the first patch's length (BOS, one byte) and
 # numbers the bytes by the remaining lengths, so every boundary moves one byte to the left,
 # and the bytes past the last boundary (the final byte) get the next number. Inside a patch
@@ -202,26 +202,26 @@ print("bytes that read a different latent state than under (8.15'):", differ)
 
 # %%
 print("the shifted mask is causal:", moved["shifted lengths"] == 0)
-print("it equals the library's (8.15), lag='next':", torch.equal(shifted, decoder_cross_mask(pids, P)[0]))
+print("it equals the library's (12.15), lag='next':", torch.equal(shifted, decoder_cross_mask(pids, P)[0]))
 print("it differs from (8.15') exactly at the last byte of each patch:", differ == last_bytes)
 
 # %% [markdown]
 # Both masks pass the perturbation test, and the one built from lengths is the library's
-# (8.15). With fixed patches of 4 bytes after the BOS patch, the bytes that read a different
+# (12.15). With fixed patches of 4 bytes after the BOS patch, the bytes that read a different
 # state than under (8.15') are 0 (BOS), 4, 8, ...: the last byte of each patch, which reads its
 # own patch's latent state. That byte predicts the first byte of the next patch, the hardest
 # prediction of the patch (with entropy patching, a patch starts exactly where the next byte
-# is uncertain), and it now gets the global context of everything up to itself. Section 8.8 of
+# is uncertain), and it now gets the global context of everything up to itself. Section 12.8 of
 # the chapter measures what that is worth in bits per byte.
 
 # %% [markdown]
 # ## Exercise 4 (measure): the patch size dial
 #
-# A miniature of section 8.7: the entropy model of section 8.4 trained for 80 steps, then
+# A miniature of section 12.7: the entropy model of section 12.4 trained for 80 steps, then
 # a BLT a quarter of the chapter's width (local 32, latent 64, one latent layer) trained for
-# 30 steps of 8 windows of 128 bytes at each target patch size, with the monotonic rule (8.7)
+# 30 steps of 8 windows of 128 bytes at each target patch size, with the monotonic rule (12.7)
 # and its threshold set by `threshold_for_patch_size`. Every run sees the same bytes; bits per
-# byte are measured on 4 KB of held-out text, FLOPs per byte by (8.17) at the measured mean
+# byte are measured on 4 KB of held-out text, FLOPs per byte by (12.17) at the measured mean
 # patch size.
 
 # %%
@@ -241,7 +241,7 @@ def byte_batch(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train(model: torch.nn.Module, loss_fn, steps: int, lr: float, seed: int) -> None:
-    """AdamW with a short linear warm-up and cosine decay, as in section 8.4."""
+    """AdamW with a short linear warm-up and cosine decay, as in section 12.4."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(1, steps // 20)) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
@@ -293,10 +293,10 @@ print("larger patches cost fewer FLOPs per byte:", rows[0][3] > rows[1][3] > row
 print("every model beats the uniform 8 bits per byte:", all(bpb < 8 for _, _, bpb, _ in rows))
 
 # %% [markdown]
-# The FLOPs fall with the patch size as (8.17) says, though far less than in proportion:
+# The FLOPs fall with the patch size as (12.17) says, though far less than in proportion:
 # at this width the local encoder and decoder, paid per byte, are most of the cost. The
 # bits per byte are nearly equal across patch sizes here, because 30 steps teach a small
 # model little more than byte frequencies and short n-grams, which the local models and the
 # hash embeddings provide at any patch size. The chapter's claim, that larger patches lose
-# some bits per byte at a fixed budget, needs section 8.7's model and step count (or the GPU
+# some bits per byte at a fixed budget, needs section 12.7's model and step count (or the GPU
 # profile) to show above the run-to-run noise; the FLOPs side of the trade needs no training.

@@ -12,7 +12,7 @@
 # ---
 
 # %% [markdown]
-# # Chapter 10. SEEM: segmenting everything with any prompt
+# # Chapter 14. SEEM: segmenting everything with any prompt
 #
 # A segmentation model answers the question "which pixels?". Classic models answer one fixed
 # version of it: *every* pixel's class, or *every* object's mask. A **promptable** model
@@ -72,7 +72,7 @@ torch.set_num_threads(1)
 print(config.describe())
 
 # %% [markdown]
-# ## 10.1 From segmentation tasks to promptable segmentation
+# ## 14.1 From segmentation tasks to promptable segmentation
 #
 # Four tasks came before promptable segmentation, each with its own data sets and, for a
 # long time, its own architectures:
@@ -102,13 +102,13 @@ print(config.describe())
 #
 # 1. **Versatility.** Points, boxes, scribbles, masks, and even a region of *another* image
 #    are all turned into the same kind of input, a *visual prompt*: features sampled from
-#    the image at the prompted pixels (section 10.5). A point is a tiny mask, a box is a
+#    the image at the prompted pixels (section 14.5). A point is a tiny mask, a box is a
 #    filled rectangle, a scribble is a thin stroke; one sampler serves them all.
 # 2. **Compositionality.** Visual prompts and text prompts live in one joint visual-semantic
 #    space, so a point and a phrase can be given together ("the red one, here"), including
 #    combinations that never occurred together in training.
 # 3. **Interactivity.** The mask of the previous round comes back as a *memory prompt*:
-#    tokens that summarize the image features inside that mask (section 10.7). A corrective
+#    tokens that summarize the image features inside that mask (section 14.7). A corrective
 #    click in round 2 then refines round 1's answer instead of starting over.
 # 4. **Semantic awareness.** Every output mask gets a class, scored by similarity to the
 #    text embeddings of class names, so even a click-prompted mask comes with a label.
@@ -117,7 +117,7 @@ print(config.describe())
 # vocabulary has four shape names and six color names, and a phrase is "the COLOR CLASS".
 
 # %% [markdown]
-# ## 10.2 A data set of colored shapes
+# ## 14.2 A data set of colored shapes
 #
 # Real segmentation data (COCO panoptic, RefCOCO, the interactive benchmarks) would cost
 # hours to train on, and its labels are noisy. Instead the chapter draws its own scenes,
@@ -132,7 +132,7 @@ print(config.describe())
 #   object; colors and classes do repeat, so a model needs *both* words;
 # * objects painted in order, later ones on top.
 #
-# In that **easy world** every object is one flat color, and section 10.3 shows that a
+# In that **easy world** every object is one flat color, and section 14.3 shows that a
 # flood fill of the clicked color already finds an object after one click, so a model could
 # look good there without learning anything color does not give. The chapter therefore
 # trains and evaluates on a **harder world**, three parameters of the same generator (all 0
@@ -144,7 +144,7 @@ print(config.describe())
 #
 # The mask of object $i$ is what stays **visible** of its full shape $S_i$:
 #
-# $$M_i = S_i \setminus \bigcup_{j > i} S_j \qquad (10.1)$$
+# $$M_i = S_i \setminus \bigcup_{j > i} S_j \qquad (14.1)$$
 #
 # so the masks of a scene are disjoint, like the segments of a panoptic annotation. An object
 # that would be hidden too much (fewer than `min_pixels` visible pixels, or less than half of
@@ -184,7 +184,7 @@ _TINTS = np.array([[0.12, 0.47, 0.71], [1.0, 0.50, 0.05], [0.17, 0.63, 0.17], [0
 class Scene:
     """One generated scene with N objects.
 
-    image (3, H, W) float32 in [0, 1]; masks (N, H, W) bool, the visible pixels of each object (10.1),
+    image (3, H, W) float32 in [0, 1]; masks (N, H, W) bool, the visible pixels of each object (14.1),
     pairwise disjoint; classes (N,) int64 into CLASSES; colors (N,) int64 into COLOR_NAMES;
     texts: N phrases "the <color> <class>", each naming exactly one object of the scene.
     """
@@ -269,7 +269,7 @@ def make_scene(generator: torch.Generator, size: int = 64, min_objects: int = 2,
                texture: float = 0.0, jitter: float = 0.0) -> Scene:
     """Draw one Scene of size x size pixels with min_objects..max_objects objects (see Scene for shapes).
 
-    Objects are painted in order; each visible mask (10.1) keeps >= min_pixels pixels and at least
+    Objects are painted in order; each visible mask (14.1) keeps >= min_pixels pixels and at least
     MIN_VISIBLE_FRACTION of its in-frame area, else the object is redrawn. Each (color, class) pair occurs
     at most once. Pixel noise: Gaussian with std `noise`, then clamped to [0, 1]. Deterministic given generator.
     The harder world (all three 0 by default, which draws exactly the scenes of the easy world):
@@ -311,7 +311,7 @@ def make_scene(generator: torch.Generator, size: int = 64, min_objects: int = 2,
                     y = min(max(py + (r + pr) * math.sin(2 * math.pi * cy), 0.1 * size), 0.9 * size)
                     x = min(max(px + (r + pr) * math.cos(2 * math.pi * cy), 0.1 * size), 0.9 * size)
                 full = _shape(pairs[i] % n_cls, y, x, r, math.pi * ang, size)
-                trial = torch.where(full, i, label)                     # paint on top: (10.1)
+                trial = torch.where(full, i, label)                     # paint on top: (14.1)
                 visible = torch.bincount(trial.flatten() + 1, minlength=i + 2)[1:]
                 need = torch.tensor([*areas, int(full.sum())]).float() * MIN_VISIBLE_FRACTION
                 if bool((visible >= min_pixels).all()) and bool((visible >= need).all()):
@@ -480,7 +480,7 @@ print("at least one scene in five has touching objects:", touching / len(bulk) >
 print("at least one scene in five has two touching objects of one color:", same_touching / len(bulk) > 0.2)
 
 # %% [markdown]
-# ## 10.3 Simulated user prompts and the metrics
+# ## 14.3 Simulated user prompts and the metrics
 #
 # SEEM's training and evaluation need a user who never tires: prompts are simulated from the
 # ground-truth mask of the object the user "means". Following the paper, every *visual*
@@ -555,7 +555,7 @@ def box_mask(box: torch.Tensor, size: int) -> torch.Tensor:
 
 def _inner_distance(region: np.ndarray) -> np.ndarray:
     """Euclidean distance of each pixel of region (H, W) bool to the nearest pixel outside it, the image
-    border counting as outside (10.4); 0 off the region."""
+    border counting as outside (14.4); 0 off the region."""
     return ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
 
 
@@ -594,7 +594,7 @@ def sample_scribble(mask: torch.Tensor, generator: torch.Generator) -> torch.Ten
 
 
 def mask_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """(10.2) Intersection over union over the last two dims of bool masks pred, target (..., H, W).
+    """(14.2) Intersection over union over the last two dims of bool masks pred, target (..., H, W).
 
     Leading dims broadcast; returns (...) float32. Convention: two empty masks agree perfectly, IoU = 1.
     """
@@ -607,14 +607,14 @@ def mask_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in (H, W) or do not broadcast")
     inter = (pred & target).sum((-2, -1)).float()
     union = (pred | target).sum((-2, -1)).float()
-    return torch.where(union > 0, inter / union.clamp_min(1.0), torch.ones_like(union))   # (10.2)
+    return torch.where(union > 0, inter / union.clamp_min(1.0), torch.ones_like(union))   # (14.2)
 
 
 def next_click(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """The simulated user's corrective click for prediction pred (H, W) bool against target (H, W) bool.
 
-    Error regions (10.3): misses target & ~pred, false alarms pred & ~target. Each gets its inner distance
-    transform (10.4), the image border counting as region border; the click goes to the deepest pixel of
+    Error regions (14.3): misses target & ~pred, false alarms pred & ~target. Each gets its inner distance
+    transform (14.4), the image border counting as region border; the click goes to the deepest pixel of
     the region whose deepest pixel is deeper ("larger" in the sense of the standard protocol of Xu et al.
     2016 and RITM: the largest inscribed disc; ties go to the false alarms; among equal depths, the first
     pixel in row-major order). Returns ((2,) int64 (y, x), True for a positive click on a miss / False for
@@ -624,10 +624,10 @@ def next_click(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, 
     _check_mask(target, "target")
     if pred.shape != target.shape:
         raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must have the same shape")
-    miss, false_alarm = (target & ~pred).cpu().numpy(), (pred & ~target).cpu().numpy()          # (10.3)
+    miss, false_alarm = (target & ~pred).cpu().numpy(), (pred & ~target).cpu().numpy()          # (14.3)
     if not (miss.any() or false_alarm.any()):
         raise ValueError("pred equals target: there is no error region to click on")
-    d_miss, d_false = _inner_distance(miss), _inner_distance(false_alarm)          # (10.4)
+    d_miss, d_false = _inner_distance(miss), _inner_distance(false_alarm)          # (14.4)
     positive = bool(d_miss.max() > d_false.max())
     depth = d_miss if positive else d_false
     y, x = np.unravel_index(int(depth.argmax()), depth.shape)
@@ -635,14 +635,14 @@ def next_click(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 def clicks_to_reach(ious: Sequence[float], threshold: float = 0.85) -> int:
-    """(10.5) Number of clicks needed: the 1-based index of the first IoU in ious (one per click) that is
+    """(14.5) Number of clicks needed: the 1-based index of the first IoU in ious (one per click) that is
     >= threshold, or len(ious) + 1 if none is (the budget was not enough; the chapter reports how often)."""
     validate.number(threshold, "threshold", low=0, low_open=True, high=1)
     if isinstance(ious, (str, bytes)) or not isinstance(ious, Sequence):
         raise TypeError(f"ious must be a sequence of floats, got {type(ious).__name__}")
     for k, iou in enumerate(ious, start=1):
         validate.number(iou, f"ious[{k - 1}]", low=0, high=1)
-        if iou >= threshold:                                                       # (10.5)
+        if iou >= threshold:                                                       # (14.5)
             return k
     return len(ious) + 1
 
@@ -684,7 +684,7 @@ print("box covers the object and more:", bool((target <= prompts["box"]).all()),
 #
 # A predicted mask $P$ is scored against the target $G$ by
 #
-# $$\mathrm{IoU}(P, G) = \frac{|P \cap G|}{|P \cup G|} \qquad (10.2)$$
+# $$\mathrm{IoU}(P, G) = \frac{|P \cap G|}{|P \cup G|} \qquad (14.2)$$
 #
 # which is 1 for a perfect mask and 0 for a disjoint one. Two empty masks have an empty
 # union; we define their IoU as 1 (they agree), which only matters for degenerate cases. For
@@ -705,14 +705,14 @@ print("IoU of the mask prompt with its object is 1:", mask_iou(prompts["mask"], 
 # benchmark protocol by the RITM evaluation of Sofiiuk et al., arXiv:2102.06583) splits the
 # error into the pixels the prediction *missed* and the pixels it *wrongly included*:
 #
-# $$E^{+} = G \setminus P, \qquad E^{-} = P \setminus G \qquad (10.3)$$
+# $$E^{+} = G \setminus P, \qquad E^{-} = P \setminus G \qquad (14.3)$$
 #
 # and measures how deep each pixel lies inside its region with the Euclidean distance
 # transform (`scipy.ndimage.distance_transform_edt`), the image border counting as a border:
 #
 # $$d_E(p) = \min_{q \notin E} \lVert p - q \rVert, \qquad
 #   E^\star = \arg\max_{E \in \{E^+, E^-\}} \max_{p \in E} d_E(p), \qquad
-#   p^\star = \arg\max_{p \in E^\star} d_{E^\star}(p) \qquad (10.4)$$
+#   p^\star = \arg\max_{p \in E^\star} d_{E^\star}(p) \qquad (14.4)$$
 #
 # The click lands at $p^\star$, the center of the largest disc that fits into an error
 # region, and is **positive** if that region is a miss ($E^\star = E^+$) and **negative** if
@@ -758,7 +758,7 @@ print("it lies on one of the two slivers left by the shift:", bool((target ^ fix
 # An interactive model is scored by the IoU after each click and by the number of clicks it
 # needs to reach a threshold $\tau$, for one object
 #
-# $$\mathrm{NoC}@\tau = \min\{k \ge 1 : \mathrm{IoU}_k \ge \tau\} \qquad (10.5)$$
+# $$\mathrm{NoC}@\tau = \min\{k \ge 1 : \mathrm{IoU}_k \ge \tau\} \qquad (14.5)$$
 #
 # averaged over objects. Interactive segmentation papers, SEEM among them, report NoC@85
 # and NoC@90, usually with a budget of 20 clicks. If the budget runs out before $\tau$ is reached, `clicks_to_reach` returns the
@@ -806,7 +806,7 @@ def color_fill(image: torch.Tensor, clicks: list[tuple[torch.Tensor, bool]], tol
 
 
 def interactive_curve(model, image: torch.Tensor, goal: torch.Tensor, budget: int) -> list[float]:
-    """IoU after each of `budget` simulated clicks (10.4); 1.0 once the mask is perfect."""
+    """IoU after each of `budget` simulated clicks (14.4); 1.0 once the mask is perfect."""
     clicks, ious, pred = [], [], torch.zeros_like(goal)
     for _ in range(budget):
         if bool((pred == goal).all()):
@@ -863,11 +863,11 @@ print("clicks_to_reach on hand-made curves:", clicks_to_reach([0.5, 0.9]), click
 # same color merge into one fill, stripes darker or brighter than the clicked pixel fall
 # outside the tolerance, and color says nothing about the *class* or about a text prompt.
 # Each corrective click then adds a piece (another stripe) or cuts one, so its curve rises
-# with clicks. Section 10.11 puts the trained model next to this fill, and next to fills
+# with clicks. Section 14.11 puts the trained model next to this fill, and next to fills
 # seeded by every other kind of prompt.
 
 # %% [markdown]
-# ## 10.4 The encoders
+# ## 14.4 The encoders
 #
 # SEEM's Algorithm 1 starts from two encoders. The **image encoder** turns the image into
 # features $Z$ at several scales; the **text encoder** turns each phrase into token
@@ -897,7 +897,7 @@ print("clicks_to_reach on hand-made curves:", clicks_to_reach([0.5, 0.9]), click
 #
 # **Text encoder.** The paper uses UniCL's text transformer (Yang et al. 2022,
 # arXiv:2204.03610), trained contrastively on image-text pairs. Ours is chapter 6's Llama
-# block, used without the causal mask (as in chapter 9) and with a padding mask, over
+# block, used without the causal mask (as in chapter 13) and with a padding mask, over
 # `encode_text` ids. It returns the token embeddings of a phrase, which become *text
 # prompts*, and a pooled phrase embedding, the mean of the non-padding tokens through a
 # linear map, which for a class name is that class's embedding $t_c$.
@@ -907,11 +907,11 @@ print("clicks_to_reach on hand-made curves:", clicks_to_reach([0.5, 0.9]), click
 # with the class name's text embedding, scaled by a learned temperature $\tau$ (CLIP's
 # convention, Radford et al. 2021, arXiv:2103.00020):
 #
-# $$s_{q,c} = e^{\tau}\, \frac{(W_c h_q)^\top t_c}{\lVert W_c h_q\rVert\, \lVert t_c\rVert} \qquad (10.6)$$
+# $$s_{q,c} = e^{\tau}\, \frac{(W_c h_q)^\top t_c}{\lVert W_c h_q\rVert\, \lVert t_c\rVert} \qquad (14.6)$$
 #
 # Any phrase can serve as a class name, which is what "open vocabulary" means; a learned
 # vector $t_\varnothing$ stands for "no object", the label of the object queries that match
-# nothing (section 10.8). In our closed world of four class names this is, in effect, a
+# nothing (section 14.8). In our closed world of four class names this is, in effect, a
 # classifier whose weight rows come from the text encoder; the point is the wiring.
 
 # %%
@@ -1114,7 +1114,7 @@ with torch.no_grad():
     print("padding changes nothing:", torch.allclose(tok_s, tok_l[:, :3], atol=1e-6) and torch.allclose(pool_s, pool_l, atol=1e-6))
 
 # %% [markdown]
-# ## 10.5 The visual sampler
+# ## 14.5 The visual sampler
 #
 # SEEM's answer to "points, boxes, scribbles, masks, and more" is to convert every visual
 # prompt into the same thing before the model sees it: a binary mask on the image. A click
@@ -1126,11 +1126,11 @@ with torch.no_grad():
 # the prompt was positive ("my object is here") or negative ("not here"), is one
 # **visual prompt token**, with the sine position encoding of its pixel as its position:
 #
-# $$v_k = W_v\, E(p_k) + e_{\pm}, \qquad \text{pos}_k = \text{PE}(p_k), \qquad p_k \sim \mathcal{U}(\text{prompt mask}) \qquad (10.7)$$
+# $$v_k = W_v\, E(p_k) + e_{\pm}, \qquad \text{pos}_k = \text{PE}(p_k), \qquad p_k \sim \mathcal{U}(\text{prompt mask}) \qquad (14.7)$$
 #
 # The prompt tokens *are* image features, so they live in the decoder's space without any
 # prompt-specific encoder; SAM, by contrast, encodes a point by its position alone, and a
-# box by its two corners. Nothing in (10.7) depends on the prompt's type, which is why a
+# box by its two corners. Nothing in (14.7) depends on the prompt's type, which is why a
 # scribble, never seen as a box, still works as a prompt.
 #
 # **Reading $E$ at a pixel.** $E$ has half the image's resolution, so a pixel $(y, x)$ of the
@@ -1142,7 +1142,7 @@ with torch.no_grad():
 # * with `align_corners=False`, $-1$ and $1$ are the outer *edges* of the border pixels, so
 #   the centre of pixel $y$ of an image of height $H$ is at
 #
-# $$u_y = \frac{2y + 1}{H} - 1 \qquad (10.8)$$
+# $$u_y = \frac{2y + 1}{H} - 1 \qquad (14.8)$$
 #
 #   and this is the same physical point at every resolution: a map of height $h$ read at
 #   $u_y$ is read at its own row $(y + \tfrac12)\,h / H - \tfrac12$. With `align_corners=True`
@@ -1177,7 +1177,7 @@ def sample_points(masks: torch.Tensor, k: int, generator: torch.Generator | None
 
 def sample_features(features: torch.Tensor, points: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
     """Bilinear read of features (B, C, h, w) at image pixels points (B, N, 2) int64 (y, x) of an image of
-    image_size (H, W): (10.8) maps pixel centres to grid_sample's (x, y) in [-1, 1], align_corners=False.
+    image_size (H, W): (14.8) maps pixel centres to grid_sample's (x, y) in [-1, 1], align_corners=False.
 
     Returns (B, N, C). With h, w = H, W it returns features[b, :, y, x] exactly.
     """
@@ -1190,7 +1190,7 @@ def sample_features(features: torch.Tensor, points: torch.Tensor, image_size: tu
     height, width = image_size
     if bool(((points < 0) | (points[..., 0] >= height)[..., None] | (points[..., 1] >= width)[..., None]).any()):
         raise ValueError(f"points must lie inside the image of size {image_size}")
-    uy = (2 * points[..., 0].to(features.dtype) + 1) / height - 1                          # (10.8)
+    uy = (2 * points[..., 0].to(features.dtype) + 1) / height - 1                          # (14.8)
     ux = (2 * points[..., 1].to(features.dtype) + 1) / width - 1
     grid = torch.stack([ux, uy], -1)[:, :, None, :]                                       # (B, N, 1, 2) as (x, y)
     read = F.grid_sample(features, grid, mode="bilinear", padding_mode="border", align_corners=False)
@@ -1198,7 +1198,7 @@ def sample_features(features: torch.Tensor, points: torch.Tensor, image_size: tu
 
 
 class VisualSampler(nn.Module):
-    """Visual prompts to tokens (10.7): positive, negative (B, P, H, W) bool masks and pixels (B, D, h, w) ->
+    """Visual prompts to tokens (14.7): positive, negative (B, P, H, W) bool masks and pixels (B, D, h, w) ->
     (tokens (B, P, 2K, D), pos (B, P, 2K, D), valid (B, P, 2K)); K = cfg.n_points from each mask, positives first.
     """
 
@@ -1225,7 +1225,7 @@ class VisualSampler(nn.Module):
         points, valid = torch.cat([pts_pos, pts_neg], 2), torch.cat([val_pos, val_neg], 2)   # (B, P, 2K, 2)
         feats = sample_features(pixels, points.reshape(b, -1, 2), (h, w)).reshape(b, p, 2 * self.k, -1)
         sign = torch.cat([torch.zeros(self.k), torch.ones(self.k)]).long().to(pixels.device)
-        tokens = self.proj(feats) + self.polarity(sign)                                    # (10.7)
+        tokens = self.proj(feats) + self.polarity(sign)                                    # (14.7)
         centres = (points.to(pixels.dtype) + 0.5) / torch.tensor([h, w], dtype=pixels.dtype, device=pixels.device)
         return tokens, sine_encoding(centres, pixels.shape[1]), valid
 
@@ -1234,7 +1234,7 @@ class VisualSampler(nn.Module):
 # The check the acceptance list asks for: build a feature map whose value *is* its position
 # (channel 0 holds the row, channel 1 the column, in the map's own cells) and read it at
 # sampled points. At the image's resolution the sampler must return the point's own
-# coordinates; at half resolution, (10.8)'s $(y + \frac12)/2 - \frac12$. A non-square image
+# coordinates; at half resolution, (14.8)'s $(y + \frac12)/2 - \frac12$. A non-square image
 # catches any swap of $y$ and $x$.
 
 # %%
@@ -1253,7 +1253,7 @@ for h, w in ((H, W), (H // 2, W // 2)):
     print(f"feature map {h}x{w}: reads (y, x) at the prompted pixels:", torch.allclose(read, expect.clamp_min(0), atol=1e-12))
 
 # %% [markdown]
-# ## 10.6 Queries, prompts, and the attention mask
+# ## 14.6 Queries, prompts, and the attention mask
 #
 # SEEM's decoder holds one sequence of vectors and updates it layer by layer. Its members:
 #
@@ -1266,8 +1266,8 @@ for h, w in ((H, W), (H // 2, W // 2)):
 #   object queries, and the answer is the copy whose output best fits the prompt. We use one
 #   copy of a learned prompt query per prompt, and its output is the answer; when a prompt
 #   has both a phrase and a click (composition) the same query reads both;
-# * **prompt tokens**: the visual tokens of (10.7), the text tokens of the phrase, and the
-#   **memory tokens** of section 10.7. Tokens are keys and values for their prompt's query;
+# * **prompt tokens**: the visual tokens of (14.7), the text tokens of the phrase, and the
+#   **memory tokens** of section 14.7. Tokens are keys and values for their prompt's query;
 #   they do not read the image themselves (the visual tokens already *are* image features,
 #   read once by the sampler).
 #
@@ -1288,7 +1288,7 @@ for h, w in ((H, W), (H // 2, W // 2)):
 # 2. **prompts never see each other**, so several prompts on one image (here: one per object
 #    the user asks about) are answered independently, in one forward pass;
 # 3. **memory tokens see only memory tokens**, so they summarize the previous mask and
-#    nothing else (section 10.7).
+#    nothing else (section 14.7).
 #
 # The reference code (the `SELF_ATTENTION` table of SEEM's decoder) is organized
 # differently. It has separate query sets per prompt type, copies of the object queries:
@@ -1312,7 +1312,7 @@ for h, w in ((H, W), (H // 2, W // 2)):
 # place is the point: a mask inverted in one of two places is a silent bug, since the model
 # still trains, just on the wrong structure. In the scores, a blocked pair adds $-\infty$:
 #
-# $$\text{Attn}(X) = \text{softmax}\Big(\frac{Q K^\top}{\sqrt{d}} + A\Big) V, \qquad A_{ij} = \begin{cases} 0 & (i, j) \text{ allowed} \\ -\infty & \text{otherwise} \end{cases} \qquad (10.9)$$
+# $$\text{Attn}(X) = \text{softmax}\Big(\frac{Q K^\top}{\sqrt{d}} + A\Big) V, \qquad A_{ij} = \begin{cases} 0 & (i, j) \text{ allowed} \\ -\infty & \text{otherwise} \end{cases} \qquad (14.9)$$
 
 # %%
 #| export lrn_lib.seem
@@ -1321,7 +1321,7 @@ OBJECT, QUERY, VISUAL, TEXT, MEMORY = range(5)           # kinds of members of t
 
 @dataclass(frozen=True)
 class AttentionMask:
-    """A boolean attention table allowed (B, Lq, Lk): True where query row i may attend to key j (10.9).
+    """A boolean attention table allowed (B, Lq, Lk): True where query row i may attend to key j (14.9).
 
     Every row must allow at least one key. for_sdpa() and for_multihead() give PyTorch's two conventions.
     """
@@ -1404,7 +1404,7 @@ def cross_attention_mask(mask_logits: torch.Tensor, size: tuple[int, int]) -> At
 
 
 class MaskedAttention(nn.Module):
-    """Multi-head attention under an AttentionMask (10.9), through F.scaled_dot_product_attention.
+    """Multi-head attention under an AttentionMask (14.9), through F.scaled_dot_product_attention.
 
     q (B, Lq, D), k, v (B, Lk, D), mask allowed (B, Lq, Lk) -> (B, Lq, D). Same parameters as
     nn.MultiheadAttention(D, n_heads, batch_first=True): q_proj, k_proj, v_proj, out_proj with biases.
@@ -1472,14 +1472,14 @@ print("object rows see object queries only:", bool((table.allowed[0, :3, :3].all
 print("no attention between the two prompts:", not bool(table.allowed[0][groups[:, None] + groups[None, :] == 1].any()))
 
 # %% [markdown]
-# ## 10.7 The decoder and the memory prompt
+# ## 14.7 The decoder and the memory prompt
 #
 # **Algorithm 1**, as our decoder runs it. The sequence starts from the learned object
 # queries, one copy of the learned prompt query per prompt, learned memory queries for each
 # prompt with a previous mask, and the prompt tokens. Before the first layer and after every
 # layer, the **prediction heads** read the queries (object and prompt queries, not tokens):
 #
-# $$m_q(x) = \text{MLP}(h_q)^\top E(x), \qquad s_{q,c} \text{ by } (10.6) \qquad (10.10)$$
+# $$m_q(x) = \text{MLP}(h_q)^\top E(x), \qquad s_{q,c} \text{ by } (14.6) \qquad (14.10)$$
 #
 # a mask logit at every pixel of $E$ (stride 2, upsampled bilinearly to the image for losses
 # and answers) and a score for every class name. Layer $l$ then runs three steps, in
@@ -1491,7 +1491,7 @@ print("no attention between the two prompts:", not bool(table.allowed[0][groups[
 #    $\sigma(m_q(x)) < 0.5$ after resizing $m_q$ to the level. A row with every pixel blocked
 #    (an empty predicted mask) is reset to attend everywhere; without that reset its softmax
 #    would divide zero by zero. Keys carry the sine position encoding of their cell;
-# 2. **self-attention** over the whole sequence under the table of section 10.6;
+# 2. **self-attention** over the whole sequence under the table of section 14.6;
 # 3. a feed-forward network (chapter 6's SwiGLU), on every member.
 #
 # Each step is pre-norm with a residual connection (chapter 6's `RMSNorm` in front);
@@ -1501,11 +1501,11 @@ print("no attention between the two prompts:", not bool(table.allowed[0][groups[
 # round's mask back. The paper's memory prompts are learnable queries that, at every layer,
 # cross-attend to the image *under the previous mask* instead of under their own prediction:
 #
-# $$\text{Mem}_l = \text{MaskedCrossAtt}(\text{Mem}_{l-1};\; M_{\text{prev}},\, Z_l) \qquad (10.11)$$
+# $$\text{Mem}_l = \text{MaskedCrossAtt}(\text{Mem}_{l-1};\; M_{\text{prev}},\, Z_l) \qquad (14.11)$$
 #
 # so they become a summary of the image features inside $M_{\text{prev}}$ at every scale,
 # and the prompt's query reads them through self-attention. Together with the rule that a
-# memory token sees only memory tokens, (10.11) makes a testable claim: memory tokens do not
+# memory token sees only memory tokens, (14.11) makes a testable claim: memory tokens do not
 # depend on any feature outside the previous mask. The paper says this carries the past
 # "with negligible extra cost": $M$ more rows in the cross-attention (the reference
 # configuration uses 32 memory queries; we use $M = 4$ per prompt).
@@ -1514,7 +1514,7 @@ print("no attention between the two prompts:", not bool(table.allowed[0][groups[
 #| export lrn_lib.seem
 @dataclass
 class Prompts:
-    """A batch of prompts, P per image (P may be 0). Every visual prompt is a mask (section 10.5).
+    """A batch of prompts, P per image (P may be 0). Every visual prompt is a mask (section 14.5).
 
     positive, negative: (B, P, H, W) bool, where the sampler reads positive / negative visual tokens
     (an empty mask gives no tokens); text: (B, P, T) int64 phrase ids, all 0 for a prompt without text;
@@ -1574,7 +1574,7 @@ class PromptTokens:
 class SeemOutput:
     """What the decoder returns; index 0 of the lists is before the first layer, -1 after the last.
 
-    class_logits: n_layers + 1 tensors (B, Q + P, C + 1) (class scores (10.6), last column "no object");
+    class_logits: n_layers + 1 tensors (B, Q + P, C + 1) (class scores (14.6), last column "no object");
     mask_logits: n_layers + 1 tensors (B, Q + P, h, w) at the per-pixel embeddings' resolution;
     rows 0..Q-1 are the object queries, row Q + p answers prompt p. memory: (B, P, M, D) memory tokens after
     the last layer, or None without a memory prompt.
@@ -1622,7 +1622,7 @@ class DecoderLayer(nn.Module):
             raise TypeError(f"cross and table must be AttentionMasks, got {type(cross).__name__}, {type(table).__name__}")
         n = cross.allowed.shape[1]
         c = x[:, :n]
-        c = c + self.cross(self.norm_cross(c) + pos[:, :n], feats + feats_pos, feats, cross)          # (10.9)
+        c = c + self.cross(self.norm_cross(c) + pos[:, :n], feats + feats_pos, feats, cross)          # (14.9)
         x = torch.cat([c, x[:, n:]], 1)
         h = self.norm_self(x)
         x = x + self.self_attn(h + pos, h + pos, h, table)
@@ -1652,14 +1652,14 @@ class SeemDecoder(nn.Module):
         self.out_norm = RMSNorm(d)
         self.mask_mlp = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
         self.class_proj = nn.Linear(d, d)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(14.0)))
 
     def heads(self, x: torch.Tensor, pixels: torch.Tensor, class_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(10.10): queries x (B, Q, D) -> (class logits (B, Q, C + 1) by (10.6), mask logits (B, Q, h, w))."""
+        """(14.10): queries x (B, Q, D) -> (class logits (B, Q, C + 1) by (14.6), mask logits (B, Q, h, w))."""
         h = self.out_norm(x)
         masks = torch.einsum("bqd,bdhw->bqhw", self.mask_mlp(h), pixels)
         z = F.normalize(self.class_proj(h), dim=-1)
-        logits = self.logit_scale.clamp(max=math.log(100.0)).exp() * z @ F.normalize(class_embeddings, dim=-1).T   # (10.6)
+        logits = self.logit_scale.clamp(max=math.log(100.0)).exp() * z @ F.normalize(class_embeddings, dim=-1).T   # (14.6)
         return logits, masks
 
     def forward(self, levels: list[torch.Tensor], pixels: torch.Tensor, class_embeddings: torch.Tensor,
@@ -1695,7 +1695,7 @@ class SeemDecoder(nn.Module):
         pos = torch.cat([self.object_pos.expand(b, nq, d), self.prompt_pos.expand(b, p, d),
                          self.memory_pos[:n_mem].repeat(p, 1).expand(b, p * n_mem, d), tok.pos.reshape(b, -1, d)], 1)
         n_out = nq + p                                   # rows with prediction heads
-        if previous is not None:                         # memory rows attend under the previous mask (10.11)
+        if previous is not None:                         # memory rows attend under the previous mask (14.11)
             prev_logits = (previous.to(pixels.dtype) * 2 - 1).repeat_interleave(n_mem, 1)
         first_class, first_mask = self.heads(x[:, :n_out], pixels, class_embeddings)
         class_logits, mask_logits = [first_class], [first_mask]
@@ -1743,7 +1743,7 @@ class SEEM(nn.Module):
         return torch.cat([self.text_encoder(ids)[1], self.no_object[None]])
 
     def prompt_tokens(self, pixels: torch.Tensor, prompts: Prompts, generator: torch.Generator | None = None) -> PromptTokens:
-        """Visual tokens (10.7) from the sampler and text tokens from the text encoder, per prompt."""
+        """Visual tokens (14.7) from the sampler and text tokens from the text encoder, per prompt."""
         if not isinstance(prompts, Prompts):
             raise TypeError(f"prompts must be a Prompts, got {type(prompts).__name__}")
         b, p = prompts.positive.shape[:2]
@@ -1824,7 +1824,7 @@ print("memory tokens ignore features outside the previous mask:", torch.allclose
 print("... which the object queries do not:", not torch.allclose(out.mask_logits[-1][:, :nq], out_noisy.mask_logits[-1][:, :nq]))
 
 # %% [markdown]
-# ## 10.8 Matching and losses
+# ## 14.8 Matching and losses
 #
 # **Object queries** produce a *set* of masks in no particular order, and the targets are a
 # set too. As in DETR (Carion et al. 2020, arXiv:2005.12872) and Mask2Former, each image's
@@ -1836,18 +1836,18 @@ print("... which the object queries do not:", not torch.allclose(out.mask_logits
 # arXiv:1606.04797) measures overlap, insensitive to the object's size, and the **binary
 # cross-entropy** is per pixel:
 #
-# $$\mathcal{L}_{\text{dice}}(m, t) = 1 - \frac{2 \sum_x \sigma(m_x)\, t_x + 1}{\sum_x \sigma(m_x) + \sum_x t_x + 1} \qquad (10.12)$$
+# $$\mathcal{L}_{\text{dice}}(m, t) = 1 - \frac{2 \sum_x \sigma(m_x)\, t_x + 1}{\sum_x \sigma(m_x) + \sum_x t_x + 1} \qquad (14.12)$$
 #
-# $$\mathcal{L}_{\text{bce}}(m, t) = \frac{1}{X}\sum_x \big[\log(1 + e^{m_x}) - t_x\, m_x\big] \qquad (10.13)$$
+# $$\mathcal{L}_{\text{bce}}(m, t) = \frac{1}{X}\sum_x \big[\log(1 + e^{m_x}) - t_x\, m_x\big] \qquad (14.13)$$
 #
 # The matching cost of query $q$ and target $n$ (mask $t_n$, class $c_n$) uses the same
 # terms and the class probability, with Mask2Former's weights $\lambda_{\text{cls}} = 2$,
 # $\lambda_{\text{bce}} = \lambda_{\text{dice}} = 5$:
 #
-# $$C_{qn} = -\lambda_{\text{cls}}\, p_q(c_n) + \lambda_{\text{bce}}\, \mathcal{L}_{\text{bce}}(m_q, t_n) + \lambda_{\text{dice}}\, \mathcal{L}_{\text{dice}}(m_q, t_n) \qquad (10.14)$$
+# $$C_{qn} = -\lambda_{\text{cls}}\, p_q(c_n) + \lambda_{\text{bce}}\, \mathcal{L}_{\text{bce}}(m_q, t_n) + \lambda_{\text{dice}}\, \mathcal{L}_{\text{dice}}(m_q, t_n) \qquad (14.14)$$
 #
 # and `scipy.optimize.linear_sum_assignment` finds the assignment $\hat\sigma$ minimizing
-# $\sum_n C_{\hat\sigma(n) n}$ exactly. All $Q \times N$ entries of (10.14) come from three
+# $\sum_n C_{\hat\sigma(n) n}$ exactly. All $Q \times N$ entries of (14.14) come from three
 # matrix products: $\sum_x \sigma(m_{qx}) t_{nx}$ and $\sum_x m_{qx} t_{nx}$ are
 # $(Q, X) \times (X, N)$ products, the rest are row sums.
 #
@@ -1856,7 +1856,7 @@ print("... which the object queries do not:", not torch.allclose(out.mask_logits
 # would cost 224 small device-to-host copies per training step, each one waiting for the GPU
 # to finish; on an H200 those waits, not the arithmetic, set the pace of training. So
 # `seem_loss` pads every image's targets to the largest object count, computes all costs in
-# one batched (10.14), copies them to the CPU once, and after the matching gathers all matched
+# one batched (14.14), copies them to the CPU once, and after the matching gathers all matched
 # pairs of a step in one indexing operation.
 #
 # **Prompt queries** need no matching: prompt $p$ asks for one object, so its query's mask
@@ -1870,7 +1870,7 @@ print("... which the object queries do not:", not torch.allclose(out.mask_logits
 # the class weights of the cross-entropy (0.1 for "no object", else 1) and $\mathcal{M}$ the
 # matched pairs:
 #
-# $$\mathcal{L} = \sum_{l=0}^{L}\Big[\lambda_{\text{cls}} \text{CE}_w + \frac{1}{N}\sum_{(q,n) \in \mathcal{M}} \big(\lambda_{\text{bce}}\mathcal{L}_{\text{bce}} + \lambda_{\text{dice}}\mathcal{L}_{\text{dice}}\big) + \frac{1}{P}\sum_{p}\big(\lambda_{\text{cls}}\text{CE} + \lambda_{\text{bce}}\mathcal{L}_{\text{bce}} + \lambda_{\text{dice}}\mathcal{L}_{\text{dice}}\big)\Big] \qquad (10.15)$$
+# $$\mathcal{L} = \sum_{l=0}^{L}\Big[\lambda_{\text{cls}} \text{CE}_w + \frac{1}{N}\sum_{(q,n) \in \mathcal{M}} \big(\lambda_{\text{bce}}\mathcal{L}_{\text{bce}} + \lambda_{\text{dice}}\mathcal{L}_{\text{dice}}\big) + \frac{1}{P}\sum_{p}\big(\lambda_{\text{cls}}\text{CE} + \lambda_{\text{bce}}\mathcal{L}_{\text{bce}} + \lambda_{\text{dice}}\mathcal{L}_{\text{dice}}\big)\Big] \qquad (14.15)$$
 #
 # where $N$ counts all target objects of the batch.
 
@@ -1898,21 +1898,21 @@ def _check_pair(logits: torch.Tensor, targets: torch.Tensor) -> None:
 
 
 def dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """(10.12) per mask: logits (N, X), targets (N, X) in {0, 1} -> (N,)."""
+    """(14.12) per mask: logits (N, X), targets (N, X) in {0, 1} -> (N,)."""
     _check_pair(logits, targets)
     prob, t = logits.sigmoid(), targets.to(logits.dtype)
-    return 1 - (2 * (prob * t).sum(1) + 1) / (prob.sum(1) + t.sum(1) + 1)            # (10.12)
+    return 1 - (2 * (prob * t).sum(1) + 1) / (prob.sum(1) + t.sum(1) + 1)            # (14.12)
 
 
 def bce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """(10.13) per mask, the mean over pixels of sigmoid cross-entropy: logits (N, X), targets (N, X) -> (N,)."""
+    """(14.13) per mask, the mean over pixels of sigmoid cross-entropy: logits (N, X), targets (N, X) -> (N,)."""
     _check_pair(logits, targets)
-    return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype), reduction="none").mean(1)   # (10.13)
+    return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype), reduction="none").mean(1)   # (14.13)
 
 
 def matching_cost(class_logits: torch.Tensor, mask_logits: torch.Tensor, classes: torch.Tensor, masks: torch.Tensor,
                   weights: LossWeights = LossWeights()) -> torch.Tensor:
-    """(10.14) for all pairs: class_logits (..., Q, C + 1), mask_logits (..., Q, X), classes (..., N) int64,
+    """(14.14) for all pairs: class_logits (..., Q, C + 1), mask_logits (..., Q, X), classes (..., N) int64,
     masks (..., N, X) -> (..., Q, N); leading dimensions (a batch of images) must agree."""
     validate.tensor(class_logits, "class_logits", kind="float")
     validate.tensor(mask_logits, "mask_logits", dims=class_logits.dim(), kind="float")
@@ -1934,7 +1934,7 @@ def matching_cost(class_logits: torch.Tensor, mask_logits: torch.Tensor, classes
     bce = (F.softplus(mask_logits).sum(-1)[..., :, None] - mask_logits @ t.transpose(-1, -2)) / mask_logits.shape[-1]
     picked = classes[..., None, :].expand(*lead, class_logits.shape[-2], classes.shape[-1])
     p_class = class_logits.softmax(-1).gather(-1, picked)
-    return -weights.cls * p_class + weights.bce * bce + weights.dice * dice                   # (10.14)
+    return -weights.cls * p_class + weights.bce * bce + weights.dice * dice                   # (14.14)
 
 
 def hungarian_match(cost: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1965,7 +1965,7 @@ def _check_segments(masks: list[torch.Tensor], classes: list[torch.Tensor], name
 def seem_loss(out: SeemOutput, object_classes: list[torch.Tensor], object_masks: list[torch.Tensor],
               prompt_classes: torch.Tensor | None = None, prompt_masks: torch.Tensor | None = None,
               weights: LossWeights = LossWeights()) -> dict[str, torch.Tensor]:
-    """(10.15) summed over every prediction step of out; returns a dict of scalars, "total" among them.
+    """(14.15) summed over every prediction step of out; returns a dict of scalars, "total" among them.
 
     object_classes, object_masks: per image, (N_b,) int64 and (N_b, H, W) bool; prompt_classes (B, P) int64 and
     prompt_masks (B, P, H, W) bool: the object each prompt asks for (None when out has no prompt rows).
@@ -2025,7 +2025,7 @@ def seem_loss(out: SeemOutput, object_classes: list[torch.Tensor], object_masks:
             terms["prompt_class"] = terms["prompt_class"] + F.cross_entropy(
                 logits[:, q:].reshape(b * p, -1), prompt_classes.reshape(-1))
     scale = {"class": weights.cls, "bce": weights.bce, "dice": weights.dice}
-    total = sum(scale[k.split("_")[1]] * v for k, v in terms.items())                          # (10.15)
+    total = sum(scale[k.split("_")[1]] * v for k, v in terms.items())                          # (14.15)
     return {**{k: torch.as_tensor(v) for k, v in terms.items()}, "total": total}
 
 
@@ -2056,11 +2056,11 @@ print("matching recovers the shuffle:", torch.equal(rows, shuffle))
 
 
 # %% [markdown]
-# ## 10.9 Training on a CPU
+# ## 14.9 Training on a CPU
 #
 # SEEM trains all tasks at once: every batch carries the targets for generic segmentation
 # (the object queries' matching), and prompts of several kinds whose answers are known. We
-# do the same with section 10.3's simulated prompts. Per image we draw $P = 2$ prompts, each
+# do the same with section 14.3's simulated prompts. Per image we draw $P = 2$ prompts, each
 # for a uniformly chosen object, of a uniformly chosen kind:
 #
 # * `point`: a disc of radius 1 around a pixel drawn uniformly inside the object;
@@ -2072,14 +2072,14 @@ print("matching recovers the shuffle:", torch.equal(rows, shuffle))
 # * `point+text`: both at once, in one prompt (composition).
 #
 # **The second round.** In half of the batches the model first answers the prompts
-# without gradients; each answer then gets section 10.3's corrective click (positive on a
+# without gradients; each answer then gets section 14.3's corrective click (positive on a
 # miss, negative on a false alarm, at the deepest point of the worse error region) added to
 # its prompt, and the previous answer becomes the memory prompt. The loss is computed on the
 # second round's answers. This is the usual recipe for training interactive models
 # (simulated earlier rounds, gradients only in the last; e.g. RITM, Sofiiuk et al. 2021,
 # arXiv:2102.06583), and without it the memory queries would never see a mask to summarize.
 #
-# **One weight changed.** We weight the class terms of (10.15) by $\lambda_{\text{cls}} = 5$
+# **One weight changed.** We weight the class terms of (14.15) by $\lambda_{\text{cls}} = 5$
 # instead of Mask2Former's 2. With 2, in our runs in the easy world, the class of a mask found from a visual
 # prompt stayed at chance (about 0.3 for four classes) through the whole run: the mask terms
 # are learned from color alone, and the class gradient reaching the backbone was too small
@@ -2087,7 +2087,7 @@ print("matching recovers the shuffle:", torch.equal(rows, shuffle))
 # class from visual prompts rose to about 0.7 in some of our runs and stayed near chance in
 # others that differed only in the random prompts drawn: at this budget the shape features
 # appear late and abruptly, if at all. The mask IoUs moved by a few hundredths either way.
-# The same weight enters the matching cost (10.14), as in Mask2Former, where cost and loss
+# The same weight enters the matching cost (14.14), as in Mask2Former, where cost and loss
 # share their weights.
 #
 # Optimizer and schedule are the usual ones at this scale: AdamW at $2 \cdot 10^{-3}$ with a
@@ -2292,7 +2292,7 @@ fig, ax = plt.subplots(figsize=(6, 3))
 smooth = np.convolve([h["total"] for h in history], np.ones(20) / 20, mode="valid")
 ax.plot(smooth)
 ax.set_xlabel("step")
-ax.set_ylabel("loss (10.15), 20-step mean")
+ax.set_ylabel("loss (14.15), 20-step mean")
 plt.tight_layout()
 plt.show()
 
@@ -2302,15 +2302,15 @@ print("the training loss fell by more than half:",
 
 
 # %% [markdown]
-# ## 10.10 Results
+# ## 14.10 Results
 #
 # Everything below is measured on 200 held-out scenes of the harder world, drawn with a
-# generator the training never used. The IoU of a predicted mask $\hat M$ with the target $M$ is (10.2),
+# generator the training never used. The IoU of a predicted mask $\hat M$ with the target $M$ is (14.2),
 # $|\hat M \cap M| / |\hat M \cup M|$.
 #
 # **IoU by prompt type.** One object per scene, the same objects for every prompt type, one
 # round. We also report how often the class the model gives the prompted mask (the argmax
-# of (10.6) over the four class names) is right: SEEM's semantic awareness.
+# of (14.6) over the four class names) is right: SEEM's semantic awareness.
 
 # %%
 from lrn_lib.shapes import clicks_to_reach, mask_iou, overlay_masks
@@ -2351,27 +2351,27 @@ print("an answer to a phrase gets the right class more than 90% of the time:", c
 # to four shapes, and it is the weaker reader of shapes (next paragraph). Composition: the
 # phrase plus a click (0.68) is above the phrase alone and about level with the click alone
 # (0.66); the two prompts do not add up to more than the better of them. Whether any of this
-# is more than color would give is section 10.11's question.
+# is more than color would give is section 14.11's question.
 #
 # The class column is SEEM's semantic awareness: every answer comes with a class, whatever
 # the prompt. A prompt with a phrase gets its class right essentially always (the class word
 # is in the prompt); for visual prompts the class must come from the pixels under the mask,
 # and after our short run it is right 70 to 73% of the time (chance is 25%; in the runs of
-# 10.9 it varied between about a third and 70%). Telling a square from a circle 10 pixels
+# 14.9 it varied between about a third and 70%). Telling a square from a circle 10 pixels
 # wide, often partly hidden, needs shape features, which the mask losses ask for only where
 # color fails. The class loss is still falling at the end of training, and the GPU profile
 # trains longer (1,000 steps on 4,000 scenes): in the same harder world, on one H200, its
 # 3.2 M-parameter model names the answers to visual prompts right 87 to 91% of the time,
 # with mean IoUs of 0.76 to 0.79 for the visual prompts and 0.74 for the phrase alone
-# (`benchmarks/results/chapter10_gpu_profile_NVIDIA_H200_2026-12-02.txt`; in the easy world
+# (`benchmarks/results/chapter14_gpu_profile_NVIDIA_H200_2026-12-02.txt`; in the easy world
 # of an earlier version of this chapter the same profile reached 0.85 to 0.88).
 #
 # **Interactive rounds.** Start from one click at the centre of the object (the deepest
 # point of the whole object: `next_click` against an empty prediction), then keep adding
-# section 10.3's corrective click, up to 8 clicks, and measure the IoU after each. We run
+# section 14.3's corrective click, up to 8 clicks, and measure the IoU after each. We run
 # the session twice: with the memory prompt (the previous answer comes back through
-# (10.11)) and without it (the clicks alone). The number of clicks needed to reach IoU 0.85,
-# NoC@85 (10.5), is the interactive-segmentation benchmarks' summary; a session that never
+# (14.11)) and without it (the clicks alone). The number of clicks needed to reach IoU 0.85,
+# NoC@85 (14.5), is the interactive-segmentation benchmarks' summary; a session that never
 # gets there counts as 9 clicks, and we report how often that happens.
 
 # %%
@@ -2474,7 +2474,7 @@ print("most false-alarm pixels after one click lie on other objects:", false_ala
 
 # %% [markdown]
 # **No prompt: panoptic-style output.** With no prompt, only the object queries run. Each
-# query's class scores come from (10.6) against the four class names and "no object". A
+# query's class scores come from (14.6) against the four class names and "no object". A
 # query is kept when its probability of being an object, $1 - p_q(\varnothing)$, exceeds 0.5,
 # and is labeled with its best class name; each pixel goes to the kept query with the
 # largest $(1 - p_q(\varnothing))\, \sigma(m_q(x))$, or to the background if that is below
@@ -2491,7 +2491,7 @@ print("most false-alarm pixels after one click lie on other objects:", false_ala
 # $$\text{PQ}_c = \frac{\sum_{(p, g) \in \text{TP}_c} \text{IoU}(p, g)}{|\text{TP}_c| + \frac12 |\text{FP}_c| + \frac12 |\text{FN}_c|}
 #   = \underbrace{\frac{\sum_{\text{TP}_c} \text{IoU}}{|\text{TP}_c|}}_{\text{SQ}_c}\;
 #     \underbrace{\frac{|\text{TP}_c|}{|\text{TP}_c| + \frac12 |\text{FP}_c| + \frac12 |\text{FN}_c|}}_{\text{RQ}_c},
-#   \qquad \text{PQ} = \frac{1}{|\mathcal C|} \sum_{c \in \mathcal C} \text{PQ}_c \qquad (10.16)$$
+#   \qquad \text{PQ} = \frac{1}{|\mathcal C|} \sum_{c \in \mathcal C} \text{PQ}_c \qquad (14.16)$$
 #
 # the mean over the classes $\mathcal C$ that occur (in the predictions or the truth). The
 # mean is over classes, not segments: a rare class weighs as much as a common one, and a
@@ -2503,7 +2503,7 @@ print("most false-alarm pixels after one click lie on other objects:", false_ala
 #| export lrn_lib.seem
 def panoptic_quality(pred_masks: list[torch.Tensor], pred_classes: list[torch.Tensor],
                      true_masks: list[torch.Tensor], true_classes: list[torch.Tensor]) -> dict:
-    """(10.16) Panoptic quality (Kirillov et al. 2019): per class over all images, then the mean over classes.
+    """(14.16) Panoptic quality (Kirillov et al. 2019): per class over all images, then the mean over classes.
 
     One entry per image: pred_masks[i] (N_i, H, W) bool and true_masks[i] (M_i, H, W) bool, each set pairwise
     disjoint; pred_classes[i] (N_i,) and true_classes[i] (M_i,) int64. A predicted and a true segment match when
@@ -2538,7 +2538,7 @@ def panoptic_quality(pred_masks: list[torch.Tensor], pred_classes: list[torch.Te
     for c, (iou_sum, tp, fp, fn) in sorted(counts.items()):
         sq = iou_sum / tp if tp else 0.0
         rq = tp / (tp + 0.5 * fp + 0.5 * fn)
-        per_class[c] = {"pq": sq * rq, "sq": sq, "rq": rq, "tp": tp, "fp": fp, "fn": fn}       # (10.16)
+        per_class[c] = {"pq": sq * rq, "sq": sq, "rq": rq, "tp": tp, "fp": fp, "fn": fn}       # (14.16)
     means = {k: sum(v[k] for v in per_class.values()) / len(per_class) for k in ("pq", "sq", "rq")}
     return means | {"per_class": per_class}
 
@@ -2638,10 +2638,10 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
-# ## 10.11 Is it real? SEEM against color fills, prompt by prompt
+# ## 14.11 Is it real? SEEM against color fills, prompt by prompt
 #
 # A skeptic's first question about every number of 10.10: how much of it would a rule that
-# only looks at colors get? Section 10.3's color fill answers clicks; here each prompt type
+# only looks at colors get? Section 14.3's color fill answers clicks; here each prompt type
 # gets its color-only counterpart, at no training cost, on the same 200 held-out objects and
 # the same prompts:
 #
@@ -2652,7 +2652,7 @@ plt.show()
 #   pixel (its center), kept inside the box or the rough mask;
 # * **text**: the largest connected piece of pixels within the tolerance of the named
 #   color's nominal RGB value (the class word is ignored);
-# * **clicks**: section 10.3's `color_fill`, with the same simulated user as the model.
+# * **clicks**: section 14.3's `color_fill`, with the same simulated user as the model.
 #
 # The tolerance is the fill's one knob; we give it the best of four values on training
 # scenes. The intervals are 95% bootstrap intervals over the 200 objects (1000 resamples;
@@ -2732,7 +2732,7 @@ click_gain = {name: bootstrap(v[:, -1] - v[:, 0]) for name, v in
               (("with memory", curves["with memory"]), ("color fill", fill_curves_eval))}
 for name, value in (("iou_by_prompt", real), ("iou_by_click", by_click), ("memory_gain_by_click", memory_gain),
                     ("gain_click1_to_8", click_gain), ("pq", {k: round(v["pq"], 4) for k, v in pq.items()})):
-    profile_results.record("10", name, value)
+    profile_results.record("14", name, value)
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -2786,7 +2786,7 @@ print("the memory prompt moves the mean IoU by less than 0.02 at every click:", 
 # fill does as well, within the intervals: a scribble samples the stripes of its object, a
 # rough mask fences the fill in, and the named color finds the object unless a same-color
 # neighbour is larger. The fill has no notion of class at all; SEEM's answers come with one,
-# right about 70% of the time for visual prompts (10.10), which is the clearest thing the
+# right about 70% of the time for visual prompts (14.10), which is the clearest thing the
 # model adds here.
 #
 # Clicks tell the less flattering half. SEEM's first answer is the better one (0.68 against
@@ -2801,7 +2801,7 @@ print("the memory prompt moves the mean IoU by less than 0.02 at every click:", 
 # choice of the 200 evaluation objects; a second training seed could move the one-prompt
 # differences by a few hundredths, so the small leads above are suggestive, not settled.
 # What this chapter can claim at CPU scale is SEEM's structure, one decoder serving every
-# prompt type (checked exactly in 10.6 and 10.7), and a modest one-prompt gain over color,
+# prompt type (checked exactly in 10.6 and 14.7), and a modest one-prompt gain over color,
 # not the interactive gains the paper reports.
 #
 # **The GPU profile** (table below; one H200, the same world and evaluation objects, longer
@@ -2823,8 +2823,8 @@ print("the memory prompt moves the mean IoU by less than 0.02 at every click:", 
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-gpu = profile_results.recorded("10")["figures"]
-print(profile_results.describe_run("10"))
+gpu = profile_results.recorded("14")["figures"]
+print(profile_results.describe_run("14"))
 print(f"{'':>24} | {'CPU (this run)':>22} | {'GPU profile':>22}")
 rows = [(f"{kind}: SEEM - fill", real[kind]["diff"], gpu.get("iou_by_prompt", {}).get(kind, {}).get("diff"))
         for kind in PROMPT_KINDS]
@@ -2837,22 +2837,22 @@ for name in pq:
     print(f"{name:>24} | {pq[name]['pq']:>22.3f} | {gpu_pq:>22}")
 
 # %% [markdown]
-# ## 10.12 Summary, and what the paper has that this chapter leaves out
+# ## 14.12 Summary, and what the paper has that this chapter leaves out
 #
 # SEEM is one decoder that answers every segmentation request from the same image features.
 # Its pieces, as built here: an image encoder with a pixel decoder (multi-scale features and
 # per-pixel embeddings $E$), a text encoder whose class-name embeddings score every mask
-# (10.6); a visual sampler that turns any visual prompt, drawn as a mask, into features read
-# at sampled pixels (10.7, with (10.8) placing the samples); object queries for prompt-free
+# (14.6); a visual sampler that turns any visual prompt, drawn as a mask, into features read
+# at sampled pixels (10.7, with (14.8) placing the samples); object queries for prompt-free
 # segmentation and one query per prompt; a self-attention table that keeps object queries
-# blind to prompts and prompts blind to each other (10.9); masked cross-attention and masks
-# as dot products with $E$ (10.10); memory tokens that summarize the previous round's mask
-# (10.11); Hungarian matching and dice + cross-entropy losses (10.12)-(10.15). The structural
+# blind to prompts and prompts blind to each other (14.9); masked cross-attention and masks
+# as dot products with $E$ (14.10); memory tokens that summarize the previous round's mask
+# (14.11); Hungarian matching and dice + cross-entropy losses (14.12)-(14.15). The structural
 # claims were checked exactly before training. After a few minutes of CPU training, in
 # a world where color alone does not separate the objects, the model segments held-out
 # scenes from points, boxes, scribbles, rough masks, phrases and their combination, names
 # the answers to visual prompts right about 70% of the time, and finds 60% of the objects
-# with no prompt at all. Against a color fill (10.11) it is ahead by 0.06 to 0.08 IoU on
+# with no prompt at all. Against a color fill (14.11) it is ahead by 0.06 to 0.08 IoU on
 # one click, a box, or a click with a phrase, and level on the other prompts; what it has
 # not learned at this budget is to use corrective clicks and the memory prompt, which leave
 # its curve flat while the fill's rises and, at the CPU budget, passes it. The GPU profile's
@@ -2886,17 +2886,17 @@ for name in pq:
 # referring, interactive and video segmentation. The authors' repository lists, for SEEM v0
 # with a Focal-T backbone: COCO panoptic quality 50.6, instance mAP 39.4 and semantic mIoU
 # 60.9; RefCOCOg referring segmentation cIoU 58.5; and 3.54 clicks on average to reach IoU
-# 0.85 (NoC@85) on Pascal VOC interactive segmentation (3.04 with Focal-L). The numbers of section 10.10 are not
+# 0.85 (NoC@85) on Pascal VOC interactive segmentation (3.04 with Focal-L). The numbers of section 14.10 are not
 # comparable to these: our world is easier (flat colors, no parts, four classes) and our
 # model is tiny.
 #
 # ## Exercises
 #
 # *Derive* on paper, *implement* with this chapter's library and, where a checker exists,
-# check your function with `check("10.name", your_function)` from `lrn_lib.exercises`
+# check your function with `check("14.name", your_function)` from `lrn_lib.exercises`
 # (randomized tests you do not see, against the library's references; one line of verdict),
-# *measure* with this chapter's code. `print("\n".join(exercises("10")))` lists the
-# checkers. Worked solutions: `chapters/solutions/10_seem_solutions.ipynb`.
+# *measure* with this chapter's code. `print("\n".join(exercises("14")))` lists the
+# checkers. Worked solutions: `chapters/solutions/14_seem_solutions.ipynb`.
 #
 # ```python
 # from lrn_lib.exercises import check, exercises
@@ -2904,10 +2904,10 @@ for name in pq:
 #
 # **Exercise 1 (derive): why the dice loss ignores object size.** Let a target mask have $n$
 # pixels and a prediction be right on a fraction $a$ of them and wrong (false alarm) on $b\,n$
-# others, with confident sigmoids ($\sigma \in \{0, 1\}$). Show that (10.12), without the $+1$
-# terms, equals $1 - 2a/(1 + a + b)$, independent of $n$, while the BCE (10.13) of the same
+# others, with confident sigmoids ($\sigma \in \{0, 1\}$). Show that (14.12), without the $+1$
+# terms, equals $1 - 2a/(1 + a + b)$, independent of $n$, while the BCE (14.13) of the same
 # prediction grows in proportion to $n / X$. What does each loss reward for a 20-pixel object
-# in a 4096-pixel image, and why does (10.15) use both? What do the $+1$ terms do when the
+# in a 4096-pixel image, and why does (14.15) use both? What do the $+1$ terms do when the
 # target is empty?
 #
 # **Exercise 2 (implement): several outputs per click.** Give each prompt three queries
@@ -2926,29 +2926,29 @@ for name in pq:
 #
 # **Exercise 4 (implement): the mask losses.** Write
 # `mask_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]`
-# that returns the dice loss (10.12) and the binary cross-entropy (10.13) of each mask, as
+# that returns the dice loss (14.12) and the binary cross-entropy (14.13) of each mask, as
 # the pair `(dice, bce)` of $(N,)$ tensors: `logits` $(N, X)$ float, `targets` $(N, X)$
 # bool, one mask per row. Targets may be empty and logits as large as $\pm 1000$, so keep the
 # $+1$ terms of exercise 1 and write $\log(1 + e^{m})$ in a form that does not overflow. Run
-# `check("10.mask_losses", mask_losses)`.
+# `check("14.mask_losses", mask_losses)`.
 #
 # **Exercise 5 (implement): the corrective click.** Write
 # `next_click(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, bool]`, the
-# simulated user of section 10.3: the two error regions (10.3), the depth of each pixel in
-# its region (10.4) with the image border counting as outside, and the click, a $(2,)$
+# simulated user of section 14.3: the two error regions (14.3), the depth of each pixel in
+# its region (14.4) with the image border counting as outside, and the click, a $(2,)$
 # int64 tensor $(y, x)$, at the deepest pixel of the region whose deepest pixel is deeper;
 # the bool is `True` when that region is a miss (a positive click). Break ties as the
 # library does: two equally deep regions go to the false alarm, and among equally deep
 # pixels of a region the first in row-major order wins. `pred` and `target` are $(H, W)$
-# bool of any size and never equal. Run `check("10.next_click", next_click)`.
+# bool of any size and never equal. Run `check("14.next_click", next_click)`.
 #
 # **Exercise 6 (implement): the self-attention table.** Write
 # `prompt_table(kinds: torch.Tensor, groups: torch.Tensor, valid: torch.Tensor) -> torch.Tensor`
-# that builds section 10.6's table from a sequence's `kinds` $(S,)$ (`OBJECT`, `QUERY`,
+# that builds section 14.6's table from a sequence's `kinds` $(S,)$ (`OBJECT`, `QUERY`,
 # `VISUAL`, `TEXT`, `MEMORY`, the integers 0 to 4 of `lrn_lib.seem`), its `groups` $(S,)$
 # (the prompt of each member, $-1$ for object queries) and `valid` $(B, S)$ bool (`False`
 # for padding): `allowed` $(B, S, S)$ bool, `True` where row $i$ may attend to key $j$. The
 # checker draws layouts with `sequence_layout`, some with no prompt, no object query, no
 # memory or a prompt whose tokens are all padding, and now and then shuffles the members:
 # the rules must follow from kinds and groups, not from positions. Run
-# `check("10.prompt_table", prompt_table)`.
+# `check("14.prompt_table", prompt_table)`.

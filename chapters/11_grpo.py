@@ -12,7 +12,7 @@
 # ---
 
 # %% [markdown]
-# # Chapter 7. GRPO: Group Relative Policy Optimization
+# # Chapter 11. GRPO: Group Relative Policy Optimization
 #
 # A language model that can sometimes solve a problem can be taught to solve it more
 # often by reinforcement learning: sample several answers, check them with a program
@@ -34,7 +34,7 @@
 # its loss-normalization variants (the paper's, DAPO's and Dr. GRPO's) and checks it
 # against TRL's implementation in the tests, then trains chapter 6's Llama on arithmetic
 # with a verifiable answer: a short supervised warm-up leaves it wrong about half the
-# time and sometimes malformed. GRPO then lifts its held-out accuracy, and section 7.9
+# time and sometimes malformed. GRPO then lifts its held-out accuracy, and section 11.9
 # asks whether it does so more than the obvious alternatives at the same cost: continuing
 # the supervised training, rejection-sampling fine-tuning, and plain REINFORCE.
 
@@ -58,7 +58,7 @@ torch.set_num_threads(1)  # small matrices on a shared 2-core CPU: one thread is
 print(config.describe())
 
 # %% [markdown]
-# ## 7.1 From the policy gradient to PPO to GRPO
+# ## 11.1 From the policy gradient to PPO to GRPO
 #
 # A prompt $q$ is drawn from the data, the **policy** $\pi_\theta$ (our language model)
 # writes an output $o = (o_1, \dots, o_{|o|})$ token by token, and a reward $r(q, o)$ scores
@@ -66,7 +66,7 @@ print(config.describe())
 # **policy-gradient theorem** (Williams' REINFORCE, 1992) turns the gradient of this
 # expectation into an expectation we can sample:
 #
-# $$\nabla_\theta J = \mathbb{E}\Big[\sum_{t=1}^{|o|} A_t\, \nabla_\theta \log \pi_\theta(o_t \mid q, o_{<t})\Big] \qquad (7.1)$$
+# $$\nabla_\theta J = \mathbb{E}\Big[\sum_{t=1}^{|o|} A_t\, \nabla_\theta \log \pi_\theta(o_t \mid q, o_{<t})\Big] \qquad (11.1)$$
 #
 # where the **advantage** $A_t$ says how much better than expected the outcome was. With
 # $A_t = r$ this is unbiased but very noisy; subtracting a **baseline** $b(q)$ that does not
@@ -80,12 +80,12 @@ print(config.describe())
 # (importance sampling). Second, it **clips** the ratio so that one batch cannot move the
 # policy far:
 #
-# $$\mathcal{J}_{PPO} = \mathbb{E}\Big[\min\big(\rho_t A_t,\ \mathrm{clip}(\rho_t, 1-\varepsilon, 1+\varepsilon)\, A_t\big)\Big] \qquad (7.2)$$
+# $$\mathcal{J}_{PPO} = \mathbb{E}\Big[\min\big(\rho_t A_t,\ \mathrm{clip}(\rho_t, 1-\varepsilon, 1+\varepsilon)\, A_t\big)\Big] \qquad (11.2)$$
 #
 # For a positive advantage, the objective stops rewarding increases of $\rho_t$ past
 # $1+\varepsilon$ (the gradient of the clipped branch is zero); for a negative one, it stops
-# rewarding decreases below $1-\varepsilon$. At $\rho_t = 1$, the gradient of (7.2) equals
-# that of (7.1).
+# rewarding decreases below $1-\varepsilon$. At $\rho_t = 1$, the gradient of (11.2) equals
+# that of (11.1).
 #
 # PPO for language models estimates $A_t$ with a learned **value model** (critic) $V_\psi$
 # and generalized advantage estimation. The critic is typically as large as the policy: a
@@ -97,7 +97,7 @@ print(config.describe())
 # the baseline and scale. With outcome rewards every token of output $i$ gets the same
 # advantage (section 4.1.2 of DeepSeekMath):
 #
-# $$\hat A_{i,t} = \frac{r_i - \mathrm{mean}(r_1, \dots, r_G)}{\mathrm{std}(r_1, \dots, r_G)} \qquad (7.3)$$
+# $$\hat A_{i,t} = \frac{r_i - \mathrm{mean}(r_1, \dots, r_G)}{\mathrm{std}(r_1, \dots, r_G)} \qquad (11.3)$$
 #
 # The mean of the other answers to the same question is a baseline that is free and adapts
 # to the difficulty of each prompt. Instead of PPO's KL penalty in the reward, GRPO adds
@@ -105,15 +105,15 @@ print(config.describe())
 # directly to the loss, estimated per token with Schulman's unbiased, non-negative
 # estimator ("Approximating KL divergence", 2020), often called k3:
 #
-# $$\mathbb{D}_{KL}[\pi_\theta \| \pi_{ref}] \approx \frac{\pi_{ref}(o_t \mid \cdot)}{\pi_\theta(o_t \mid \cdot)} - \log \frac{\pi_{ref}(o_t \mid \cdot)}{\pi_\theta(o_t \mid \cdot)} - 1 \qquad (7.4)$$
+# $$\mathbb{D}_{KL}[\pi_\theta \| \pi_{ref}] \approx \frac{\pi_{ref}(o_t \mid \cdot)}{\pi_\theta(o_t \mid \cdot)} - \log \frac{\pi_{ref}(o_t \mid \cdot)}{\pi_\theta(o_t \mid \cdot)} - 1 \qquad (11.4)$$
 #
 # The full objective, equation (3) of DeepSeekMath, to be maximized:
 #
-# $$\mathcal{J}_{GRPO}(\theta) = \mathbb{E}\Bigg[\frac{1}{G}\sum_{i=1}^{G}\frac{1}{|o_i|}\sum_{t=1}^{|o_i|}\Big\{\min\big(\rho_{i,t}\hat A_{i,t},\ \mathrm{clip}(\rho_{i,t}, 1-\varepsilon, 1+\varepsilon)\hat A_{i,t}\big) - \beta\, \mathbb{D}_{KL}[\pi_\theta \| \pi_{ref}]\Big\}\Bigg] \qquad (7.5)$$
+# $$\mathcal{J}_{GRPO}(\theta) = \mathbb{E}\Bigg[\frac{1}{G}\sum_{i=1}^{G}\frac{1}{|o_i|}\sum_{t=1}^{|o_i|}\Big\{\min\big(\rho_{i,t}\hat A_{i,t},\ \mathrm{clip}(\rho_{i,t}, 1-\varepsilon, 1+\varepsilon)\hat A_{i,t}\big) - \beta\, \mathbb{D}_{KL}[\pi_\theta \| \pi_{ref}]\Big\}\Bigg] \qquad (11.5)$$
 #
 # with $\varepsilon = 0.2$ and $\beta = 0.04$ in the paper. Our loss is $-\mathcal{J}$.
 #
-# ### The KL estimator (7.4)
+# ### The KL estimator (11.4)
 #
 # Write $x = \pi_{ref}/\pi_\theta$ for one sampled token. Since $\log x \le x - 1$ for all
 # $x > 0$, the estimate $x - \log x - 1$ is never negative, token by token. And it is
@@ -122,13 +122,13 @@ print(config.describe())
 # The naive estimator $k_1 = \log(\pi_\theta/\pi_{ref})$ has the same mean but is negative
 # for many samples and much noisier.
 #
-# **Its gradient estimates a different KL.** In the loss, (7.4) is differentiated at the
+# **Its gradient estimates a different KL.** In the loss, (11.4) is differentiated at the
 # sampled tokens, not through the sampling. Per token, with $\nabla x = -x\,\nabla\log\pi_\theta$,
 #
 # $$\nabla_\theta (x - \log x - 1) = (1 - x)\,\nabla_\theta \log\pi_\theta(o_t), \qquad
 # \mathbb{E}_{o \sim \pi_\theta}\big[(1 - x)\nabla\log\pi_\theta\big] = \underbrace{\textstyle\sum_o \nabla\pi_\theta(o)}_{=0} - \sum_o \pi_{ref}(o)\, \nabla\log\pi_\theta(o) = \nabla_\theta \mathbb{D}_{KL}[\pi_{ref} \| \pi_\theta] \qquad (7.4')$$
 #
-# So the *value* of the k3 term estimates $\mathbb{D}_{KL}[\pi_\theta\|\pi_{ref}]$, as (7.5)
+# So the *value* of the k3 term estimates $\mathbb{D}_{KL}[\pi_\theta\|\pi_{ref}]$, as (11.5)
 # says, but the *gradient* the optimizer receives is, in expectation, that of the reverse
 # divergence $\mathbb{D}_{KL}[\pi_{ref}\|\pi_\theta]$ (the gradient of
 # $\mathbb{D}_{KL}[\pi_\theta\|\pi_{ref}]$ would be
@@ -156,7 +156,7 @@ LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Per-token KL estimate (7.4): exp(ref - logp) - (ref - logp) - 1 >= 0; both (B, L) -> (B, L).
+    """Per-token KL estimate (11.4): exp(ref - logp) - (ref - logp) - 1 >= 0; both (B, L) -> (B, L).
 
     logp are the policy's and ref_logp the reference model's log-probabilities of the
     sampled tokens; its mean over samples of the policy is KL(pi_theta || pi_ref).
@@ -165,7 +165,7 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     validate.tensor(ref_logp, "ref_logp", kind="float")
     validate.same_shape(logp=logp, ref_logp=ref_logp)
     delta = ref_logp - logp
-    return torch.exp(delta) - delta - 1                                              # (7.4)
+    return torch.exp(delta) - delta - 1                                              # (11.4)
 
 
 # %%
@@ -195,7 +195,7 @@ print("E[grad k3] = grad KL(pi_theta || pi_ref):", torch.allclose(grad_k3, grad_
       f"(largest difference {(grad_k3 - grad_forward).abs().max().item():.3f})")
 
 # %% [markdown]
-# ## 7.2 The pieces of the loss, and where they go wrong
+# ## 11.2 The pieces of the loss, and where they go wrong
 #
 # **Log-probabilities.** The model returns logits $z$ of shape $(B, T, V)$; the logits at
 # position $t$ predict token $t+1$. So `logits[:, :-1]` is aligned with `ids[:, 1:]`, and of
@@ -203,7 +203,7 @@ print("E[grad k3] = grad KL(pi_theta || pi_ref):", torch.allclose(grad_k3, grad_
 # samples were drawn from $\mathrm{softmax}(z/\tau)$ at temperature $\tau$, so the ratio and
 # the KL must use the same distribution:
 #
-# $$\log \pi_\theta(o_t \mid q, o_{<t}) = \log \mathrm{softmax}(z_{t-1} / \tau)[o_t] \qquad (7.6)$$
+# $$\log \pi_\theta(o_t \mid q, o_{<t}) = \log \mathrm{softmax}(z_{t-1} / \tau)[o_t] \qquad (11.6)$$
 #
 # Forgetting the division makes $\pi_{\theta_{old}}$ a different distribution from the one
 # that produced the samples, and the importance ratios are then wrong.
@@ -225,7 +225,7 @@ print("E[grad k3] = grad KL(pi_theta || pi_ref):", torch.allclose(grad_k3, grad_
 # %%
 #| export lrn_lib.grpo
 def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(logits / temperature) of the next tokens (7.6): logits (B, T, V), ids (B, T) -> (B, T - 1).
+    """log softmax(logits / temperature) of the next tokens (11.6): logits (B, T, V), ids (B, T) -> (B, T - 1).
 
     Entry [b, t] is log p(ids[b, t + 1] | ids[b, :t + 1]): logits[:, :-1] aligned with ids[:, 1:].
     """
@@ -235,7 +235,7 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float =
         raise ValueError(f"logits must be (B, T, V) and ids (B, T); got {tuple(logits.shape)} and {tuple(ids.shape)}")
     validate.number(temperature, "temperature", low=0, low_open=True)
     work = torch.promote_types(logits.dtype, torch.float32)
-    logp = torch.log_softmax(logits[:, :-1].to(work) / temperature, dim=-1)          # (7.6)
+    logp = torch.log_softmax(logits[:, :-1].to(work) / temperature, dim=-1)          # (11.6)
     return logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
 
 
@@ -271,7 +271,7 @@ def completion_mask(completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True,
                      eps: float = 1e-4) -> tuple[torch.Tensor, float]:
-    """Group-relative advantages (7.3): rewards (N,) with each group's G samples contiguous -> ((N,), frac).
+    """Group-relative advantages (11.3): rewards (N,) with each group's G samples contiguous -> ((N,), frac).
 
     A = (r - group mean) / (group std + eps) with the Bessel-corrected std, or r - group mean
     when scale is False (Dr. GRPO). frac is the fraction of groups whose rewards are all equal;
@@ -287,7 +287,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True,
     validate.number(eps, "eps", low=0)
     grouped = rewards.view(-1, group_size)
     centred = grouped - grouped.mean(dim=1, keepdim=True)
-    adv = centred / (grouped.std(dim=1, keepdim=True) + eps) if scale else centred   # (7.3)
+    adv = centred / (grouped.std(dim=1, keepdim=True) + eps) if scale else centred   # (11.3)
     equal = (grouped == grouped[:, :1]).all(dim=1)
     adv = adv.masked_fill(equal[:, None], 0.0)       # exactly 0, not rounding noise / (0 + eps)
     return adv.reshape(-1), equal.sum().item() / grouped.shape[0]
@@ -311,12 +311,12 @@ lp_t1, lp_t2 = token_logprobs(logits, ids, 1.0), token_logprobs(logits, ids, 2.0
 print("log-probs (B, T-1):", tuple(lp_t1.shape), "| temperature changes them:", not torch.allclose(lp_t1, lp_t2))
 
 # %% [markdown]
-# ## 7.3 One loss, four normalizations
+# ## 11.3 One loss, four normalizations
 #
 # Per token, the loss is $\ell_{i,t} = -\min(\rho_{i,t}\hat A_i, \mathrm{clip}(\rho_{i,t})\hat A_i) + \beta\, \mathbb{D}_{i,t}$.
 # How the $\ell_{i,t}$ are averaged is a design choice that matters more than it looks:
 #
-# * `grpo`, the paper's (7.5): mean over each sequence's tokens, then mean over sequences,
+# * `grpo`, the paper's (11.5): mean over each sequence's tokens, then mean over sequences,
 #   $\frac{1}{G}\sum_i \frac{1}{|o_i|}\sum_t \ell_{i,t}$. A token in a short answer weighs
 #   more than a token in a long one. For a wrong answer ($\hat A < 0$) that means long
 #   wrong answers are penalized *less* per token, a bias toward length that Dr. GRPO
@@ -330,17 +330,17 @@ print("log-probs (B, T-1):", tuple(lp_t1.shape), "| temperature changes them:", 
 #   the global count as an optional argument.
 # * `dr_grpo` (Dr. GRPO): divide the token sum by a constant, $B \times L_{max}$ (batch size
 #   times the maximum completion length), which removes the length term; Dr. GRPO also
-#   removes the std division in (7.3) (our `scale=False`), since dividing by the std
+#   removes the std division in (11.3) (our `scale=False`), since dividing by the std
 #   up-weights prompts that are nearly always solved or nearly always failed.
 #
 # DAPO also decouples the clipping range, $\mathrm{clip}(\rho, 1-\varepsilon_{low}, 1+\varepsilon_{high})$
 # with $\varepsilon_{high} = 0.28 > \varepsilon_{low} = 0.2$ ("clip-higher"), to let unlikely
 # good tokens grow; our function takes both.
 #
-# In (7.5), $\beta = 0.04$; DAPO and Dr. GRPO drop the KL term. TRL's `GRPOConfig` (version
+# In (11.5), $\beta = 0.04$; DAPO and Dr. GRPO drop the KL term. TRL's `GRPOConfig` (version
 # 1.16.0, the one our tests compare against) defaults to `loss_type="dapo"`, `num_iterations=1` (that is $\mu = 1$), `beta=0.0` (no
 # reference model at all), `epsilon=0.2` with `epsilon_high` equal to it, and
-# `scale_rewards="group"` (the std division of (7.3)). This chapter keeps the paper's
+# `scale_rewards="group"` (the std division of (11.3)). This chapter keeps the paper's
 # `grpo` normalization and $\beta = 0.04$, and, like the paper and TRL, $\mu = 1$.
 #
 # **Why the loss is about 0 at the first step.** On the first pass over a batch,
@@ -369,13 +369,13 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
               loss_type: str = "grpo", epsilon_low: float | None = 0.2, epsilon_high: float | None = None,
               beta: float = 0.0, ref_logp: torch.Tensor | None = None, max_completion_length: int | None = None,
               n_tokens: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """The clipped GRPO loss -J of (7.5) with one of four normalizations (7.7); returns (loss, stats).
+    """The clipped GRPO loss -J of (11.5) with one of four normalizations (11.7); returns (loss, stats).
 
     logp, old_logp, ref_logp, mask: (B, L); advantages: (B,). epsilon_low=None turns the
     clipping off (REINFORCE). loss_type: "grpo" (per-sequence mean), "bnpo" (this batch's
     token mean), "dapo" (sum over n_tokens, the generation batch's token count, default this
     batch's), "dr_grpo" (sum over B * max_completion_length, default L). stats: clip_fraction
-    (masked fraction of tokens where the clipped branch is active) and kl (masked mean of (7.4)).
+    (masked fraction of tokens where the clipped branch is active) and kl (masked mean of (11.4)).
     """
     validate.choice(loss_type, "loss_type", LOSS_TYPES)
     validate.tensor(logp, "logp", dims=2, kind="float")
@@ -407,14 +407,14 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     else:
         high = epsilon_low if epsilon_high is None else epsilon_high
         clipped_ratio = torch.clamp(ratio, 1 - epsilon_low, 1 + high)
-        per_token = -torch.min(ratio * adv, clipped_ratio * adv)                     # (7.2)
+        per_token = -torch.min(ratio * adv, clipped_ratio * adv)                     # (11.2)
         clipped = ((ratio < 1 - epsilon_low) & (adv < 0)) | ((ratio > 1 + high) & (adv > 0))
     kl = None
     if beta != 0.0:
         kl = kl_k3(logp, ref_logp)
-        per_token = per_token + beta * kl                                            # (7.5)
+        per_token = per_token + beta * kl                                            # (11.5)
     masked = per_token * mask
-    if loss_type == "grpo":                                                          # (7.7)
+    if loss_type == "grpo":                                                          # (11.7)
         loss = (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
     elif loss_type == "bnpo":
         loss = masked.sum() / mask.sum().clamp(min=1.0)
@@ -454,7 +454,7 @@ for lt in ("grpo", "bnpo", "dapo", "dr_grpo"):
 # they weigh each sequence's advantage by its length (here the longer sequences had lower
 # rewards). All four have a non-zero gradient.
 #
-# ## 7.4 A task with verifiable answers
+# ## 11.4 A task with verifiable answers
 #
 # Our problems are `a+b-c=` with a $d$-digit $a$ and $(d-1)$-digit $b$ and $c$ ($d = 2$ on
 # the CPU, 3 on the GPU), so every prompt of a run has the same length. The answer format,
@@ -467,11 +467,11 @@ for lt in ("grpo", "bnpo", "dapo", "dr_grpo"):
 #
 # The tokenizer is character-level: 13 characters, plus `<think>`, `</think>` and `<eos>`
 # as single tokens; `<eos>` is also the padding token, on purpose, so that the mask of
-# section 7.2 matters. Two rule-based rewards, as in DeepSeek-R1: the **format reward** is
+# section 11.2 matters. Two rule-based rewards, as in DeepSeek-R1: the **format reward** is
 # 1 when the completion is exactly `<think>...</think>` + an integer + EOS; the **accuracy
 # reward** is 1 when it is well formed and the integer is the answer. The total reward is
 #
-# $$r = r_{acc} + 0.5\, r_{fmt} \qquad (7.8)$$
+# $$r = r_{acc} + 0.5\, r_{fmt} \qquad (11.8)$$
 
 # %%
 #| export lrn_lib.grpo
@@ -614,7 +614,7 @@ print("format  :", format_reward(tries, [example] * 4).tolist())
 print("accuracy:", accuracy_reward(tries, [example] * 4).tolist())
 
 # %% [markdown]
-# ## 7.5 Rollouts with the KV cache, and the trainer
+# ## 11.5 Rollouts with the KV cache, and the trainer
 #
 # A **rollout** repeats each prompt $G$ times (`repeat_interleave`, so that each group is
 # contiguous), prefills the prompts once into chapter 6's `KVCache`, then samples one token
@@ -625,15 +625,15 @@ print("accuracy:", accuracy_reward(tries, [example] * 4).tolist())
 # The trainer's step is the algorithm of DeepSeekMath (its Algorithm 1) for one batch:
 #
 # 1. sample $G$ completions for each of the batch's prompts with $\pi_{\theta_{old}}$ (the current policy);
-# 2. score them (7.8), compute group advantages (7.3);
+# 2. score them (11.8), compute group advantages (11.3);
 # 3. compute $\log \pi_{ref}$ with the frozen reference model (only when $\beta \ne 0$);
-# 4. take $\mu$ gradient steps on the loss (7.5)/(7.7) over the same samples. On the first,
+# 4. take $\mu$ gradient steps on the loss (11.5)/(11.7) over the same samples. On the first,
 #    $\theta = \theta_{old}$, so $\log\pi_{\theta_{old}}$ is the detached current value (as in
 #    TRL); on the later ones the ratio moves away from 1 and clipping starts to act.
 #
-# REINFORCE with the group-mean baseline, one of the baselines of section 7.7, is the same step
-# with $\mu = 1$ (so $\rho = 1$ where the gradient is taken, and the gradient of (7.2) is
-# that of (7.1)), no clipping, no KL and no std division.
+# REINFORCE with the group-mean baseline, one of the baselines of section 11.7, is the same step
+# with $\mu = 1$ (so $\rho = 1$ where the gradient is taken, and the gradient of (11.2) is
+# that of (11.1)), no clipping, no KL and no std division.
 
 # %%
 #| export lrn_lib.grpo
@@ -707,7 +707,7 @@ class GRPOTrainer:
     """GRPO on a Llama policy: step(problems) samples, scores, and takes num_iterations gradient steps.
 
     rewards maps a name to (function(completions, problems) -> (N,), weight); the total
-    reward (7.8) is the weighted sum. The reference model is a frozen copy of the policy
+    reward (11.8) is the weighted sum. The reference model is a frozen copy of the policy
     at construction, kept only when beta != 0.
     """
 
@@ -760,7 +760,7 @@ class GRPOTrainer:
             if part.shape[0] != len(texts):
                 raise ValueError(f"reward {name!r} returned {part.shape[0]} values for {len(texts)} completions")
             parts[name] = part if part.is_floating_point() else part.to(torch.get_default_dtype())
-        total = sum(w * parts[name] for name, (_, w) in self.rewards.items())            # (7.8)
+        total = sum(w * parts[name] for name, (_, w) in self.rewards.items())            # (11.8)
         return total, parts, texts
 
     def step(self, problems: Sequence[tuple[int, int, int]], generator: torch.Generator | None = None) -> dict[str, float]:
@@ -830,7 +830,7 @@ def evaluate(trainer: GRPOTrainer, problems: Sequence[tuple[int, int, int]], tem
 
 
 # %% [markdown]
-# ## 7.6 The supervised warm-up
+# ## 11.6 The supervised warm-up
 #
 # DeepSeek-R1-Zero starts RL from a base model that can already produce the format now
 # and then; DeepSeek-R1 first fine-tunes on a few thousand "cold-start" examples. Our
@@ -838,7 +838,7 @@ def evaluate(trainer: GRPOTrainer, problems: Sequence[tuple[int, int, int]], tem
 # trained for a short time on worked solutions, 15% of which are deliberately malformed
 # (the thought or its closing tag is missing), so that the model starts out sometimes
 # malformed and often wrong. The loss covers the completion only (with the first EOS,
-# section 7.2).
+# section 11.2).
 
 # %%
 DIGITS = config.pick(cpu=2, gpu=3)
@@ -906,18 +906,18 @@ print(f"warm-up: {WARMUP_STEPS} steps in {time.perf_counter() - t0:.0f} s, loss 
 
 # %% [markdown]
 # The warm-up's learning rate ramps up over 30 steps to $3 \times 10^{-3}$ and then stays
-# there: it is never annealed. That matters for what follows. Every method of section 7.7
+# there: it is never annealed. That matters for what follows. Every method of section 11.7
 # continues at $3 \times 10^{-4}$, and merely lowering the learning rate of a model trained
 # at a constant high rate improves it (the noise of the large steps goes away). So part of
 # any gain after the warm-up is annealing, not reinforcement learning; the continued-SFT
-# baseline of section 7.7 takes the same lower rate and measures that part.
+# baseline of section 11.7 takes the same lower rate and measures that part.
 #
 # We measure a model on the held-out problems in two ways: greedy decoding, and $n = 8$
 # samples per problem at $\tau = 1$ as the rollouts do. From the samples, **pass@k** is the
 # probability that at least one of $k$ samples is right; with $c$ right among $n$, the
 # unbiased estimate (Chen et al. 2021, arXiv:2107.03374) is
 #
-# $$\text{pass@}k = 1 - \binom{n - c}{k} \Big/ \binom{n}{k} \qquad (7.9)$$
+# $$\text{pass@}k = 1 - \binom{n - c}{k} \Big/ \binom{n}{k} \qquad (11.9)$$
 #
 # pass@1 is the sampled accuracy, the expected reward that GRPO maximizes; pass@8 says how
 # often the right answer is *within reach* of the policy at all.
@@ -925,7 +925,7 @@ print(f"warm-up: {WARMUP_STEPS} steps in {time.perf_counter() - t0:.0f} s, loss 
 # %%
 #| export lrn_lib.grpo
 def pass_at_k(correct: torch.Tensor, k: int) -> torch.Tensor:
-    """Unbiased pass@k (7.9) of each problem from its n samples: correct (P, n) of 0/1 -> (P,) float64.
+    """Unbiased pass@k (11.9) of each problem from its n samples: correct (P, n) of 0/1 -> (P,) float64.
 
     With c right among n samples, pass@k = 1 - C(n - c, k) / C(n, k), the probability that k of
     the n samples drawn without replacement hold at least one right answer.
@@ -938,18 +938,18 @@ def pass_at_k(correct: torch.Tensor, k: int) -> torch.Tensor:
     if not 1 <= k <= n:
         raise ValueError(f"k={k} must be between 1 and the number of samples n={n}")
     wrong = (n - correct.to(torch.int64).sum(1)).tolist()
-    return 1.0 - torch.tensor([math.comb(w, k) / math.comb(n, k) for w in wrong], dtype=torch.float64)  # (7.9)
+    return 1.0 - torch.tensor([math.comb(w, k) / math.comb(n, k) for w in wrong], dtype=torch.float64)  # (11.9)
 
 
 # %%
 from lrn_lib.grpo import GRPOConfig, GRPOTrainer, evaluate, pass_at_k
 
-REWARDS = {"accuracy": (accuracy_reward, 1.0), "format": (format_reward, 0.5)}           # (7.8)
+REWARDS = {"accuracy": (accuracy_reward, 1.0), "format": (format_reward, 0.5)}           # (11.8)
 N_SAMPLES = 8
 
 
 def measure(model):
-    """Held-out greedy accuracy; pass@1, pass@8 (7.9) and format of N_SAMPLES samples per problem at tau = 1."""
+    """Held-out greedy accuracy; pass@1, pass@8 (11.9) and format of N_SAMPLES samples per problem at tau = 1."""
     probe = GRPOTrainer(model, tok, REWARDS, torch.optim.SGD(model.parameters(), lr=0.0),
                         GRPOConfig(max_new_tokens=MAX_NEW, beta=0.0))
     greedy, greedy_texts = evaluate(probe, held_out)
@@ -973,7 +973,7 @@ print("warm-up leaves room to learn: greedy accuracy < 0.7 and sampled format < 
 print("the right answer is often within reach (pass@8 > pass@1 + 0.3):", before["pass@8"] > before["pass@1"] + 0.3)
 
 # %% [markdown]
-# ## 7.7 GRPO against the baselines a skeptic asks for first
+# ## 11.7 GRPO against the baselines a skeptic asks for first
 #
 # GRPO lifts the held-out accuracy of this model; the question is whether it lifts it *more
 # than the simple things* one could do with the same prompts and the same number of
@@ -981,9 +981,9 @@ print("the right answer is often within reach (pass@8 > pass@1 + 0.3):", before[
 # steps on the same stream of prompts (32 per step on the CPU), each taking **one** AdamW
 # update per step at $3 \times 10^{-4}$ with the gradient norm clipped to 1:
 #
-# * **GRPO**, as in DeepSeekMath: $G = 8$ samples per prompt, advantages (7.3), the `grpo`
+# * **GRPO**, as in DeepSeekMath: $G = 8$ samples per prompt, advantages (11.3), the `grpo`
 #   normalization, $\varepsilon = 0.2$, $\beta = 0.04$ with the warm-up model as the
-#   reference, and $\mu = 1$ policy update per batch (section 7.8 says why, and what
+#   reference, and $\mu = 1$ policy update per batch (section 11.8 says why, and what
 #   $\mu > 1$ changes).
 # * **REINFORCE** with the group-mean baseline: the same rollouts and update count, no std
 #   division, no clipping (with $\mu = 1$ it never acts anyway), no KL term.
@@ -1125,14 +1125,14 @@ for p, b_text, a_text in list(zip(held_out, before_texts, grpo_texts))[:8]:
     print(f"{prompt_text(p)} (= {p[0] + p[1] - p[2]:4d})  before: {b_text:30s} after: {a_text}")
 
 # %% [markdown]
-# ## 7.8 One update per batch, or several: what $\mu$ changes
+# ## 11.8 One update per batch, or several: what $\mu$ changes
 #
 # DeepSeekMath's Algorithm 1 allows $\mu$ updates per batch of samples, but its RL
 # experiments take one: each batch is used for a single gradient step ($\mu = 1$, section
 # 4.2 of the paper). TRL's default is the same (`num_iterations=1`). With $\mu = 1$ the only
-# update happens at $\theta = \theta_{old}$: every ratio $\rho$ is 1, the clip in (7.2) is
-# never active, and the gradient of (7.5) is the policy gradient (7.1) with the advantages
-# (7.3) plus the KL term's (7.4'). The whole PPO machinery is inert; GRPO with $\mu = 1$ is
+# update happens at $\theta = \theta_{old}$: every ratio $\rho$ is 1, the clip in (11.2) is
+# never active, and the gradient of (11.5) is the policy gradient (11.1) with the advantages
+# (11.3) plus the KL term's (7.4'). The whole PPO machinery is inert; GRPO with $\mu = 1$ is
 # REINFORCE with a group-normalized baseline and a KL penalty.
 #
 # With $\mu > 1$, the later passes reuse samples drawn from the policy *before* the earlier
@@ -1178,15 +1178,15 @@ print("every later pass clips some tokens (clip fraction > 0 on passes 2 to 4):"
 # the side its advantage pushes, where the clipped objective stops pulling. This is the only
 # place where GRPO differs from the REINFORCE baseline by more than the std division and the
 # KL term. An earlier version of this chapter trained with $\mu = 2$ (one seed, log in
-# `benchmarks/results/chapter07_gpu_profile_NVIDIA_H100_80GB_HBM3_2026-11-23.txt`): on the
+# `benchmarks/results/chapter11_gpu_profile_NVIDIA_H100_80GB_HBM3_2026-11-23.txt`): on the
 # GPU, REINFORCE with half as many updates on the same number of batches still ended higher
 # (0.91 against 0.82 held-out sampled accuracy), so the extra clipped passes did not pay
 # there. That was one seed, and we do not rerun it with seeds here.
 
 # %% [markdown]
-# ## 7.9 Is it real? GRPO against continued SFT, RFT and REINFORCE, three seeds
+# ## 11.9 Is it real? GRPO against continued SFT, RFT and REINFORCE, three seeds
 #
-# The held-out figures of the four methods of section 7.7 after the same number of steps,
+# The held-out figures of the four methods of section 11.7 after the same number of steps,
 # as mean ± standard deviation over the three seeds (the warm-up model, the starting point
 # of all four, in the first row).
 
@@ -1223,10 +1223,10 @@ ax.legend(ncol=5, fontsize=8, loc="lower right")
 plt.tight_layout()
 plt.show()
 
-profile_results.record("07", "warm_up", before)
-profile_results.record("07", "per_seed", {m: {k: [r[k] for r in results[m]] for k in METRICS} for m in METHODS})
-profile_results.record("07", "mu_demo_clip_fraction_by_pass", clip_by_pass)
-profile_results.record("07", "train_seconds_per_run", {m: s / len(SEEDS) for m, s in seconds.items()})
+profile_results.record("11", "warm_up", before)
+profile_results.record("11", "per_seed", {m: {k: [r[k] for r in results[m]] for k in METRICS} for m in METHODS})
+profile_results.record("11", "mu_demo_clip_fraction_by_pass", clip_by_pass)
+profile_results.record("11", "train_seconds_per_run", {m: s / len(SEEDS) for m, s in seconds.items()})
 
 # %%
 mean = {m: {k: mean_sd([r[k] for r in results[m]])[0] for k in METRICS} for m in METHODS}
@@ -1245,7 +1245,7 @@ print("among well-formed samples GRPO is not more accurate than continued SFT (p
 # seeds (up to ±0.05): on pass@1, GRPO is not distinguishable from REINFORCE, from RFT, or
 # from simply continuing the supervised warm-up. Most of the lift comes without any
 # reinforcement: continued SFT, which never samples, reaches 0.44, because the lower
-# learning rate alone improves the un-annealed warm-up model (section 7.6). Where the
+# learning rate alone improves the un-annealed warm-up model (section 11.6). Where the
 # methods do differ:
 #
 # * **Format.** The three methods that learn from their own verified samples end at 0.98 to
@@ -1289,8 +1289,8 @@ print("among well-formed samples GRPO is not more accurate than continued SFT (p
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-gpu = profile_results.recorded("07")["figures"]
-print(profile_results.describe_run("07"))
+gpu = profile_results.recorded("11")["figures"]
+print(profile_results.describe_run("11"))
 print(f"{'':10s}{'':8s}{'CPU (this run)':>18s}{'GPU':>18s}")
 for m in METHODS:
     for k in METRICS:
@@ -1301,25 +1301,25 @@ if "warm_up" in gpu:
     print("GPU warm-up:", {k: round(v, 3) for k, v in gpu["warm_up"].items()})
 
 # %% [markdown]
-# ## 7.10 What the runs show, and the GPU profile
+# ## 11.10 What the runs show, and the GPU profile
 #
 # On a GPU (`config.pick`'s `gpu` values), the same code trains a larger model (4.7M
 # parameters: 256 wide, 6 layers) on 3-digit problems: 2,500 warm-up steps of 256
 # problems, then each of the four methods for 30 steps of 64 prompts, three seeds, scored
-# on 512 held-out problems; the last table of section 7.9 puts its figures beside the
-# CPU's (run of 2026-12-02 on one H200, sharing it with chapters 8-10; whole output in
-# `benchmarks/results/chapter07_gpu_profile_NVIDIA_H200_2026-12-02.txt`). The warm-up took
+# on 512 held-out problems; the last table of section 11.9 puts its figures beside the
+# CPU's (run of 2026-12-02 on one H200, sharing it with chapters 12-10; whole output in
+# `benchmarks/results/chapter11_gpu_profile_NVIDIA_H200_2026-12-02.txt`). The warm-up took
 # 129 s there and each 30-step run 11 to 14 s (SFT 1 s). Only the first check of section
-# 7.9 is specific to the CPU: on the GPU the warm-up model is already at 0.78 pass@1, and
+# 11.9 is specific to the CPU: on the GPU the warm-up model is already at 0.78 pass@1, and
 # continued SFT adds only 0.02 to it.
 #
 # An earlier GPU run of this chapter (H100, 2026-11-23,
-# `benchmarks/results/chapter07_gpu_profile_NVIDIA_H100_80GB_HBM3_2026-11-23.txt`: one
+# `benchmarks/results/chapter11_gpu_profile_NVIDIA_H100_80GB_HBM3_2026-11-23.txt`: one
 # seed, $\mu = 2$, 100 steps of 32 prompts, no SFT or RFT baseline) took held-out sampled
 # accuracy from 0.46 to 0.82 and greedy accuracy from 0.73 to 0.89, and REINFORCE with the
 # same batches ended at 0.91 sampled accuracy.
 #
-# What RL cannot do is visible in (7.3): a group whose $G$ samples are all wrong gets
+# What RL cannot do is visible in (11.3): a group whose $G$ samples are all wrong gets
 # advantage 0 everywhere and teaches nothing (and RFT keeps nothing from it). Learning from
 # verified samples can only sharpen what the model already sometimes does; the fraction of
 # groups with all rewards equal is the signal budget, and DAPO's "dynamic sampling" replaces
@@ -1328,14 +1328,14 @@ if "warm_up" in gpu:
 # ## Exercises
 #
 # **Exercise 1 (derive).** Show that $x - \log x - 1 \ge 0$ for $x > 0$ with equality only at
-# $x = 1$, and that under $o \sim \pi_\theta$ the estimator (7.4) has mean
+# $x = 1$, and that under $o \sim \pi_\theta$ the estimator (11.4) has mean
 # $\mathbb{D}_{KL}[\pi_\theta\|\pi_{ref}]$. What does it estimate if the tokens were sampled
 # from $\pi_{ref}$ instead?
 #
 # **Exercise 2 (derive).** With $\mu = 1$, show that the gradient of the `grpo` loss is
 # $-\frac{1}{G}\sum_i \frac{\hat A_i}{|o_i|}\sum_t \nabla\log\pi_\theta(o_{i,t})$, and explain
 # why, for a group where every answer is wrong except one, a long wrong answer is pushed
-# down less per token than a short one. Which of the normalizations of section 7.3 remove
+# down less per token than a short one. Which of the normalizations of section 11.3 remove
 # that effect?
 #
 # **Exercise 3 (measure).** Train with `loss_type="dr_grpo"` and `scale_rewards=False`, and
@@ -1345,18 +1345,18 @@ if "warm_up" in gpu:
 
 # %% [markdown]
 # **Exercise 4 (implement): advantages and the loss.** Check each function with
-# `check("07.name", your_function)` from `lrn_lib.exercises` (randomized tests you do not see,
+# `check("11.name", your_function)` from `lrn_lib.exercises` (randomized tests you do not see,
 # against the library's float64 references; one line of verdict);
-# `print("\n".join(exercises("07")))` lists the checkers, and
-# `chapters/solutions/07_grpo_solutions.ipynb` has worked solutions to all four exercises.
+# `print("\n".join(exercises("11")))` lists the checkers, and
+# `chapters/solutions/11_grpo_solutions.ipynb` has worked solutions to all four exercises.
 # (a) Write `group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor` that
-# returns the advantages (7.3) $(N,)$ of `rewards` $(N,)$, each group's $G$ = `group_size`
+# returns the advantages (11.3) $(N,)$ of `rewards` $(N,)$, each group's $G$ = `group_size`
 # samples contiguous, with the Bessel-corrected standard deviation plus $\epsilon = 10^{-4}$
-# of section 7.2 in the denominator; a group with equal rewards gets 0. Run
-# `check("07.group_advantages", group_advantages)`. (b) Write
+# of section 11.2 in the denominator; a group with equal rewards gets 0. Run
+# `check("11.group_advantages", group_advantages)`. (b) Write
 # `grpo_loss(logp, old_logp, ref_logp, advantages, mask, epsilon: float, beta: float) -> torch.Tensor`
-# that returns $-\mathcal{J}_{GRPO}$ of (7.5) as a 0-dim tensor with the paper's `grpo`
+# that returns $-\mathcal{J}_{GRPO}$ of (11.5) as a 0-dim tensor with the paper's `grpo`
 # normalization: `logp`, `old_logp`, `ref_logp` and the 0/1 float `mask` are $(B, L)$,
 # `advantages` $(B,)$, the ratio is $\rho = e^{\text{logp} - \text{old\_logp}}$, the KL term is
-# (7.4), and a row whose mask is all 0 adds 0 to the mean over the $B$ rows. Run
-# `check("07.grpo_loss", grpo_loss)`.
+# (11.4), and a row whose mask is all 0 adds 0 to the mean over the $B$ rows. Run
+# `check("11.grpo_loss", grpo_loss)`.

@@ -1,8 +1,8 @@
-"""The exercises of chapter 08 (The Byte Latent Transformer): their random inputs, the mistake models that
+"""The exercises of chapter 12 (The Byte Latent Transformer): their random inputs, the mistake models that
 name a wrong answer, and the catalogue entries (``EXERCISES``) that lrn_lib.exercises loads
-when a chapter 08 id is checked.
+when a chapter 12 id is checked.
 
-Hand-written; may import only library modules of chapter 08 or earlier (book.toml order).
+Hand-written; may import only library modules of chapter 12 or earlier (book.toml order).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def _rolling_case(data: bytes, n: int, table_size: int, note: str = "random") ->
 
 
 def _cases_rolling_ids(rng: random.Random, gen: torch.Generator) -> Iterator[Case]:
-    yield _rolling_case(b"the cat sat on the mat", 3, 4096, "section 8.5's 3-grams")
+    yield _rolling_case(b"the cat sat on the mat", 3, 4096, "section 12.5's 3-grams")
     yield _rolling_case(b"\x00\x00\x00\x00", 2, 1000, "zero bytes: c = x + 1 keeps them counted")
     yield _rolling_case(b"ab", 5, 4096, "n longer than the data: every n-gram starts in the padding")
     yield _rolling_case(b"\xff" * 20, 8, 2 ** 31, "a table larger than p: ids are the hash itself")
@@ -61,23 +61,23 @@ def _rolling_with(c_of: Callable[[int], int], pad: int | None, prime: int | None
 
 EXERCISES: tuple[Exercise, ...] = (
     Exercise(
-        id="08.rolling_ids", summary="the n-gram hash (8.9) at every position, streamed with the rolling update",
+        id="12.rolling_ids", summary="the n-gram hash (12.9) at every position, streamed with the rolling update",
         signature="rolling_ids(data: bytes, n: int, table_size: int) -> list[int]  (one id per byte)",
         cases=_cases_rolling_ids, n_cases=150, outputs=("ids",),
         fallback="the n-gram ending at byte t, with PAD (258) before the start, c = x + 1, hashed as "
-                 "(sum_i c_i B^(n-i)) mod p mod M, equation (8.9); compare with hash_ngram_ids",
+                 "(sum_i c_i B^(n-i)) mod p mod M, equation (12.9); compare with hash_ngram_ids",
         shape_hint="return one id per byte of data, the n-gram ending there (padding included at the start)",
         rtol=0.0, atol=0.0,
         mistakes=(
             Mistake(_rolling_with(lambda x: x, PAD, HASH_PRIME),
                     "use c = x + 1 for every value, the padding included, so that a zero byte still counts, "
-                    "section 8.5"),
+                    "section 12.5"),
             Mistake(_rolling_with(lambda x: x + 1, 0, HASH_PRIME),
                     "the first n - 1 n-grams reach into the padding: the missing bytes are PAD (258), hashed "
                     "as c = 259; padding with 0 (or hashing a shorter n-gram, the same thing) gives other ids, "
-                    "section 8.5"),
+                    "section 12.5"),
             Mistake(_rolling_with(lambda x: x + 1, PAD + 1, None),
-                    "reduce mod p = 2^31 - 1 before mod M, equation (8.9): without it the ids differ whenever "
+                    "reduce mod p = 2^31 - 1 before mod M, equation (12.9): without it the ids differ whenever "
                     "the sum exceeds p"),
         )),
 )

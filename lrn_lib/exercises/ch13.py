@@ -1,8 +1,8 @@
-"""The exercises of chapter 09 (LLaDA: masked diffusion language models): their random inputs, the mistake models that
+"""The exercises of chapter 13 (LLaDA: masked diffusion language models): their random inputs, the mistake models that
 name a wrong answer, and the catalogue entries (``EXERCISES``) that lrn_lib.exercises loads
-when a chapter 09 id is checked.
+when a chapter 13 id is checked.
 
-Hand-written; may import only library modules of chapter 09 or earlier (book.toml order).
+Hand-written; may import only library modules of chapter 13 or earlier (book.toml order).
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def _cases_pretraining_loss(rng: random.Random, gen: torch.Generator) -> Iterato
                       torch.tensor([1e-3, 0.6], dtype=F64), "p = 0.001 on a row with one mask, a row with none")
     while True:
         b, length, v = rng.randint(1, 6), rng.randint(1, 30), rng.randint(2, 50)
-        p = 1e-3 + (1 - 1e-3) * torch.rand(b, generator=gen, dtype=F64)                  # (9.2)
+        p = 1e-3 + (1 - 1e-3) * torch.rand(b, generator=gen, dtype=F64)                  # (13.2)
         masked = torch.rand(b, length, generator=gen, dtype=F64) < p[:, None]
         logits = _randn(gen, b, length, v) * rng.choice([0.5, 3.0, 30.0])
         yield _llada_case(logits, torch.randint(0, v, (b, length), generator=gen), masked, p)
@@ -123,56 +123,56 @@ def _commit_same_count(x, proposal, confidence, counts, mask_id):
 
 EXERCISES: tuple[Exercise, ...] = (
     Exercise(
-        id="09.pretraining_loss", summary="LLaDA's loss: masked cross-entropy over p, divided by B L, (9.3)",
+        id="13.pretraining_loss", summary="LLaDA's loss: masked cross-entropy over p, divided by B L, (13.3)",
         signature="pretraining_loss(logits: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor, p: torch.Tensor) "
                   "-> torch.Tensor  (logits (B, L, V), x0 and masked (B, L), p (B,) -> a 0-dim loss)",
         cases=_cases_pretraining_loss, n_cases=200, outputs=("loss",),
         fallback="sum over the masked tokens of -log softmax(logits)[x0] / p of their row, divided by B * L, "
-                 "equation (9.3)",
+                 "equation (13.3)",
         shape_hint="return a single number (a 0-dim tensor)",
         nonfinite_hint="inf or nan: use a stable log-softmax (F.cross_entropy) for logits near 1000, and do not "
                        "divide by the number of masked tokens, which can be 0",
         mistakes=(
             Mistake(lambda lo, x0, m, p: (_masked_ce(lo, x0, m) / p[:, None]).sum() / m.sum(),
-                    "you divided by the number of masked tokens; (9.3) divides by B * L, all positions, "
-                    "so the expectation of the 1/p-weighted sum bounds the likelihood (section 9.2)"),
+                    "you divided by the number of masked tokens; (13.3) divides by B * L, all positions, "
+                    "so the expectation of the 1/p-weighted sum bounds the likelihood (section 13.2)"),
             Mistake(lambda lo, x0, m, p: _masked_ce(lo, x0, m).sum() / x0.numel(),
-                    "each masked token's cross-entropy must be divided by its row's p, equation (9.3)"),
+                    "each masked token's cross-entropy must be divided by its row's p, equation (13.3)"),
             Mistake(lambda lo, x0, m, p: (_masked_ce(lo, x0, m) * p[:, None]).sum() / x0.numel(),
-                    "you multiplied by p; the weight is 1/p (1/t in (9.3))"),
+                    "you multiplied by p; the weight is 1/p (1/t in (13.3))"),
             Mistake(lambda lo, x0, m, p: (_masked_ce(lo, x0, torch.ones_like(m)) / p[:, None]).sum() / x0.numel(),
-                    "only masked tokens count: a visible token is given to the model, not predicted, (9.3)"),
+                    "only masked tokens count: a visible token is given to the model, not predicted, (13.3)"),
             Mistake(lambda lo, x0, m, p: (_masked_ce(lo, x0, m) / p[:, None]).sum() / x0.shape[0],
-                    "divide by B * L, not by B alone, equation (9.3)"),
+                    "divide by B * L, not by B alone, equation (13.3)"),
         )),
     Exercise(
-        id="09.transfer_schedule", summary="how many tokens each sampling step commits, front-loaded, (9.8)",
+        id="13.transfer_schedule", summary="how many tokens each sampling step commits, front-loaded, (13.8)",
         signature="transfer_schedule(n_masked: torch.Tensor, steps: int) -> torch.Tensor  "
                   "(n_masked (B,) int64 -> (B, steps) int64)",
         cases=_cases_transfer_schedule, n_cases=200, outputs=("counts",),
-        fallback="n_s = floor(m / N) + [s < m mod N] for s = 0 .. N-1, equation (9.8)",
+        fallback="n_s = floor(m / N) + [s < m mod N] for s = 0 .. N-1, equation (13.8)",
         shape_hint="return one row per sequence and one column per step, (B, steps)",
         rtol=0.0, atol=0.0,
         mistakes=(
             Mistake(lambda n, s: (n // s)[:, None] + (torch.arange(s)[None] >= s - n[:, None] % s).long(),
-                    "your remainder goes to the last steps; (9.8) gives the extra tokens to the first "
+                    "your remainder goes to the last steps; (13.8) gives the extra tokens to the first "
                     "m mod N steps"),
             Mistake(lambda n, s: (n // s)[:, None].expand(-1, s).clone(),
                     "your counts do not add up to the number of masks: spread the remainder m mod N, one "
-                    "token each over the first steps, (9.8)"),
+                    "token each over the first steps, (13.8)"),
             Mistake(lambda n, s: ((n + s - 1) // s)[:, None].expand(-1, s).clone(),
-                    "ceil(m / N) every step commits more tokens than there are masks; (9.8) gives "
+                    "ceil(m / N) every step commits more tokens than there are masks; (13.8) gives "
                     "floor(m / N) plus one on the first m mod N steps only"),
             Mistake(lambda n, s: (n // s)[:, None] + torch.where(torch.arange(s)[None] == 0, (n % s)[:, None], 0),
-                    "the whole remainder lands on the first step; (9.8) spreads it, one token per step"),
+                    "the whole remainder lands on the first step; (13.8) spreads it, one token per step"),
         )),
     Exercise(
-        id="09.commit_low_confidence", summary="one step of low-confidence remasking: commit the most confident masks",
+        id="13.commit_low_confidence", summary="one step of low-confidence remasking: commit the most confident masks",
         signature="commit_low_confidence(x: torch.Tensor, proposal: torch.Tensor, confidence: torch.Tensor, "
                   "counts: torch.Tensor, mask_id: int) -> torch.Tensor  ((B, L) tensors, counts (B,) -> (B, L))",
         cases=_cases_commit_low_confidence, n_cases=200, outputs=("x",),
         fallback="in row b, among the positions where x == mask_id, take the counts[b] of highest confidence, "
-                 "write their proposals, and keep every other position (section 9.6)",
+                 "write their proposals, and keep every other position (section 13.6)",
         shape_hint="return the new x, of x's shape (B, L)",
         rtol=0.0, atol=0.0,
         mistakes=(
@@ -181,10 +181,10 @@ EXERCISES: tuple[Exercise, ...] = (
                     "taking the top counts[b] (a committed token is never changed)"),
             Mistake(_commit_least_confident,
                     "you committed the least confident proposals; low-confidence remasking keeps the most "
-                    "confident and remasks the rest (section 9.6)"),
+                    "confident and remasks the rest (section 13.6)"),
             Mistake(_commit_same_count,
                     "each row commits its own counts[b], not the largest count of the batch"),
             Mistake(lambda x, prop, conf, counts, mask_id: torch.where(x == mask_id, prop, x),
-                    "you committed every mask; a step commits only counts[b] of them (9.8)"),
+                    "you committed every mask; a step commits only counts[b] of them (13.8)"),
         )),
 )

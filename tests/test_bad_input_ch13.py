@@ -1,4 +1,4 @@
-"""Bad input to chapter 09's public functions gets a clear TypeError/ValueError naming the argument."""
+"""Bad input to chapter 13's public functions gets a clear TypeError/ValueError naming the argument."""
 import pytest
 import torch
 

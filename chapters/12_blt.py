@@ -12,7 +12,7 @@
 # ---
 
 # %% [markdown]
-# # Chapter 8. The Byte Latent Transformer
+# # Chapter 12. The Byte Latent Transformer
 #
 # Every model so far read text through a tokenizer: a fixed vocabulary of subword units,
 # learned once by byte-pair encoding (BPE) and frozen before the model ever trains. The
@@ -27,18 +27,18 @@
 #
 # **Where the lecture slides err.** The slides expand BLT as a "Bidirectional" transformer.
 # It is the *Byte Latent* Transformer, and every part of it is causal: it is a left-to-right
-# language model over bytes, and section 8.6 tests that no prediction sees a later byte.
+# language model over bytes, and section 12.6 tests that no prediction sees a later byte.
 # The slides also sell it mainly as "no tokenizer"; the paper's own headline is that
 # patches *scale better* than tokens, because the patch size is a new axis that trades
 # sequence length for model size at a fixed FLOP budget.
 #
-# The chapter builds, in order: bytes and what they cost (8.1), an honest BPE baseline
-# trained on our corpus (8.2), the patching schemes of the paper's Figure 3 (8.3), the
-# entropy model and entropy patching (8.4), hash n-gram embeddings (8.5), the BLT model with
-# its three masks and its decoder lag (8.6), a FLOP-matched comparison, entropy model counted,
-# against a BPE transformer and a plain byte transformer in bits per byte (8.7), the seeds and
-# bootstrap intervals that say whether the differences are real (8.8), and
-# character-manipulation probes (8.9).
+# The chapter builds, in order: bytes and what they cost (12.1), an honest BPE baseline
+# trained on our corpus (12.2), the patching schemes of the paper's Figure 3 (12.3), the
+# entropy model and entropy patching (12.4), hash n-gram embeddings (12.5), the BLT model with
+# its three masks and its decoder lag (12.6), a FLOP-matched comparison, entropy model counted,
+# against a BPE transformer and a plain byte transformer in bits per byte (12.7), the seeds and
+# bootstrap intervals that say whether the differences are real (12.8), and
+# character-manipulation probes (12.9).
 
 # %%
 import math
@@ -59,7 +59,7 @@ torch.set_num_threads(2)
 print(config.describe())
 
 # %% [markdown]
-# ## 8.1 Bytes, and what long sequences cost
+# ## 12.1 Bytes, and what long sequences cost
 #
 # UTF-8 turns any text into bytes, so a byte-level model needs a vocabulary of only 256
 # symbols and never meets an unknown word, a misspelling it cannot represent, or a language
@@ -75,7 +75,7 @@ print(config.describe())
 # attention over a 4 times longer context. **Patching** is the answer: group bytes into
 # patches and run the big model once per patch,
 #
-# $$\text{FLOPs per byte} \approx \frac{\text{FLOPs of the latent model per patch}}{\text{mean patch size}} + \text{FLOPs of small byte-level models per byte} \qquad (8.1)$$
+# $$\text{FLOPs per byte} \approx \frac{\text{FLOPs of the latent model per patch}}{\text{mean patch size}} + \text{FLOPs of small byte-level models per byte} \qquad (12.1)$$
 #
 # A tokenizer is a patching too, with patches fixed by a frozen vocabulary. BLT's patches
 # are not drawn from a vocabulary: any run of bytes can be a patch, and the boundaries are
@@ -136,10 +136,10 @@ def check_tokens(tokens: torch.Tensor, name: str = "tokens") -> None:
 
 
 def bits_per_byte(total_nats: float, n_bytes: int) -> float:
-    """Bits per byte (8.2): the summed cross-entropy in nats over n_bytes bytes, divided by n_bytes * ln 2."""
+    """Bits per byte (12.2): the summed cross-entropy in nats over n_bytes bytes, divided by n_bytes * ln 2."""
     validate.integer(n_bytes, "n_bytes", low=1)
     validate.number(total_nats, "total_nats", low=0)
-    return total_nats / (n_bytes * math.log(2))                                   # (8.2)
+    return total_nats / (n_bytes * math.log(2))                                   # (12.2)
 
 
 # %% [markdown]
@@ -147,7 +147,7 @@ def bits_per_byte(total_nats: float, n_bytes: int) -> float:
 # byte**: the total cross-entropy a model assigns to a held-out text, in nats, divided by
 # $\ln 2$ and by the number of *bytes* of that text,
 #
-# $$\text{bpb} = \frac{1}{N_{bytes}\,\ln 2}\sum_{\text{units } u} -\ln p(u \mid \text{context}) \qquad (8.2)$$
+# $$\text{bpb} = \frac{1}{N_{bytes}\,\ln 2}\sum_{\text{units } u} -\ln p(u \mid \text{context}) \qquad (12.2)$$
 #
 # A token model sums over its tokens, a byte model over its bytes; both texts have the same
 # $N_{bytes}$, so the numbers compare. Per-token perplexity would not: a model with longer
@@ -173,14 +173,14 @@ uniform_nats = F.cross_entropy(uniform_logits, targets, reduction="sum").item()
 print("a uniform model scores 8 bits per byte (to 1e-12):", abs(bits_per_byte(uniform_nats, 1000) - 8.0) < 1e-12)
 
 # %% [markdown]
-# ## 8.2 An honest baseline: BPE trained on the same text
+# ## 12.2 An honest baseline: BPE trained on the same text
 #
 # The paper compares BLT with Llama 3 and its 128K-token tokenizer. At our scale the fair
 # baseline is a BPE tokenizer trained on *our* corpus (Sennrich et al. 2016,
 # arXiv:1508.07909): start from the 256 bytes, and repeatedly merge the most frequent
 # adjacent pair of symbols into a new symbol,
 #
-# $$(a, b)^\star = \arg\max_{(a,b)} \text{count}(a\,b), \qquad \text{vocabulary} \leftarrow \text{vocabulary} \cup \{ab\} \qquad (8.3)$$
+# $$(a, b)^\star = \arg\max_{(a,b)} \text{count}(a\,b), \qquad \text{vocabulary} \leftarrow \text{vocabulary} \cup \{ab\} \qquad (12.3)$$
 #
 # As GPT-2 does, we first split the text into pre-tokens (a word with its leading space, a
 # run of digits, a run of punctuation, a run of whitespace) and merge only inside them, so
@@ -223,7 +223,7 @@ def merge_pair(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
 
 @dataclass
 class BPETokenizer:
-    """Byte-level BPE: token ids 0..255 are bytes, id 256 + r is the r-th merge (8.3).
+    """Byte-level BPE: token ids 0..255 are bytes, id 256 + r is the r-th merge (12.3).
 
     encode(bytes) -> list of ids, decode(ids) -> bytes; decode(encode(x)) == x for all bytes x.
     """
@@ -267,7 +267,7 @@ class BPETokenizer:
                 where[pair].add(i)
         merges: list[tuple[int, int]] = []
         while len(merges) < n_merges and counts:
-            best = max(counts, key=counts.get)                                     # (8.3)
+            best = max(counts, key=counts.get)                                     # (12.3)
             if counts[best] < 2:
                 break
             new_id = N_BYTES + len(merges)
@@ -340,11 +340,11 @@ print(f"BPE training took {bpe_seconds:.1f} s")
 # expects: Python indentation, a space before a letter, frequent English bigrams.
 
 # %% [markdown]
-# ## 8.3 Patching schemes
+# ## 12.3 Patching schemes
 #
 # A patching is a rule that marks which bytes **start** a patch. We represent it as a
 # boolean tensor `starts` of the sequence's shape; patch ids follow by a running count,
-# $\text{pid}_t = \sum_{s \le t} \text{start}_s - 1$. (8.4) The paper's Figure 3 compares four rules:
+# $\text{pid}_t = \sum_{s \le t} \text{start}_s - 1$. (12.4) The paper's Figure 3 compares four rules:
 #
 # * **Fixed stride** (MegaByte, Yu et al. 2023, arXiv:2305.07185): a patch every $k$ bytes.
 #   Simple, but it spends the same compute on the predictable middle of a word as on its
@@ -355,11 +355,11 @@ print(f"BPE training took {bpe_seconds:.1f} s")
 #   cannot be tuned, and Python code or languages without spaces get odd patches.
 # * **BPE tokens**: the tokenizer of 8.2 as a patcher, a patch per token.
 # * **Entropy patching** (BLT): a patch starts where the next byte is hard to predict
-#   (section 8.4).
+#   (section 12.4).
 #
 # Every sequence the models see starts with BOS, and in every rule **positions 0 and 1
 # always start patches**: BOS is a patch of its own, so the prediction made at BOS (of the
-# first real byte) has a latent state to read that has seen nothing but BOS (section 8.6).
+# first real byte) has a latent state to read that has seen nothing but BOS (section 12.6).
 
 # %%
 #| export lrn_lib.patching
@@ -375,11 +375,11 @@ def force_first_two(starts: torch.Tensor) -> torch.Tensor:
 
 
 def patch_ids(starts: torch.Tensor) -> torch.Tensor:
-    """Patch index of every position (8.4): bool starts (..., T) -> int64 (..., T), cumsum(starts) - 1."""
+    """Patch index of every position (12.4): bool starts (..., T) -> int64 (..., T), cumsum(starts) - 1."""
     validate.tensor(starts, "starts", dtype=torch.bool)
     if starts.dim() < 1 or not bool(starts[..., 0].all()):
         raise ValueError("starts must have shape (..., T) with T >= 1 and a patch starting at position 0")
-    return starts.long().cumsum(-1) - 1                                           # (8.4)
+    return starts.long().cumsum(-1) - 1                                           # (12.4)
 
 
 def patch_lengths(starts: torch.Tensor) -> torch.Tensor:
@@ -494,26 +494,26 @@ for p in changed[:3]:
 print("BPE patching is not incremental:", len(changed) > 0)
 
 # %% [markdown]
-# ## 8.4 The entropy model and entropy patching
+# ## 12.4 The entropy model and entropy patching
 #
 # BLT trains a small byte-level language model $p_e$ first (the paper's has 100M
 # parameters and a 512-byte window; ours is a 2-layer Llama from chapter 6) and asks it, at
 # every byte, how uncertain it is about that byte:
 #
-# $$H(x_t) = -\sum_{v=0}^{255} p_e(v \mid x_{<t}) \ln p_e(v \mid x_{<t}) \quad \text{(nats)} \qquad (8.5)$$
+# $$H(x_t) = -\sum_{v=0}^{255} p_e(v \mid x_{<t}) \ln p_e(v \mid x_{<t}) \quad \text{(nats)} \qquad (12.5)$$
 #
 # The logits at position $t-1$ predict byte $t$, so $H(x_t)$ depends only on the bytes
 # before $t$. Two rules turn entropies into patch starts:
 #
-# * **global threshold**: byte $t$ starts a patch when $H(x_t) > \theta_g$; (8.6)
+# * **global threshold**: byte $t$ starts a patch when $H(x_t) > \theta_g$; (12.6)
 # * **approximate monotonic constraint**: byte $t$ starts a patch when the entropy jumps,
-#   $H(x_t) - H(x_{t-1}) > \theta_r$, i.e. where the model stops becoming more certain. (8.7)
+#   $H(x_t) - H(x_{t-1}) > \theta_r$, i.e. where the model stops becoming more certain. (12.7)
 #
 # Both keep the positions 0 and 1 rule. Neither uses a vocabulary: a patch is whatever run of
 # bytes the model finds predictable after a hard byte. The threshold sets the mean patch
 # size, so we find it by **search** for a target mean size: the number of starts falls as the
 # threshold rises, so bisection on $\theta$ finds the smallest threshold whose mean patch
-# size reaches the target. (8.8)
+# size reaches the target. (12.8)
 
 # %%
 #| export lrn_lib.patching
@@ -521,7 +521,7 @@ RULES = ("global", "monotonic")
 
 
 def next_byte_entropies(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy in nats (8.5) of each byte's prediction: logits (..., T, V) at t predict byte t + 1 -> (..., T).
+    """Entropy in nats (12.5) of each byte's prediction: logits (..., T, V) at t predict byte t + 1 -> (..., T).
 
     Entry t is H(x_t), computed from the logits at t - 1; entry 0 (no prediction) is 0.
     """
@@ -529,14 +529,14 @@ def next_byte_entropies(logits: torch.Tensor) -> torch.Tensor:
     if logits.dim() < 2:
         raise ValueError(f"logits must have shape (..., T, V), got {tuple(logits.shape)}")
     logp = torch.log_softmax(logits.float(), dim=-1)
-    h = -(logp.exp() * logp).sum(-1)                                              # (8.5)
+    h = -(logp.exp() * logp).sum(-1)                                              # (12.5)
     return torch.cat([torch.zeros_like(h[..., :1]), h[..., :-1]], dim=-1)
 
 
 def entropy_patch_starts(entropies: torch.Tensor, threshold: float, rule: str = "global") -> torch.Tensor:
     """BLT's entropy patching: entropies (..., T) in nats -> bool starts (..., T).
 
-    rule "global": start where H(x_t) > threshold (8.6); "monotonic": where H(x_t) - H(x_{t-1}) > threshold (8.7).
+    rule "global": start where H(x_t) > threshold (12.6); "monotonic": where H(x_t) - H(x_{t-1}) > threshold (12.7).
     Positions 0 and 1 always start patches.
     """
     validate.tensor(entropies, "entropies", kind="float", finite=True)
@@ -545,15 +545,15 @@ def entropy_patch_starts(entropies: torch.Tensor, threshold: float, rule: str = 
     validate.choice(rule, "rule", RULES)
     validate.number(threshold, "threshold")
     if rule == "global":
-        starts = entropies > threshold                                            # (8.6)
+        starts = entropies > threshold                                            # (12.6)
     else:
         starts = torch.zeros_like(entropies, dtype=torch.bool)
-        starts[..., 1:] = entropies[..., 1:] - entropies[..., :-1] > threshold     # (8.7)
+        starts[..., 1:] = entropies[..., 1:] - entropies[..., :-1] > threshold     # (12.7)
     return force_first_two(starts.clone())
 
 
 def threshold_for_patch_size(entropies: torch.Tensor, target: float, rule: str = "global", iters: int = 60) -> float:
-    """Smallest threshold (8.8) whose entropy patches of entropies (..., T) have mean size >= target bytes.
+    """Smallest threshold (12.8) whose entropy patches of entropies (..., T) have mean size >= target bytes.
 
     Bisection: the mean patch size never falls as the threshold rises.
     """
@@ -567,7 +567,7 @@ def threshold_for_patch_size(entropies: torch.Tensor, target: float, rule: str =
         raise ValueError(f"target={target} is above the largest reachable mean patch size")
     for _ in range(iters):
         mid = (lo + hi) / 2
-        if mean_patch_size(entropy_patch_starts(entropies, mid, rule)) < target:     # (8.8)
+        if mean_patch_size(entropy_patch_starts(entropies, mid, rule)) < target:     # (12.8)
             lo = mid
         else:
             hi = mid
@@ -576,7 +576,7 @@ def threshold_for_patch_size(entropies: torch.Tensor, target: float, rule: str =
 
 # %% [markdown]
 # The entropy model lives with the model code in `lrn_lib.blt`: a chapter-6 Llama over the
-# 259 input ids, and a function that runs it and returns (8.5) at every position. Chapter 4's
+# 259 input ids, and a function that runs it and returns (12.5) at every position. Chapter 4's
 # `flash_attention` is exact, but off the GPU it runs as a Python loop over blocks, so the
 # chapter's models swap it for PyTorch's fused `scaled_dot_product_attention` (the same
 # causal attention, computed by one kernel).
@@ -638,7 +638,7 @@ def entropy_model(dim: int = 64, n_layers: int = 2, n_heads: int = 4, max_seq_le
 
 @torch.no_grad()
 def byte_entropies(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """H(x_t) in nats (8.5) under model for tokens (B, T) -> (B, T) float32; entry 0 is 0.
+    """H(x_t) in nats (12.5) under model for tokens (B, T) -> (B, T) float32; entry 0 is 0.
 
     Only the 256 byte logits count: the special ids are never a next byte.
     """
@@ -714,7 +714,7 @@ print("the entropy model learned (last losses below 3 nats per byte):", sum(ent_
 
 # %% [markdown]
 # Now the paper's Figure 4 on a sentence of our own: the entropy of every byte, and where
-# each rule starts a patch. Each threshold is the one the search (8.8) finds for a mean patch
+# each rule starts a patch. Each threshold is the one the search (12.8) finds for a mean patch
 # size of 4.5 bytes on 64 training windows.
 
 # %%
@@ -765,7 +765,7 @@ print("monotonic rule: starts exactly where H jumps by more than theta_r:",
 # become a run of one-byte patches.
 #
 # How does the threshold set the patch size? On the entropies of the 64 training windows we
-# sweep both thresholds, and then let the search (8.8) hit target sizes.
+# sweep both thresholds, and then let the search (12.8) hit target sizes.
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(10, 3))
@@ -790,7 +790,7 @@ for target in (3.0, 4.5, 6.0):
 # many units.
 
 # %% [markdown]
-# ## 8.5 Hash n-gram embeddings
+# ## 12.5 Hash n-gram embeddings
 #
 # A byte embedding alone says little: "e" means nothing without its neighbours. BLT enriches
 # each byte's embedding with embeddings of the n-grams that *end* at it, for $n = 3, \dots, 8$.
@@ -798,13 +798,13 @@ for target in (3.0, 4.5, 6.0):
 # $M$ rows per $n$ with a polynomial hash over its bytes $c_1 \dots c_n$ (we use $c = x + 1$, so a
 # zero byte still counts):
 #
-# $$\text{Hash}(c_1 \dots c_n) = \Big(\sum_{i=1}^{n} c_i\, B^{\,n-i}\Big) \bmod p \bmod M \qquad (8.9)$$
+# $$\text{Hash}(c_1 \dots c_n) = \Big(\sum_{i=1}^{n} c_i\, B^{\,n-i}\Big) \bmod p \bmod M \qquad (12.9)$$
 #
 # with a prime $p = 2^{31}-1$ and base $B$. It is a **rolling** hash: the next window's value
 # follows from this one's in $O(1)$, $h' = (h - c_1 B^{n-1})\,B + c_{n+1} \pmod p$, so a streaming
 # implementation pays one multiply-add per byte and $n$. The embedding of byte $t$ is
 #
-# $$e_t = E_{byte}(x_t) + \sum_{n=3}^{8} E_n\big(\text{Hash}(x_{t-n+1} \dots x_t)\big) \qquad (8.10)$$
+# $$e_t = E_{byte}(x_t) + \sum_{n=3}^{8} E_n\big(\text{Hash}(x_{t-n+1} \dots x_t)\big) \qquad (12.10)$$
 #
 # Positions before the start are padded with PAD, so the n-grams only look back: the embedding
 # stays causal. Equal n-grams get equal ids wherever they occur; different n-grams collide
@@ -818,7 +818,7 @@ HASH_BASE = 1_000_003
 
 
 def hash_ngram_ids(tokens: torch.Tensor, n: int, table_size: int) -> torch.Tensor:
-    """Hash (8.9) of the n-gram ending at each position: tokens (..., T) -> int64 ids (..., T) in [0, table_size).
+    """Hash (12.9) of the n-gram ending at each position: tokens (..., T) -> int64 ids (..., T) in [0, table_size).
 
     Positions before the start are PAD. Deterministic; equal n-grams give equal ids.
     """
@@ -830,14 +830,14 @@ def hash_ngram_ids(tokens: torch.Tensor, n: int, table_size: int) -> torch.Tenso
     padded = torch.cat([pad, tokens.long()], dim=-1)
     h = torch.zeros(tokens.shape, dtype=torch.int64, device=tokens.device)
     for i in range(n):                                                            # Horner: (h B + c) mod p
-        h = (h * HASH_BASE + padded[..., i:i + t] + 1) % HASH_PRIME               # (8.9)
+        h = (h * HASH_BASE + padded[..., i:i + t] + 1) % HASH_PRIME               # (12.9)
     return h % table_size
 
 
 # %%
 #| export lrn_lib.blt
 class HashNgramEmbedding(nn.Module):
-    """Byte embedding plus hashed n-gram embeddings (8.10): tokens (B, T) -> (B, T, dim)."""
+    """Byte embedding plus hashed n-gram embeddings (12.10): tokens (B, T) -> (B, T, dim)."""
 
     def __init__(self, dim: int, ngrams: tuple[int, ...] = (3, 4, 5, 6, 7, 8), table_size: int = 4096):
         super().__init__()
@@ -856,7 +856,7 @@ class HashNgramEmbedding(nn.Module):
         check_tokens(tokens)
         e = self.byte(tokens)
         for n, table in zip(self.ngrams, self.tables):
-            e = e + table(hash_ngram_ids(tokens, n, self.table_size))             # (8.10)
+            e = e + table(hash_ngram_ids(tokens, n, self.table_size))             # (12.10)
         return e
 
 
@@ -877,33 +877,33 @@ for t in range(n - 1, len(c)):
         h = 0
         for v in c[:n]:
             h = (h * HASH_BASE + v) % HASH_PRIME
-    else:                                            # the rolling update below (8.9)
+    else:                                            # the rolling update below (12.9)
         h = ((h - c[t - n] * pow(HASH_BASE, n - 1, HASH_PRIME)) * HASH_BASE + c[t]) % HASH_PRIME
     rolled.append(h % 4096)
 print("the rolling update gives the same 5-gram ids:", rolled == hash_ngram_ids(seq, 5, 4096)[n - 1:].tolist())
 
 # %% [markdown]
-# ## 8.6 The model: local encoder, latent transformer, local decoder
+# ## 12.6 The model: local encoder, latent transformer, local decoder
 #
 # BLT has three parts (the paper's Figure 2):
 #
 # 1. a **local encoder**, a small transformer over bytes. Its self-attention is causal and
-#    *local*: byte $t$ sees bytes $t-w+1 \dots t$ of a window $w$. (8.11) After each of its layers,
+#    *local*: byte $t$ sees bytes $t-w+1 \dots t$ of a window $w$. (12.11) After each of its layers,
 #    a **cross-attention** turns bytes into patches: patch $j$'s query, initialized by max-pooling
-#    the embeddings of its own bytes, attends only to the bytes of patch $j$: (8.12)
+#    the embeddings of its own bytes, attends only to the bytes of patch $j$: (12.12)
 #    $$\text{mask}^{enc}_{j,t} = [\,\text{pid}_t = j\,]$$
 # 2. a **latent transformer**, the big model, over the sequence of patch representations. It
 #    is an ordinary causal transformer over patches; seen from the bytes it is *block-causal*:
-#    a byte's patch sees its own and all earlier patches. (8.13)
+#    a byte's patch sees its own and all earlier patches. (12.13)
 # 3. a **local decoder**, a small transformer over bytes whose byte queries cross-attend to the
-#    latent patch states and then predict the next byte. (8.14)
+#    latent patch states and then predict the next byte. (12.14)
 #
 # **Causality lives in one detail.** The latent output $z_j$ of patch $j$ has read *all* bytes
 # of patch $j$. The logits at byte $t$ predict byte $t+1$, so byte $t$ may read $z_j$ exactly
 # when every byte of patch $j$ is at or before $t$. The freshest such patch is the one just
 # before the patch of byte $t+1$:
 #
-# $$\text{mask}^{dec}_{t,j} = [\,j = \text{pid}_{t+1} - 1\,], \qquad \text{pid}_T := \text{pid}_{T-1} + 1 \qquad (8.15)$$
+# $$\text{mask}^{dec}_{t,j} = [\,j = \text{pid}_{t+1} - 1\,], \qquad \text{pid}_T := \text{pid}_{T-1} + 1 \qquad (12.15)$$
 #
 # Inside a patch, $\text{pid}_{t+1} = \text{pid}_t$ and byte $t$ reads the *previous* patch; at
 # the *last* byte of patch $j$, $\text{pid}_{t+1} = j + 1$ and it reads $z_j$, its own patch, now
@@ -918,9 +918,9 @@ print("the rolling update gives the same 5-gram ids:", rolled == hash_ngram_ids(
 #
 # and said the paper does the same: it does not. Under (8.15') the last byte of a patch, the one
 # that predicts the hard first byte of the next patch, sees global context one patch older;
-# section 8.8 measures what that costs. Both rules leave the rest of a patch's own bytes to the
+# section 12.8 measures what that costs. Both rules leave the rest of a patch's own bytes to the
 # local decoder's causal self-attention over bytes (the encoder's byte states feed it). BOS is
-# patch 0; under (8.15) the prediction made at BOS reads $z_0$, which has seen only BOS, and
+# patch 0; under (12.15) the prediction made at BOS reads $z_0$, which has seen only BOS, and
 # under (8.15') it reads nothing.
 #
 # Cross-attention rows with no key at all (the BOS byte under (8.15'), padding patches in the
@@ -930,7 +930,7 @@ print("the rolling update gives the same 5-gram ids:", rolled == hash_ngram_ids(
 # %%
 #| export lrn_lib.blt
 def local_causal_mask(n: int, window: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """Windowed causal mask (8.11): (n, n) bool, [t, s] True when t - window < s <= t."""
+    """Windowed causal mask (12.11): (n, n) bool, [t, s] True when t - window < s <= t."""
     validate.integer(n, "n", low=1)
     validate.integer(window, "window", low=1)
     t = torch.arange(n, device=device)
@@ -939,7 +939,7 @@ def local_causal_mask(n: int, window: int, device: torch.device | str | None = N
 
 
 def encoder_cross_mask(pids: torch.Tensor, n_patches: int) -> torch.Tensor:
-    """Patch j's query sees exactly its own bytes (8.12): pids (B, T) -> (B, P, T) bool, [b, j, t] = pid_t == j."""
+    """Patch j's query sees exactly its own bytes (12.12): pids (B, T) -> (B, P, T) bool, [b, j, t] = pid_t == j."""
     validate.integer(n_patches, "n_patches", low=1)
     validate.ids(pids, "pids", n_patches, dims=2)
     return pids[:, None, :] == torch.arange(n_patches, device=pids.device)[None, :, None]
@@ -951,7 +951,7 @@ DECODER_LAGS = ("next", "previous", "own")
 def decoder_patch_index(pids: torch.Tensor, lag: str = "next") -> torch.Tensor:
     """The latent patch each byte's decoder query reads: pids (B, T) -> int64 (B, T); -1 means none.
 
-    lag "next" (8.15), the reference code's rule: byte t reads patch pid_{t+1} - 1, with a patch assumed
+    lag "next" (12.15), the reference code's rule: byte t reads patch pid_{t+1} - 1, with a patch assumed
     to start after the last byte, so the last byte of a patch reads its own, complete patch.
     "previous" (8.15'): byte t reads patch pid_t - 1 (one patch staler at every patch end).
     "own": byte t reads patch pid_t, which has seen later bytes (leaks; for the perturbation test).
@@ -963,13 +963,13 @@ def decoder_patch_index(pids: torch.Tensor, lag: str = "next") -> torch.Tensor:
     if lag == "previous":
         return pids - 1                                                           # (8.15')
     next_pids = torch.cat([pids[:, 1:], pids[:, -1:] + 1], dim=1)
-    return next_pids - 1                                                          # (8.15)
+    return next_pids - 1                                                          # (12.15)
 
 
 def decoder_cross_mask(pids: torch.Tensor, n_patches: int, lag: str = "next") -> torch.Tensor:
     """Byte t reads exactly the latent state of patch decoder_patch_index(pids, lag)[t]: pids (B, T) -> (B, T, P) bool.
 
-    lag "next" (8.15) and "previous" (8.15') keep the model causal; "own" leaks later bytes of the patch.
+    lag "next" (12.15) and "previous" (8.15') keep the model causal; "own" leaks later bytes of the patch.
     """
     index = decoder_patch_index(pids, lag)
     validate.integer(n_patches, "n_patches", low=1)
@@ -978,7 +978,7 @@ def decoder_cross_mask(pids: torch.Tensor, n_patches: int, lag: str = "next") ->
 
 
 def block_causal_mask(pids: torch.Tensor) -> torch.Tensor:
-    """The latent transformer seen from bytes (8.13): pids (B, T) -> (B, T, T), [t, s] True when pid_s <= pid_t."""
+    """The latent transformer seen from bytes (12.13): pids (B, T) -> (B, T, T), [t, s] True when pid_s <= pid_t."""
     validate.tensor(pids, "pids", dims=2, kind="int")
     return pids[:, None, :] <= pids[:, :, None]
 
@@ -1000,7 +1000,7 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
 
 def windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
-    """Local causal GQA attention (8.11): q (B, H, T, d), k, v (B, Hkv, T, d) -> (B, H, T, d)."""
+    """Local causal GQA attention (12.11): q (B, H, T, d), k, v (B, Hkv, T, d) -> (B, H, T, d)."""
     _check_qkv(q, k, v, self_attention=True)
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -1009,7 +1009,7 @@ def windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window
 
 
 class LocalBlock(TransformerBlock):
-    """A chapter-6 Llama block whose attention is causal within a window (8.11): x (B, T, dim) -> (B, T, dim)."""
+    """A chapter-6 Llama block whose attention is causal within a window (12.11): x (B, T, dim) -> (B, T, dim)."""
 
     def __init__(self, cfg: LlamaConfig, window: int):
         if not isinstance(cfg, LlamaConfig):
@@ -1114,20 +1114,20 @@ class LocalEncoder(nn.Module):
         check_tokens(tokens)
         validate.tensor(pids, "pids", kind="int")
         validate.same_shape(tokens=tokens, pids=pids)
-        mask = encoder_cross_mask(pids, n_patches)                                 # (8.12)
+        mask = encoder_cross_mask(pids, n_patches)                                 # (12.12)
         b, t = tokens.shape
         h = self.embed(tokens)
         index = pids[..., None].expand(-1, -1, h.shape[-1])
         patches = h.new_zeros(b, n_patches, h.shape[-1]).scatter_reduce(1, index, h, "amax", include_self=False)
         cos, sin = rope_cos_sin(torch.arange(t, device=tokens.device), self.omega, h.dtype)
         for layer, cross in zip(self.layers, self.cross):
-            h = layer(h, cos, sin)                                                 # (8.11)
+            h = layer(h, cos, sin)                                                 # (12.11)
             patches = patches + cross(patches, h, mask)
         return h, patches
 
 
 class LatentTransformer(nn.Module):
-    """The big causal transformer over patches (8.13): patches (B, P, local_dim) -> latent states (B, P, latent_dim)."""
+    """The big causal transformer over patches (12.13): patches (B, P, local_dim) -> latent states (B, P, latent_dim)."""
 
     def __init__(self, cfg: BLTConfig):
         super().__init__()
@@ -1152,7 +1152,7 @@ class LatentTransformer(nn.Module):
 
 
 class LocalDecoder(nn.Module):
-    """Byte states and lagged latent states to next-byte logits (8.14): (B, T, local_dim), (B, P, latent_dim) -> (B, T, 256)."""
+    """Byte states and lagged latent states to next-byte logits (12.14): (B, T, local_dim), (B, P, latent_dim) -> (B, T, 256)."""
 
     def __init__(self, cfg: BLTConfig):
         super().__init__()
@@ -1176,12 +1176,12 @@ class LocalDecoder(nn.Module):
         if h.shape[:2] != pids.shape or latents.shape[0] != h.shape[0] or (h.shape[-1], latents.shape[-1]) != dims:
             raise ValueError(f"h {tuple(h.shape)}, latents {tuple(latents.shape)} and pids {tuple(pids.shape)} must be "
                              f"(B, T, {dims[0]}), (B, P, {dims[1]}) and (B, T)")
-        mask = decoder_cross_mask(pids, latents.shape[1], self.lag)                # (8.15)
+        mask = decoder_cross_mask(pids, latents.shape[1], self.lag)                # (12.15)
         cos, sin = rope_cos_sin(torch.arange(h.shape[1], device=h.device), self.omega, h.dtype)
         for cross, layer in zip(self.cross, self.layers):
             h = h + cross(h, latents, mask)
             h = layer(h, cos, sin)
-        return self.output(self.norm(h))                                          # (8.14)
+        return self.output(self.norm(h))                                          # (12.14)
 
 
 class BLT(nn.Module):
@@ -1226,16 +1226,16 @@ class BLT(nn.Module):
 
 
 def entropy_starts(model: nn.Module, tokens: torch.Tensor, threshold: float, rule: str = "global") -> torch.Tensor:
-    """BLT's patching of tokens (B, T) by the entropy model: bool starts (B, T) by (8.6) or (8.7)."""
+    """BLT's patching of tokens (B, T) by the entropy model: bool starts (B, T) by (12.6) or (12.7)."""
     return entropy_patch_starts(byte_entropies(model, tokens), threshold, rule)
 
 
 # %% [markdown]
 # The masks, drawn for one sequence of 24 bytes in patches of lengths 1 (BOS), 4, 3, 6, 2, 5, 3:
-# the encoder's cross-attention (8.12) is block-diagonal, a patch reading only its bytes;
-# the latent transformer (8.13) is block-causal when seen from bytes; the decoder (8.15) is
+# the encoder's cross-attention (12.12) is block-diagonal, a patch reading only its bytes;
+# the latent transformer (12.13) is block-causal when seen from bytes; the decoder (12.15) is
 # the encoder's pattern transposed, moved one patch down and one byte up (the last byte of
-# each patch reads that patch); the local window (8.11) is a band.
+# each patch reads that patch); the local window (12.11) is a band.
 
 # %%
 from dataclasses import replace
@@ -1247,10 +1247,10 @@ demo_starts = torch.zeros(1, sum(lengths), dtype=torch.bool)
 demo_starts[0, torch.tensor([0] + lengths[:-1]).cumsum(0)] = True
 demo_pids = patch_ids(demo_starts)
 P = len(lengths)
-masks = {"encoder cross-attention (8.12)\npatch queries x bytes": encoder_cross_mask(demo_pids, P)[0],
-         "latent, seen from bytes (8.13)\nbytes x bytes": block_causal_mask(demo_pids)[0],
-         "decoder cross-attention (8.15)\nbytes x patches": decoder_cross_mask(demo_pids, P)[0],
-         "local window w=6 (8.11)\nbytes x bytes": local_causal_mask(sum(lengths), 6)}
+masks = {"encoder cross-attention (12.12)\npatch queries x bytes": encoder_cross_mask(demo_pids, P)[0],
+         "latent, seen from bytes (12.13)\nbytes x bytes": block_causal_mask(demo_pids)[0],
+         "decoder cross-attention (12.15)\nbytes x patches": decoder_cross_mask(demo_pids, P)[0],
+         "local window w=6 (12.11)\nbytes x bytes": local_causal_mask(sum(lengths), 6)}
 fig, axes = plt.subplots(1, 4, figsize=(15, 4))
 for ax, (title, m) in zip(axes, masks.items()):
     ax.imshow(m.float(), cmap="Blues", vmin=0, vmax=1.3)
@@ -1261,20 +1261,20 @@ print("patch ids:", demo_pids[0].tolist())
 print("each patch query sees exactly its own bytes:",
       encoder_cross_mask(demo_pids, P)[0].sum(1).tolist() == lengths)
 next_pid = demo_pids[0].tolist()[1:] + [P]
-print("byte t reads exactly patch pid(t+1) - 1 (8.15):",
+print("byte t reads exactly patch pid(t+1) - 1 (12.15):",
       all(decoder_cross_mask(demo_pids, P)[0, t].nonzero().flatten().tolist() == [q - 1]
           for t, q in enumerate(next_pid)))
 last_bytes = [t for t, q in enumerate(next_pid) if q != demo_pids[0, t]]
 print("the last byte of each patch reads its own patch:",
       all(decoder_cross_mask(demo_pids, P)[0, t, demo_pids[0, t]] for t in last_bytes))
-print("(8.15') differs from (8.15) exactly at those last bytes:",
+print("(8.15') differs from (12.15) exactly at those last bytes:",
       (decoder_cross_mask(demo_pids, P, "previous")[0] != decoder_cross_mask(demo_pids, P)[0]).any(-1)
       .nonzero().flatten().tolist() == last_bytes)
 
 # %% [markdown]
 # Now the test that decides whether the model is right, by perturbation: change one byte
 # $t$ of a random input and check which logits move. A causal model changes no logit at a
-# position before $t$. We run an untrained BLT with each rule: (8.15) (`lag="next"`, the
+# position before $t$. We run an untrained BLT with each rule: (12.15) (`lag="next"`, the
 # default), (8.15') (`lag="previous"`), and a broken one where every byte reads its own patch's
 # latent state (`lag="own"`), with fixed patches of stride 4.
 
@@ -1300,7 +1300,7 @@ for lag in ("next", "previous", "own"):
     print(f"lag {lag!r:>10}: bytes t whose change moves a logit before t: {leaks[lag]} of {len(moved)}")
 
 # %%
-print("with (8.15) or (8.15'), no prediction sees a later byte:", leaks["next"] == 0 and leaks["previous"] == 0)
+print("with (12.15) or (8.15'), no prediction sees a later byte:", leaks["next"] == 0 and leaks["previous"] == 0)
 print("reading the own patch's latent state at every byte leaks later bytes:", leaks["own"] > 0)
 
 # %% [markdown]
@@ -1311,35 +1311,35 @@ print("reading the own patch's latent state at every byte leaks later bytes:", l
 # an earlier logit's computation).
 
 # %% [markdown]
-# ## 8.7 BLT, a BPE transformer and a byte transformer at matched FLOPs
+# ## 12.7 BLT, a BPE transformer and a byte transformer at matched FLOPs
 #
 # The paper's comparisons hold the *training FLOPs* and the training *bytes* fixed and ask
 # which model is better in bits per byte. We do the same at toy scale. FLOPs are counted per
 # position of each stack, forward pass, with $2$ FLOPs per multiply-add:
 #
-# $$F_{block}(d, \bar k) = \underbrace{2\,d\,(2d + 2 d_{kv})}_{W_q, W_o, W_k, W_v} + \underbrace{6\,d\,d_{ff}}_{\text{SwiGLU}} + \underbrace{4\,d\,\bar k}_{QK^\top,\ AV} \qquad (8.16)$$
+# $$F_{block}(d, \bar k) = \underbrace{2\,d\,(2d + 2 d_{kv})}_{W_q, W_o, W_k, W_v} + \underbrace{6\,d\,d_{ff}}_{\text{SwiGLU}} + \underbrace{4\,d\,\bar k}_{QK^\top,\ AV} \qquad (12.16)$$
 #
 # where $\bar k$ is the mean number of keys a query attends to ($\approx (L+1)/2$ for causal
 # attention over $L$ positions, $\approx w$ for a window $w$). For the BPE model,
 # $F_{token} = n_{layers} F_{block} + 2\,d\,V$ (the output head), and per byte it is
-# $F_{token}$ divided by the bytes per token. For BLT, (8.1) becomes
+# $F_{token}$ divided by the bytes per token. For BLT, (12.1) becomes
 #
-# $$F_{byte} = F_{enc} + F_{dec} + F_{head} + F_{cross} + \frac{F_{latent}}{\text{mean patch size}} \qquad (8.17)$$
+# $$F_{byte} = F_{enc} + F_{dec} + F_{head} + F_{cross} + \frac{F_{latent}}{\text{mean patch size}} \qquad (12.17)$$
 #
 # and training costs $3\times$ the forward FLOPs (the backward pass is twice the forward).
-# Hash embeddings are table look-ups and cost no FLOPs; the entropy model is counted below (8.18).
+# Hash embeddings are table look-ups and cost no FLOPs; the entropy model is counted below (12.18).
 
 # %%
 #| export lrn_lib.blt
 def block_flops(dim: int, n_heads: int, n_kv_heads: int, ffn_dim: int, attended: float) -> float:
-    """Forward FLOPs (8.16) of one Llama block at one position that attends to `attended` keys."""
+    """Forward FLOPs (12.16) of one Llama block at one position that attends to `attended` keys."""
     for name, value in (("dim", dim), ("n_heads", n_heads), ("n_kv_heads", n_kv_heads), ("ffn_dim", ffn_dim)):
         validate.integer(value, name, low=1)
     if dim % n_heads or n_heads % n_kv_heads:
         raise ValueError(f"n_heads={n_heads} must divide dim={dim}, and n_kv_heads={n_kv_heads} divide n_heads")
     validate.number(attended, "attended", low=0)
     kv = n_kv_heads * (dim // n_heads)
-    return 2 * dim * (2 * dim + 2 * kv) + 6 * dim * ffn_dim + 4 * dim * attended  # (8.16)
+    return 2 * dim * (2 * dim + 2 * kv) + 6 * dim * ffn_dim + 4 * dim * attended  # (12.16)
 
 
 def llama_flops_per_token(cfg: LlamaConfig, context: int) -> float:
@@ -1352,7 +1352,7 @@ def llama_flops_per_token(cfg: LlamaConfig, context: int) -> float:
 
 
 def blt_flops_per_byte(cfg: BLTConfig, patch_size: float, context: int) -> dict[str, float]:
-    """Forward FLOPs per byte (8.17) of a BLT on sequences of `context` bytes with mean patch size patch_size.
+    """Forward FLOPs per byte (12.17) of a BLT on sequences of `context` bytes with mean patch size patch_size.
 
     Returns the parts ("encoder", "encoder cross", "latent", "decoder cross", "decoder", "head") and "total".
     """
@@ -1369,7 +1369,7 @@ def blt_flops_per_byte(cfg: BLTConfig, patch_size: float, context: int) -> dict[
     parts = {
         "encoder": cfg.encoder_layers * local,
         "encoder cross": cfg.encoder_layers * (4 * dl * dl + (4 * dl * dl + 4 * dl * patch_size) / patch_size),
-        "latent": latent / patch_size,                                             # (8.17)
+        "latent": latent / patch_size,                                             # (12.17)
         "decoder cross": cfg.decoder_layers * (4 * dl * dl + 4 * dl + 4 * dg * dl / patch_size),
         "decoder": cfg.decoder_layers * local,
         "head": 2 * dl * N_BYTES,
@@ -1384,21 +1384,21 @@ def blt_flops_per_byte(cfg: BLTConfig, patch_size: float, context: int) -> dict[
 # over every byte again. With $D$ training bytes for BLT and $D_{ent}$ for the entropy model,
 # the honest totals are
 #
-# $$C^{train}_{BLT} = 3\,F_{byte}\,D + F_{ent}\,D + 3\,F_{ent}\,D_{ent}, \qquad C^{infer}_{BLT} = F_{byte} + F_{ent} \ \text{per byte} \qquad (8.18)$$
+# $$C^{train}_{BLT} = 3\,F_{byte}\,D + F_{ent}\,D + 3\,F_{ent}\,D_{ent}, \qquad C^{infer}_{BLT} = F_{byte} + F_{ent} \ \text{per byte} \qquad (12.18)$$
 #
 # where $F_{ent}$ is the entropy model's forward FLOPs per byte (a Llama over bytes, so
 # $F_{ent}$ = `llama_flops_per_token` at the byte context). The baselines pay $3\,F\,D$ to train
 # and $F$ per byte to run. We compare three models on the same $D$ training bytes:
 #
 # * **BLT**, with the BPE tokenizer's bytes per token as its target patch size (threshold by
-#   the search (8.8) on entropies of training windows) and the reference decoder rule (8.15);
-# * a **BPE transformer** (chapter 6's Llama over the tokens of section 8.2), of the latent
+#   the search (12.8) on entropies of training windows) and the reference decoder rule (12.15);
+# * a **BPE transformer** (chapter 6's Llama over the tokens of section 12.2), of the latent
 #   transformer's width;
 # * a **plain byte transformer**, the same Llama over bytes, also of the latent width: the
 #   baseline a skeptic asks for first, since BLT's entropy model is exactly such a model,
 #   only smaller.
 #
-# Each baseline gets the deepest stack whose training FLOPs (8.18) do not exceed BLT's, entropy
+# Each baseline gets the deepest stack whose training FLOPs (12.18) do not exceed BLT's, entropy
 # model included, so any advantage of a baseline is not bought with more compute.
 
 # %%
@@ -1427,7 +1427,7 @@ def llama_config(vocab: int, n_layers: int, context: int):
 
 
 flops = {"BLT": {"forward": blt_parts["total"], "train": 3 * blt_parts["total"] + ent_per_byte + 3 * ent_per_byte * D_ENT / D,
-                 "infer": blt_parts["total"] + ent_per_byte}}                       # (8.18)
+                 "infer": blt_parts["total"] + ent_per_byte}}                       # (12.18)
 budget = flops["BLT"]["train"]
 bpe_per_byte = lambda n: llama_flops_per_token(llama_config(bpe.vocab_size + 1, n, SEQ_TOK), SEQ_TOK) / bytes_per_token  # noqa: E731
 byte_per_byte = lambda n: llama_flops_per_token(llama_config(VOCAB_SIZE, n, SEQ), SEQ)  # noqa: E731
@@ -1437,12 +1437,12 @@ bpe_cfg, byte_cfg = llama_config(bpe.vocab_size + 1, bpe_layers, SEQ_TOK), llama
 for name, f in (("BPE model", bpe_per_byte(bpe_layers)), ("byte Llama", byte_per_byte(byte_layers))):
     flops[name] = {"forward": f, "train": 3 * f, "infer": f}
 print(f"threshold for mean patch size {PATCH:.1f}: {THRESHOLD:.2f} nats")
-print("BLT forward FLOPs per byte (8.17):")
+print("BLT forward FLOPs per byte (12.17):")
 for name, v in blt_parts.items():
     print(f"   {name:>14}: {v / 1e3:8.1f} K")
 print(f"entropy model: {ent_per_byte / 1e3:.1f} K FLOPs per byte forward, trained on {D_ENT:,} bytes")
 print(f"BPE model: dim {bpe_cfg.dim}, {bpe_layers} layers; byte Llama: dim {byte_cfg.dim}, {byte_layers} layers")
-print(f"FLOPs per byte, K  | {'train (8.18)':>12} | {'inference':>9} | train / BLT's")
+print(f"FLOPs per byte, K  | {'train (12.18)':>12} | {'inference':>9} | train / BLT's")
 for name, f in flops.items():
     print(f"   {name:>15} | {f['train'] / 1e3:12.1f} | {f['infer'] / 1e3:9.1f} | {f['train'] / budget:.2f}")
 print(f"the entropy model's share of BLT's training FLOPs: {1 - 3 * blt_parts['total'] / budget:.0%}; "
@@ -1455,7 +1455,7 @@ print("no baseline trains on more FLOPs than BLT, and each gets at least 70% of 
 # model runs on every byte, and the latent transformer is only twice as wide. The paper's
 # models are different (the latent transformer is billions of parameters, the local models
 # and the entropy model a few percent of the FLOPs), which is where larger patches pay off:
-# (8.17)'s latent term shrinks with the patch size while the local terms do not depend on it.
+# (12.17)'s latent term shrinks with the patch size while the local terms do not depend on it.
 # Here the entropy model is a large part of the bill, and the paper's accounting, which
 # leaves it out, would flatter BLT.
 #
@@ -1504,7 +1504,7 @@ def bpe_nats(model: torch.nn.Module, strings: list[bytes]) -> torch.Tensor:
 
 
 def entropy_for_seed(seed: int):
-    """Section 8.4's entropy model (seed 0) or a fresh one, and its threshold for the target patch size."""
+    """Section 12.4's entropy model (seed 0) or a fresh one, and its threshold for the target patch size."""
     if seed == 0:
         return ent_model, THRESHOLD
     config.seed_everything(seed)
@@ -1572,14 +1572,14 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
-# ## 8.8 Is it real? Seeds, a bootstrap over held-out windows, and the byte-level baseline
+# ## 12.8 Is it real? Seeds, a bootstrap over held-out windows, and the byte-level baseline
 #
 # One training run and one held-out text give one number per model, and two numbers that
 # differ by a few hundredths of a bit per byte may differ by chance: another seed, or another
 # sample of held-out text, could reverse them. We measure both sources of spread. Across
 # seeds, each model's bits per byte is printed as mean ± standard deviation. Across held-out
 # text, a **bootstrap** resamples the held-out windows with replacement, $B$ times, and
-# recomputes (8.2) on each resample; the 2.5% and 97.5% quantiles of those values form a 95%
+# recomputes (12.2) on each resample; the 2.5% and 97.5% quantiles of those values form a 95%
 # interval. For a *difference* between two models the bootstrap resamples the same windows
 # for both (a paired bootstrap: the per-window nats are subtracted before resampling), which
 # removes the variation that comes from some windows simply being harder than others.
@@ -1588,7 +1588,7 @@ plt.show()
 #| export lrn_lib.patching
 def bootstrap_bpb_interval(nats: torch.Tensor, n_bytes: torch.Tensor, n_boot: int = 2000, level: float = 0.95,
                            seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of bits per byte (8.2) over held-out windows.
+    """Percentile bootstrap interval of bits per byte (12.2) over held-out windows.
 
     nats (N,): summed nats of each window (a difference of two models' nats is allowed, and may be negative);
     n_bytes (N,): bytes of each window. Resamples the N windows with replacement n_boot times and returns the
@@ -1606,7 +1606,7 @@ def bootstrap_bpb_interval(nats: torch.Tensor, n_bytes: torch.Tensor, n_boot: in
     validate.integer(seed, "seed")
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, nats.numel(), (n_boot, nats.numel()), generator=gen)
-    values = nats.double().cpu()[idx].sum(1) / (n_bytes.double().cpu()[idx].sum(1) * math.log(2))   # (8.2)
+    values = nats.double().cpu()[idx].sum(1) / (n_bytes.double().cpu()[idx].sum(1) * math.log(2))   # (12.2)
     low, high = torch.quantile(values, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
     return float(low), float(high)
 
@@ -1637,12 +1637,12 @@ def paired_nats(a: str, b: str) -> torch.Tensor:
 
 
 diff_interval = {f"{a} - {b}": bootstrap_bpb_interval(paired_nats(a, b), chunk_bytes) for a, b in pairs}
-profile_results.record("08", "bpb_per_seed", bpb_seeds)
-profile_results.record("08", "bpb_bootstrap_95", interval)
-profile_results.record("08", "diff_per_seed", diff_seeds)
-profile_results.record("08", "diff_bootstrap_95", diff_interval)
-profile_results.record("08", "flops_per_byte", flops)
-profile_results.record("08", "setup", {"seeds": list(SEEDS), "steps": STEPS, "train_bytes": D, "held_out_bytes": n_held,
+profile_results.record("12", "bpb_per_seed", bpb_seeds)
+profile_results.record("12", "bpb_bootstrap_95", interval)
+profile_results.record("12", "diff_per_seed", diff_seeds)
+profile_results.record("12", "diff_bootstrap_95", diff_interval)
+profile_results.record("12", "flops_per_byte", flops)
+profile_results.record("12", "setup", {"seeds": list(SEEDS), "steps": STEPS, "train_bytes": D, "held_out_bytes": n_held,
                                        "params": n_params, "bytes_per_token": bytes_per_token})
 
 # %%
@@ -1685,7 +1685,7 @@ for key in ("BLT - byte Llama", "BLT - BPE model", "byte Llama - BPE model", "BL
 
 # %% [markdown]
 # **What the CPU profile shows.** At matched training FLOPs with the entropy model counted
-# (8.18), on 64 KB of held-out text and three seeds, BLT scores 2.66 ± 0.07 bits per byte, the
+# (12.18), on 64 KB of held-out text and three seeds, BLT scores 2.66 ± 0.07 bits per byte, the
 # BPE transformer 3.04 ± 0.07 and the plain byte transformer 3.37 ± 0.06. BLT is ahead of both
 # on every seed, and the paired bootstrap intervals of the differences (BLT − BPE model about
 # −0.38, BLT − byte Llama about −0.71) are far from 0; the BPE model beats the byte Llama. Both
@@ -1703,7 +1703,7 @@ for key in ("BLT - byte Llama", "BLT - BPE model", "byte Llama - BPE model", "BL
 # at its training length, is behind BLT by more. (The GPU profile's windows have the same
 # handicap, not measured there; the BPE model is ahead of BLT on it all the same.)
 #
-# **The decoder rule.** With seed 0, BLT under (8.15) scores 2.603 and under (8.15') 2.700:
+# **The decoder rule.** With seed 0, BLT under (12.15) scores 2.603 and under (8.15') 2.700:
 # reading its own, complete patch at the last byte of each patch is worth 0.10 bits per byte
 # on that seed. Only one seed of (8.15') was run, so the paired bootstrap printed on its line
 # pairs it with BLT's seed 0 alone and covers the choice of held-out bytes, not of seeds;
@@ -1717,7 +1717,7 @@ for key in ("BLT - byte Llama", "BLT - BPE model", "byte Llama - BPE model", "BL
 # froze its corpus, had BLT only 0.04 behind the BPE model, with an interval reaching 0: with
 # less text per step BLT falls further behind, and 100M of its 122M parameters are hash
 # tables that need data to fill.) The
-# earlier GPU run (`benchmarks/results/chapter08_gpu_profile_NVIDIA_H100_80GB_HBM3_2026-11-23.txt`:
+# earlier GPU run (`benchmarks/results/chapter12_gpu_profile_NVIDIA_H100_80GB_HBM3_2026-11-23.txt`:
 # one seed, 32 KB held out, decoder rule (8.15'), entropy model not counted) showed the byte
 # Llama ahead too: the entropy model alone, half of BLT's forward FLOPs per byte, scored 1.818
 # against BLT's 1.833 and the BPE model's 1.870. So the conclusion that holds on both
@@ -1730,13 +1730,13 @@ for key in ("BLT - byte Llama", "BLT - BPE model", "byte Llama - BPE model", "BL
 
 # %% [markdown]
 # The same table on both profiles. The GPU column is read from
-# `benchmarks/results/chapter08_gpu_profile.json`, which the chapter writes when it runs as a
-# script on the GPU profile (`cd chapters && python 08_blt.py`).
+# `benchmarks/results/chapter12_gpu_profile.json`, which the chapter writes when it runs as a
+# script on the GPU profile (`cd chapters && python 12_blt.py`).
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-gpu = profile_results.recorded("08")["figures"]
-print(profile_results.describe_run("08"))
+gpu = profile_results.recorded("12")["figures"]
+print(profile_results.describe_run("12"))
 gpu_setup = gpu.get("setup", {})
 print(f"{'held-out bits per byte':>25} | CPU (this run, {len(SEEDS)} seeds, {STEPS} steps) | "
       + (f"GPU ({len(gpu_setup.get('seeds', []))} seed(s), {gpu_setup.get('steps')} steps)" if gpu else "GPU"))
@@ -1758,7 +1758,7 @@ for key in diff_seeds:
     print(f"{key:>25} | {cpu_cell:>36} | {gpu_cell}")
 
 # %% [markdown]
-# ## 8.9 Character-manipulation probes
+# ## 12.9 Character-manipulation probes
 #
 # CUTE (Edman et al. 2024, arXiv:2409.15452) asks models to spell words, and to swap, insert,
 # delete or substitute characters; BLT beats Llama 3 on it by a wide margin (the paper's
@@ -1829,7 +1829,7 @@ print("both models prefer the original spelling more often than chance (> 0.5) o
 # states, hash n-grams and entropy patches see exactly which letter changed. The paper's CUTE
 # numbers (Table 4; 54 points for BLT against 27 for Llama 3 at 8B) come from generation,
 # which our models cannot do. In the earlier GPU run (log
-# `benchmarks/results/chapter08_gpu_profile_NVIDIA_H100_80GB_HBM3_2026-11-23.txt`, 1,000
+# `benchmarks/results/chapter12_gpu_profile_NVIDIA_H100_80GB_HBM3_2026-11-23.txt`, 1,000
 # probes of each kind) the probes saturated: both models preferred the original in 98-100% of
 # them, and in this chapter's GPU profile in 95-100%, so telling the two apart needs the
 # harder, generative CUTE tasks.
@@ -1838,46 +1838,46 @@ print("both models prefer the original spelling more often than chance (> 0.5) o
 #
 # * BLT is the **Byte Latent** Transformer, a causal byte-level language model; its headline
 #   is that patches scale better than tokens at fixed inference FLOPs, since the patch size
-#   is a free dial (8.17).
+#   is a free dial (12.17).
 # * Patching schemes mark patch starts: fixed stride, space-like bytes, BPE tokens, and
-#   entropy patches placed where a small byte LM is uncertain, by a global threshold (8.6) or
-#   by entropy jumps (8.7); a threshold search (8.8) sets the mean patch size.
-# * Hash n-gram embeddings (8.9), (8.10) give bytes context for no FLOPs.
+#   entropy patches placed where a small byte LM is uncertain, by a global threshold (12.6) or
+#   by entropy jumps (12.7); a threshold search (12.8) sets the mean patch size.
+# * Hash n-gram embeddings (12.9), (12.10) give bytes context for no FLOPs.
 # * The local encoder pools bytes into patches by cross-attention restricted to each patch's
-#   own bytes (8.12); the latent transformer is causal over patches (8.13); the local decoder's
-#   byte $t$ reads patch $\text{pid}_{t+1} - 1$ (8.15), as in the reference code, so the last
+#   own bytes (12.12); the latent transformer is causal over patches (12.13); the local decoder's
+#   byte $t$ reads patch $\text{pid}_{t+1} - 1$ (12.15), as in the reference code, so the last
 #   byte of a patch reads its own, complete patch. Reading the own patch at every byte sees
 #   the future, and a perturbation test catches it. BPE as a patcher is not incremental.
-# * Bits per byte (8.2) compares models with different units. At matched training FLOPs with
-#   the entropy model counted (8.18), our toy BLT beats a BPE and a plain byte transformer on
+# * Bits per byte (12.2) compares models with different units. At matched training FLOPs with
+#   the entropy model counted (12.18), our toy BLT beats a BPE and a plain byte transformer on
 #   the CPU profile (three seeds, bootstrap intervals far from 0) but loses to both on the
 #   GPU profile (one seed, paired intervals above 0): no claim that BLT wins survives both.
 #
 # ## Exercises
 #
 # *Derive* on paper, *implement* with this chapter's library and check it with
-# `check("08.name", your_function)` from `lrn_lib.exercises` where a checker exists
+# `check("12.name", your_function)` from `lrn_lib.exercises` where a checker exists
 # (randomized tests you do not see, one line of verdict), *measure* with this chapter's code.
-# `print("\n".join(exercises("08")))` lists the checkers. Worked solutions:
-# `chapters/solutions/08_blt_solutions.ipynb`.
+# `print("\n".join(exercises("12")))` lists the checkers. Worked solutions:
+# `chapters/solutions/12_blt_solutions.ipynb`.
 #
-# **Exercise 1 (derive): where the FLOPs go.** From (8.16) and (8.17), write BLT's FLOPs per
+# **Exercise 1 (derive): where the FLOPs go.** From (12.16) and (12.17), write BLT's FLOPs per
 # byte as $a + b / s$ for patch size $s$, and the BPE model's as $c / s_{tok}$. For this
 # chapter's configuration, how large must $s$ be for the latent term to be under half the
 # total? Then scale only the latent transformer to width 4096 and 32 layers: at which $s$ do
 # BLT's FLOPs per byte equal those of a BPE model of the same width with $s_{tok} = 4.4$?
 #
 # **Exercise 2 (implement): a streaming hash.** Write `rolling_ids(data: bytes, n: int,
-# table_size: int) -> list[int]` that computes (8.9) for every position with one
-# multiply-add per byte, using the rolling update of section 8.5, and compare it with
+# table_size: int) -> list[int]` that computes (12.9) for every position with one
+# multiply-add per byte, using the rolling update of section 12.5, and compare it with
 # `hash_ngram_ids` on random bytes, padding included. Run
-# `check("08.rolling_ids", rolling_ids)`.
+# `check("12.rolling_ids", rolling_ids)`.
 #
 # **Exercise 3 (implement): the reference's shift, from patch lengths.** The reference code
 # never forms $\text{pid}_{t+1}$: it drops the first patch's length and numbers the decoder's
 # bytes by the remaining patch lengths. Build the decoder mask that way, check that it equals
-# (8.15) and differs from (8.15') exactly at the last byte of each patch, run the perturbation
-# test of section 8.6 with it, and explain what those bytes see differently.
+# (12.15) and differs from (8.15') exactly at the last byte of each patch, run the perturbation
+# test of section 12.6 with it, and explain what those bytes see differently.
 #
 # **Exercise 4 (measure): the patch size dial.** Retrain BLT with target patch sizes 2, 4 and
 # 8 (same steps and bytes) and the monotonic rule instead of the global one. Print held-out

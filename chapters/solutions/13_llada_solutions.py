@@ -12,9 +12,9 @@
 # ---
 
 # %% [markdown]
-# # Chapter 9. LLaDA: masked diffusion language models: solutions to the exercises
+# # Chapter 13. LLaDA: masked diffusion language models: solutions to the exercises
 #
-# Worked solutions to the exercises at the end of chapter 9. Each code solution is run
+# Worked solutions to the exercises at the end of chapter 13. Each code solution is run
 # through its checker, `lrn_lib.exercises.check`, which tests it on fresh random inputs
 # against the library's references (`lrn_lib.llada`) and prints one line.
 
@@ -30,7 +30,7 @@ from lrn_lib.llada import ExactConditionals, fill_masks, pretraining_loss as lib
 
 config.seed_everything(0)
 torch.set_num_threads(1)
-print("\n".join(exercises("09")))
+print("\n".join(exercises("13")))
 
 # %% [markdown]
 # ## Exercise 1 (derive): the weights of the bound
@@ -42,17 +42,17 @@ print("\n".join(exercises("09")))
 # $$I(a, b) = \frac{b}{a+1}\, I(a+1, b-1), \qquad I(a + b, 0) = \frac{1}{a+b+1},$$
 #
 # so $I(a, b) = \frac{b!\; a!}{(a+b+1)!}$. With $a = l - 1$ and $b = L - l$ this is
-# $(l-1)!\,(L-l)!/L!$, and the coefficient of $g(l)$ in section 9.2 is
+# $(l-1)!\,(L-l)!/L!$, and the coefficient of $g(l)$ in section 13.2 is
 #
 # $$\binom{L}{l}\, l \,\frac{(l-1)!\,(L-l)!}{L!} = \frac{L!}{l!\,(L-l)!}\cdot\frac{l!\,(L-l)!}{L!} = 1.$$
 #
-# Every $g(l)$ enters with weight 1, which turns the expectation (9.5) into the sum (9.4),
+# Every $g(l)$ enters with weight 1, which turns the expectation (13.5) into the sum (13.4),
 # that is $\log p(x_0)$.
 #
 # **(b) The weight $1/p$ cancels the masking rate.** Given $p$, position $i$ is masked with
 # probability $p$, so $\mathbb{E}\big[\mathbf{1}[x_t^i = \text{M}]/p \mid p\big] = p/p = 1$,
 # whatever $p$ is; averaging over $p$ keeps it 1. A model with uniform logits gives every
-# masked token cross-entropy $\log V$, so the expected loss (9.3) is
+# masked token cross-entropy $\log V$, so the expected loss (13.3) is
 #
 # $$\mathbb{E}\Big[\frac{1}{BL}\sum_{b,i} \frac{\mathbf{1}[x_t^{b,i} = \text{M}]}{p_b}\log V\Big]
 #   = \frac{1}{BL}\sum_{b,i} \log V = \log V,$$
@@ -108,28 +108,28 @@ print(f"E[1/p]: sampled {(1 / p).mean().item():.3f}, formula {math.log(1 / eps) 
 
 # %%
 def pretraining_loss(logits: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """(9.3): logits (B, L, V), x0 and masked (B, L), p (B,) -> sum of CE / p over masked tokens / (B L)."""
+    """(13.3): logits (B, L, V), x0 and masked (B, L), p (B,) -> sum of CE / p over masked tokens / (B L)."""
     ce = F.cross_entropy(logits.transpose(1, 2), x0, reduction="none")              # (B, L)
     ce = torch.where(masked, ce, torch.zeros_like(ce))
-    return (ce / p[:, None]).sum() / x0.numel()                                     # (9.3)
+    return (ce / p[:, None]).sum() / x0.numel()                                     # (13.3)
 
 
-print(check("09.pretraining_loss", pretraining_loss))
+print(check("13.pretraining_loss", pretraining_loss))
 
 # %% [markdown]
 # ## Exercise 3 (implement): which tokens a step commits
 #
-# (a) (9.8) in integer arithmetic: every step gets $\lfloor m/N \rfloor$, and the first
+# (a) (13.8) in integer arithmetic: every step gets $\lfloor m/N \rfloor$, and the first
 # $m \bmod N$ steps one more, so the counts add up to $m$ and differ by at most one.
 
 # %%
 def transfer_schedule(n_masked: torch.Tensor, steps: int) -> torch.Tensor:
-    """(9.8): n_masked (B,) int64 -> (B, steps) int64 tokens to commit per step."""
+    """(13.8): n_masked (B,) int64 -> (B, steps) int64 tokens to commit per step."""
     base, extra = n_masked // steps, n_masked % steps
     return base[:, None] + (torch.arange(steps)[None, :] < extra[:, None]).long()
 
 
-print(check("09.transfer_schedule", transfer_schedule))
+print(check("13.transfer_schedule", transfer_schedule))
 
 # %% [markdown]
 # (b) Unmasked positions get confidence $-\infty$, so they lose every comparison; each
@@ -148,12 +148,12 @@ def commit_low_confidence(x: torch.Tensor, proposal: torch.Tensor, confidence: t
     return torch.where(commit, proposal, x)
 
 
-print(check("09.commit_low_confidence", commit_low_confidence))
+print(check("13.commit_low_confidence", commit_low_confidence))
 
 # %% [markdown]
 # ## Exercise 4 (measure): how faithful is the sampler?
 #
-# A joint table over $K = 3$ symbols and $L = 4$ positions, built as in section 9.3, and
+# A joint table over $K = 3$ symbols and $L = 4$ positions, built as in section 13.3, and
 # 20,000 sequences drawn from all-mask inputs with the exact conditionals as the "model".
 # The total variation distance to the table is $\frac12\sum_x |\hat q(x) - p(x)|$. For
 # reference, its expected value for 20,000 exact samples is about

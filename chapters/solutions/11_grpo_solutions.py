@@ -12,12 +12,12 @@
 # ---
 
 # %% [markdown]
-# # Chapter 7. GRPO: solutions to the exercises
+# # Chapter 11. GRPO: solutions to the exercises
 #
-# Worked solutions to the exercises at the end of chapter 7. Each code solution is run
+# Worked solutions to the exercises at the end of chapter 11. Each code solution is run
 # through its checker, `lrn_lib.exercises.check`, which tests it on fresh random inputs
 # against the library's references (`lrn_lib.grpo`) and prints one line. The measurement
-# runs a miniature version of section 7.7 (a smaller model, fewer steps) so that the whole
+# runs a miniature version of section 11.7 (a smaller model, fewer steps) so that the whole
 # notebook takes about a minute on a CPU.
 
 # %%
@@ -36,7 +36,7 @@ from lrn_lib.llama import Llama, tiny_config
 
 config.seed_everything(0)
 torch.set_num_threads(1)
-print("\n".join(exercises("07")))
+print("\n".join(exercises("11")))
 
 # %% [markdown]
 # ## Exercise 1 (derive): the KL estimator
@@ -53,7 +53,7 @@ print("\n".join(exercises("07")))
 #   = \mathbb{D}_{KL}[\pi_\theta\|\pi_{ref}],$$
 #
 # (the first sum runs over the tokens $\pi_\theta$ can emit; it is 1 when $\pi_{ref}$ puts no
-# mass elsewhere, true for two softmax models). So (7.4) has mean $1 + \mathbb{D}_{KL} - 1 =
+# mass elsewhere, true for two softmax models). So (11.4) has mean $1 + \mathbb{D}_{KL} - 1 =
 # \mathbb{D}_{KL}[\pi_\theta \| \pi_{ref}]$. Unlike $-\log x$ alone (also unbiased), it is
 # never negative, and its variance is lower when the two policies are close.
 #
@@ -69,7 +69,7 @@ print("\n".join(exercises("07")))
 # %%
 pi = torch.softmax(torch.randn(50, dtype=torch.float64) * 2, -1)
 ref = torch.softmax(torch.randn(50, dtype=torch.float64) * 2, -1)
-k3 = kl_k3(pi.log(), ref.log())                                          # per token, (7.4)
+k3 = kl_k3(pi.log(), ref.log())                                          # per token, (11.4)
 kl_pi_ref = (pi * (pi / ref).log()).sum()
 kl_ref_pi = (ref * (ref / pi).log()).sum()
 chi2 = (ref ** 2 / pi).sum() - 1
@@ -84,7 +84,7 @@ print("E_pi[k3] == KL(pi || ref):", torch.allclose((pi * k3).sum(), kl_pi_ref, a
 # ## Exercise 2 (derive): the gradient, and the length bias
 #
 # With $\mu = 1$ the single update happens at $\theta = \theta_{old}$, so every ratio
-# $\rho_{i,t} = 1$ lies inside $[1-\varepsilon, 1+\varepsilon]$: the min in (7.5) picks
+# $\rho_{i,t} = 1$ lies inside $[1-\varepsilon, 1+\varepsilon]$: the min in (11.5) picks
 # $\rho_{i,t}\hat A_i$ (both branches are equal, and the clipped one has the same gradient at
 # $\rho = 1$ as the unclipped). Since $\nabla\rho = \rho\,\nabla\log\pi_\theta = \nabla\log\pi_\theta$ at
 # $\rho = 1$, and taking $\beta = 0$ (the KL term adds $\beta$ times the gradient of the
@@ -131,11 +131,11 @@ for loss_type, scale in per_token.items():
 # %% [markdown]
 # ## Exercise 3 (measure): Dr. GRPO, clip-higher, and no KL term
 #
-# Section 7.7's run takes several minutes; here a miniature: a 64-wide, 2-layer policy,
+# Section 11.7's run takes several minutes; here a miniature: a 64-wide, 2-layer policy,
 # 200 warm-up steps on correct solutions only, then 15 GRPO steps of 16 prompts and
 # $G = 8$ at a learning rate of $10^{-3}$ for each variant, from the same warm-up model and
 # seed. Held-out sampled accuracy and format reward, completion length, the clip fraction
-# averaged over the steps, and the KL to the warm-up model, measured by (7.4) on sampled
+# averaged over the steps, and the KL to the warm-up model, measured by (11.4) on sampled
 # held-out completions (the trainer itself reports a KL only when $\beta \ne 0$).
 
 # %%
@@ -175,14 +175,14 @@ for step in range(200):
     loss.backward()
     opt.step()
 warm_seconds = time.perf_counter() - t0
-REWARDS = {"accuracy": (accuracy_reward, 1.0), "format": (format_reward, 0.5)}            # (7.8)
+REWARDS = {"accuracy": (accuracy_reward, 1.0), "format": (format_reward, 0.5)}            # (11.8)
 probe = GRPOTrainer(warm, tok, REWARDS, torch.optim.SGD(warm.parameters(), lr=0.0), GRPOConfig(max_new_tokens=MAX_NEW))
 before = evaluate(probe, held_out * 2, 1.0, generator=torch.Generator().manual_seed(2))[0]
 
 
 @torch.no_grad()
 def kl_to_warm(trainer: GRPOTrainer) -> float:
-    """Masked mean of (7.4) on one sampled completion per held-out prompt, policy against the warm-up model."""
+    """Masked mean of (11.4) on one sampled completion per held-out prompt, policy against the warm-up model."""
     prompts = trainer.encode_prompts(held_out)
     ids = rollout(trainer.policy, prompts, 1, MAX_NEW, tok.eos_id, 1.0, torch.Generator().manual_seed(5))
     mask = completion_mask(ids, tok.eos_id)
@@ -233,11 +233,11 @@ print("without the KL term the policy drifts at least twice as far from the warm
 # between the variants are within a few standard errors (about 0.015 for 256 samples at
 # 5%), and the accuracy does not improve; the clip fractions (a few percent) and
 # completion lengths (fixed by the template, about 17 tokens) barely differ either. Section
-# 7.7's model and step count are what make those comparisons meaningful, and Dr. GRPO's
+# 11.7's model and step count are what make those comparisons meaningful, and Dr. GRPO's
 # length effect needs answers whose length can vary, which the template here does not
 # leave much room for. What does show at once is the role of $\beta$: with the KL term the
 # policy stays close to the warm-up model; without it, the same number of steps moves it
-# several times further (by the estimator (7.4) on its own samples). That distance is the
+# several times further (by the estimator (11.4) on its own samples). That distance is the
 # budget the KL term controls; DAPO and Dr. GRPO drop it and rely on the clipping and a
 # small learning rate instead.
 
@@ -250,29 +250,29 @@ print("without the KL term the policy drifts at least twice as far from the warm
 
 # %%
 def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(7.3): rewards (N,), groups of group_size contiguous -> (N,)."""
+    """(11.3): rewards (N,), groups of group_size contiguous -> (N,)."""
     grouped = rewards.view(-1, group_size)
     centred = grouped - grouped.mean(dim=1, keepdim=True)
     return (centred / (grouped.std(dim=1, keepdim=True) + 1e-4)).reshape(-1)
 
 
-print(check("07.group_advantages", group_advantages))
+print(check("11.group_advantages", group_advantages))
 
 # %% [markdown]
 # (b) Per token: the pessimistic min of the clipped and unclipped terms, plus $\beta$ times
-# (7.4); then the masked mean of each row, with the count clamped to 1 so that an empty row
+# (11.4); then the masked mean of each row, with the count clamped to 1 so that an empty row
 # gives 0, and the mean over rows, all negated.
 
 # %%
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, epsilon: float, beta: float) -> torch.Tensor:
-    """-J_GRPO of (7.5): (B, L) log-probs and mask, advantages (B,) -> 0-dim loss."""
+    """-J_GRPO of (11.5): (B, L) log-probs and mask, advantages (B,) -> 0-dim loss."""
     ratio = torch.exp(logp - old_logp)
     a = advantages[:, None]
-    objective = torch.minimum(ratio * a, ratio.clamp(1 - epsilon, 1 + epsilon) * a)       # (7.2)
+    objective = torch.minimum(ratio * a, ratio.clamp(1 - epsilon, 1 + epsilon) * a)       # (11.2)
     delta = ref_logp - logp
-    per_token = -objective + beta * (torch.exp(delta) - delta - 1)                       # (7.4), (7.5)
+    per_token = -objective + beta * (torch.exp(delta) - delta - 1)                       # (11.4), (11.5)
     per_row = (per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
     return per_row.mean()
 
 
-print(check("07.grpo_loss", grpo_loss))
+print(check("11.grpo_loss", grpo_loss))

@@ -1,4 +1,4 @@
-"""Bad input to chapter 10's public functions gets a clear TypeError/ValueError naming the argument."""
+"""Bad input to chapter 14's public functions gets a clear TypeError/ValueError naming the argument."""
 import pytest
 import torch
 

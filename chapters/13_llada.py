@@ -12,7 +12,7 @@
 # ---
 
 # %% [markdown]
-# # Chapter 9. LLaDA: masked diffusion language models
+# # Chapter 13. LLaDA: masked diffusion language models
 #
 # Every language model in this book so far wrote text left to right: a causal transformer
 # predicts token $i$ from tokens $1..i-1$, and generation appends one token per forward pass.
@@ -34,14 +34,14 @@
 # Gaussian and no rounding, and its training loss is a weighted cross-entropy that bounds
 # the log-likelihood. We build LLaDA and return to Diffusion-LM as related work in 9.11.
 #
-# The chapter builds: the forward masking process and the mask predictor (9.1), the
-# pretraining loss and why it bounds the likelihood (9.2), an exact test of that claim on a
-# distribution small enough to enumerate (9.3), supervised fine-tuning (9.4), conditional
-# likelihood by Monte Carlo and its variance (9.5), the samplers, with an exact check of which
-# of them sample the model, and a fine-tuning run (9.6), a small LLaDA next to an
-# autoregressive model on text (9.7), the order in which tokens get revealed (9.8), a task
-# where order matters, reversal (9.9), tracked over training and seeds against the
-# autoregressive baseline (9.10), and related work (9.11).
+# The chapter builds: the forward masking process and the mask predictor (13.1), the
+# pretraining loss and why it bounds the likelihood (13.2), an exact test of that claim on a
+# distribution small enough to enumerate (13.3), supervised fine-tuning (13.4), conditional
+# likelihood by Monte Carlo and its variance (13.5), the samplers, with an exact check of which
+# of them sample the model, and a fine-tuning run (13.6), a small LLaDA next to an
+# autoregressive model on text (13.7), the order in which tokens get revealed (13.8), a task
+# where order matters, reversal (13.9), tracked over training and seeds against the
+# autoregressive baseline (13.10), and related work (13.11).
 
 # %%
 import itertools
@@ -63,13 +63,13 @@ torch.set_num_threads(1)
 print(config.describe())
 
 # %% [markdown]
-# ## 9.1 The forward process and the mask predictor
+# ## 13.1 The forward process and the mask predictor
 #
 # Let $x_0 = (x_0^1, \dots, x_0^L)$ be a clean sequence and M a token id that never occurs in
 # data. For a time $t \in [0, 1]$ the **forward process** masks each token independently
 # with probability $t$:
 #
-# $$q(x_t^i = \text{M} \mid x_0^i) = t, \qquad q(x_t^i = x_0^i \mid x_0^i) = 1 - t \qquad (9.1)$$
+# $$q(x_t^i = \text{M} \mid x_0^i) = t, \qquad q(x_t^i = x_0^i \mid x_0^i) = 1 - t \qquad (13.1)$$
 #
 # At $t = 0$ nothing is masked, at $t = 1$ everything is. Unlike the Gaussian forward
 # process of continuous diffusion, this one has no noise schedule to tune: the fraction of
@@ -84,7 +84,7 @@ print(config.describe())
 # In training, $t$ is drawn from $U(0, 1)$ and the loss below divides by it. The reference
 # code maps it to
 #
-# $$p = (1 - \varepsilon)\, t + \varepsilon, \qquad \varepsilon = 10^{-3} \qquad (9.2)$$
+# $$p = (1 - \varepsilon)\, t + \varepsilon, \qquad \varepsilon = 10^{-3} \qquad (13.2)$$
 #
 # so that no sample divides by a number near zero, and masks with probability $p$.
 
@@ -100,7 +100,7 @@ from lrn_lib import validate
 from lrn_lib.attention import flash_attention
 from lrn_lib.llama import Llama, LlamaConfig
 
-EPS = 1e-3                 # (9.2): masking probability p = (1 - EPS) t + EPS
+EPS = 1e-3                 # (13.2): masking probability p = (1 - EPS) t + EPS
 Model = Callable[[torch.Tensor], torch.Tensor]   # tokens (B, L) int64 -> logits (B, L, V)
 
 
@@ -111,7 +111,7 @@ def _check_model(model: Model) -> None:
 
 
 def mask_probability(t: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    """(9.2): p = (1 - eps) t + eps, the masking probability for times t (B,) in [0, 1]; returns (B,)."""
+    """(13.2): p = (1 - eps) t + eps, the masking probability for times t (B,) in [0, 1]; returns (B,)."""
     validate.tensor(t, "t", kind="float", finite=True)
     validate.number(eps, "eps", low=0, high=1, high_open=True)
     if float(t.min()) < 0.0 or float(t.max()) > 1.0:
@@ -120,7 +120,7 @@ def mask_probability(t: torch.Tensor, eps: float = EPS) -> torch.Tensor:
 
 
 def sample_mask_probability(batch: int, eps: float = EPS, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Per-sequence masking probabilities (batch,) float32: t ~ U(0, 1) mapped by (9.2)."""
+    """Per-sequence masking probabilities (batch,) float32: t ~ U(0, 1) mapped by (13.2)."""
     validate.integer(batch, "batch", low=1)
     validate.number(eps, "eps", low=0, high=1, high_open=True)
     validate.generator(generator, optional=True)
@@ -129,7 +129,7 @@ def sample_mask_probability(batch: int, eps: float = EPS, generator: torch.Gener
 
 def forward_mask(x0: torch.Tensor, p: torch.Tensor, mask_id: int, maskable: torch.Tensor | None = None,
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The forward process (9.1): mask each token of x0 (B, L) independently with probability p (B,).
+    """The forward process (13.1): mask each token of x0 (B, L) independently with probability p (B,).
 
     maskable (B, L) bool limits masking to those positions (SFT: the response only).
     Returns (x_t (B, L) with mask_id at masked positions, masked (B, L) bool).
@@ -201,7 +201,7 @@ p = torch.tensor([0.001, 0.25, 0.5, 0.9])
 xt, masked = forward_mask(x0, p, mask_id=10, generator=gen)
 print("masked fraction per row:", [round(v, 2) for v in masked.float().mean(1).tolist()], "for p =", [round(v, 3) for v in p.tolist()])
 print("unmasked tokens are untouched:", bool((xt[~masked] == x0[~masked]).all()))
-print("p from (9.2) stays in [eps, 1]:", bool((sample_mask_probability(10_000, generator=gen) >= 1e-3).all()))
+print("p from (13.2) stays in [eps, 1]:", bool((sample_mask_probability(10_000, generator=gen) >= 1e-3).all()))
 
 net = MaskPredictor(tiny_config(vocab_size=12, max_seq_len=64), mask_id=10).eval()
 a = torch.randint(0, 10, (1, 16), generator=gen)
@@ -214,11 +214,11 @@ with torch.no_grad():
     print("the mask id is never predicted:", bool(torch.isneginf(net(a)[..., 10]).all()))
 
 # %% [markdown]
-# ## 9.2 The pretraining loss, and why it bounds the likelihood
+# ## 13.2 The pretraining loss, and why it bounds the likelihood
 #
-# **Algorithm 1** (pretraining): draw a sequence $x_0$, draw $t$, mask by (9.1) and minimize
+# **Algorithm 1** (pretraining): draw a sequence $x_0$, draw $t$, mask by (13.1) and minimize
 #
-# $$\mathcal{L}(\theta) = -\,\mathbb{E}_{t, x_0, x_t}\Big[\frac{1}{t}\sum_{i=1}^{L} \mathbf{1}[x_t^i = \text{M}]\,\log p_\theta(x_0^i \mid x_t)\Big] \qquad (9.3)$$
+# $$\mathcal{L}(\theta) = -\,\mathbb{E}_{t, x_0, x_t}\Big[\frac{1}{t}\sum_{i=1}^{L} \mathbf{1}[x_t^i = \text{M}]\,\log p_\theta(x_0^i \mid x_t)\Big] \qquad (13.3)$$
 #
 # In a batch of $B$ sequences of length $L$ this is the sum over all masked tokens of their
 # cross-entropy divided by their row's $p$, divided by $B \cdot L$ (not by the number of
@@ -231,20 +231,20 @@ with torch.no_grad():
 # hidden when the $k$-th one is revealed: the hidden set $M$ is a uniform subset of size
 # $l$ and the revealed token a uniform member of it, so
 #
-# $$\log p(x_0) = \sum_{l=1}^{L} g(l), \qquad g(l) = \mathbb{E}_{|M| = l}\Big[\frac{1}{l}\sum_{i \in M} \log p(x_0^i \mid x_0^{\bar M})\Big] \qquad (9.4)$$
+# $$\log p(x_0) = \sum_{l=1}^{L} g(l), \qquad g(l) = \mathbb{E}_{|M| = l}\Big[\frac{1}{l}\sum_{i \in M} \log p(x_0^i \mid x_0^{\bar M})\Big] \qquad (13.4)$$
 #
-# where $x_0^{\bar M}$ are the visible tokens. Under (9.1) the number of masks is
+# where $x_0^{\bar M}$ are the visible tokens. Under (13.1) the number of masks is
 # Binomial$(L, t)$ and, given their number, the masked set is uniform; so
 # $\mathbb{E}_t\big[\frac{1}{t}\sum_{i \in M}\log p\big] = \sum_l \binom{L}{l}\, l\, g(l) \int_0^1 t^{l-1}(1-t)^{L-l}\,dt$,
 # and the Beta integral is $(l-1)!\,(L-l)!/L!$, which makes every coefficient exactly 1:
 #
-# $$\mathbb{E}_{t \sim U(0,1)}\,\mathbb{E}_{x_t}\Big[\frac{1}{t}\sum_{i:\,x_t^i = \text{M}} \log p(x_0^i \mid x_t)\Big] = \log p(x_0) \qquad (9.5)$$
+# $$\mathbb{E}_{t \sim U(0,1)}\,\mathbb{E}_{x_t}\Big[\frac{1}{t}\sum_{i:\,x_t^i = \text{M}} \log p(x_0^i \mid x_t)\Big] = \log p(x_0) \qquad (13.5)$$
 #
 # With the true conditionals this is an identity. With a model's conditionals $p_\theta$ the
 # same sum is a lower bound on $\log p_\theta(x_0)$ (an ELBO; the paper cites Shi et al.
-# 2024 and Ou et al. 2024 for the proof), so the loss (9.3) is an *upper bound* on the
-# negative log-likelihood and minimizing it trains a generative model. Section 9.3 checks
-# (9.5) numerically.
+# 2024 and Ou et al. 2024 for the proof), so the loss (13.3) is an *upper bound* on the
+# negative log-likelihood and minimizing it trains a generative model. Section 13.3 checks
+# (13.5) numerically.
 #
 # **Random lengths.** Pretraining sequences are all 4096 tokens long; so that the model also
 # meets short inputs, the paper sets 1% of the pretraining sequences to a random length
@@ -258,7 +258,7 @@ def _check_p(p: torch.Tensor, x0: torch.Tensor) -> None:
     if p.shape != x0.shape[:1]:
         raise ValueError(f"p has shape {tuple(p.shape)}; expected ({x0.shape[0]},)")
     if bool((p <= 0).any()) or bool((p > 1).any()):
-        raise ValueError("p must lie in (0, 1] (map t by (9.2))")
+        raise ValueError("p must lie in (0, 1] (map t by (13.2))")
 
 
 def masked_cross_entropy(logits: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
@@ -276,10 +276,10 @@ def masked_cross_entropy(logits: torch.Tensor, x0: torch.Tensor, masked: torch.T
 
 
 def pretraining_loss(logits: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """Algorithm 1's loss (9.3): sum over masked tokens of CE / p, divided by B * L. Shapes (B, L, V), (B, L), (B, L), (B,)."""
+    """Algorithm 1's loss (13.3): sum over masked tokens of CE / p, divided by B * L. Shapes (B, L, V), (B, L), (B, L), (B,)."""
     ce = masked_cross_entropy(logits, x0, masked)
     _check_p(p, x0)
-    return (ce / p.to(ce.dtype)[:, None]).sum() / x0.numel()                     # (9.3)
+    return (ce / p.to(ce.dtype)[:, None]).sum() / x0.numel()                     # (13.3)
 
 
 def random_length_crop(x0: torch.Tensor, prob: float = 0.01, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -295,7 +295,7 @@ def random_length_crop(x0: torch.Tensor, prob: float = 0.01, generator: torch.Ge
 
 def pretraining_step_loss(model: Model, x0: torch.Tensor, mask_id: int, eps: float = EPS,
                           random_length_prob: float = 0.01, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Algorithm 1 on one batch x0 (B, L): random-length crop, t ~ U(0,1), p by (9.2), mask, loss (9.3). Scalar."""
+    """Algorithm 1 on one batch x0 (B, L): random-length crop, t ~ U(0,1), p by (13.2), mask, loss (13.3). Scalar."""
     _check_model(model)
     validate.number(random_length_prob, "random_length_prob", low=0, high=1)
     x0 = random_length_crop(x0, random_length_prob, generator)
@@ -323,13 +323,13 @@ expected = math.log(V) * (2 / 0.5 + 1 / 0.2) / (B * L)
 print(f"loss {loss.item():.6f}, by hand {expected:.6f}, equal: {abs(loss.item() - expected) < 1e-6}")
 
 # %% [markdown]
-# ## 9.3 An exact test on a distribution we can enumerate
+# ## 13.3 An exact test on a distribution we can enumerate
 #
 # Take $K = 3$ symbols and length $L = 4$: there are only $3^4 = 81$ sequences, so we can
 # write down a random joint distribution $p(x)$ and compute every conditional
 # $p(x^i \mid x^{\bar M})$ exactly by summing the table over the hidden positions.
-# `ExactConditionals` is a "model" that returns those conditionals as logits. On it, (9.4)
-# and (9.5) must hold exactly: enumerating every mask pattern gives $\log p(x)$ to rounding,
+# `ExactConditionals` is a "model" that returns those conditionals as logits. On it, (13.4)
+# and (13.5) must hold exactly: enumerating every mask pattern gives $\log p(x)$ to rounding,
 # and sampled estimates scatter around it.
 
 # %%
@@ -394,7 +394,7 @@ exact = ExactConditionals(joint, K, L)
 x = exact.seqs[int(joint.argmax())][None]          # the most likely sequence
 log_px = exact.log_prob(x).item()
 
-# (9.4): sum over l of the average over all size-l mask patterns of (1/l) sum log p(x_i | visible)
+# (13.4): sum over l of the average over all size-l mask patterns of (1/l) sum log p(x_i | visible)
 total = 0.0
 for l in range(1, L + 1):
     terms = []
@@ -404,17 +404,17 @@ for l in range(1, L + 1):
         logp = exact(xt).log_softmax(-1)[0, list(M), x[0, list(M)]]
         terms.append(logp.sum().item() / l)
     total += sum(terms) / len(terms)
-print(f"log p(x) = {log_px:.6f}; enumerated (9.4) = {total:.6f}; equal to 1e-9: {abs(total - log_px) < 1e-9}")
+print(f"log p(x) = {log_px:.6f}; enumerated (13.4) = {total:.6f}; equal to 1e-9: {abs(total - log_px) < 1e-9}")
 
 # %% [markdown]
 # Both estimators below return one number per Monte Carlo sample, an estimate of
 # $\log p(\text{response} \mid \text{prompt})$ (the prompt may be empty). The first is the
-# $1/t$ form (9.5). The second is the one the paper uses for evaluation (**Algorithm 3**):
+# $1/t$ form (13.5). The second is the one the paper uses for evaluation (**Algorithm 3**):
 # draw the *number* of masks $l$ uniformly from $1..L$, mask exactly $l$ response tokens,
 #
-# $$\widehat{\log p} = \frac{L}{l}\sum_{i \in M} \log p_\theta(r_0^i \mid p_0, r_l) \qquad (9.6)$$
+# $$\widehat{\log p} = \frac{L}{l}\sum_{i \in M} \log p_\theta(r_0^i \mid p_0, r_l) \qquad (13.6)$$
 #
-# which is (9.4) with the sum over $l$ replaced by one uniform draw (so multiplied by $L$).
+# which is (13.4) with the sum over $l$ replaced by one uniform draw (so multiplied by $L$).
 # Its expectation is exactly $\log p$ for exact conditionals, with no $\varepsilon$ and no
 # Binomial spread of the mask count, which is why its variance is lower. Across a batch of
 # $n$ samples we **stratify** $l$: sample $k$ draws $l$ from the $k$-th of $n$ equal slices of
@@ -449,7 +449,7 @@ def _response_log_probs(model: Model, prompt: torch.Tensor, response: torch.Tens
 @torch.no_grad()
 def mc_log_likelihood(model: Model, prompt: torch.Tensor, response: torch.Tensor, mask_id: int, n_samples: int,
                       stratified: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Algorithm 3 (9.6): n_samples estimates (n_samples,) float64 of log p(response (L,) | prompt (P,)).
+    """Algorithm 3 (13.6): n_samples estimates (n_samples,) float64 of log p(response (L,) | prompt (P,)).
 
     Each sample draws l in 1..L (stratified across the samples, or i.i.d. uniform), masks exactly l
     response tokens uniformly at random, and returns (L / l) * sum of log p at the masked tokens.
@@ -466,14 +466,14 @@ def mc_log_likelihood(model: Model, prompt: torch.Tensor, response: torch.Tensor
     rank = torch.rand(n_samples, L, generator=generator).argsort(1).argsort(1)      # a random permutation rank
     masked = (rank < l[:, None]).to(response.device)
     logp = _response_log_probs(model, prompt, response, masked, mask_id).double()
-    return (L / l.double().to(logp.device)) * logp.sum(1)                           # (9.6)
+    return (L / l.double().to(logp.device)) * logp.sum(1)                           # (13.6)
 
 
 @torch.no_grad()
 def t_weighted_log_likelihood(model: Model, prompt: torch.Tensor, response: torch.Tensor, mask_id: int,
                               n_samples: int, eps: float = EPS,
                               generator: torch.Generator | None = None) -> torch.Tensor:
-    """The 1/t form (9.5): n_samples estimates (n_samples,) float64 of log p(response (L,) | prompt (P,)).
+    """The 1/t form (13.5): n_samples estimates (n_samples,) float64 of log p(response (L,) | prompt (P,)).
 
     Each sample draws t, p = (1 - eps) t + eps, masks each response token with probability p, and
     returns (1 / p) * sum of log p at the masked tokens (0 when none is masked).
@@ -483,7 +483,7 @@ def t_weighted_log_likelihood(model: Model, prompt: torch.Tensor, response: torc
     masked = (torch.rand(n_samples, response.numel(), generator=generator, dtype=torch.float64)
               < p[:, None]).to(response.device)
     logp = _response_log_probs(model, prompt, response, masked, mask_id).double()
-    return logp.sum(1) / p.to(logp.device)                                          # (9.5)
+    return logp.sum(1) / p.to(logp.device)                                          # (13.5)
 
 
 # %%
@@ -493,7 +493,7 @@ empty = torch.zeros(0, dtype=torch.int64)
 N = 20_000
 alg3 = mc_log_likelihood(exact, empty, x[0], exact.mask_id, N, generator=gen)
 tbound = t_weighted_log_likelihood(exact, empty, x[0], exact.mask_id, N, eps=1e-3, generator=gen)
-for name, est in (("Algorithm 3 (9.6)", alg3), ("1/t form (9.5)", tbound)):
+for name, est in (("Algorithm 3 (13.6)", alg3), ("1/t form (13.5)", tbound)):
     se = est.std().item() / math.sqrt(N)
     print(f"{name:>17}: mean {est.mean().item():.3f} +- {se:.3f} (true {log_px:.3f}); "
           f"within 4 standard errors: {abs(est.mean().item() - log_px) < 4 * se}")
@@ -507,12 +507,12 @@ print(f"log p(response | prompt): {est.mean().item():.3f} +- {se:.3f} (true {tru
       f"within 4 standard errors: {abs(est.mean().item() - true_cond) < 4 * se}")
 
 # %% [markdown]
-# ## 9.4 Supervised fine-tuning
+# ## 13.4 Supervised fine-tuning
 #
 # For instruction data, a pair (prompt $p_0$, response $r_0$) is one sequence, and only the
 # **response** is masked; the prompt stays clean and visible (**Algorithm 2**):
 #
-# $$\mathcal{L}_{\text{SFT}} = -\,\mathbb{E}\Big[\frac{1}{t\,L'}\sum_{i=1}^{L'} \mathbf{1}[r_t^i = \text{M}]\,\log p_\theta(r_0^i \mid p_0, r_t)\Big] \qquad (9.7)$$
+# $$\mathcal{L}_{\text{SFT}} = -\,\mathbb{E}\Big[\frac{1}{t\,L'}\sum_{i=1}^{L'} \mathbf{1}[r_t^i = \text{M}]\,\log p_\theta(r_0^i \mid p_0, r_t)\Big] \qquad (13.7)$$
 #
 # with $L'$ the response length. Responses in a batch are padded to one length with EOS
 # tokens, and those EOS tokens count as response: they are masked and predicted like any
@@ -525,7 +525,7 @@ print(f"log p(response | prompt): {est.mean().item():.3f} +- {se:.3f} (true {tru
 #| export lrn_lib.llada
 def sft_loss(logits: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor, p: torch.Tensor,
              prompt_mask: torch.Tensor) -> torch.Tensor:
-    """Algorithm 2's loss (9.7): per row, sum over masked response tokens of CE / p, over the response length L'.
+    """Algorithm 2's loss (13.7): per row, sum over masked response tokens of CE / p, over the response length L'.
 
     logits (B, L, V); x0, masked, prompt_mask (B, L) (prompt_mask True on the prompt); p (B,). Mean over rows.
     """
@@ -538,7 +538,7 @@ def sft_loss(logits: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor, p: to
     answer_len = (~prompt_mask).sum(1).to(ce.dtype)
     if bool((answer_len == 0).any()):
         raise ValueError("every row needs at least one response token")
-    return ((ce / p.to(ce.dtype)[:, None]).sum(1) / answer_len).mean()           # (9.7)
+    return ((ce / p.to(ce.dtype)[:, None]).sum(1) / answer_len).mean()           # (13.7)
 
 
 def prompt_mask_from_lengths(prompt_lengths: torch.Tensor, L: int) -> torch.Tensor:
@@ -579,14 +579,14 @@ print("uniform logits give log V per response token, averaged per row:",
       abs(loss.item() - math.log(11)) < 1e-6)
 
 # %% [markdown]
-# ## 9.5 The variance of the likelihood estimates
+# ## 13.5 The variance of the likelihood estimates
 #
 # Evaluation needs $\log p(\text{response} \mid \text{prompt})$ (multiple-choice benchmarks
 # compare candidate answers by it). The estimators of 9.3 are unbiased for exact
 # conditionals, but noisy: how many Monte Carlo samples do they need? We measure the standard
 # deviation of the mean of $n$ samples, over 200 repetitions, on a larger enumerable
-# distribution ($K = 3$, $L = 7$, 2187 sequences), for the $1/t$ form (9.5) and for
-# Algorithm 3 (9.6) with i.i.d. and with stratified $l$.
+# distribution ($K = 3$, $L = 7$, 2187 sequences), for the $1/t$ form (13.5) and for
+# Algorithm 3 (13.6) with i.i.d. and with stratified $l$.
 
 # %%
 K7, L7 = 3, 7
@@ -598,7 +598,7 @@ true7 = exact7.log_prob(x7[None]).item()
 ns = [1, 2, 4, 8, 16, 32, 64]
 REPS = 200
 curves = {}
-for name, fn in (("1/t form (9.5)", lambda n: t_weighted_log_likelihood(exact7, empty, x7, K7, n, generator=gen)),
+for name, fn in (("1/t form (13.5)", lambda n: t_weighted_log_likelihood(exact7, empty, x7, K7, n, generator=gen)),
                  ("Alg. 3, i.i.d. l", lambda n: mc_log_likelihood(exact7, empty, x7, K7, n, stratified=False, generator=gen)),
                  ("Alg. 3, stratified l", lambda n: mc_log_likelihood(exact7, empty, x7, K7, n, generator=gen))):
     many = fn(REPS * ns[-1]).view(REPS, ns[-1])     # one batched call; the first n columns give n samples
@@ -608,7 +608,7 @@ for name, fn in (("1/t form (9.5)", lambda n: t_weighted_log_likelihood(exact7, 
 fig, ax = plt.subplots(figsize=(5.5, 3.2))
 for name, c in curves.items():
     ax.loglog(ns, c, "o-", label=name)
-ax.loglog(ns, [curves["1/t form (9.5)"][0] / math.sqrt(n) for n in ns], "k:", label=r"$1/\sqrt{n}$")
+ax.loglog(ns, [curves["1/t form (13.5)"][0] / math.sqrt(n) for n in ns], "k:", label=r"$1/\sqrt{n}$")
 ax.set_xlabel("Monte Carlo samples n")
 ax.set_ylabel("std of the estimate (nats)")
 ax.set_title(f"estimating log p(x) = {true7:.2f}")
@@ -619,12 +619,12 @@ plt.show()
 # %%
 print("std at n = 64:", {k: round(v[-1], 3) for k, v in curves.items()})
 print("Algorithm 3 has lower variance than the 1/t form at every n:",
-      all(a < b for a, b in zip(curves["Alg. 3, i.i.d. l"], curves["1/t form (9.5)"])))
+      all(a < b for a, b in zip(curves["Alg. 3, i.i.d. l"], curves["1/t form (13.5)"])))
 print("stratifying l lowers it further at n >= 4:",
       all(a < b for a, b in list(zip(curves["Alg. 3, stratified l"], curves["Alg. 3, i.i.d. l"]))[2:]))
 
 # %% [markdown]
-# ## 9.6 Sampling: reveal, then remask
+# ## 13.6 Sampling: reveal, then remask
 #
 # Generation runs the reverse process. Put the prompt in front of $G$ mask tokens. At each
 # step the mask predictor proposes a token $\hat x_0^i$ for *every* masked position at once;
@@ -633,17 +633,17 @@ print("stratifying l lowers it further at n >= 4:",
 #
 # * **How many per step.** With $N$ steps and $m$ masks, each step commits $\lfloor m/N \rfloor$
 #   tokens and the remainder $m \bmod N$ is spread one each over the first steps:
-#   $$n_s = \lfloor m / N \rfloor + \mathbf{1}[s < m \bmod N], \qquad s = 0..N-1 \qquad (9.8)$$
+#   $$n_s = \lfloor m / N \rfloor + \mathbf{1}[s < m \bmod N], \qquad s = 0..N-1 \qquad (13.8)$$
 # * **Proposals at temperature $T$.** $\hat x_0^i = \arg\max_v\,(z_v / T + g_v)$ with i.i.d.
 #   Gumbel noise $g_v = -\log(-\log u_v)$: the Gumbel-max trick draws exactly from
 #   softmax$(z/T)$, and $T = 0$ is the argmax. We compute it in float64; in low precision the
 #   perturbed logits tie and the sampling is biased (the reference code notes the same).
-#   $$\hat x_0^i = \arg\max_v \big(z_v^i / T + g_v^i\big) \sim \text{softmax}(z^i / T) \qquad (9.9)$$
-# * **Which to keep.** The paper's **Algorithm 4** is the literal reverse of (9.1): going from
+#   $$\hat x_0^i = \arg\max_v \big(z_v^i / T + g_v^i\big) \sim \text{softmax}(z^i / T) \qquad (13.9)$$
+# * **Which to keep.** The paper's **Algorithm 4** is the literal reverse of (13.1): going from
 #   time $t$ to $s = t - 1/N$, each masked position keeps its proposal with probability
 #   $1 - s/t$ and is remasked with probability $s/t$, independently (`"independent"`), so the
-#   number committed per step is random and only its mean follows (9.8). The reference code's
-#   *random remasking* commits exactly the counts (9.8), as a uniformly random subset
+#   number committed per step is random and only its mean follows (13.8). The reference code's
+#   *random remasking* commits exactly the counts (13.8), as a uniformly random subset
 #   (`"random"`). *Low-confidence remasking* (**Algorithm 5**) commits the proposals with the
 #   highest softmax probability $p_\theta(\hat x_0^i \mid x_t)$ and remasks the least confident
 #   (`"low_confidence"`). It is a heuristic: choosing *which* draw to keep by its value changes
@@ -654,9 +654,9 @@ print("stratifying l lowers it further at n >= 4:",
 #
 # * **Classifier-free guidance.** The paper can also sample from guided logits, with the unconditional model being the same network with the prompt replaced by
 #   masks, $u = z(\text{M}\dots\text{M}, r_t)$ and $c = z(p_0, r_t)$:
-#   $$\tilde z = u + (1 + w)\,(c - u), \qquad w \ge 0 \qquad (9.10)$$
+#   $$\tilde z = u + (1 + w)\,(c - u), \qquad w \ge 0 \qquad (13.10)$$
 # * **EOS.** An instruct model ends its answer by filling the rest of the canvas with EOS
-#   (9.4). After sampling, everything after the first EOS is EOS (`eos_id`), so a stray
+#   (13.4). After sampling, everything after the first EOS is EOS (`eos_id`), so a stray
 #   non-EOS token behind the end does not leak into the answer.
 #
 # A committed token is never remasked. The paper's sampler for the instruct model uses
@@ -665,17 +665,17 @@ print("stratifying l lowers it further at n >= 4:",
 # %%
 #| export lrn_lib.llada
 def transfer_schedule(n_masked: torch.Tensor, steps: int) -> torch.Tensor:
-    """(9.8): tokens to commit per step, n_masked (B,) -> (B, steps) int64, summing to n_masked, front-loaded."""
+    """(13.8): tokens to commit per step, n_masked (B,) -> (B, steps) int64, summing to n_masked, front-loaded."""
     validate.tensor(n_masked, "n_masked", dims=1, kind="int")
     if int(n_masked.min()) < 0:
         raise ValueError(f"n_masked must be counts >= 0, got {int(n_masked.min())}")
     validate.integer(steps, "steps", low=1)
     base, rem = n_masked // steps, n_masked % steps
-    return base[:, None] + (torch.arange(steps, device=n_masked.device)[None] < rem[:, None]).long()   # (9.8)
+    return base[:, None] + (torch.arange(steps, device=n_masked.device)[None] < rem[:, None]).long()   # (13.8)
 
 
 def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(9.9): a sample of softmax(logits / T) per position via Gumbel-max in float64; T = 0 is argmax. (..., V) -> (...)."""
+    """(13.9): a sample of softmax(logits / T) per position via Gumbel-max in float64; T = 0 is argmax. (..., V) -> (...)."""
     validate.tensor(logits, "logits", kind="float")
     if logits.dim() == 0:
         raise ValueError("logits must have a vocabulary dim (..., V), got a scalar")
@@ -685,7 +685,7 @@ def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Gen
     if temperature == 0:
         return z.argmax(-1)
     u = torch.rand(z.shape, generator=generator, dtype=torch.float64).to(z.device).clamp_min(1e-300)
-    return (z / temperature - torch.log(-torch.log(u))).argmax(-1)                # (9.9)
+    return (z / temperature - torch.log(-torch.log(u))).argmax(-1)                # (13.9)
 
 
 @torch.no_grad()
@@ -742,7 +742,7 @@ def classifier_free_guidance(model: Model, prompt_length: int, mask_id: int, sca
         uncond[:, :prompt_length] = mask_id                                        # the prompt hidden
         both = model(torch.cat([tokens, uncond])).double()
         c, u = both[:tokens.shape[0]], both[tokens.shape[0]:]
-        return u + (1.0 + scale) * (c - u)                                          # (9.10)
+        return u + (1.0 + scale) * (c - u)                                          # (13.10)
 
     return guided
 
@@ -757,10 +757,10 @@ def fill_masks(model: Model, x: torch.Tensor, steps: int, mask_id: int, temperat
 
     blocks: [(start, end), ...] decoded left to right with steps // len(blocks) steps each (default: one
     block over the whole sequence); every mask must lie in a block. Per step:
-    "low_confidence" commits the counts (9.8) of the block's masks with the highest softmax probability of
+    "low_confidence" commits the counts (13.8) of the block's masks with the highest softmax probability of
     their proposal (Algorithm 5); "random" commits the same counts, chosen uniformly at random;
     "independent" is Algorithm 4: going from t to s = t - 1/N, each masked position stays masked with
-    probability s/t, independently, so the number committed per step is random (its mean follows (9.8))
+    probability s/t, independently, so the number committed per step is random (its mean follows (13.8))
     and the last step of a block commits all that remain. order holds the step at which a position was
     committed, -1 for positions that were never masked.
     """
@@ -822,7 +822,7 @@ def diffusion_generate(model: Model, prompt: torch.Tensor, gen_length: int, step
     """LLaDA's sampler: prompt (B, P) followed by gen_length masks, decoded in blocks of block_length.
 
     eos_id: when given, every generated position after the first EOS becomes EOS (fill_after_eos).
-    cfg_scale: w > 0 samples from the classifier-free guided logits (9.10). Returns
+    cfg_scale: w > 0 samples from the classifier-free guided logits (13.10). Returns
     (tokens (B, P + gen_length), order (B, P + gen_length)) as fill_masks does.
     """
     validate.tensor(prompt, "prompt", dims=2, dtype=torch.int64, nonempty=False)
@@ -851,7 +851,7 @@ def diffusion_generate(model: Model, prompt: torch.Tensor, gen_length: int, step
 
 # %% [markdown]
 # The sampler checked on a stub model whose logits are fixed numbers: the per-step counts
-# follow (9.8), the prompt is untouched, the second block starts only after the first is done,
+# follow (13.8), the prompt is untouched, the second block starts only after the first is done,
 # $T = 0$ is deterministic, and with $T = 0.7$ the sampled tokens follow softmax$(z / 0.7)$.
 
 # %%
@@ -887,7 +887,7 @@ print("sampled frequencies", [round(v, 3) for v in freq.tolist()], "vs softmax(z
       [round(v, 3) for v in torch.softmax(z[0].double() / 0.7, 0).tolist()])
 
 # %% [markdown]
-# **Does the sampler draw from the model?** Back to section 9.3's exact conditionals
+# **Does the sampler draw from the model?** Back to section 13.3's exact conditionals
 # ($K = 3$, $L = 4$, 81 sequences) as the "model": draw 20,000 sequences from all-mask inputs at
 # temperature 1 and measure the total variation distance $\frac12\sum_x |\hat q(x) - p(x)|$
 # between their empirical distribution and the table. The noise floor is the same distance
@@ -913,11 +913,11 @@ tv = {}
 for remasking in ("random", "independent", "low_confidence"):
     for n_steps in (4, 16):
         if remasking != "independent" and n_steps > exact.L:
-            continue                                 # (9.8) commits nothing in the extra steps
+            continue                                 # (13.8) commits nothing in the extra steps
         draws, _ = fill_masks(exact, torch.full((N_TV, exact.L), exact.mask_id), n_steps, exact.mask_id,
                               temperature=1.0, remasking=remasking, generator=tv_gen)
         tv[remasking, n_steps] = tv_to_table(draws)
-profile_results.record("09", "tv", {f"{k[0]} {k[1]}": v for k, v in tv.items()})
+profile_results.record("13", "tv", {f"{k[0]} {k[1]}": v for k, v in tv.items()})
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -992,7 +992,7 @@ def is_progression(x):
 
 
 torch.manual_seed(0)
-ap_model = MaskPredictor(tiny_config(vocab_size=AP_V + 2, max_seq_len=AP_L), mask_id=AP_MASK)   # + EOS (9.4)
+ap_model = MaskPredictor(tiny_config(vocab_size=AP_V + 2, max_seq_len=AP_L), mask_id=AP_MASK)   # + EOS (13.4)
 AP_STEPS = config.pick(cpu=400, gpu=800)
 t0 = time.time()
 ap_losses = train(ap_model, lambda s: progressions(128, ap_gen), AP_STEPS,
@@ -1045,15 +1045,15 @@ print("at 4 and 8 steps low-confidence remasking beats random remasking by > 0.1
 # Forcing a strict left-to-right order (one block per step) gives up that freedom and lands
 # in between.
 #
-# **Fine-tuning with (9.7), and where EOS comes in.** The progression model has never seen
+# **Fine-tuning with (13.7), and where EOS comes in.** The progression model has never seen
 # an instruction. We fine-tune it with the SFT loss on a small instruction task: the prompt
 # is the first two numbers $s, s + d$ (mod 16) and the response (7 tokens) continues the
 # progression *without wrapping around*, then ends: every term that would reach 16 or more
 # is EOS. The answer length therefore depends on the prompt, as in real instruction data,
 # where the paper pads responses with EOS and trains on the padding like any other response
-# token (9.4). Of the 48 prompts ($s \in 0..15$, $d \in 1..3$), 36 are trained on and 12 are
+# token (13.4). Of the 48 prompts ($s \in 0..15$, $d \in 1..3$), 36 are trained on and 12 are
 # held out. Responses are decoded greedily in 7 steps with low-confidence remasking and
-# `eos_id` set, without and with classifier-free guidance (9.10); a response counts only if
+# `eos_id` set, without and with classifier-free guidance (13.10); a response counts only if
 # all 7 tokens are right.
 
 # %%
@@ -1091,7 +1091,7 @@ sft_losses = train(sft_model, lambda s: torch.cat([sft_prompts[sft_batches[s]], 
 sft_acc = {(name, split): sft_accuracy(m, rows, w) for name, m, w in
            (("before SFT", ap_model, 0.0), ("after SFT", sft_model, 0.0), ("after SFT, guidance w = 1", sft_model, 1.0))
            for split, rows in (("trained prompts", sft_train), ("held-out prompts", sft_held))}
-profile_results.record("09", "sft_accuracy", {f"{k[0]} | {k[1]}": v for k, v in sft_acc.items()})
+profile_results.record("13", "sft_accuracy", {f"{k[0]} | {k[1]}": v for k, v in sft_acc.items()})
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -1117,12 +1117,12 @@ print("and the held-out prompts improve too (by > 0.2):",
 # Guidance ($w = 1$) changes the held-out score by a prompt or a few here; with 12 prompts
 # that is not evidence either way.
 #
-# ## 9.7 A small LLaDA next to an autoregressive model on text
+# ## 13.7 A small LLaDA next to an autoregressive model on text
 #
 # We train a LLaDA mask predictor and chapter 6's causal Llama with the same shape, the same
 # data (pydoc's English text as bytes, windows of 64), the same batches and the same number of
 # steps. Their held-out numbers are not of the same kind: the autoregressive model gives its
-# exact negative log-likelihood, LLaDA only an upper bound (9.3), estimated with Algorithm 3.
+# exact negative log-likelihood, LLaDA only an upper bound (13.3), estimated with Algorithm 3.
 
 # %%
 from lrn_lib.llama import lm_loss, pydoc_bytes, random_windows
@@ -1163,7 +1163,7 @@ with torch.no_grad():
         mc_se.append(est.std().item() / math.sqrt(N_MC))
 bpb = {"autoregressive (exact)": torch.tensor(ar_nll), "LLaDA (upper bound, Alg. 3)": torch.tensor(llada_nll)}
 gap = bpb["LLaDA (upper bound, Alg. 3)"] - bpb["autoregressive (exact)"]      # paired by window
-profile_results.record("09", "text_bits_per_byte", {k: [round(x, 4) for x in v.tolist()] for k, v in bpb.items()})
+profile_results.record("13", "text_bits_per_byte", {k: [round(x, 4) for x in v.tolist()] for k, v in bpb.items()})
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -1189,7 +1189,7 @@ print("at equal steps the autoregressive model's likelihood is better than LLaDA
 # next to the spread between windows. Part of the gap is the bound itself, and part is that
 # each LLaDA step trains on only a fraction $t$ of positions.
 #
-# ## 9.8 The order in which tokens are revealed
+# ## 13.8 The order in which tokens are revealed
 #
 # The paper's Table 4 colours each generated token by the step at which it was committed.
 # We let the text model continue a prompt by 32 bytes in 32 steps with the three samplers, at
@@ -1235,7 +1235,7 @@ print("blocks of 8 commit block k during steps 8k..8k+7:",
       all(int(orders["low-conf., blocks of 8"][8 * k:8 * k + 8].min()) == 8 * k for k in range(4)))
 
 # %% [markdown]
-# ## 9.9 When order matters: the reversal curse
+# ## 13.9 When order matters: the reversal curse
 #
 # An autoregressive model trained on "A is the parent of B" learns $p(B \mid A)$, and that
 # knowledge does not flow to the question "whose parent is ... B?": the **reversal curse**
@@ -1253,7 +1253,7 @@ print("blocks of 8 commit block k during steps 8k..8k+7:",
 # 12% on the backward template after 2,000 CPU steps and called it "a little better" than
 # the autoregressive model, while longer training of the same setup reached 44% at 4,000
 # steps and 68% at 8,000 on the CPU, and 92% at 4,000 steps on the GPU profile of the time
-# (`benchmarks/results/chapter09_gpu_profile_NVIDIA_H100_80GB_HBM3_2026-11-23.txt`).
+# (`benchmarks/results/chapter13_gpu_profile_NVIDIA_H100_80GB_HBM3_2026-11-23.txt`).
 
 # %%
 N_PAIRS = 100
@@ -1320,7 +1320,7 @@ rev_seconds = time.time() - t0
 # curves[model][query]: (seeds, checkpoints) accuracies on the 50 forward-only pairs
 curves = {name: {q: torch.tensor([[ev[c][i] for c in CHECKPOINTS] for ev in runs]) for i, q in enumerate(QUERIES)}
           for name, runs in rev.items()}
-profile_results.record("09", "reversal", {"checkpoints": CHECKPOINTS, "seeds": REV_SEEDS,
+profile_results.record("13", "reversal", {"checkpoints": CHECKPOINTS, "seeds": REV_SEEDS,
                                           **{name: {q: v.tolist() for q, v in c.items()} for name, c in curves.items()}})
 
 # %%
@@ -1376,7 +1376,7 @@ print("LLaDA's backward template is above the AR model's 0 (by > 0.04) in at lea
 # model can answer "? > B" exactly, by Bayes' rule, but only by scoring all 200 candidates, a
 # cost that grows with the answer space (and is exponential for multi-token answers).
 #
-# ## 9.10 Is it real? Seeds, training budget and the GPU profile
+# ## 13.10 Is it real? Seeds, training budget and the GPU profile
 #
 # The table below puts the headline figures of this chapter side by side: this CPU run's
 # (seeds and windows as above) and the GPU profile's, when it has been recorded. The GPU
@@ -1387,8 +1387,8 @@ print("LLaDA's backward template is above the AR model's 0 (by > 0.04) in at lea
 rev_final = {f"{name} {q}": final[name][q].tolist() for name in final for q in QUERIES}
 cpu_figures = {"reversal, final checkpoint": rev_final, "tv": {f"{k[0]} {k[1]}": round(v, 4) for k, v in tv.items()},
                "tv_floor": [round(v, 4) for v in tv_floor]}
-gpu = profile_results.recorded("09")["figures"]
-print(profile_results.describe_run("09"))
+gpu = profile_results.recorded("13")["figures"]
+print(profile_results.describe_run("13"))
 
 
 def fmt(values):
@@ -1429,7 +1429,7 @@ for name, v in bpb.items():
 # not show how far it goes. Longer single runs do: the same task reached 0.44 at 4,000 and
 # 0.68 at 8,000 CPU steps in the review of an earlier version, and 0.92 at 4,000 steps on the
 # older GPU profile
-# (`benchmarks/results/chapter09_gpu_profile_NVIDIA_H100_80GB_HBM3_2026-11-23.txt`), always
+# (`benchmarks/results/chapter13_gpu_profile_NVIDIA_H100_80GB_HBM3_2026-11-23.txt`), always
 # against the autoregressive model's 0.00. The earlier version's "12%, only a little better"
 # was one point of one seed on such a slowly rising curve. What holds with error bars is
 # therefore: the autoregressive model cannot answer the reversed template at all, LLaDA
@@ -1443,7 +1443,7 @@ for name, v in bpb.items():
 # the trained prompts on both profiles and 0.17 → 0.50 (CPU) or 0.58 (GPU) on the held-out
 # ones.
 #
-# ## 9.11 Related work, and what the slides show
+# ## 13.11 Related work, and what the slides show
 #
 # * **Continuous diffusion for text.** Diffusion-LM (Li et al. 2022) embeds tokens, runs a
 #   Gaussian diffusion in embedding space and rounds the result back to tokens; it is what
@@ -1455,21 +1455,21 @@ for name, v in bpb.items():
 #   transition matrices, including the absorbing-state ("mask") process LLaDA uses. SEDD (Lou
 #   et al. 2024) trained it through score entropy; MDLM (Sahoo et al. 2024), Shi et al. (2024)
 #   and RADD (Ou et al. 2024) showed the absorbing-state ELBO reduces to the weighted
-#   cross-entropy (9.3) and that the time input can be dropped. LLaDA scales this recipe to
+#   cross-entropy (13.3) and that the time input can be dropped. LLaDA scales this recipe to
 #   8B parameters with the Llama 3 architecture.
 # * **Masked language models.** BERT masks a fixed 15% and is not a generative model; the
 #   $1/t$ weight over all masking ratios is what turns a masked LM into one with a likelihood
 #   bound.
 #
-# **Summary.** The forward process masks each token with probability $t$ (9.1); a
+# **Summary.** The forward process masks each token with probability $t$ (13.1); a
 # bidirectional transformer predicts the masked tokens, and the $1/t$-weighted cross-entropy
-# (9.3) bounds the negative log-likelihood, exactly for true conditionals (9.5), as 9.3
-# checked by enumeration. SFT masks only the response, EOS padding included (9.7), and
+# (13.3) bounds the negative log-likelihood, exactly for true conditionals (13.5), as 9.3
+# checked by enumeration. SFT masks only the response, EOS padding included (13.7), and
 # teaches a pretrained model to end its answers. Conditional likelihoods come from Monte
-# Carlo, where drawing the number of masks and stratifying it (9.6) cut the variance several
+# Carlo, where drawing the number of masks and stratifying it (13.6) cut the variance several
 # fold. Sampling commits a number of tokens per step (9.8; random in Algorithm 4), chosen at
 # random, which with one token per step samples the model exactly, or by confidence, a
-# heuristic that does not; optionally block by block and with guidance (9.10). At small scale
+# heuristic that does not; optionally block by block and with guidance (13.10). At small scale
 # the model's likelihood trails an autoregressive one, and in exchange it conditions on any
 # subset of positions: it answers reversed questions posed as infilling at once, and starts
 # to learn the reversed template (slowly, and very differently between seeds at our budget),
@@ -1479,46 +1479,46 @@ for name, v in bpb.items():
 # ## Exercises
 #
 # *Derive* on paper, *implement* a function with the given signature and check it with
-# `check("09.name", your_function)` from `lrn_lib.exercises` (randomized tests you do not
+# `check("13.name", your_function)` from `lrn_lib.exercises` (randomized tests you do not
 # see, against the library's float64 references; one line of verdict), *measure* with this
-# chapter's code. `print("\n".join(exercises("09")))` lists the checkers. Worked solutions:
-# `chapters/solutions/09_llada_solutions.ipynb`.
+# chapter's code. `print("\n".join(exercises("13")))` lists the checkers. Worked solutions:
+# `chapters/solutions/13_llada_solutions.ipynb`.
 #
 # ```python
 # from lrn_lib.exercises import check, exercises
 # ```
 #
-# **Exercise 1 (derive): the weights of the bound.** (a) Finish the step from (9.4) to (9.5):
+# **Exercise 1 (derive): the weights of the bound.** (a) Finish the step from (13.4) to (13.5):
 # show that $\int_0^1 t^{l-1}(1-t)^{L-l}\,dt = (l-1)!\,(L-l)!/L!$ (integrate by parts, or
 # read it off the Beta function) and that $\binom{L}{l}\, l$ times it is 1. (b) Fix $p$ and
-# mask by (9.1) with probability $p$. Show that $\mathbb{E}\big[\mathbf{1}[x_t^i = \text{M}]/p\big] = 1$
+# mask by (13.1) with probability $p$. Show that $\mathbb{E}\big[\mathbf{1}[x_t^i = \text{M}]/p\big] = 1$
 # for every position, and conclude that for a model with uniform logits over $V$ tokens the
-# expected loss (9.3) is exactly $\log V$, whatever the distribution of $p$. (c) With
-# $t \sim U(0,1)$ and (9.2), compute $\mathbb{E}[1/p]$ and $\mathbb{E}[1/p^2]$ as functions of
+# expected loss (13.3) is exactly $\log V$, whatever the distribution of $p$. (c) With
+# $t \sim U(0,1)$ and (13.2), compute $\mathbb{E}[1/p]$ and $\mathbb{E}[1/p^2]$ as functions of
 # $\varepsilon$. What would $\varepsilon = 0$ do to the variance of the loss, and what is the
 # value for $\varepsilon = 10^{-3}$?
 #
 # **Exercise 2 (implement): the pretraining loss.** Write
 # `pretraining_loss(logits: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor, p: torch.Tensor) -> torch.Tensor`
-# that returns (9.3) for one batch as a 0-dim tensor: `logits` $(B, L, V)$, `x0` $(B, L)$ the
+# that returns (13.3) for one batch as a 0-dim tensor: `logits` $(B, L, V)$, `x0` $(B, L)$ the
 # clean ids, `masked` $(B, L)$ bool, `p` $(B,)$ each row's masking probability; the sum over
 # the masked tokens of their cross-entropy divided by their row's $p$, divided by $B \cdot L$.
 # Rows (or the whole batch) may have no masked token, and logits may be large. Run
-# `check("09.pretraining_loss", pretraining_loss)`.
+# `check("13.pretraining_loss", pretraining_loss)`.
 #
 # **Exercise 3 (implement): which tokens a step commits.** (a) Write
-# `transfer_schedule(n_masked: torch.Tensor, steps: int) -> torch.Tensor` for (9.8):
+# `transfer_schedule(n_masked: torch.Tensor, steps: int) -> torch.Tensor` for (13.8):
 # `n_masked` $(B,)$ int64 to the $(B, \text{steps})$ int64 counts per step. Run
-# `check("09.transfer_schedule", transfer_schedule)`. (b) Write
+# `check("13.transfer_schedule", transfer_schedule)`. (b) Write
 # `commit_low_confidence(x: torch.Tensor, proposal: torch.Tensor, confidence: torch.Tensor, counts: torch.Tensor, mask_id: int) -> torch.Tensor`
 # for one step of low-confidence remasking: in each row $b$ of `x` $(B, L)$, replace the
 # `counts[b]` masked positions of highest `confidence` $(B, L)$ by their `proposal` $(B, L)$
 # and leave every other position as it is (unmasked tokens are never changed, and a row may
 # ask for 0). The checker's confidences have no ties and `counts[b]` never exceeds the row's
-# number of masks. Run `check("09.commit_low_confidence", commit_low_confidence)`.
+# number of masks. Run `check("13.commit_low_confidence", commit_low_confidence)`.
 #
-# **Exercise 4 (measure): how faithful is the sampler?** Section 9.6 measured one step count.
-# Take section 9.3's exact conditionals ($K = 3$, $L = 4$) and draw 20,000 sequences from
+# **Exercise 4 (measure): how faithful is the sampler?** Section 13.6 measured one step count.
+# Take section 13.3's exact conditionals ($K = 3$, $L = 4$) and draw 20,000 sequences from
 # all-mask inputs with `fill_masks` at temperature 1, for 1, 2 and 4 steps, with random and
 # with low-confidence remasking, and with Algorithm 4 (`remasking="independent"`) for 1, 2, 4,
 # 8, 16 and 32 steps. Print the total variation distance between the empirical distribution
