@@ -120,9 +120,6 @@ print(f"expert share of the parameters: {1 - (total - 32 * 8 * 3 * 4096 * 14336)
 # %%
 #| export lrn_lib.moe
 import math
-import os
-import socket
-import sys
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -1065,7 +1062,18 @@ if kernels.runtime.MODE != "unavailable":
 # GPUs, NCCL.
 
 # %%
-#| export lrn_lib.moe
+#| export lrn_lib.expert_parallel
+"""Expert parallelism (section 5.7): each rank holds some of the experts, and tokens travel to their
+experts and back by two all_to_all exchanges; equal to the single-process MoELayer."""
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from lrn_lib import validate
+from lrn_lib.moe import MoELayer, Routing, expert_ffn, sort_by_expert
+from lrn_lib.spawn import spawn
+
+
 class AllToAll(torch.autograd.Function):
     """Differentiable all_to_all_single with uneven splits; the backward pass swaps the splits."""
 
@@ -1150,63 +1158,45 @@ class ExpertParallelMoE(nn.Module):
         return y.reshape(shape)
 
 
-def _expert_parallel_worker(rank: int, world: int, port: int, queue, seed: int) -> None:
-    """One rank of expert_parallel_check: compare ExpertParallelMoE with MoELayer on the same tokens."""
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(seed)                                     # the same layer and data on every rank
-        layer = MoELayer(16, 24, 4 * world, 2, renormalize=True, n_shared=1).double()
-        per_rank = 23
-        x = torch.randn(world * per_rank, 16, dtype=torch.float64, requires_grad=True)
-        gy = torch.randn_like(x)
-        ep = ExpertParallelMoE(layer)
-        (layer(x) * gy).sum().backward()                            # the single-process reference
-        y_full = layer(x).detach()
-        mine = slice(rank * per_rank, (rank + 1) * per_rank)
-        x_local = x.detach()[mine].clone().requires_grad_()
-        y_local = ep(x_local)
-        (y_local * gy[mine]).sum().backward()
-        router_grad = ep.router.weight.grad.clone()
-        dist.all_reduce(router_grad)                                # replicated parameters: sum over ranks
-        first = rank * ep.local
-        errors = torch.stack([
-            (y_local - y_full[mine]).abs().max(),
-            (x_local.grad - x.grad[mine]).abs().max(),
-            (ep.w_in.grad - layer.w_in.grad[first:first + ep.local]).abs().max(),
-            (ep.w_out.grad - layer.w_out.grad[first:first + ep.local]).abs().max(),
-            (router_grad - layer.router.weight.grad).abs().max(),
-        ]).detach()
-        dist.all_reduce(errors, op=dist.ReduceOp.MAX)
-        if rank == 0:
-            queue.put(dict(zip(("output", "grad_x", "grad_w_in", "grad_w_out", "grad_router"), errors.tolist())))
-    finally:
-        dist.destroy_process_group()
+def _expert_parallel_worker(rank: int, world: int, seed: int) -> dict[str, float]:
+    """One rank of expert_parallel_check (a lrn_lib.spawn worker): ExpertParallelMoE against MoELayer on the
+    same tokens; returns the largest differences over all ranks."""
+    torch.manual_seed(seed)                                     # the same layer and data on every rank
+    layer = MoELayer(16, 24, 4 * world, 2, renormalize=True, n_shared=1).double()
+    per_rank = 23
+    x = torch.randn(world * per_rank, 16, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn_like(x)
+    ep = ExpertParallelMoE(layer)
+    (layer(x) * gy).sum().backward()                            # the single-process reference
+    y_full = layer(x).detach()
+    mine = slice(rank * per_rank, (rank + 1) * per_rank)
+    x_local = x.detach()[mine].clone().requires_grad_()
+    y_local = ep(x_local)
+    (y_local * gy[mine]).sum().backward()
+    router_grad = ep.router.weight.grad.clone()
+    dist.all_reduce(router_grad)                                # replicated parameters: sum over ranks
+    first = rank * ep.local
+    errors = torch.stack([
+        (y_local - y_full[mine]).abs().max(),
+        (x_local.grad - x.grad[mine]).abs().max(),
+        (ep.w_in.grad - layer.w_in.grad[first:first + ep.local]).abs().max(),
+        (ep.w_out.grad - layer.w_out.grad[first:first + ep.local]).abs().max(),
+        (router_grad - layer.router.weight.grad).abs().max(),
+    ]).detach()
+    dist.all_reduce(errors, op=dist.ReduceOp.MAX)
+    return dict(zip(("output", "grad_x", "grad_w_in", "grad_w_out", "grad_router"), errors.tolist()))
 
 
 def expert_parallel_check(world: int = 2, seed: int = 0) -> dict[str, float]:
     """Spawn `world` CPU processes (gloo) and return the largest differences between the expert-parallel
     layer and the single-process layer: output, and the gradients of x, w_in, w_out and the router."""
-    import torch.multiprocessing as mp
-
     validate.integer(world, "world", low=1)
     validate.integer(seed, "seed")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    queue = mp.get_context("spawn").SimpleQueue()
-    main = sys.modules["__main__"]
-    script = main.__dict__.pop("__file__", None)     # children import lrn_lib.moe, never re-run a calling script
-    try:
-        mp.spawn(_expert_parallel_worker, args=(world, port, queue, seed), nprocs=world, join=True)
-    finally:
-        if script is not None:
-            main.__file__ = script
-    return queue.get()
+    return spawn(_expert_parallel_worker, world, seed)[0]      # every rank holds the same maxima
 
 
 # %%
-from lrn_lib.moe import expert_parallel_check
+from lrn_lib.expert_parallel import expert_parallel_check
 
 errors = expert_parallel_check(world=2)
 print("largest |expert-parallel - single-process| over 2 gloo processes (float64):")

@@ -36,11 +36,6 @@ Public names, by the section of chapter 05 that teaches them:
     expert_ffn: Each expert's GELU FFN on its rows: x (A, d) sorted by expert, w_in (E, d, f), w_out (E, f, d) -> (A, d).
     MoELayer: Sparse MoE FFN (5.1): router, top-k, capacity, routed experts and optional shared experts.
 
-5.7 Expert parallelism
-    AllToAll: Differentiable all_to_all_single with uneven splits; the backward pass swaps the splits.
-    ExpertParallelMoE: The experts of `layer` spread over the ranks of `group`; this rank keeps experts [r E/W, (r+1) E/W).
-    expert_parallel_check: Spawn `world` CPU processes (gloo) and return the largest differences between the expert-parallel
-
 5.8 A small MoE language model on English and Python
     MoEBlock: Pre-norm block: x + attention(norm(x)), then x + MoE(norm(x)). x (B, T, d) -> (B, T, d).
     MoETransformer: Decoder-only language model with an MoE FFN in every block.
@@ -48,9 +43,6 @@ Public names, by the section of chapter 05 that teaches them:
 
 
 import math
-import os
-import socket
-import sys
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -511,153 +503,6 @@ class MoELayer(nn.Module):
         if self.shared is not None:
             y = y + self.shared(x)
         return y.reshape(shape)
-
-
-class AllToAll(torch.autograd.Function):
-    """Differentiable all_to_all_single with uneven splits; the backward pass swaps the splits.
-
-    Defined in chapter 05 (Mixture-of-Experts), section 5.7 Expert parallelism.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group=None) -> torch.Tensor:
-        """x (sum(in_splits), ...) -> (sum(out_splits), ...): rows in_splits[j] go to rank j."""
-        for name, splits in (("out_splits", out_splits), ("in_splits", in_splits)):
-            for j, rows in enumerate(validate.nonempty(splits, name)):
-                validate.integer(rows, f"{name}[{j}]", low=0)
-        if len(out_splits) != len(in_splits):
-            raise ValueError(f"out_splits and in_splits need one entry per rank, "
-                             f"got {len(out_splits)} and {len(in_splits)}")
-        if validate.tensor(x, "x", nonempty=False).dim() == 0 or x.shape[0] != sum(in_splits):
-            raise ValueError(f"in_splits sum to {sum(in_splits)} but x has shape {tuple(x.shape)}")
-        ctx.splits, ctx.group = (out_splits, in_splits), group
-        out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        """The reverse exchange."""
-        out_splits, in_splits = ctx.splits
-        dx = grad.new_empty((sum(in_splits),) + tuple(grad.shape[1:]))
-        dist.all_to_all_single(dx, grad.contiguous(), in_splits, out_splits, group=ctx.group)
-        return dx, None, None, None
-
-
-class ExpertParallelMoE(nn.Module):
-    """The experts of `layer` spread over the ranks of `group`; this rank keeps experts [r E/W, (r+1) E/W).
-
-    Router and shared experts are copied (replicated on every rank). forward(x (..., d)) ->
-    (..., d) equals layer(x) on this rank's tokens. Requires layer.capacity_factor None.
-
-    Defined in chapter 05 (Mixture-of-Experts), section 5.7 Expert parallelism.
-    """
-
-    def __init__(self, layer: "MoELayer", group=None):
-        super().__init__()
-        import copy
-
-        if not isinstance(layer, MoELayer):
-            raise TypeError(f"layer must be a MoELayer, got {type(layer).__name__}")
-        if layer.capacity_factor is not None:
-            raise ValueError(f"layer has capacity_factor {layer.capacity_factor}: the expert-parallel layer takes no "
-                             "capacity limit (it would depend on the rank split)")
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-        if layer.n_experts % world:
-            raise ValueError(f"layer has {layer.n_experts} experts, which cannot be split evenly over {world} ranks")
-        self.group, self.world, self.n_experts = group, world, layer.n_experts
-        self.local = layer.n_experts // world
-        first = rank * self.local
-        self.router = copy.deepcopy(layer.router)
-        self.shared = copy.deepcopy(layer.shared)
-        self.w_in = nn.Parameter(layer.w_in.detach()[first:first + self.local].clone())
-        self.w_out = nn.Parameter(layer.w_out.detach()[first:first + self.local].clone())
-        self.use_kernel = layer.use_kernel
-        self.last: Routing | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., d) -> (..., d)."""
-        if validate.tensor(x, "x", kind="float").dim() == 0 or x.shape[-1] != self.w_in.shape[1]:
-            raise ValueError(f"x must have shape (..., {self.w_in.shape[1]}), got {tuple(x.shape)}")
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        r = self.last = self.router(x)
-        token, column, _, counts = sort_by_expert(r.indices, r.keep, self.n_experts)   # step 1
-        received_counts = torch.empty_like(counts)
-        dist.all_to_all_single(received_counts, counts, group=self.group)              # step 2
-        received_counts = received_counts.view(self.world, self.local)                 # [source rank, local expert]
-        in_splits = counts.view(self.world, self.local).sum(1).tolist()
-        out_splits = received_counts.sum(1).tolist()
-        rows = AllToAll.apply(x[token], out_splits, in_splits, self.group)             # step 3: dispatch
-        local_expert = torch.arange(self.local, device=x.device).repeat(self.world).repeat_interleave(
-            received_counts.reshape(-1))
-        order = torch.argsort(local_expert, stable=True)                               # by expert, not by source
-        out = expert_ffn(rows[order], self.w_in, self.w_out, received_counts.sum(0), self.use_kernel)  # step 4
-        out = out[torch.argsort(order)]
-        back = AllToAll.apply(out, in_splits, out_splits, self.group)                  # step 5: combine
-        weight = r.weights[token, column].to(back.dtype)
-        y = torch.zeros_like(x).index_add(0, token, back * weight[:, None])
-        if self.shared is not None:
-            y = y + self.shared(x)
-        return y.reshape(shape)
-
-
-def _expert_parallel_worker(rank: int, world: int, port: int, queue, seed: int) -> None:
-    """One rank of expert_parallel_check: compare ExpertParallelMoE with MoELayer on the same tokens."""
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(seed)                                     # the same layer and data on every rank
-        layer = MoELayer(16, 24, 4 * world, 2, renormalize=True, n_shared=1).double()
-        per_rank = 23
-        x = torch.randn(world * per_rank, 16, dtype=torch.float64, requires_grad=True)
-        gy = torch.randn_like(x)
-        ep = ExpertParallelMoE(layer)
-        (layer(x) * gy).sum().backward()                            # the single-process reference
-        y_full = layer(x).detach()
-        mine = slice(rank * per_rank, (rank + 1) * per_rank)
-        x_local = x.detach()[mine].clone().requires_grad_()
-        y_local = ep(x_local)
-        (y_local * gy[mine]).sum().backward()
-        router_grad = ep.router.weight.grad.clone()
-        dist.all_reduce(router_grad)                                # replicated parameters: sum over ranks
-        first = rank * ep.local
-        errors = torch.stack([
-            (y_local - y_full[mine]).abs().max(),
-            (x_local.grad - x.grad[mine]).abs().max(),
-            (ep.w_in.grad - layer.w_in.grad[first:first + ep.local]).abs().max(),
-            (ep.w_out.grad - layer.w_out.grad[first:first + ep.local]).abs().max(),
-            (router_grad - layer.router.weight.grad).abs().max(),
-        ]).detach()
-        dist.all_reduce(errors, op=dist.ReduceOp.MAX)
-        if rank == 0:
-            queue.put(dict(zip(("output", "grad_x", "grad_w_in", "grad_w_out", "grad_router"), errors.tolist())))
-    finally:
-        dist.destroy_process_group()
-
-
-def expert_parallel_check(world: int = 2, seed: int = 0) -> dict[str, float]:
-    """Spawn `world` CPU processes (gloo) and return the largest differences between the expert-parallel
-    layer and the single-process layer: output, and the gradients of x, w_in, w_out and the router.
-
-    Defined in chapter 05 (Mixture-of-Experts), section 5.7 Expert parallelism.
-    """
-    import torch.multiprocessing as mp
-
-    validate.integer(world, "world", low=1)
-    validate.integer(seed, "seed")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    queue = mp.get_context("spawn").SimpleQueue()
-    main = sys.modules["__main__"]
-    script = main.__dict__.pop("__file__", None)     # children import lrn_lib.moe, never re-run a calling script
-    try:
-        mp.spawn(_expert_parallel_worker, args=(world, port, queue, seed), nprocs=world, join=True)
-    finally:
-        if script is not None:
-            main.__file__ = script
-    return queue.get()
 
 
 class MoEBlock(nn.Module):

@@ -1,4 +1,4 @@
-"""Chapter 6.11: the memory and communication accounting of Llama 3's 4D layouts, against hand-computed
+"""Chapter 10 (section 10.2): the memory and communication accounting of Llama 3's 4D layouts, against hand-computed
 small cases (tiny config: vocab 256, dim 64, 2 layers, 4 heads, 2 KV heads of 16, ffn 160)."""
 import math
 

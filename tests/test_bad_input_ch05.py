@@ -8,8 +8,9 @@ import torch
 from bad_input import assert_clear_error, cases
 from kernels.moe import (check_grouped_inputs, expert_offsets, grouped_config, grouped_matmul, grouped_weight_grad,
                          weight_grad_config)
-from lrn_lib.moe import (AllToAll, ExpertParallelMoE, GroupedMM, MoEBlock, MoELayer, MoETransformer, Router,
-                         apply_capacity, expert_capacity, expert_ffn, expert_parallel_check, global_batch_balance_loss,
+from lrn_lib.expert_parallel import AllToAll, ExpertParallelMoE, expert_parallel_check
+from lrn_lib.moe import (GroupedMM, MoEBlock, MoELayer, MoETransformer, Router,
+                         apply_capacity, expert_capacity, expert_ffn, global_batch_balance_loss,
                          grouped_mm, grouped_mm_reference, gshard_top2_gate, keep_top_k, kernel_can_run, load_fractions,
                          micro_batch_balance_loss, noisy_logits, router_z_loss, sigmoid_gate, slide_balance_loss,
                          softmax_gate, sort_by_expert, switch_balance_loss, top_k_gate, update_balance_bias)
@@ -161,16 +162,16 @@ BAD_CALLS = {
         ("n_shared", lambda: MoELayer(D, 12, E, 2, n_shared=-1)),
         ("x", lambda: LAYER(torch.randn(T, D + 1))),                                    # wrong width
     ],
-    "lrn_lib.moe.AllToAll": [
+    "lrn_lib.expert_parallel.AllToAll": [
         ("in_splits", lambda: AllToAll.apply(torch.randn(4, 2), [2, 2], [1, 1])),       # sum 2, 4 rows
         ("out_splits", lambda: AllToAll.apply(torch.randn(4, 2), [2, -2], [2, 2])),
         ("in_splits", lambda: AllToAll.apply(torch.randn(4, 2), [2, 2], [4])),           # one entry per rank
     ],
-    "lrn_lib.moe.ExpertParallelMoE": [
+    "lrn_lib.expert_parallel.ExpertParallelMoE": [
         ("layer", lambda: ExpertParallelMoE("moe")),
         ("layer", lambda: ExpertParallelMoE(MoELayer(D, 12, E, 2, capacity_factor=1.0))),
     ],
-    "lrn_lib.moe.expert_parallel_check": [
+    "lrn_lib.expert_parallel.expert_parallel_check": [
         ("world", lambda: expert_parallel_check(world=0)),
         ("world", lambda: expert_parallel_check(world=2.0)),
         ("seed", lambda: expert_parallel_check(seed="0")),

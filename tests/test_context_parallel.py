@@ -1,4 +1,4 @@
-"""Section 6.6: context parallelism. Sequence sharding, the log-sum-exp merge, the block backward,
+"""Chapter 8: context parallelism. Sequence sharding, the log-sum-exp merge, the block backward,
 ring and all-gather attention against full-sequence attention (gloo processes, float64), and the
 tiny Llama model with CP against the single-process step."""
 import pytest
@@ -10,7 +10,7 @@ from lrn_lib.context_parallel import (allgather_attention, attention_block_backw
                                       context_parallel_loss, cp_attend, gather_sequence, merge_partials,
                                       model_check, ring_attention, shard_positions, shard_sequence,
                                       unshard_sequence)
-from lrn_lib.mesh import free_port, spawn
+from lrn_lib.spawn import free_port, spawn
 
 
 def qkv(b=2, h=6, h_kv=2, n_q=10, n_k=10, d=8, seed=0):
@@ -49,7 +49,7 @@ def test_balanced_layout_equalizes_causal_work():
     assert work(False) == [0.5, 1.5, 2.5, 3.5]
 
 
-# ------------------------------------------------------------------ merge (6.42) and block backward (6.44)
+# ------------------------------------------------------------------ merge (10.10) and block backward (10.12)
 
 def test_merge_partials_is_the_weighted_form_and_gives_attention_over_all_keys():
     q, k, v = qkv(n_q=7, n_k=24)

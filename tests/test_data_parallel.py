@@ -1,4 +1,4 @@
-"""Section 6.8: data parallelism with the global-mean loss rule, bucketed gradient all-reduce,
+"""Section 9.2: data parallelism with the global-mean loss rule, bucketed gradient all-reduce,
 ZeRO-3 / FSDP from scratch and PyTorch's fully_shard, all checked in float64 against the
 single-process step on gloo CPU processes."""
 import pytest
@@ -8,7 +8,7 @@ from torch import nn
 from lrn_lib.data_parallel import (ShardedUnit, backward_global_mean, data_parallel_check, fsdp_check,
                                    gradient_buckets, shard_llama, split_rows, zero_bytes_per_rank)
 from lrn_lib.llama import Llama, tiny_config
-from lrn_lib.mesh import spawn
+from lrn_lib.spawn import spawn
 
 # Odd shapes: GQA 5:1, head_dim 10, a 97-token vocabulary; the 50-element norms need padding
 # at W = 3 and 4 (every unit has an even size: W = 2 splits evenly).
@@ -116,7 +116,7 @@ def test_data_parallel_step_equals_the_single_process_step(dp_results, world):
 
 
 def test_averaging_local_means_is_wrong_when_token_counts_differ(dp_results):
-    # 7 sequences on 3 ranks: shares of 3, 2, 2; (6.42) over-weights the smaller shares.
+    # 7 sequences on 3 ranks: shares of 3, 2, 2; (10.10) over-weights the smaller shares.
     assert all(errors["naive_grad"] > 1e-4 for errors in dp_results[3])
 
 

@@ -13,6 +13,7 @@ from scipy import ndimage
 from lrn_lib.attention import attention_reference, causal_visible, flash_attention_blocks
 from lrn_lib.book import load_book
 from lrn_lib.exercises import EXERCISES, check, exercises
+from lrn_lib.exercises.machinery import chapters as exercise_chapters
 from lrn_lib.grpo import group_advantages, grpo_loss
 from lrn_lib.llada import commit_most_confident, pretraining_loss, transfer_schedule
 from lrn_lib.llama import RMSNorm, apply_rope, rope_cos_sin
@@ -95,9 +96,9 @@ SOLUTIONS = {
     "05.bias_update": bias_update,
     "06.rms_norm": rms_norm,
     "06.rope": rope,
-    "06.sharded_cross_entropy": lambda shards, targets: torch.nn.functional.cross_entropy(
+    "07.sharded_cross_entropy": lambda shards, targets: torch.nn.functional.cross_entropy(
         torch.cat(shards, -1), targets, reduction="none"),
-    "06.schedule_bubble": lambda schedule, f, b: bubble_fraction(simulate_schedule(schedule, f, b)),
+    "09.schedule_bubble": lambda schedule, f, b: bubble_fraction(simulate_schedule(schedule, f, b)),
     "11.group_advantages": lambda rewards, g: group_advantages(rewards, g)[0],
     "11.grpo_loss": lambda logp, old, ref, adv, mask, eps, beta: grpo_loss(
         logp, old, adv, mask, "grpo", epsilon_low=eps, beta=beta, ref_logp=ref)[0],
@@ -300,10 +301,10 @@ WRONG = [  # (id, wrong function, words the message must contain)
     ("06.rope", lambda x, pos, theta: rope(x.view(*x.shape[:-1], -1, 2).transpose(-1, -2).reshape(x.shape), pos,
                                            theta).view(*x.shape[:-1], 2, -1).transpose(-1, -2).reshape(x.shape),
      ["adjacent coordinates", "rotate half"]),
-    ("06.sharded_cross_entropy", sharded_ce_with_local_maxima, ["its own maximum", "global m", "(6.14)"]),
-    ("06.sharded_cross_entropy", lambda shards, targets: torch.log(sum(torch.exp(z).sum(-1) for z in shards))
+    ("07.sharded_cross_entropy", sharded_ce_with_local_maxima, ["its own maximum", "global m", "(7.8)"]),
+    ("07.sharded_cross_entropy", lambda shards, targets: torch.log(sum(torch.exp(z).sum(-1) for z in shards))
      - torch.cat(shards, -1).gather(-1, targets[:, None])[:, 0], ["overflows", "global maximum"]),
-    ("06.schedule_bubble", bubble_by_formula, ["not of every schedule", "(6.23)"]),
+    ("09.schedule_bubble", bubble_by_formula, ["not of every schedule", "(9.1)"]),
     ("11.group_advantages", advantages_population_std, ["Bessel", "G - 1"]),
     ("11.group_advantages", lambda r, g: (r - r.mean()) / (r.std() + 1e-4), ["whole batch", "(11.3)"]),
     ("11.grpo_loss", grpo_loss_token_mean, ["bnpo", "own tokens first", "(11.5)"]),
@@ -499,8 +500,10 @@ def test_exercises_lists_the_chapters_ids_with_a_description():
 def test_unknown_ids_and_chapters_are_clear_errors():
     with pytest.raises(ValueError, match="known ids"):
         check("02.merj", merge)
-    with pytest.raises(ValueError, match="chapters with exercises: 01, 02, 03, 04, 05, 06, 07, 08, 09, 10$"):
-        exercises("11")
+    with pytest.raises(ValueError, match="chapters with exercises: 01, 02, 03, 04, 05, 06, 07, 09, 11, 12, 13, 14, 15$"):
+        exercises("99")
+    with pytest.raises(ValueError, match="no exercises for chapter '08'"):
+        exercises("08")                                  # its exercise is a derivation, with no checker
 
 
 @pytest.mark.parametrize("chapter_id", ["01", "02", "03", "04", "05"])
@@ -519,19 +522,26 @@ def test_chapter_exercises_section_and_solutions_name_every_checker(chapter_id):
     assert set(re.findall(r'check\("(\d\d\.\w+)"', solutions)) == ids
 
 
-@pytest.mark.parametrize("chapter_id", ["06", "11", "12", "13", "14"])
+LLAMA3_CHAPTERS = ("06", "07", "08", "09", "10")  # one split chapter: the three kinds of exercise between them
+
+
+def _exercises_section(chapter_id: str) -> str:
+    return BOOK.chapter(chapter_id).source.read_text().split("# ## Exercises", 1)[1]
+
+
+@pytest.mark.parametrize("chapter_id", ["06", "07", "08", "09", "10", "11", "12", "13", "14", "15"])
 def test_later_chapters_exercises_and_solutions_name_every_checker(chapter_id):
-    """Chapters 06-10: the Exercises section ends the chapter and offers every kind of exercise; its
-    text names each checker; the solutions run every checker."""
+    """Chapters 06-15: the Exercises section ends the chapter and offers every kind of exercise (the
+    Llama 3 chapters 06-10 between them); its text names each checker; the solutions run every checker."""
     chapter = BOOK.chapter(chapter_id)
-    ids = {line.split(":")[0] for line in exercises(chapter_id)}
-    text = chapter.source.read_text()
-    exercises_section = text.split("# ## Exercises", 1)[1]
+    ids = {line.split(":")[0] for line in exercises(chapter_id)} if chapter_id in exercise_chapters() else set()
+    exercises_section = _exercises_section(chapter_id)
     assert "\n# ## " not in exercises_section, "Exercises are the chapter's last section"
     named = set(re.findall(r'check\("(\d\d\.\w+)"', exercises_section)) - {f"{chapter_id}.name"}
     assert named == ids
-    for kind in ("(derive)", "(implement)", "(measure)"):
-        assert kind in exercises_section
+    sections = [_exercises_section(c) for c in LLAMA3_CHAPTERS] if chapter_id in LLAMA3_CHAPTERS else [exercises_section]
+    for kind in ("(derive", "(implement)", "(measure)"):
+        assert any(kind in section for section in sections), kind
     assert chapter.solutions is not None
     solutions = chapter.solutions.with_suffix(".py").read_text()
     assert set(re.findall(r'check\("(\d\d\.\w+)"', solutions)) == ids

@@ -7,7 +7,8 @@ import torch
 
 from lrn_lib.llama import (LLAMA3_8B, LLAMA3_70B, LLAMA3_405B, KVCache, Llama, LlamaConfig, RMSNorm, RopeScaling,
                            apply_rope, generate, llama_ffn_dim, lm_loss, load_transformers_state_dict,
-                           parameter_count, rope_cos_sin, rope_frequencies, sample_next, tiny_config, training_flops,
+                           parameter_count, rope_cos_sin, rope_frequencies, sample_next, sdpa_attention, tiny_config,
+                           training_flops,
                            transformers_name)
 
 
@@ -236,3 +237,38 @@ def test_loading_a_state_dict_names_the_missing_or_misshaped_tensor():
     state["model.norm.weight"] = torch.ones(3)
     with pytest.raises(ValueError, match="model.norm.weight"):
         load_transformers_state_dict(model, state)
+
+
+def test_a_causal_mask_through_forward_gives_the_default_causal_logits_in_float64():
+    torch.manual_seed(0)
+    model = Llama(tiny_config(n_layers=2, max_seq_len=16)).double()
+    tokens = torch.randint(0, 256, (2, 11))
+    causal = torch.ones(11, 11, dtype=torch.bool).tril()[None, None]
+    assert torch.allclose(model(tokens, mask=causal), model(tokens), atol=1e-12, rtol=0)
+
+
+def test_a_mask_through_forward_changes_only_that_call_and_blocks_what_it_hides():
+    torch.manual_seed(0)
+    model = Llama(tiny_config(n_layers=2, max_seq_len=16)).double()
+    tokens = torch.randint(0, 256, (1, 8))
+    before = model(tokens)
+    diagonal = torch.eye(8, dtype=torch.bool)[None, None]            # every token sees only itself
+    alone = model(tokens, mask=diagonal)
+    assert torch.allclose(model(tokens), before, atol=0, rtol=0)     # the next call is causal again
+    first_only = model(tokens[:, :1])                                 # token 0 alone, causal
+    changed = tokens.clone()
+    changed[0, 0] = (tokens[0, 0] + 1) % 256                          # position 0 differs
+    assert torch.allclose(model(changed, mask=diagonal)[:, 1:], alone[:, 1:], atol=1e-12, rtol=0)
+    assert torch.allclose(alone[:, :1], first_only, atol=1e-12, rtol=0)
+
+
+def test_sdpa_attention_equals_the_float64_reference_with_and_without_a_mask():
+    from lrn_lib.attention import attention_reference
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 7, 8, dtype=torch.float64), *torch.randn(2, 2, 2, 7, 8, dtype=torch.float64)
+    assert torch.allclose(sdpa_attention(q, k, v), attention_reference(q, k, v, causal=True)[0], atol=1e-12)
+    window = torch.ones(7, 7, dtype=torch.bool).tril() & ~torch.ones(7, 7, dtype=torch.bool).tril(-3)
+    kk, vv = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    scores = (q @ kk.transpose(-1, -2) / 8 ** 0.5).masked_fill(~window, float("-inf"))
+    assert torch.allclose(sdpa_attention(q, k, v, mask=window[None, None]), scores.softmax(-1) @ vv, atol=1e-12)

@@ -1,7 +1,8 @@
-"""Chapter 6's process launcher and 4D rank layout (lrn_lib.mesh)."""
+"""Chapter 7's process launcher and 4D rank layout (lrn_lib.mesh)."""
 import pytest
 
-from lrn_lib.mesh import MeshShape, collectives_demo, describe_rank, spawn
+from lrn_lib.mesh import MeshShape, collectives_demo, describe_rank
+from lrn_lib.spawn import spawn
 
 
 def test_rank_layout_follows_llama3_figure_5():

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from conftest import needs_triton
 from kernels import runtime
-from lrn_lib.moe import (MoELayer, MoETransformer, apply_capacity, expert_capacity, expert_parallel_check,
+from lrn_lib.expert_parallel import expert_parallel_check
+from lrn_lib.moe import (MoELayer, MoETransformer, apply_capacity, expert_capacity,
                          global_batch_balance_loss, grouped_mm, grouped_mm_reference, gshard_top2_gate, keep_top_k,
                          load_fractions, micro_batch_balance_loss, noisy_logits, router_z_loss, sigmoid_gate,
                          slide_balance_loss, switch_balance_loss, top_k_gate, update_balance_bias)

@@ -1,8 +1,9 @@
-"""Chapter 6's composition of TP, CP, PP and DP (lrn_lib.parallel_4d) against the single-process step."""
+"""Chapter 9's composition of TP, CP, PP and DP (lrn_lib.parallel_4d) against the single-process step."""
 import pytest
 
 from lrn_lib.llama import tiny_config
-from lrn_lib.mesh import MeshShape, spawn
+from lrn_lib.mesh import MeshShape
+from lrn_lib.spawn import spawn
 from lrn_lib.parallel_4d import four_d_step
 
 

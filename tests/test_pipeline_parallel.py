@@ -1,4 +1,4 @@
-"""Section 6.7: pipeline schedules (pure action lists), their exact bubble and memory, the Llama stage split,
+"""Section 9.1: pipeline schedules (pure action lists), their exact bubble and memory, the Llama stage split,
 and the send/recv executor against the single-process step and torch.distributed.pipelining (gloo processes)."""
 from fractions import Fraction
 
@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from lrn_lib.llama import Llama, lm_loss, tiny_config
-from lrn_lib.mesh import free_port, spawn
+from lrn_lib.spawn import free_port, spawn
 from lrn_lib.pipeline_parallel import (SCHEDULES, LlamaStage, bubble_formula, bubble_fraction, build_stage,
                                        gpipe_schedule, one_f_one_b_schedule, partition_layers, peak_in_flight,
                                        pipeline_check, run_pipeline, simulate_schedule, timeline_worker)

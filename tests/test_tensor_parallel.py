@@ -1,4 +1,4 @@
-"""Section 6.5: Megatron-style tensor parallelism (f/g operators, column/row-parallel linears, split
+"""Section 7.2: Megatron-style tensor parallelism (f/g operators, column/row-parallel linears, split
 attention heads and SwiGLU, vocabulary-parallel embedding and cross-entropy) against the
 single-process float64 step, over gloo processes on the CPU, and against PyTorch's DTensor TP."""
 import pytest
@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from lrn_lib.llama import Llama, tiny_config
-from lrn_lib.mesh import free_port, spawn
+from lrn_lib.spawn import free_port, spawn
 from lrn_lib.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, build_tp_llama,
                                      check_tp_config, dtensor_tp_check, shard_bounds, tensor_parallel_llama,
                                      tp_layers_check, tp_llama_check, vocab_parallel_cross_entropy)

@@ -1,4 +1,4 @@
-"""Chapter 6.10: the same Llama trained through PyTorch's engine (DeviceMesh, DTensor TP, FSDP2,
+"""Chapter 10 (section 10.1): the same Llama trained through PyTorch's engine (DeviceMesh, DTensor TP, FSDP2,
 pipelining, context_parallel) and launched with torchrun (lrn_lib.train). Every parallel layout must
 reproduce the single-process run in float64: the loss curve and every gradient of the first step."""
 import json
@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lrn_lib.llama import Llama, tiny_config
-from lrn_lib.mesh import spawn
-from lrn_lib.train import (check_worker, global_batch, main, parse_args, reference_run, sdpa_attention,
-                           stdlib_corpus, tensor_parallel_plan)
+from lrn_lib.llama import Llama, sdpa_attention, tiny_config
+from lrn_lib.spawn import spawn
+from lrn_lib.train import (check_worker, global_batch, main, parse_args, reference_run, stdlib_corpus,
+                           tensor_parallel_plan)
 from lrn_lib.pipeline_parallel import LlamaStage, partition_layers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ def test_defaults_follow_the_device():
     (["--pp", "2", "--microbatches", "3"], "--microbatches 3"),
     (["--microbatches", "2"], "--microbatches is for pipeline"),
     (["--pp", "5", "--layers", "4"], "--layers 4 is fewer than --pp 5"),
-    (["--cp", "2", "--device", "cpu"], "section 6.6"),
+    (["--cp", "2", "--device", "cpu"], "chapter 8"),
     (["--heads", "3"], "--dim"),
     (["--steps", "0"], "--steps must be >= 1"),
     (["--device", "tpu"], "--device"),

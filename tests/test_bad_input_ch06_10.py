@@ -1,4 +1,4 @@
-"""Bad input to chapter 06's public functions gets a clear TypeError/ValueError naming the argument.
+"""Bad input to the public functions of chapters 06-10 (Llama 3 and its parallelism) gets a clear TypeError/ValueError naming the argument.
 
 The parallel layers and collectives need a process group: the calls run in a gloo group of one
 process (as tests/test_tensor_parallel.py does), and every spawn worker is called directly, so
@@ -17,9 +17,9 @@ from lrn_lib.accounting import (LLAMA3_TABLE4, Layout, PublishedRun, all_gather_
                                 flops_per_token, implied_step_seconds, memory_per_gpu, params_per_gpu,
                                 saved_activations, stage_layers)
 from lrn_lib.llama import (Attention, FeedForward, KVCache, Llama, LlamaConfig, RMSNorm, RopeScaling, TransformerBlock,
-                           apply_rope, causal_attention, check_config, generate, llama_ffn_dim, lm_loss,
+                           apply_rope, causal_attention, check_config, check_mask, generate, llama_ffn_dim, lm_loss,
                            load_transformers_state_dict, parameter_count, random_windows, rope_cos_sin,
-                           rope_frequencies, sample_next, tiny_config, training_flops, transformers_name)
+                           rope_frequencies, sample_next, sdpa_attention, tiny_config, training_flops, transformers_name)
 from lrn_lib.context_parallel import (GatherSequence, RingAttention, allgather_attention, attention_block_backward,
                                      attention_check, chunk_ids, context_parallel_loss, cp_attend, gather_sequence,
                                      merge_partials, model_check, ring_attention, ring_attention_backward,
@@ -27,8 +27,8 @@ from lrn_lib.context_parallel import (GatherSequence, RingAttention, allgather_a
 from lrn_lib.data_parallel import (GatherStats, ShardedUnit, all_reduce_gradients, backward_global_mean,
                                    data_parallel_check, fsdp_check, gather_full_state, gradient_buckets,
                                    persistent_bytes, shard_llama, split_rows, zero_bytes_per_rank)
-from lrn_lib.mesh import (Mesh, MeshShape, check_group, check_mesh_shape, check_rank, collectives_demo, describe_rank,
-                          free_port, spawn)
+from lrn_lib.mesh import (Mesh, MeshShape, check_group, check_mesh_shape, check_rank, collectives_demo, describe_rank)
+from lrn_lib.spawn import free_port
 from lrn_lib.parallel_4d import four_d_step
 from lrn_lib.pipeline_parallel import (Event, LlamaStage, bubble_fraction, bubble_formula, build_stage, gpipe_schedule,
                                        one_f_one_b_schedule, partition_layers, peak_in_flight, pipeline_check,
@@ -39,7 +39,7 @@ from lrn_lib.tensor_parallel import (ColumnParallelLinear, CopyToTP, ReduceFromT
                                      tensor_parallel_llama, tp_layers_check, tp_llama_check,
                                      vocab_parallel_cross_entropy)
 from lrn_lib.train import (Trainer, build_mesh, check_args, check_worker, data_parallel_mesh, global_batch, main,
-                           model_config, parse_args, reference_run, sdpa_attention, shard_stage, tensor_parallel_plan,
+                           model_config, parse_args, reference_run, shard_stage, tensor_parallel_plan,
                            train, train_worker)
 
 CFG = tiny_config(vocab_size=16, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=32, max_seq_len=16)
@@ -184,6 +184,18 @@ BAD_CALLS = {
         ("q", lambda: causal_attention(torch.randn(1, 2, 4), torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8))),
         ("k", lambda: causal_attention(torch.randn(1, 2, 4, 8), torch.randn(1, 1, 4, 6), torch.randn(1, 1, 4, 6))),
     ],
+    "lrn_lib.llama.sdpa_attention": [
+        ("q", lambda: sdpa_attention(torch.randn(2, 4, 8), *qkv()[1:])),
+        ("k", lambda: sdpa_attention(*qkv()[:1], *qkv(t=6)[1:])),           # causal needs queries = keys
+        ("mask", lambda: sdpa_attention(*qkv(), mask=torch.ones(1, 1, 4, 4))),              # not bool
+        ("mask", lambda: sdpa_attention(*qkv(), mask=torch.ones(1, 1, 4, 5, dtype=torch.bool))),
+        ("mask", lambda: sdpa_attention(*qkv(), mask=torch.ones(4, 4, dtype=torch.bool))),   # 2-D
+    ],
+    "lrn_lib.llama.check_mask": [
+        ("mask", lambda: check_mask("mask", *qkv()[:2])),
+        ("mask", lambda: check_mask(torch.ones(2, 1, 4, 4, dtype=torch.bool), *qkv()[:2])),  # batch 2 vs 1
+        ("mask", lambda: check_mask(torch.ones(1, 2, 4, 4, dtype=torch.bool), *qkv()[:2])),  # one per head
+    ],
     "lrn_lib.llama.KVCache": [
         ("cfg", lambda: KVCache("cfg", 1, 8, torch.float32)),
         ("max_len", lambda: KVCache(CFG, 1, 0, torch.float32)),
@@ -241,10 +253,6 @@ BAD_CALLS = {
         ("data", lambda: random_windows(torch.rand(50), 2, 8, torch.Generator())),      # float data
     ],
     # ------------------------------------------------------------------ lrn_lib.mesh
-    "lrn_lib.mesh.spawn": [
-        ("world", lambda: spawn(collectives_demo, 0)),
-        ("worker", lambda: spawn("collectives_demo", 2)),
-    ],
     "lrn_lib.mesh.check_rank": [
         ("rank", lambda: check_rank(2, 2)),
         ("world", lambda: check_rank(0, 0)),
@@ -655,10 +663,6 @@ BAD_CALLS.update({
         ("data", lambda: global_batch(torch.arange(5), 0, 2, 8, 0)),
         ("seed", lambda: global_batch(torch.arange(50), 0, 2, 8, 1.5)),
     ],
-    "lrn_lib.train.sdpa_attention": [
-        ("q", lambda: sdpa_attention(torch.randn(2, 4, 8), *qkv()[1:])),
-        ("k", lambda: sdpa_attention(*qkv()[:1], *qkv(t=6)[1:])),
-    ],
     "lrn_lib.train.tensor_parallel_plan": [
         ("stage", lambda: tensor_parallel_plan(MODEL)),
     ],
@@ -714,7 +718,6 @@ BAD_CALLS.update({
 
 NO_BAD_INPUT = {
     "lrn_lib.llama.pydoc_bytes": "takes no arguments: it reads the book's own corpus",
-    "lrn_lib.mesh.free_port": "takes no arguments: it asks the operating system for a free port",
     "lrn_lib.pipeline_parallel.Event": "a NamedTuple of results that simulate_schedule and run_pipeline build; "
                                        "bubble_fraction checks the timelines it is given",
     "lrn_lib.pipeline_parallel.PipelineRun": "a dataclass of results that run_pipeline builds from its own events",
