@@ -363,7 +363,7 @@ print("kept:", int((scaled == base).sum()), " divided by 8:", int(torch.isclose(
 # through `forward` instead; `sdpa_attention` then runs PyTorch's fused attention with it,
 # and without a mask it is the causal path the later chapters use on CPU. Heads are found from the tensor's
 # width (`view(B, T, -1, hd)`), so a projection that holds only some heads (tensor
-# parallelism, 7.2) works unchanged.
+# parallelism, section 7.2) works unchanged.
 #
 # Llama 3 itself is dense. With `n_experts > 0` the block swaps its SwiGLU for chapter 5's
 # `MoELayer`, whose experts are two-matrix GELU FFNs. That makes a small MoE variant for
@@ -505,7 +505,7 @@ class TransformerBlock(nn.Module):
 
 # %% [markdown]
 # The model: embedding, blocks, final norm, untied head. `positions` defaults to
-# $0, \dots, T-1$; context parallelism (6.6) passes each shard's global positions, and
+# $0, \dots, T-1$; context parallelism (chapter 8) passes each shard's global positions, and
 # generation passes the positions after the cached prefix.
 
 # %%
