@@ -165,6 +165,15 @@ class Mesh:
                     self.group[key], self.members[key] = pg, ranks
 
 
+# %%
+#| export lrn_lib.mesh_checks
+"""Spawn workers that show the mesh at work: each rank's coordinates and groups, and two collectives."""
+import torch
+import torch.distributed as dist
+
+from lrn_lib.mesh import Mesh, MeshShape, check_mesh_shape, check_rank
+
+
 def describe_rank(rank: int, world: int, shape: MeshShape) -> str:
     """One line per rank: its coordinates and the members of each of its groups (a spawn worker)."""
     check_rank(rank, world)
@@ -197,7 +206,7 @@ for dims in (("tp",), ("cp",), ("pp",), ("dp",), ("cp", "dp")):
 # module (`lrn_lib.mesh.collectives_demo`) because spawned processes import it.
 
 # %%
-#| export lrn_lib.mesh
+#| export lrn_lib.mesh_checks
 def collectives_demo(rank: int, world: int) -> str:
     """all_reduce and all_gather of each rank's number (a spawn worker); returns what this rank sees."""
     check_rank(rank, world)
@@ -210,7 +219,7 @@ def collectives_demo(rank: int, world: int) -> str:
 
 
 # %%
-from lrn_lib.mesh import collectives_demo  # the module's function: spawned processes import it from there
+from lrn_lib.mesh_checks import collectives_demo  # the module's function: spawned processes import it from there
 
 for line in spawn(collectives_demo, 4):
     print(line)
@@ -270,8 +279,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lrn_lib import validate
-from lrn_lib.llama import Llama, LlamaConfig, RMSNorm, check_config, lm_loss
-from lrn_lib.mesh import Mesh, MeshShape, check_group, check_rank
+from lrn_lib.llama import Llama, LlamaConfig, RMSNorm, check_config
+from lrn_lib.mesh import check_group, check_rank
 
 
 def shard_bounds(size: int, rank: int, world: int) -> tuple[int, int]:
@@ -578,7 +587,22 @@ def vocab_parallel_cross_entropy(local_logits: torch.Tensor, targets: torch.Tens
 # shared maximum matters) and a vocabulary of 67 that no world size here divides.
 
 # %%
-#| export lrn_lib.tensor_parallel
+#| export lrn_lib.tensor_parallel_checks
+"""Spawn workers that check tensor parallelism against one process in float64: the parallel layers,
+the whole sharded Llama, and the same split through PyTorch's DTensor."""
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lrn_lib import validate
+from lrn_lib.llama import Llama, LlamaConfig, check_config, lm_loss
+from lrn_lib.mesh import Mesh, MeshShape, check_rank
+from lrn_lib.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, check_tp_config,
+                                     gradient_errors, shard_bounds, tensor_parallel_llama,
+                                     vocab_parallel_cross_entropy)
+
+
 def tp_layers_check(rank: int, world: int, vocab_size: int = 67, seed: int = 0, n_tokens: int = 10,
                     dim: int = 12, hidden: int = 10) -> dict[str, float]:
     """spawn worker: the parallel pieces against their single-process versions, float64, group = world.
@@ -631,7 +655,7 @@ def tp_layers_check(rank: int, world: int, vocab_size: int = 67, seed: int = 0, 
 
 # %%
 from lrn_lib.spawn import spawn
-from lrn_lib.tensor_parallel import tp_layers_check
+from lrn_lib.tensor_parallel_checks import tp_layers_check
 
 for tp_world in (2, 3):
     pieces = spawn(tp_layers_check, tp_world)
@@ -773,7 +797,7 @@ def gradient_errors(tp_model: nn.Module, full_model: nn.Module) -> dict[str, flo
 # side, as they will inside the 4D mesh.
 
 # %%
-#| export lrn_lib.tensor_parallel
+#| export lrn_lib.tensor_parallel_checks
 def tp_llama_check(rank: int, world: int, cfg: LlamaConfig, tp: int | None = None, seed: int = 0,
                    batch: int = 2, seq: int = 12) -> dict:
     """spawn worker: one float64 training step of tensor_parallel_llama against the full Llama.
@@ -889,7 +913,8 @@ import matplotlib.pyplot as plt
 from matplotlib.patches import Rectangle
 
 from lrn_lib.llama import LLAMA3_405B, Llama, tiny_config
-from lrn_lib.tensor_parallel import build_tp_llama, dtensor_tp_check, shard_bounds, tp_llama_check
+from lrn_lib.tensor_parallel import shard_bounds
+from lrn_lib.tensor_parallel_checks import build_tp_llama, dtensor_tp_check, tp_llama_check
 
 tp_cfg = tiny_config()
 tp_results = spawn(tp_llama_check, 2, tp_cfg)

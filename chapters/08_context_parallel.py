@@ -87,7 +87,6 @@ print("Triton kernels run:", kernels.runtime.MODE)
 
 # %%
 #| export lrn_lib.context_parallel
-import functools
 import math
 from typing import Callable
 
@@ -96,9 +95,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from lrn_lib import validate
-from lrn_lib.attention import attention_reference, causal_visible, check_attention_inputs, flash_attention
-from lrn_lib.llama import Llama, lm_loss, tiny_config
-from lrn_lib.mesh import check_group, check_rank
+from lrn_lib.attention import causal_visible, check_attention_inputs, flash_attention
+from lrn_lib.mesh import check_group
 
 
 def chunk_ids(rank: int, cp: int, balanced: bool = True) -> list[int]:
@@ -673,7 +671,22 @@ def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
 # process may then abort at exit.
 
 # %%
-#| export lrn_lib.context_parallel
+#| export lrn_lib.context_parallel_checks
+"""Spawn workers that check context parallelism against one process in float64: ring and all-gather
+attention against full-sequence attention, and a whole Llama step with CP."""
+import functools
+
+import torch
+import torch.distributed as dist
+
+from lrn_lib import validate
+from lrn_lib.attention import attention_reference
+from lrn_lib.context_parallel import (allgather_attention, context_parallel_loss, cp_attend, ring_attention,
+                                      shard_positions, shard_sequence)
+from lrn_lib.llama import Llama, lm_loss, tiny_config
+from lrn_lib.mesh import check_rank
+
+
 def _check_configs(configs: list[dict], keys: tuple[str, ...]) -> None:
     """Raise unless configs is a non-empty list of dicts holding `keys`, each with a known variant."""
     for cfg in validate.nonempty(configs, "configs"):
@@ -733,7 +746,7 @@ def attention_check(rank: int, world: int, configs: list[dict],
 
 
 # %%
-from lrn_lib.context_parallel import attention_check
+from lrn_lib.context_parallel_checks import attention_check
 
 base = dict(batch=2, heads=6, kv_heads=2, head_dim=8, seed=0)
 configs = [dict(base, variant=variant, causal=causal, balanced=balanced, seq_len=40)
@@ -872,7 +885,7 @@ print("sum of shares (8.7) == true mean:", torch.allclose(sum(s / sum(counts) fo
 # the single-process step.
 
 # %%
-#| export lrn_lib.context_parallel
+#| export lrn_lib.context_parallel_checks
 def model_check(rank: int, world: int, configs: list[dict]) -> list[dict[str, float]]:
     """Spawn worker: one step of the tiny lrn_lib.llama model with CP against the single-process step.
 
@@ -913,7 +926,7 @@ def model_check(rank: int, world: int, configs: list[dict]) -> list[dict[str, fl
 
 
 # %%
-from lrn_lib.context_parallel import model_check
+from lrn_lib.context_parallel_checks import model_check
 
 configs = [dict(variant=variant, balanced=True, batch=2, seq_len=32, padding=5, seed=0)
            for variant in ("ring", "allgather")]

@@ -76,7 +76,6 @@ print("Triton kernels run:", kernels.runtime.MODE)
 
 # %%
 #| export lrn_lib.pipeline_parallel
-import copy
 import itertools
 import time
 from dataclasses import dataclass
@@ -85,12 +84,11 @@ from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from lrn_lib import validate
-from lrn_lib.llama import Llama, LlamaConfig, check_config, lm_loss, rope_cos_sin, tiny_config
-from lrn_lib.mesh import Mesh, MeshShape, check_group, check_rank
+from lrn_lib.llama import Llama, rope_cos_sin
+from lrn_lib.mesh import check_group
 
 
 def partition_layers(n_layers: int, num_stages: int, lighter_ends: bool = False) -> list[range]:
@@ -639,7 +637,23 @@ def run_pipeline(module: nn.Module, schedule: str, num_microbatches: int, activa
 # instead of averaging, pass `scale_grads=False`.
 
 # %%
-#| export lrn_lib.pipeline_parallel
+#| export lrn_lib.pipeline_parallel_checks
+"""Spawn workers that check the pipeline against one process and torch.distributed.pipelining in
+float64, and time its schedules with simulated compute."""
+import copy
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from lrn_lib import validate
+from lrn_lib.llama import Llama, LlamaConfig, check_config, lm_loss, tiny_config
+from lrn_lib.mesh import Mesh, MeshShape, check_rank
+from lrn_lib.pipeline_parallel import SCHEDULES, PipelineRun, build_stage, run_pipeline
+
+
 def _torch_pipeline_step(module: nn.Module, schedule: str, num_microbatches: int, inputs: torch.Tensor | None,
                          targets: torch.Tensor | None, group: dist.ProcessGroup) -> float | None:
     """One step of module through torch.distributed.pipelining; returns the mean micro-batch loss on the last stage."""
@@ -715,7 +729,7 @@ def pipeline_check(rank: int, world: int, microbatch_counts: tuple[int, ...] = (
 
 
 # %%
-from lrn_lib.pipeline_parallel import pipeline_check
+from lrn_lib.pipeline_parallel_checks import pipeline_check
 
 results = spawn(pipeline_check, 4, (4,), 1, tiny_config(n_layers=4), 8)
 worst = {key: max(r[key] for r in results) for key in results[0]}
@@ -733,7 +747,7 @@ for key, err in worst.items():
 # messages. The idle fraction of the measured timeline is compared with (9.2).
 
 # %%
-#| export lrn_lib.pipeline_parallel
+#| export lrn_lib.pipeline_parallel_checks
 class _Sleep(torch.autograd.Function):
     """Identity whose forward and backward each sleep a given time."""
 
@@ -790,7 +804,7 @@ def timeline_worker(rank: int, world: int, num_microbatches: int, forward_second
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-from lrn_lib.pipeline_parallel import timeline_worker
+from lrn_lib.pipeline_parallel_checks import timeline_worker
 
 p, m = 4, 8
 runs = spawn(timeline_worker, p, m, 0.05)
@@ -872,7 +886,6 @@ torch.set_num_threads(1)
 
 # %%
 #| export lrn_lib.data_parallel
-import copy
 import weakref
 from contextlib import nullcontext
 from typing import Callable, Sequence
@@ -880,12 +893,10 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from lrn_lib import validate
-from lrn_lib.llama import Llama, LlamaConfig, check_config, lm_loss, pydoc_bytes, random_windows
+from lrn_lib.llama import Llama
 from lrn_lib.mesh import check_group, check_rank
 
 SYNC_OPS = ("sum", "mean")
@@ -1017,7 +1028,24 @@ for bucket_bytes in (25 * 2**20, 2**18, 2**16):
 # far off it is.
 
 # %%
-#| export lrn_lib.data_parallel
+#| export lrn_lib.data_parallel_checks
+"""Spawn workers that check data parallelism and FSDP against one process in float64, and our FSDP
+against PyTorch's fully_shard."""
+import copy
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+from lrn_lib import validate
+from lrn_lib.data_parallel import (GatherStats, all_reduce_gradients, backward_global_mean, gather_full_state,
+                                   persistent_bytes, shard_llama, split_rows)
+from lrn_lib.llama import Llama, LlamaConfig, check_config, lm_loss, pydoc_bytes, random_windows
+from lrn_lib.mesh import check_rank
+
+
 def _adamw(params) -> torch.optim.AdamW:
     """The optimizer of every run in this section (large steps, so that errors would show)."""
     return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
@@ -1126,7 +1154,7 @@ def data_parallel_check(rank: int, world: int, cfg: LlamaConfig, batch: int, seq
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-from lrn_lib.data_parallel import data_parallel_check  # spawned processes import the worker from the module
+from lrn_lib.data_parallel_checks import data_parallel_check  # spawned processes import the worker from the module
 
 dp = spawn(data_parallel_check, 3, cfg, 10, 16, 2)
 for rank, errors in enumerate(dp):
@@ -1452,7 +1480,7 @@ def persistent_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict
 # reduce-scattered gradients, so its losses are weighted with `sync="mean"`.
 
 # %%
-#| export lrn_lib.data_parallel
+#| export lrn_lib.data_parallel_checks
 def _dtensor_state(model: nn.Module, grad: bool) -> dict[str, torch.Tensor]:
     """Full parameters (or gradients) of an FSDP2 model by name (a collective per parameter)."""
     return {n: (p.grad if grad else p).full_tensor().detach().clone() for n, p in model.named_parameters()}
@@ -1495,7 +1523,7 @@ def fsdp_check(rank: int, world: int, cfg: LlamaConfig, batch: int, seq: int, mi
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-from lrn_lib.data_parallel import fsdp_check
+from lrn_lib.data_parallel_checks import fsdp_check
 
 deep = tiny_config(n_layers=4)
 fsdp = {world: spawn(fsdp_check, world, deep, 9, 16, 2) for world in (1, 2, 4)}

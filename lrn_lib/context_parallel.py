@@ -18,14 +18,11 @@ Context parallelism
     GatherSequence: All-gather of sequence shards into the full sequence; its backward is a reduce-scatter (8.6).
     gather_sequence: All-gather every CP rank's shard x (..., Tl, ...) into the full (..., T, ...) sequence (differentiable).
     allgather_attention: Exact attention over a sequence sharded across the CP group, Llama 3's way: all-gather K/V.
-    attention_check: Spawn worker: CP attention against full-sequence attention_reference, in float64.
     context_parallel_loss: This rank's share (8.7) of the mean next-token loss of a sequence sharded over the CP group.
     cp_attend: A causal CP attention (q, k, v) -> o to assign to lrn_lib.llama.Attention.attend.
-    model_check: Spawn worker: one step of the tiny lrn_lib.llama model with CP against the single-process step.
 """
 
 
-import functools
 import math
 from typing import Callable
 
@@ -34,9 +31,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from lrn_lib import validate
-from lrn_lib.attention import attention_reference, causal_visible, check_attention_inputs, flash_attention
-from lrn_lib.llama import Llama, lm_loss, tiny_config
-from lrn_lib.mesh import check_group, check_rank
+from lrn_lib.attention import causal_visible, check_attention_inputs, flash_attention
+from lrn_lib.mesh import check_group
 
 
 def chunk_ids(rank: int, cp: int, balanced: bool = True) -> list[int]:
@@ -413,66 +409,6 @@ def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
     return torch.cat(outs, dim=2)
 
 
-def _check_configs(configs: list[dict], keys: tuple[str, ...]) -> None:
-    """Raise unless configs is a non-empty list of dicts holding `keys`, each with a known variant."""
-    for cfg in validate.nonempty(configs, "configs"):
-        if not isinstance(cfg, dict):
-            raise TypeError(f"configs must hold dicts, got {type(cfg).__name__}")
-        missing = sorted(set(keys) - set(cfg))
-        if missing:
-            raise ValueError(f"a config of configs lacks the keys {missing}")
-        validate.choice(cfg["variant"], "variant", ("ring", "allgather"))
-
-
-def attention_check(rank: int, world: int, configs: list[dict],
-                    cp_groups: list[list[int]] | None = None) -> list[dict[str, float]]:
-    """Spawn worker: CP attention against full-sequence attention_reference, in float64.
-
-    Each config: variant ("ring" or "allgather"), causal, balanced, batch, heads, kv_heads,
-    seq_len, head_dim, seed. cp_groups: a partition of the ranks into CP groups, each of which
-    runs every config on its own (default: one group of all ranks). Returns, per config, the
-    largest |difference| over all ranks of the output and of dQ, dK, dV.
-
-    Defined in chapter 08 (Context parallelism).
-    """
-    check_rank(rank, world)
-    _check_configs(configs, ("variant", "causal", "balanced", "batch", "heads", "kv_heads", "seq_len", "head_dim",
-                             "seed"))
-    if cp_groups is not None and sorted(r for ranks in validate.nonempty(cp_groups, "cp_groups") for r in ranks) \
-            != list(range(world)):
-        raise ValueError(f"cp_groups must partition the ranks 0..{world - 1}, got {cp_groups}")
-    group = dist.group.WORLD
-    for ranks in cp_groups or []:
-        new = dist.new_group(ranks)                               # collective: every rank creates every group
-        if rank in ranks:
-            group = new
-    cp_rank, cp = dist.get_rank(group), dist.get_world_size(group)
-    attend = {"ring": ring_attention, "allgather": allgather_attention}
-    results = []
-    for cfg in configs:
-        g = torch.Generator().manual_seed(cfg["seed"])
-        b, t, d = cfg["batch"], cfg["seq_len"], cfg["head_dim"]
-        q = torch.randn(b, cfg["heads"], t, d, generator=g, dtype=torch.float64, requires_grad=True)
-        k = torch.randn(b, cfg["kv_heads"], t, d, generator=g, dtype=torch.float64, requires_grad=True)
-        v = torch.randn(b, cfg["kv_heads"], t, d, generator=g, dtype=torch.float64, requires_grad=True)
-        do = torch.randn(b, cfg["heads"], t, d, generator=g, dtype=torch.float64)
-        o_ref = attention_reference(q, k, v, causal=cfg["causal"])[0]
-        o_ref.backward(do)
-
-        def mine(x: torch.Tensor) -> torch.Tensor:
-            return shard_sequence(x.detach(), cp_rank, cp, dim=2, balanced=cfg["balanced"])
-
-        q_l, k_l, v_l = (mine(x).requires_grad_() for x in (q, k, v))
-        o_l = attend[cfg["variant"]](q_l, k_l, v_l, causal=cfg["causal"], group=group, balanced=cfg["balanced"])
-        o_l.backward(mine(do))
-        with torch.no_grad():                                      # a collective's tensor must carry no graph
-            errors = torch.stack([(o_l - mine(o_ref)).abs().max(), (q_l.grad - mine(q.grad)).abs().max(),
-                                  (k_l.grad - mine(k.grad)).abs().max(), (v_l.grad - mine(v.grad)).abs().max()])
-        dist.all_reduce(errors, op=dist.ReduceOp.MAX)
-        results.append(dict(zip(("output", "dq", "dk", "dv"), errors.tolist())))
-    return results
-
-
 def context_parallel_loss(logits: torch.Tensor, targets: torch.Tensor, group: dist.ProcessGroup | None = None,
                           ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's share (8.7) of the mean next-token loss of a sequence sharded over the CP group.
@@ -525,44 +461,3 @@ def cp_attend(variant: str = "allgather", group: dist.ProcessGroup | None = None
         return attention(q, k, v, causal=True, group=group, balanced=balanced)
 
     return attend
-
-
-def model_check(rank: int, world: int, configs: list[dict]) -> list[dict[str, float]]:
-    """Spawn worker: one step of the tiny lrn_lib.llama model with CP against the single-process step.
-
-    Each config: variant ("ring"/"allgather"), balanced, batch, seq_len, padding (how many
-    trailing targets are ignore_index), seed. Returns, per config, |loss difference|, the
-    largest |gradient difference| over all parameters, and the largest |gradient|, over the group.
-
-    Defined in chapter 08 (Context parallelism).
-    """
-    check_rank(rank, world)
-    _check_configs(configs, ("variant", "balanced", "batch", "seq_len", "padding", "seed"))
-    group = dist.group.WORLD
-    results = []
-    for cfg in configs:
-        torch.manual_seed(cfg["seed"])                            # the same weights and data on every rank
-        model = Llama(tiny_config()).double()
-        tokens = torch.randint(model.cfg.vocab_size, (cfg["batch"], cfg["seq_len"] + 1))
-        inputs, targets = tokens[:, :-1], tokens[:, 1:].clone()
-        targets[:, targets.shape[1] - cfg["padding"]:] = -100
-        loss_ref = lm_loss(model(inputs), targets)                # the single-process step
-        loss_ref.backward()
-        grads_ref = {name: p.grad.clone() for name, p in model.named_parameters()}
-        model.zero_grad()
-
-        for layer in model.layers:
-            layer.attention.attend = cp_attend(cfg["variant"], group, cfg["balanced"])
-        mine = functools.partial(shard_sequence, rank=rank, cp=world, dim=1, balanced=cfg["balanced"])
-        logits = model(mine(inputs), shard_positions(cfg["seq_len"], rank, world, cfg["balanced"]))
-        share, loss = context_parallel_loss(logits, mine(targets), group)
-        share.backward()
-        for p in model.parameters():
-            dist.all_reduce(p.grad, group=group)                  # (8.7) is a sum over ranks: sum the grads
-        with torch.no_grad():                                      # a collective's tensor must carry no graph
-            grad_error = max((p.grad - grads_ref[name]).abs().max() for name, p in model.named_parameters())
-            grad_size = max(g.abs().max() for g in grads_ref.values())
-            errors = torch.stack([(loss - loss_ref).abs(), grad_error, grad_size])
-        dist.all_reduce(errors, op=dist.ReduceOp.MAX)
-        results.append(dict(zip(("loss", "grad", "grad_size"), errors.tolist())))
-    return results

@@ -9,18 +9,15 @@ Public names, by the section of chapter 09 that teaches them:
     backward_global_mean: Backpropagate this rank's share of the global-batch mean loss (9.5), one micro-batch at a time.
     gradient_buckets: Group gradient indices into buckets of at most bucket_bytes (a larger single tensor gets its own).
     all_reduce_gradients: Sum every parameter gradient of module over `group` in place, bucket by bucket (the outer sum of (9.5)).
-    data_parallel_check: Spawn worker: DP with (9.5) against one process on the whole batch, over `steps` AdamW steps.
     zero_bytes_per_rank: Bytes per rank of parameters, gradients and optimizer state under ZeRO stage 0 (DP) to 3 (9.7).
     GatherStats: Bytes of gathered (unsharded) parameter vectors alive now (`live`), at most (`peak`), and all-gathers made.
     ShardedUnit: ZeRO-3 wrapper: module's parameters live as one padded flat shard (9.8) per rank of `group`.
     shard_llama: ZeRO-3 a Llama in place over `group`: one ShardedUnit per embedding, block, final norm and head.
     gather_full_state: Collective: every sharded unit's full parameters (or gradients), named as in the unwrapped model.
     persistent_bytes: Bytes this rank keeps across steps: parameters, their gradients, optimizer state tensors.
-    fsdp_check: Spawn worker: our ZeRO-3 (both resharding modes) and FSDP2's fully_shard against one process.
 """
 
 
-import copy
 import weakref
 from contextlib import nullcontext
 from typing import Callable, Sequence
@@ -28,12 +25,10 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from lrn_lib import validate
-from lrn_lib.llama import Llama, LlamaConfig, check_config, lm_loss, pydoc_bytes, random_windows
+from lrn_lib.llama import Llama
 from lrn_lib.mesh import check_group, check_rank
 
 SYNC_OPS = ("sum", "mean")
@@ -138,114 +133,6 @@ def all_reduce_gradients(module: nn.Module, group: dist.ProcessGroup | None = No
         for i, piece in zip(bucket, flat.split([grads[i].numel() for i in bucket])):
             grads[i].copy_(piece.view_as(grads[i]))
     return len(buckets)
-
-
-def _adamw(params) -> torch.optim.AdamW:
-    """The optimizer of every run in this section (large steps, so that errors would show)."""
-    return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
-
-
-def _check_run(rank: int, world: int, cfg: LlamaConfig, batch: int, seq: int, micro_steps: int, steps: int) -> None:
-    """The argument checks of the DP and FSDP workers: every rank gets rows and micro_steps micro-batches."""
-    check_rank(rank, world)
-    check_config(cfg)
-    validate.integer(batch, "batch", low=world)
-    validate.integer(seq, "seq", low=1, high=cfg.max_seq_len)
-    validate.integer(micro_steps, "micro_steps", low=1, high=batch // world)
-    validate.integer(steps, "steps", low=1)
-
-
-def _setup(cfg: LlamaConfig, batch: int, seq: int, steps: int, seed: int) -> tuple[Llama, list]:
-    """A float64 Llama from `seed` and `steps` global batches of (tokens, targets), each (batch, seq)."""
-    torch.manual_seed(seed)
-    model = Llama(cfg).double()
-    generator = torch.Generator().manual_seed(seed)
-    data = pydoc_bytes() % cfg.vocab_size
-    return model, [random_windows(data, batch, seq, generator) for _ in range(steps)]
-
-
-def _micro_batches(tokens: torch.Tensor, targets: torch.Tensor, rank: int, world: int,
-                   micro_steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """This rank's rows of the global batch (B, T), split into micro_steps micro-batches."""
-    x, y = split_rows(tokens, rank, world), split_rows(targets, rank, world)
-    if x.shape[0] < micro_steps:
-        raise ValueError(f"rank {rank} holds {x.shape[0]} sequences, fewer than micro_steps={micro_steps}")
-    return list(zip(x.tensor_split(micro_steps), y.tensor_split(micro_steps)))
-
-
-def _plain_state(model: nn.Module, grad: bool) -> dict[str, torch.Tensor]:
-    """Parameters (or gradients) of an unsharded model by name."""
-    return {n: (p.grad if grad else p).detach().clone() for n, p in model.named_parameters()}
-
-
-def _reference_run(model: nn.Module, batches: list) -> dict:
-    """One process, whole global batches: per-step losses and gradients, final parameters, bytes held."""
-    opt = _adamw(model.parameters())
-    losses, grads = [], []
-    for tokens, targets in batches:
-        loss = lm_loss(model(tokens), targets)
-        loss.backward()
-        losses.append(loss.detach())
-        grads.append(_plain_state(model, grad=True))
-        opt.step()
-        held = persistent_bytes(model, opt)
-        opt.zero_grad()
-    return {"losses": losses, "grads": grads, "params": _plain_state(model, grad=False), "bytes": held}
-
-
-def _parallel_run(model: nn.Module, batches: list, rank: int, world: int, micro_steps: int, sync: str,
-                  reduce_gradients: Callable[[nn.Module], object] | None,
-                  full_state: Callable[[nn.Module, bool], dict[str, torch.Tensor]]) -> dict:
-    """The same steps on this rank's micro-batches; full_state reads back unsharded parameters/gradients."""
-    opt = _adamw(model.parameters())
-    losses, grads = [], []
-    for tokens, targets in batches:
-        micro = _micro_batches(tokens, targets, rank, world, micro_steps)
-        losses.append(backward_global_mean(lambda x, y: lm_loss(model(x), y), micro, sync=sync))
-        if reduce_gradients is not None:
-            reduce_gradients(model)
-        grads.append(full_state(model, True))
-        opt.step()
-        held = persistent_bytes(model, opt)
-        opt.zero_grad()
-    return {"losses": losses, "grads": grads, "params": full_state(model, False), "bytes": held}
-
-
-def _max_error(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    """max |a - b| over all tensors of two dicts with the same names."""
-    if a.keys() != b.keys():
-        raise ValueError(f"the runs name different tensors: {sorted(a.keys() ^ b.keys())}")
-    return max((a[n] - b[n]).abs().max().item() for n in a)
-
-
-def _errors(run: dict, ref: dict) -> dict[str, float]:
-    """Largest loss, gradient (any step) and final-parameter differences of a run from the reference."""
-    return {"loss": max(abs(x.item() - y.item()) for x, y in zip(run["losses"], ref["losses"])),
-            "grad": max(_max_error(g, h) for g, h in zip(run["grads"], ref["grads"])),
-            "param": _max_error(run["params"], ref["params"])}
-
-
-def data_parallel_check(rank: int, world: int, cfg: LlamaConfig, batch: int, seq: int, micro_steps: int,
-                        steps: int = 2, seed: int = 0) -> dict[str, float]:
-    """Spawn worker: DP with (9.5) against one process on the whole batch, over `steps` AdamW steps.
-
-    Returns the max |difference| of the losses, of every gradient and of the final parameters,
-    and "naive_grad": the gradient error of averaging local means (9.6) on the first batch.
-
-    Defined in chapter 09 (Pipeline and data parallelism, and all four at once), section 9.2 Data parallelism and FSDP.
-    """
-    _check_run(rank, world, cfg, batch, seq, micro_steps, steps)
-    model, batches = _setup(cfg, batch, seq, steps, seed)
-    ref = _reference_run(copy.deepcopy(model), batches)
-    run = _parallel_run(copy.deepcopy(model), batches, rank, world, micro_steps, "sum",
-                        all_reduce_gradients, _plain_state)
-    naive = copy.deepcopy(model)
-    tokens, targets = batches[0]
-    lm_loss(naive(split_rows(tokens, rank, world)), split_rows(targets, rank, world)).backward()
-    all_reduce_gradients(naive)
-    for p in naive.parameters():
-        p.grad /= world                                           # (9.6): right only for equal shares
-    return {**_errors(run, ref), "naive_grad": _max_error(_plain_state(naive, grad=True), ref["grads"][0])}
 
 
 def zero_bytes_per_rank(n_params: float, world: int, stage: int, param_bytes: float = 2,
@@ -478,45 +365,3 @@ def persistent_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict
             "grads": nbytes(p.grad for p in params if p.grad is not None),
             "optimizer": nbytes(v for state in optimizer.state.values() for v in state.values()
                                 if isinstance(v, torch.Tensor))}
-
-
-def _dtensor_state(model: nn.Module, grad: bool) -> dict[str, torch.Tensor]:
-    """Full parameters (or gradients) of an FSDP2 model by name (a collective per parameter)."""
-    return {n: (p.grad if grad else p).full_tensor().detach().clone() for n, p in model.named_parameters()}
-
-
-def fsdp_check(rank: int, world: int, cfg: LlamaConfig, batch: int, seq: int, micro_steps: int,
-               steps: int = 2, seed: int = 0) -> dict:
-    """Spawn worker: our ZeRO-3 (both resharding modes) and FSDP2's fully_shard against one process.
-
-    Returns max |difference| of losses, gradients and final parameters ("loss", "grad", "param";
-    "keep_*" without resharding after forward; "fsdp2_*"), the peak and final live gathered
-    bytes and the number of all-gathers ("peak", "live", "gathers", "keep_*"), the padded bytes
-    of every unit in model order, embedding first ("unit_bytes"), and the persistent bytes of
-    a DP rank, our ZeRO-3 rank and an FSDP2 rank ("dp_bytes", "bytes", "fsdp2_bytes").
-
-    Defined in chapter 09 (Pipeline and data parallelism, and all four at once), section 9.2 Data parallelism and FSDP.
-    """
-    _check_run(rank, world, cfg, batch, seq, micro_steps, steps)
-    model, batches = _setup(cfg, batch, seq, steps, seed)
-    ref = _reference_run(copy.deepcopy(model), batches)
-    out: dict = {"dp_bytes": ref["bytes"]}
-    for prefix, reshard in (("", True), ("keep_", False)):
-        stats = GatherStats()
-        sharded = copy.deepcopy(model)
-        units = shard_llama(sharded, None, stats, reshard)
-        run = _parallel_run(sharded, batches, rank, world, micro_steps, "sum", None, gather_full_state)
-        out.update({prefix + k: v for k, v in _errors(run, ref).items()})
-        out[prefix + "peak"], out[prefix + "live"], out[prefix + "gathers"] = stats.peak, stats.live, stats.gathers
-        if reshard:
-            out["bytes"] = run["bytes"]
-            out["unit_bytes"] = [u.shard_numel * world * u.shard.element_size() for u in units]
-    fsdp2 = copy.deepcopy(model)
-    mesh = init_device_mesh("cpu", (world,))
-    for layer in fsdp2.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(fsdp2, mesh=mesh)
-    run = _parallel_run(fsdp2, batches, rank, world, micro_steps, "mean", None, _dtensor_state)
-    out.update({"fsdp2_" + k: v for k, v in _errors(run, ref).items()})
-    out["fsdp2_bytes"] = run["bytes"]
-    return out

@@ -10,8 +10,6 @@ Public names, by the section of chapter 07 that teaches them:
     check_group: Raise TypeError unless group is a torch.distributed ProcessGroup or None (None: the whole world).
     MeshShape: Sizes of the four parallel dimensions; the world size is their product.
     Mesh: This rank's place in a MeshShape and its process groups along tp, cp, pp, dp and cp x dp.
-    describe_rank: One line per rank: its coordinates and the members of each of its groups (a spawn worker).
-    collectives_demo: all_reduce and all_gather of each rank's number (a spawn worker); returns what this rank sees.
 """
 
 
@@ -123,30 +121,3 @@ class Mesh:
                 pg = dist.new_group(ranks)           # collective: every rank creates every group
                 if self.rank in ranks:
                     self.group[key], self.members[key] = pg, ranks
-
-
-def describe_rank(rank: int, world: int, shape: MeshShape) -> str:
-    """One line per rank: its coordinates and the members of each of its groups (a spawn worker).
-
-    Defined in chapter 07 (Processes, the mesh and tensor parallelism), section 7.1 Processes, ranks and the 4D mesh.
-    """
-    check_rank(rank, world)
-    check_mesh_shape(shape, world)
-    mesh = Mesh(shape)
-    c = mesh.coords
-    groups = " ".join(f"{k}={mesh.members[k]}" for k in ("tp", "cp", "pp", "dp"))
-    return f"rank {rank:2d}: tp={c['tp']} cp={c['cp']} pp={c['pp']} dp={c['dp']}  groups {groups}"
-
-
-def collectives_demo(rank: int, world: int) -> str:
-    """all_reduce and all_gather of each rank's number (a spawn worker); returns what this rank sees.
-
-    Defined in chapter 07 (Processes, the mesh and tensor parallelism), section 7.1 Processes, ranks and the 4D mesh.
-    """
-    check_rank(rank, world)
-    x = torch.tensor([float(rank)])
-    total = x.clone()
-    dist.all_reduce(total)
-    gathered = [torch.zeros(1) for _ in range(world)]
-    dist.all_gather(gathered, x)
-    return f"rank {rank}: all_reduce -> {total.item():.0f}, all_gather -> {[int(g.item()) for g in gathered]}"

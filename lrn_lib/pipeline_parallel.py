@@ -17,13 +17,9 @@ Public names, by the section of chapter 09 that teaches them:
     peak_in_flight: Per stage, the most micro-batches whose forward has run and whose backward has not yet.
     PipelineRun: One stage's record of run_pipeline.
     run_pipeline: Run one training step's forwards and backwards of this rank's stage; gradients accumulate in .grad.
-    pipeline_check: Spawn worker: pipelined steps against the single-process step of a float64 Llama.
-    SimulatedCompute: The identity x (...) -> x (...) that takes forward_seconds forward and backward_seconds backward.
-    timeline_worker: Spawn worker: one step of each schedule over `world` equal simulated stages; {schedule: PipelineRun}.
 """
 
 
-import copy
 import itertools
 import time
 from dataclasses import dataclass
@@ -32,12 +28,11 @@ from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from lrn_lib import validate
-from lrn_lib.llama import Llama, LlamaConfig, check_config, lm_loss, rope_cos_sin, tiny_config
-from lrn_lib.mesh import Mesh, MeshShape, check_group, check_rank
+from lrn_lib.llama import Llama, rope_cos_sin
+from lrn_lib.mesh import check_group
 
 
 def partition_layers(n_layers: int, num_stages: int, lighter_ends: bool = False) -> list[range]:
@@ -387,137 +382,3 @@ def run_pipeline(module: nn.Module, schedule: str, num_microbatches: int, activa
     for work, _ in sends:
         work.wait()
     return PipelineRun(loss, events, peak)
-
-
-def _torch_pipeline_step(module: nn.Module, schedule: str, num_microbatches: int, inputs: torch.Tensor | None,
-                         targets: torch.Tensor | None, group: dist.ProcessGroup) -> float | None:
-    """One step of module through torch.distributed.pipelining; returns the mean micro-batch loss on the last stage."""
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
-
-    stage, num_stages = dist.get_rank(group), dist.get_world_size(group)
-    runner = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
-    engine = runner(PipelineStage(module, stage, num_stages, torch.device("cpu"), group=group),
-                    n_microbatches=num_microbatches, loss_fn=lm_loss)
-    if stage == num_stages - 1:
-        losses: list[torch.Tensor] = []
-        engine.step(*([inputs] if stage == 0 else []), target=targets, losses=losses)
-        return torch.stack(losses).mean().item()
-    engine.step(*([inputs] if stage == 0 else []))
-    return None
-
-
-def pipeline_check(rank: int, world: int, microbatch_counts: tuple[int, ...] = (4,), dp: int = 1,
-                   cfg: LlamaConfig | None = None, batch: int = 20, seq: int = 8, seed: int = 0) -> dict[str, float]:
-    """Spawn worker: pipelined steps against the single-process step of a float64 Llama.
-
-    The world is a MeshShape(pp=world // dp, dp=dp): each data-parallel replica runs its own
-    pipeline over its "pp" group, on its own batch (B=batch, T=seq) drawn from seed + its dp
-    coordinate. For each schedule and each m in microbatch_counts it runs run_pipeline and
-    torch.distributed.pipelining on the same stage split and returns
-    {"ours gpipe m=4": err, "torch gpipe m=4": err, ...}, err being the largest |difference|
-    from the single-process step over the loss (last stage only) and every gradient of this
-    rank's stage.
-
-    Defined in chapter 09 (Pipeline and data parallelism, and all four at once), section 9.1 Pipeline parallelism.
-    """
-    check_rank(rank, world)
-    validate.integer(dp, "dp", low=1, high=world)
-    if world % dp:
-        raise ValueError(f"dp={dp} does not divide world={world}")
-    if cfg is not None:
-        check_config(cfg)
-    validate.integer(batch, "batch", low=1)
-    validate.integer(seq, "seq", low=1)
-    for m in validate.nonempty(microbatch_counts, "microbatch_counts"):
-        validate.integer(m, "microbatch_counts", low=world // dp)
-        if batch % m:
-            raise ValueError(f"microbatch_counts holds {m}, which does not divide batch={batch}")
-    mesh = Mesh(MeshShape(pp=world // dp, dp=dp))
-    group = mesh.group["pp"]
-    stage, num_stages = dist.get_rank(group), dist.get_world_size(group)
-    cfg = cfg if cfg is not None else tiny_config(n_layers=4)
-    torch.manual_seed(seed)
-    reference = Llama(cfg).double()
-    data = torch.Generator().manual_seed(seed + 1 + mesh.coords["dp"])
-    tokens = torch.randint(0, cfg.vocab_size, (batch, seq), generator=data)
-    targets = torch.randint(0, cfg.vocab_size, (batch, seq), generator=data)
-    expected_loss = lm_loss(reference(tokens), targets)
-    expected_loss.backward()
-    expected = {name: p.grad for name, p in reference.named_parameters()}
-
-    errors = {}
-    for m in microbatch_counts:
-        for schedule in SCHEDULES:
-            for engine in ("ours", "torch"):
-                module = build_stage(copy.deepcopy(reference), stage, num_stages)
-                module.zero_grad(set_to_none=True)
-                first_inputs = tokens if stage == 0 else None
-                last_targets = targets if stage == num_stages - 1 else None
-                if engine == "ours":
-                    loss = run_pipeline(module, schedule, m, (batch // m, seq, cfg.dim), first_inputs, last_targets,
-                                        lm_loss, torch.float64, group).loss
-                else:
-                    loss = _torch_pipeline_step(module, schedule, m, first_inputs, last_targets, group)
-                err = max((p.grad - expected[name]).abs().max().item() for name, p in module.named_parameters())
-                if loss is not None:
-                    err = max(err, abs(loss - expected_loss.item()))
-                errors[f"{engine} {schedule} m={m}"] = err
-    return errors
-
-
-class _Sleep(torch.autograd.Function):
-    """Identity whose forward and backward each sleep a given time."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, forward_seconds: float, backward_seconds: float) -> torch.Tensor:
-        time.sleep(forward_seconds)
-        ctx.backward_seconds = backward_seconds
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        time.sleep(ctx.backward_seconds)
-        return grad, None, None
-
-
-class SimulatedCompute(nn.Module):
-    """The identity x (...) -> x (...) that takes forward_seconds forward and backward_seconds backward.
-
-    It sleeps instead of computing, so stages of equal cost can be timed on a shared CPU.
-
-    Defined in chapter 09 (Pipeline and data parallelism, and all four at once), section 9.1 Pipeline parallelism.
-    """
-
-    def __init__(self, forward_seconds: float, backward_seconds: float):
-        super().__init__()
-        validate.number(forward_seconds, "forward_seconds", low=0)
-        validate.number(backward_seconds, "backward_seconds", low=0)
-        self.forward_seconds, self.backward_seconds = forward_seconds, backward_seconds
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (...) -> the same values (...), after sleeping forward_seconds."""
-        validate.tensor(x, "x", nonempty=False)
-        return _Sleep.apply(x, self.forward_seconds, self.backward_seconds)
-
-
-def timeline_worker(rank: int, world: int, num_microbatches: int, forward_seconds: float) -> dict[str, PipelineRun]:
-    """Spawn worker: one step of each schedule over `world` equal simulated stages; {schedule: PipelineRun}.
-
-    Each stage is a Linear(4, 4) followed by SimulatedCompute(forward_seconds, 2 * forward_seconds).
-    An untimed step with zero compute comes first: a process's first backward pays one-time setup costs.
-
-    Defined in chapter 09 (Pipeline and data parallelism, and all four at once), section 9.1 Pipeline parallelism.
-    """
-    check_rank(rank, world)
-    validate.integer(num_microbatches, "num_microbatches", low=world)
-    validate.number(forward_seconds, "forward_seconds", low=0)
-    torch.manual_seed(0)
-    inputs = torch.randn(num_microbatches, 4) if rank == 0 else None
-    targets = torch.zeros(num_microbatches, 4) if rank == world - 1 else None
-
-    def step(schedule: str, seconds: float) -> PipelineRun:
-        module = nn.Sequential(nn.Linear(4, 4), SimulatedCompute(seconds, 2 * seconds))
-        return run_pipeline(module, schedule, num_microbatches, (1, 4), inputs, targets, F.mse_loss)
-
-    step("gpipe", 0.0)
-    return {schedule: step(schedule, forward_seconds) for schedule in SCHEDULES}

@@ -15,14 +15,10 @@ Public names, by the section of chapter 07 that teaches them:
     VocabParallelEmbedding: This rank's rows [start, stop) = shard_bounds(V, rank, t) of `embedding` (7.7).
     VocabParallelCrossEntropy: Per-token cross-entropy (7.8) from vocabulary-sharded logits; backward (7.9) needs no communication.
     vocab_parallel_cross_entropy: Mean cross-entropy over all tokens, like lm_loss, from logits that are never gathered.
-    tp_layers_check: spawn worker: the parallel pieces against their single-process versions, float64, group = world.
     TPRMSNorm: A replicated RMSNorm whose output enters the tensor-parallel region through f.
     check_tp_config: Raise ValueError unless a model of shape cfg splits over tp ranks: heads, KV heads, vocabulary, FFN.
     tensor_parallel_llama: A copy of `model` holding this rank's shards over group; model must be identical on every rank.
     gradient_errors: max |gradient of each tp_model parameter - the matching slice of full_model's gradient|, by name.
-    tp_llama_check: spawn worker: one float64 training step of tensor_parallel_llama against the full Llama.
-    dtensor_tp_check: spawn worker: tensor_parallel_llama against PyTorch's own TP (DTensor) on the same float64 step.
-    build_tp_llama: spawn worker: build Llama(cfg) from seeds[rank] and shard it over the world; 'ok' or the ValueError's message.
 """
 
 
@@ -34,8 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lrn_lib import validate
-from lrn_lib.llama import Llama, LlamaConfig, RMSNorm, check_config, lm_loss
-from lrn_lib.mesh import Mesh, MeshShape, check_group, check_rank
+from lrn_lib.llama import Llama, LlamaConfig, RMSNorm, check_config
+from lrn_lib.mesh import check_group, check_rank
 
 
 def shard_bounds(size: int, rank: int, world: int) -> tuple[int, int]:
@@ -282,58 +278,6 @@ def vocab_parallel_cross_entropy(local_logits: torch.Tensor, targets: torch.Tens
     return losses.mean()
 
 
-def tp_layers_check(rank: int, world: int, vocab_size: int = 67, seed: int = 0, n_tokens: int = 10,
-                    dim: int = 12, hidden: int = 10) -> dict[str, float]:
-    """spawn worker: the parallel pieces against their single-process versions, float64, group = world.
-
-    Returns the largest |parallel - single-process| of: a ColumnParallelLinear -> GELU ->
-    RowParallelLinear MLP with biases ('mlp_out', 'mlp_grad': input and every parameter
-    gradient); VocabParallelEmbedding ('embedding_out', 'embedding_grad'); and
-    vocab_parallel_cross_entropy against F.cross_entropy ('ce_loss', 'ce_grad' of the logits).
-
-    Defined in chapter 07 (Processes, the mesh and tensor parallelism), section 7.2 Tensor parallelism.
-    """
-    check_rank(rank, world)
-    for name, value in (("vocab_size", vocab_size), ("n_tokens", n_tokens), ("dim", dim), ("hidden", hidden)):
-        validate.integer(value, name, low=world)                   # every rank gets a row of each split
-    torch.manual_seed(seed)
-    up, down = nn.Linear(dim, hidden).double(), nn.Linear(hidden, dim).double()
-    table = nn.Embedding(vocab_size, dim).double()
-    x = torch.randn(n_tokens, dim, dtype=torch.float64, requires_grad=True)
-    gy = torch.randn(n_tokens, dim, dtype=torch.float64)
-    tokens = torch.randint(0, vocab_size, (n_tokens,))
-    logits = (30 * torch.randn(n_tokens, vocab_size, dtype=torch.float64)).requires_grad_()
-    targets = torch.randint(0, vocab_size, (n_tokens,))
-    column, row, embedding = ColumnParallelLinear(up), RowParallelLinear(down), VocabParallelEmbedding(table)
-
-    mlp = down(F.gelu(up(x)))
-    (mlp * gy).sum().backward()
-    x_tp = x.detach().clone().requires_grad_()
-    mlp_tp = row(F.gelu(column(x_tp)))
-    (mlp_tp * gy).sum().backward()
-    mlp_grad = max([(x_tp.grad - x.grad).abs().max().item()] +
-                   [(p.grad - module.full_slice(full.grad, name)).abs().max().item()
-                    for module, layer in ((column, up), (row, down))
-                    for (name, p), full in zip(module.named_parameters(), layer.parameters())])
-
-    rows = table(tokens)
-    (rows * gy).sum().backward()
-    rows_tp = embedding(tokens)
-    (rows_tp * gy).sum().backward()
-
-    loss = F.cross_entropy(logits, targets)
-    loss.backward()
-    start, stop = shard_bounds(vocab_size, dist.get_rank(), dist.get_world_size())
-    local = logits.detach()[:, start:stop].clone().requires_grad_()
-    loss_tp = vocab_parallel_cross_entropy(local, targets, vocab_size)
-    loss_tp.backward()
-    return {"mlp_out": (mlp_tp - mlp).abs().max().item(), "mlp_grad": mlp_grad,
-            "embedding_out": (rows_tp - rows).abs().max().item(),
-            "embedding_grad": (embedding.weight.grad - embedding.full_slice(table.weight.grad, "weight")).abs().max().item(),
-            "ce_loss": abs(loss_tp.item() - loss.item()),
-            "ce_grad": (local.grad - logits.grad[:, start:stop]).abs().max().item()}
-
-
 class TPRMSNorm(RMSNorm):
     """A replicated RMSNorm whose output enters the tensor-parallel region through f.
 
@@ -438,120 +382,3 @@ def gradient_errors(tp_model: nn.Module, full_model: nn.Module) -> dict[str, flo
                 full = module.full_slice(full, name)
             errors[full_name] = (p.grad - full).abs().max().item()
     return errors
-
-
-def tp_llama_check(rank: int, world: int, cfg: LlamaConfig, tp: int | None = None, seed: int = 0,
-                   batch: int = 2, seq: int = 12) -> dict:
-    """spawn worker: one float64 training step of tensor_parallel_llama against the full Llama.
-
-    tp (default world) ranks per TP group; the world is split into world // tp groups by
-    Mesh(MeshShape(tp=tp, dp=world // tp)). Returns {'loss', 'logits', 'grad'}: the largest
-    |TP - single-process| of the loss, this rank's logit columns and any parameter gradient
-    (sharded gradients against the matching slices); 'grads' per parameter name; 'shapes':
-    name -> this rank's parameter shape; 'forward' and 'backward': the sizes (numbers of
-    elements) of the all-reduces the TP step issued.
-
-    Defined in chapter 07 (Processes, the mesh and tensor parallelism), section 7.2 Tensor parallelism.
-    """
-    check_rank(rank, world)
-    tp = world if tp is None else validate.integer(tp, "tp", low=1)
-    if world % tp:
-        raise ValueError(f"tp={tp} does not divide world={world}")
-    check_tp_config(cfg, tp)
-    validate.integer(batch, "batch", low=1)
-    validate.integer(seq, "seq", low=1)
-    group = Mesh(MeshShape(tp=tp, dp=world // tp)).group["tp"] if tp < world else None
-    torch.manual_seed(seed)
-    full = Llama(cfg).double()
-    tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1))
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    sharded = tensor_parallel_llama(full, group)
-    logits = full(inputs)
-    loss = lm_loss(logits, targets)
-    loss.backward()
-
-    sizes: list[int] = []
-    real_all_reduce = dist.all_reduce
-
-    def counting_all_reduce(tensor, *args, **kwargs):
-        sizes.append(tensor.numel())
-        return real_all_reduce(tensor, *args, **kwargs)
-
-    dist.all_reduce = counting_all_reduce
-    try:
-        local_logits = sharded(inputs)
-        tp_loss = vocab_parallel_cross_entropy(local_logits, targets, cfg.vocab_size, group)
-        forward = list(sizes)
-        tp_loss.backward()
-        backward = sizes[len(forward):]
-    finally:
-        dist.all_reduce = real_all_reduce
-    start, stop = shard_bounds(cfg.vocab_size, dist.get_rank(group), tp)
-    grads = gradient_errors(sharded, full)
-    return {"loss": abs(tp_loss.item() - loss.item()),
-            "logits": (local_logits - logits[..., start:stop]).abs().max().item(),
-            "grad": max(grads.values()), "grads": grads,
-            "shapes": {name: tuple(p.shape) for name, p in sharded.named_parameters()},
-            "forward": forward, "backward": backward}
-
-
-def dtensor_tp_check(rank: int, world: int, cfg: LlamaConfig, seed: int = 0, batch: int = 2, seq: int = 12) -> dict:
-    """spawn worker: tensor_parallel_llama against PyTorch's own TP (DTensor) on the same float64 step.
-
-    PyTorch's model: the full Llama parallelized by parallelize_module on a 1-D CPU
-    DeviceMesh with ColwiseParallel (wq, wk, wv, w1, w3, output, its logits gathered) and
-    RowwiseParallel (wo, w2, the embedding). Returns {'loss', 'grad'}: the largest
-    |ours - PyTorch's| of the loss and of any parameter gradient (this rank's shards).
-
-    Defined in chapter 07 (Processes, the mesh and tensor parallelism), section 7.2 Tensor parallelism.
-    """
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Replicate
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-
-    check_rank(rank, world)
-    check_tp_config(cfg, world)
-    validate.integer(batch, "batch", low=1)
-    validate.integer(seq, "seq", low=1)
-    torch.manual_seed(seed)
-    full = Llama(cfg).double()
-    tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1))
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    ours = tensor_parallel_llama(full)
-    plan = {"tok_embeddings": RowwiseParallel(input_layouts=Replicate()),
-            "output": ColwiseParallel(output_layouts=Replicate())}
-    for i in range(cfg.n_layers):
-        for name in ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3"):
-            plan[f"layers.{i}.{name}"] = ColwiseParallel()
-        for name in ("attention.wo", "feed_forward.w2"):
-            plan[f"layers.{i}.{name}"] = RowwiseParallel()
-    theirs = parallelize_module(full, init_device_mesh("cpu", (world,)), plan)
-    their_loss = lm_loss(theirs(inputs), targets)
-    their_loss.backward()
-    our_loss = vocab_parallel_cross_entropy(ours(inputs), targets, cfg.vocab_size)
-    our_loss.backward()
-    grad = 0.0
-    for name, p in ours.named_parameters():
-        param = theirs.get_parameter(name)
-        reference = param.grad
-        if isinstance(param, DTensor):          # a gradient may come back in another layout (the embedding's: replicated)
-            reference = reference.redistribute(param.device_mesh, param.placements).to_local()
-        grad = max(grad, (p.grad - reference).abs().max().item())
-    return {"loss": abs(our_loss.item() - their_loss.item()), "grad": grad}
-
-
-def build_tp_llama(rank: int, world: int, cfg: LlamaConfig, seeds: list[int]) -> str:
-    """spawn worker: build Llama(cfg) from seeds[rank] and shard it over the world; 'ok' or the ValueError's message.
-
-    Defined in chapter 07 (Processes, the mesh and tensor parallelism), section 7.2 Tensor parallelism.
-    """
-    check_rank(rank, world)
-    check_config(cfg)
-    if len(validate.nonempty(seeds, "seeds")) != world:
-        raise ValueError(f"seeds must hold one seed per rank, {world}, got {len(seeds)}")
-    torch.manual_seed(seeds[rank])
-    try:
-        tensor_parallel_llama(Llama(cfg))
-    except ValueError as error:
-        return str(error)
-    return "ok"

@@ -21,23 +21,27 @@ from lrn_lib.llama import (Attention, FeedForward, KVCache, Llama, LlamaConfig, 
                            load_transformers_state_dict, parameter_count, random_windows, rope_cos_sin,
                            rope_frequencies, sample_next, sdpa_attention, tiny_config, training_flops, transformers_name)
 from lrn_lib.context_parallel import (GatherSequence, RingAttention, allgather_attention, attention_block_backward,
-                                     attention_check, chunk_ids, context_parallel_loss, cp_attend, gather_sequence,
-                                     merge_partials, model_check, ring_attention, ring_attention_backward,
-                                     ring_attention_forward, shard_positions, shard_sequence, unshard_sequence)
+                                      chunk_ids, context_parallel_loss, cp_attend, gather_sequence, merge_partials,
+                                      ring_attention, ring_attention_backward, ring_attention_forward,
+                                      shard_positions, shard_sequence, unshard_sequence)
+from lrn_lib.context_parallel_checks import attention_check, model_check
 from lrn_lib.data_parallel import (GatherStats, ShardedUnit, all_reduce_gradients, backward_global_mean,
-                                   data_parallel_check, fsdp_check, gather_full_state, gradient_buckets,
-                                   persistent_bytes, shard_llama, split_rows, zero_bytes_per_rank)
-from lrn_lib.mesh import (Mesh, MeshShape, check_group, check_mesh_shape, check_rank, collectives_demo, describe_rank)
+                                   gather_full_state, gradient_buckets, persistent_bytes, shard_llama, split_rows,
+                                   zero_bytes_per_rank)
+from lrn_lib.data_parallel_checks import data_parallel_check, fsdp_check
+from lrn_lib.mesh import Mesh, MeshShape, check_group, check_mesh_shape, check_rank
+from lrn_lib.mesh_checks import collectives_demo, describe_rank
 from lrn_lib.spawn import free_port
 from lrn_lib.parallel_4d import four_d_step
-from lrn_lib.pipeline_parallel import (Event, LlamaStage, bubble_fraction, bubble_formula, build_stage, gpipe_schedule,
-                                       one_f_one_b_schedule, partition_layers, peak_in_flight, pipeline_check,
-                                       run_pipeline, simulate_schedule, SimulatedCompute, timeline_worker)
+from lrn_lib.pipeline_parallel import (Event, LlamaStage, bubble_formula, bubble_fraction, build_stage,
+                                       gpipe_schedule, one_f_one_b_schedule, partition_layers, peak_in_flight,
+                                       run_pipeline, simulate_schedule)
+from lrn_lib.pipeline_parallel_checks import SimulatedCompute, pipeline_check, timeline_worker
 from lrn_lib.tensor_parallel import (ColumnParallelLinear, CopyToTP, ReduceFromTP, RowParallelLinear, TPRMSNorm,
-                                     VocabParallelCrossEntropy, VocabParallelEmbedding, build_tp_llama, check_tp_config,
-                                     copy_to_tp, dtensor_tp_check, gradient_errors, reduce_from_tp, shard_bounds,
-                                     tensor_parallel_llama, tp_layers_check, tp_llama_check,
+                                     VocabParallelCrossEntropy, VocabParallelEmbedding, check_tp_config, copy_to_tp,
+                                     gradient_errors, reduce_from_tp, shard_bounds, tensor_parallel_llama,
                                      vocab_parallel_cross_entropy)
+from lrn_lib.tensor_parallel_checks import build_tp_llama, dtensor_tp_check, tp_layers_check, tp_llama_check
 from lrn_lib.train import (Trainer, build_mesh, check_args, check_worker, data_parallel_mesh, global_batch, main,
                            model_config, parse_args, reference_run, shard_stage, tensor_parallel_plan,
                            train, train_worker)
@@ -266,11 +270,11 @@ BAD_CALLS = {
     "lrn_lib.mesh.Mesh": [
         ("shape", lambda: Mesh((2, 2, 1, 1))),
     ],
-    "lrn_lib.mesh.describe_rank": [
+    "lrn_lib.mesh_checks.describe_rank": [
         ("rank", lambda: describe_rank(4, 4, MeshShape(tp=2, dp=2))),
         ("shape", lambda: describe_rank(0, 4, MeshShape(tp=2))),                       # 2 ranks, not 4
     ],
-    "lrn_lib.mesh.collectives_demo": [
+    "lrn_lib.mesh_checks.collectives_demo": [
         ("rank", lambda: collectives_demo(-1, 2)),
         ("world", lambda: collectives_demo(0, 0)),
     ],
@@ -395,7 +399,7 @@ BAD_CALLS.update({
         ("local_logits", lambda: vocab_parallel_cross_entropy(torch.ones(2, 3, 16, dtype=torch.long), ids(2, 3), 16)),
         ("vocab_size", lambda: vocab_parallel_cross_entropy(torch.randn(2, 3, 16), ids(2, 3), 17)),
     ],
-    "lrn_lib.tensor_parallel.tp_layers_check": [
+    "lrn_lib.tensor_parallel_checks.tp_layers_check": [
         ("rank", lambda: tp_layers_check(1, 1)),
         ("vocab_size", lambda: tp_layers_check(0, 1, vocab_size=0)),
         ("hidden", lambda: tp_layers_check(0, 2, hidden=1)),
@@ -418,18 +422,18 @@ BAD_CALLS.update({
         ("tp_model", lambda: gradient_errors(nn.Linear(2, 2), nn.Linear(2, 2))),      # no backward yet
         ("full_model", lambda: gradient_errors(trained_linear(), nn.Sequential(nn.Linear(2, 2)))),   # other names
     ],
-    "lrn_lib.tensor_parallel.tp_llama_check": [
+    "lrn_lib.tensor_parallel_checks.tp_llama_check": [
         ("rank", lambda: tp_llama_check(2, 2, CFG)),
         ("tp", lambda: tp_llama_check(0, 4, CFG, tp=3)),
         ("cfg", lambda: tp_llama_check(0, 1, "cfg")),
         ("batch", lambda: tp_llama_check(0, 1, CFG, batch=0)),
     ],
-    "lrn_lib.tensor_parallel.dtensor_tp_check": [
+    "lrn_lib.tensor_parallel_checks.dtensor_tp_check": [
         ("rank", lambda: dtensor_tp_check(3, 2, CFG)),
         ("cfg", lambda: dtensor_tp_check(0, 1, None)),
         ("seq", lambda: dtensor_tp_check(0, 1, CFG, seq=0)),
     ],
-    "lrn_lib.tensor_parallel.build_tp_llama": [
+    "lrn_lib.tensor_parallel_checks.build_tp_llama": [
         ("seeds", lambda: build_tp_llama(0, 2, CFG, [0])),
         ("cfg", lambda: build_tp_llama(0, 1, "cfg", [0])),
         ("rank", lambda: build_tp_llama(-1, 1, CFG, [0])),
@@ -499,7 +503,7 @@ BAD_CALLS.update({
         ("q", lambda: allgather_attention(*qkv(t=5))),
         ("causal", lambda: allgather_attention(*qkv(), causal="yes")),
     ],
-    "lrn_lib.context_parallel.attention_check": [
+    "lrn_lib.context_parallel_checks.attention_check": [
         ("rank", lambda: attention_check(1, 1, [ATTENTION_CONFIG])),
         ("configs", lambda: attention_check(0, 1, [])),
         ("variant", lambda: attention_check(0, 1, [{**ATTENTION_CONFIG, "variant": "zigzag"}])),
@@ -515,7 +519,7 @@ BAD_CALLS.update({
         ("variant", lambda: cp_attend("zigzag")),
         ("group", lambda: cp_attend("ring", group="cp")),
     ],
-    "lrn_lib.context_parallel.model_check": [
+    "lrn_lib.context_parallel_checks.model_check": [
         ("configs", lambda: model_check(0, 1, [])),
         ("configs", lambda: model_check(0, 1, [{"variant": "ring"}])),                   # keys missing
         ("rank", lambda: model_check(-1, 1, [{"variant": "ring"}])),
@@ -570,18 +574,18 @@ BAD_CALLS.update({
         ("activation_shape", lambda: pipeline(activation_shape=(2, -3))),
         ("module", lambda: pipeline(module="stage")),
     ],
-    "lrn_lib.pipeline_parallel.pipeline_check": [
+    "lrn_lib.pipeline_parallel_checks.pipeline_check": [
         ("dp", lambda: pipeline_check(0, 2, dp=3)),
         ("microbatch_counts", lambda: pipeline_check(0, 1, microbatch_counts=())),
         ("microbatch_counts", lambda: pipeline_check(0, 1, microbatch_counts=(3,))),    # 3 does not divide 20
         ("rank", lambda: pipeline_check(1, 1)),
     ],
-    "lrn_lib.pipeline_parallel.SimulatedCompute": [
+    "lrn_lib.pipeline_parallel_checks.SimulatedCompute": [
         ("forward_seconds", lambda: SimulatedCompute(-1.0, 0.0)),
         ("backward_seconds", lambda: SimulatedCompute(0.0, float("nan"))),
         ("x", lambda: SimulatedCompute(0.0, 0.0)([1.0])),
     ],
-    "lrn_lib.pipeline_parallel.timeline_worker": [
+    "lrn_lib.pipeline_parallel_checks.timeline_worker": [
         ("num_microbatches", lambda: timeline_worker(0, 2, 1, 0.1)),
         ("forward_seconds", lambda: timeline_worker(0, 1, 1, -0.1)),
         ("rank", lambda: timeline_worker(2, 2, 4, 0.1)),
@@ -609,7 +613,7 @@ BAD_CALLS.update({
         ("bucket_bytes", lambda: all_reduce_gradients(nn.Linear(2, 2), bucket_bytes=0)),
         ("group", lambda: all_reduce_gradients(nn.Linear(2, 2), group="dp")),
     ],
-    "lrn_lib.data_parallel.data_parallel_check": [
+    "lrn_lib.data_parallel_checks.data_parallel_check": [
         ("batch", lambda: data_parallel_check(0, 2, CFG, 1, 8, 1)),                     # fewer rows than ranks
         ("micro_steps", lambda: data_parallel_check(0, 1, CFG, 4, 8, 5)),
         ("seq", lambda: data_parallel_check(0, 1, CFG, 4, 32, 1)),                      # past max_seq_len
@@ -641,7 +645,7 @@ BAD_CALLS.update({
         ("model", lambda: persistent_bytes("model", torch.optim.SGD(MODEL.parameters(), lr=0.1))),
         ("optimizer", lambda: persistent_bytes(MODEL, "adamw")),
     ],
-    "lrn_lib.data_parallel.fsdp_check": [
+    "lrn_lib.data_parallel_checks.fsdp_check": [
         ("batch", lambda: fsdp_check(0, 2, CFG, 1, 8, 1)),
         ("micro_steps", lambda: fsdp_check(0, 1, CFG, 4, 8, 0)),
         ("steps", lambda: fsdp_check(0, 1, CFG, 4, 8, 1, steps=0)),

@@ -6,10 +6,10 @@ import torch
 import torch.distributed as dist
 
 from lrn_lib.attention import attention_reference
-from lrn_lib.context_parallel import (allgather_attention, attention_block_backward, attention_check, chunk_ids,
-                                      context_parallel_loss, cp_attend, gather_sequence, merge_partials,
-                                      model_check, ring_attention, shard_positions, shard_sequence,
-                                      unshard_sequence)
+from lrn_lib.context_parallel import (allgather_attention, attention_block_backward, chunk_ids, context_parallel_loss,
+                                      cp_attend, gather_sequence, merge_partials, ring_attention, shard_positions,
+                                      shard_sequence, unshard_sequence)
+from lrn_lib.context_parallel_checks import attention_check, model_check
 from lrn_lib.spawn import free_port, spawn
 
 

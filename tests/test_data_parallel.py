@@ -5,8 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from lrn_lib.data_parallel import (ShardedUnit, backward_global_mean, data_parallel_check, fsdp_check,
-                                   gradient_buckets, shard_llama, split_rows, zero_bytes_per_rank)
+from lrn_lib.data_parallel import (ShardedUnit, backward_global_mean, gradient_buckets, shard_llama, split_rows,
+                                   zero_bytes_per_rank)
+from lrn_lib.data_parallel_checks import data_parallel_check, fsdp_check
 from lrn_lib.llama import Llama, tiny_config
 from lrn_lib.spawn import spawn
 

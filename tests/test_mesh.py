@@ -1,7 +1,8 @@
 """Chapter 7's process launcher and 4D rank layout (lrn_lib.mesh)."""
 import pytest
 
-from lrn_lib.mesh import MeshShape, collectives_demo, describe_rank
+from lrn_lib.mesh import MeshShape
+from lrn_lib.mesh_checks import collectives_demo, describe_rank
 from lrn_lib.spawn import spawn
 
 

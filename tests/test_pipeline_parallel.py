@@ -8,9 +8,10 @@ import torch.distributed as dist
 
 from lrn_lib.llama import Llama, lm_loss, tiny_config
 from lrn_lib.spawn import free_port, spawn
-from lrn_lib.pipeline_parallel import (SCHEDULES, LlamaStage, bubble_formula, bubble_fraction, build_stage,
+from lrn_lib.pipeline_parallel import (LlamaStage, SCHEDULES, bubble_formula, bubble_fraction, build_stage,
                                        gpipe_schedule, one_f_one_b_schedule, partition_layers, peak_in_flight,
-                                       pipeline_check, run_pipeline, simulate_schedule, timeline_worker)
+                                       run_pipeline, simulate_schedule)
+from lrn_lib.pipeline_parallel_checks import pipeline_check, timeline_worker
 
 SIZES = [(p, m) for p in range(1, 6) for m in range(p, p + 4)]
 

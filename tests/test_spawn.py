@@ -1,7 +1,7 @@
 """lrn_lib.spawn, the book's one process launcher (hand-written infrastructure)."""
 import pytest
 
-from lrn_lib.mesh import collectives_demo
+from lrn_lib.mesh_checks import collectives_demo
 from lrn_lib.spawn import free_port, spawn
 
 

@@ -8,9 +8,9 @@ import torch.nn as nn
 
 from lrn_lib.llama import Llama, tiny_config
 from lrn_lib.spawn import free_port, spawn
-from lrn_lib.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, build_tp_llama,
-                                     check_tp_config, dtensor_tp_check, shard_bounds, tensor_parallel_llama,
-                                     tp_layers_check, tp_llama_check, vocab_parallel_cross_entropy)
+from lrn_lib.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, check_tp_config,
+                                     shard_bounds, tensor_parallel_llama, vocab_parallel_cross_entropy)
+from lrn_lib.tensor_parallel_checks import build_tp_llama, dtensor_tp_check, tp_layers_check, tp_llama_check
 
 TOL = 1e-10
 
