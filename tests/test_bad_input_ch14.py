@@ -3,14 +3,13 @@ import pytest
 import torch
 
 from bad_input import assert_clear_error, cases
-from lrn_lib.seem import (OBJECT, SEEM, TEXT, VISUAL, AttentionMask, DecoderLayer, ImageEncoder, LossWeights,
-                          MaskedAttention, Prompts, PromptTokens, SeemConfig, SeemDecoder, SeemOutput, TextEncoder,
-                          VisualSampler, answer_masks, batch_targets, bce_loss, coarse_mask, corrective_prompts,
-                          cross_attention_mask, dice_loss, hungarian_match, make_prompts, matching_cost,
-                          panoptic_quality, position_grid, prompt_targets, query_prompt_mask, sample_features,
-                          sample_points, seem_loss, sequence_layout, sine_encoding)
-from lrn_lib.shapes import (Scene, box_from_mask, box_mask, clicks_to_reach, encode_text, make_scene, make_scenes,
-                            mask_iou, next_click, overlay_masks, point_mask, sample_point, sample_scribble)
+from lrn_lib.seem import (OBJECT, SEEM, TEXT, VISUAL, AttentionMask, DecoderLayer, MaskedAttention, Prompts,
+                          PromptTokens, SeemDecoder, SeemOutput, cross_attention_mask, query_prompt_mask, sequence_layout)
+from lrn_lib.seem_encoders import (ImageEncoder, SeemConfig, TextEncoder, VisualSampler, position_grid, sample_features,
+                                   sample_points, sine_encoding)
+from lrn_lib.shapes import (Scene, box_from_mask, box_mask, clicks_to_reach, color_fill, encode_text, interactive_curve,
+                            make_scene, make_scenes, mask_iou, next_click, overlay_masks, point_mask, sample_point,
+                            sample_scribble)
 
 CFG = SeemConfig(image_size=32, dim=16, n_heads=2, n_layers=1, n_object_queries=3, n_points=2, n_memory=1,
                  stem_dim=8, ffn_dim=16)
@@ -18,7 +17,6 @@ torch.manual_seed(0)
 MODEL = SEEM(CFG)
 SCENES = make_scenes(2, torch.Generator().manual_seed(0), size=32, min_pixels=10)
 SCENE = SCENES[0]
-PROMPTS, OBJECTS = make_prompts(SCENES, [["box"], ["point"]], torch.Generator().manual_seed(1))
 IMAGES = torch.stack([s.image for s in SCENES])
 
 
@@ -58,19 +56,6 @@ def tokens(b=1, p=1, n=3, d=16, **overrides):
     return PromptTokens(**{**args, **overrides})
 
 
-def loss(**overrides):
-    out = output(n_object=3, rows=4, c=5, h=4)
-    args = dict(out=out, object_classes=[torch.tensor([1, 3])], object_masks=[bools(2, 4, 4)],
-                prompt_classes=torch.tensor([[2]]), prompt_masks=bools(1, 1, 4, 4))
-    return seem_loss(**{**args, **overrides})
-
-
-def cost(**overrides):
-    args = dict(class_logits=torch.randn(4, 5), mask_logits=torch.randn(4, 9), classes=torch.tensor([0, 3]),
-                masks=bools(2, 9))
-    return matching_cost(**{**args, **overrides})
-
-
 def layer_inputs(s=4, hw=6, d=16, n_cross=3):
     x, pos = torch.randn(1, s, d), torch.randn(1, s, d)
     feats, fpos = torch.randn(1, hw, d), torch.randn(1, hw, d)
@@ -82,12 +67,6 @@ def layer_inputs(s=4, hw=6, d=16, n_cross=3):
 def decoder_inputs(b=1, d=16):
     levels = [torch.randn(b, d, 2, 2), torch.randn(b, d, 4, 4), torch.randn(b, d, 8, 8)]
     return [levels, torch.randn(b, d, 16, 16), torch.randn(5, d)]
-
-
-def panoptic(**overrides):
-    m = [torch.stack([square(), ~square()])]
-    args = dict(pred_masks=m, pred_classes=[torch.tensor([0, 1])], true_masks=m, true_classes=[torch.tensor([0, 1])])
-    return panoptic_quality(**{**args, **overrides})
 
 
 BAD_CALLS = {
@@ -165,53 +144,68 @@ BAD_CALLS = {
         ("ious", lambda: clicks_to_reach([0.5, float("nan")])),
         ("ious", lambda: clicks_to_reach([1.5])),                                     # not an IoU
     ],
-    # ---------------------------------------------------------------- lrn_lib.seem
-    "lrn_lib.seem.SeemConfig": [
+    "lrn_lib.shapes.color_fill": [
+        ("image", lambda: color_fill(SCENE.image[:, :, :20], [])),                    # not square
+        ("clicks", lambda: color_fill(SCENE.image, [(torch.tensor([3, 3]), 1)])),     # is_positive not a bool
+        ("clicks", lambda: color_fill(SCENE.image, torch.tensor([3, 3]))),
+        ("tol", lambda: color_fill(SCENE.image, [], tol=0.0)),
+        ("point", lambda: color_fill(SCENE.image, [(torch.tensor([3, 99]), True)])),  # outside the image
+    ],
+    "lrn_lib.shapes.interactive_curve": [
+        ("model", lambda: interactive_curve("fill", SCENE.image, SCENE.masks[0], 2)),
+        ("goal", lambda: interactive_curve(color_fill, SCENE.image, SCENE.masks[0].float(), 2)),
+        ("goal", lambda: interactive_curve(color_fill, SCENE.image, SCENE.masks[0, :20], 2)),
+        ("budget", lambda: interactive_curve(color_fill, SCENE.image, SCENE.masks[0], 0)),
+        ("image", lambda: interactive_curve(color_fill, SCENE.image[0], SCENE.masks[0], 2)),
+    ],
+    # ---------------------------------------------------------------- lrn_lib.seem_encoders
+    "lrn_lib.seem_encoders.SeemConfig": [
         ("image_size", lambda: SeemConfig(image_size=40)),
         ("dim", lambda: SeemConfig(dim=30)),
         ("n_layers", lambda: SeemConfig(n_layers=0)),
         ("n_heads", lambda: SeemConfig(n_heads=2.0)),
     ],
-    "lrn_lib.seem.sine_encoding": [
+    "lrn_lib.seem_encoders.sine_encoding": [
         ("coords", lambda: sine_encoding(torch.rand(5, 3), 8)),                       # last dim must be 2
         ("dim", lambda: sine_encoding(torch.rand(5, 2), 6)),
         ("coords", lambda: sine_encoding(torch.zeros(5, 2, dtype=torch.int64), 8)),
         ("max_frequency", lambda: sine_encoding(torch.rand(5, 2), 8, max_frequency=-1.0)),
     ],
-    "lrn_lib.seem.position_grid": [
+    "lrn_lib.seem_encoders.position_grid": [
         ("height", lambda: position_grid(0, 4, 8)),
         ("dim", lambda: position_grid(4, 4, 7)),
         ("width", lambda: position_grid(4, 4.5, 8)),
     ],
-    "lrn_lib.seem.ImageEncoder": [
+    "lrn_lib.seem_encoders.ImageEncoder": [
         ("cfg", lambda: ImageEncoder({"dim": 16})),
         ("images", lambda: MODEL.image_encoder(torch.rand(1, 3, 30, 30))),            # not a multiple of 16
         ("images", lambda: MODEL.image_encoder(torch.rand(3, 32, 32))),
     ],
-    "lrn_lib.seem.TextEncoder": [
+    "lrn_lib.seem_encoders.TextEncoder": [
         ("ids", lambda: MODEL.text_encoder(torch.full((1, 2), 99))),                  # outside TEXT_VOCAB
         ("ids", lambda: MODEL.text_encoder(torch.ones(1, 2))),                        # float ids
         ("n_layers", lambda: TextEncoder(CFG, n_layers=0)),
         ("cfg", lambda: TextEncoder(None)),
     ],
-    "lrn_lib.seem.sample_points": [
+    "lrn_lib.seem_encoders.sample_points": [
         ("masks", lambda: sample_points(torch.ones(4, 4), 2)),
         ("k", lambda: sample_points(torch.ones(4, 4, dtype=torch.bool), 17)),        # k > H * W
         ("generator", lambda: sample_points(torch.ones(4, 4, dtype=torch.bool), 2, generator=0)),
         ("k", lambda: sample_points(torch.ones(4, 4, dtype=torch.bool), 0)),
     ],
-    "lrn_lib.seem.sample_features": [
+    "lrn_lib.seem_encoders.sample_features": [
         ("points", lambda: sample_features(torch.zeros(1, 2, 4, 4), torch.full((1, 3, 2), 4), (4, 4))),  # outside
         ("points", lambda: sample_features(torch.zeros(1, 2, 4, 4), torch.zeros(1, 3, 2), (4, 4))),      # float
         ("image_size", lambda: sample_features(torch.zeros(1, 2, 4, 4), torch.zeros(1, 3, 2, dtype=torch.int64), 4)),
         ("features", lambda: sample_features(torch.zeros(2, 4, 4), torch.zeros(1, 3, 2, dtype=torch.int64), (4, 4))),
     ],
-    "lrn_lib.seem.VisualSampler": [
+    "lrn_lib.seem_encoders.VisualSampler": [
         ("cfg", lambda: VisualSampler("small")),
         ("negative", lambda: MODEL.sampler(torch.rand(1, 16, 16, 16), bools(1, 1, 32, 32), bools(1, 2, 32, 32))),
         ("pixels", lambda: MODEL.sampler(torch.rand(1, 8, 16, 16), bools(1, 1, 32, 32), bools(1, 1, 32, 32))),
         ("positive", lambda: MODEL.sampler(torch.rand(1, 16, 16, 16), bools(1, 1, 32, 32).float(), bools(1, 1, 32, 32))),
     ],
+    # ---------------------------------------------------------------- lrn_lib.seem
     "lrn_lib.seem.AttentionMask": [
         ("attends to nothing", lambda: AttentionMask(torch.zeros(1, 2, 2, dtype=torch.bool))),
         ("allowed", lambda: AttentionMask(torch.ones(2, 2, dtype=torch.bool))),
@@ -279,75 +273,6 @@ BAD_CALLS = {
         ("images", lambda: MODEL(torch.zeros(1, 3, 30, 30))),
         ("prompts", lambda: MODEL(IMAGES, prompts="the red circle")),
         ("class_name_ids", lambda: MODEL(IMAGES, class_name_ids=torch.full((4, 3), 99))),
-    ],
-    "lrn_lib.seem.LossWeights": [
-        ("no_object", lambda: LossWeights(no_object=-0.1)),
-        ("cls", lambda: LossWeights(cls=float("nan"))),
-        ("dice", lambda: LossWeights(dice="5")),
-    ],
-    "lrn_lib.seem.dice_loss": [
-        ("logits", lambda: dice_loss(torch.zeros(2, 5), torch.zeros(2, 4))),
-        ("logits", lambda: dice_loss(torch.zeros(2, 5, dtype=torch.int64), torch.zeros(2, 5))),
-        ("targets", lambda: dice_loss(torch.zeros(2, 5), torch.zeros(10))),
-    ],
-    "lrn_lib.seem.bce_loss": [
-        ("targets", lambda: bce_loss(torch.zeros(2, 5), torch.zeros(3, 5))),
-        ("logits", lambda: bce_loss([[0.0] * 5] * 2, torch.zeros(2, 5))),
-    ],
-    "lrn_lib.seem.matching_cost": [
-        ("classes", lambda: cost(classes=torch.zeros(2))),                            # float classes
-        ("classes", lambda: cost(classes=torch.tensor([0, 7]))),                      # id >= C
-        ("classes and masks", lambda: cost(masks=bools(3, 9))),                       # N differs
-        ("weights", lambda: matching_cost(torch.randn(4, 5), torch.randn(4, 9), torch.tensor([0]), bools(1, 9),
-                                          weights={"cls": 2.0})),
-    ],
-    "lrn_lib.seem.hungarian_match": [
-        ("cost", lambda: hungarian_match(torch.rand(2, 3))),                          # fewer queries than targets
-        ("cost", lambda: hungarian_match(torch.tensor([[float("nan")]]))),
-        ("cost", lambda: hungarian_match(torch.rand(6))),
-    ],
-    "lrn_lib.seem.seem_loss": [
-        ("out", lambda: seem_loss({}, [], [])),
-        ("object_classes", lambda: loss(object_classes=[torch.tensor([1, 9])])),       # class id >= C
-        ("object_masks", lambda: loss(object_masks=[bools(3, 4, 4)])),                # 3 masks for 2 classes
-        ("prompt_masks", lambda: loss(prompt_masks=bools(1, 1, 5, 5))),
-    ],
-    "lrn_lib.seem.coarse_mask": [
-        ("cell", lambda: coarse_mask(torch.ones(4, 4, dtype=torch.bool), 0)),
-        ("mask", lambda: coarse_mask(torch.ones(4, 4), 2)),
-    ],
-    "lrn_lib.seem.make_prompts": [
-        ("unknown prompt kinds", lambda: make_prompts(SCENES, [["lasso"], ["box"]], gen())),
-        ("kinds", lambda: make_prompts(SCENES, [["box"]], gen())),
-        ("generator", lambda: make_prompts(SCENES, [["box"], ["box"]], 0)),
-        ("objects", lambda: make_prompts(SCENES, [["box"], ["box"]], gen(), objects=torch.tensor([[0], [9]]))),
-    ],
-    "lrn_lib.seem.prompt_targets": [
-        ("objects", lambda: prompt_targets(SCENES, torch.tensor([[0], [9]]))),        # no object 9
-        ("objects", lambda: prompt_targets(SCENES, torch.tensor([[0]]))),             # one row for two scenes
-        ("scenes", lambda: prompt_targets([], OBJECTS)),
-    ],
-    "lrn_lib.seem.corrective_prompts": [
-        ("memory", lambda: corrective_prompts(PROMPTS, PROMPTS.positive, PROMPTS.positive, memory=1)),
-        ("predicted", lambda: corrective_prompts(PROMPTS, PROMPTS.positive[:, :, :8], PROMPTS.positive, True)),
-        ("radius", lambda: corrective_prompts(PROMPTS, PROMPTS.positive, PROMPTS.positive, True, radius=-1)),
-        ("prompts", lambda: corrective_prompts("prompts", PROMPTS.positive, PROMPTS.positive, True)),
-    ],
-    "lrn_lib.seem.batch_targets": [
-        ("scenes", lambda: batch_targets([])),
-        ("scenes", lambda: batch_targets([SCENE, make_scene(gen(), size=48)])),        # two image sizes
-        ("scenes", lambda: batch_targets(SCENE)),
-    ],
-    "lrn_lib.seem.answer_masks": [
-        ("model", lambda: answer_masks(None, IMAGES, PROMPTS)),
-        ("prompts", lambda: answer_masks(MODEL, IMAGES, None)),
-        ("images", lambda: answer_masks(MODEL, IMAGES[:, :, :20], PROMPTS)),
-    ],
-    "lrn_lib.seem.panoptic_quality": [
-        ("pred_masks", lambda: panoptic(pred_masks=torch.stack([square()]))),         # a tensor, not a list
-        ("overlapping", lambda: panoptic(pred_masks=[torch.stack([square(), square()])])),
-        ("pred_classes[0]", lambda: panoptic(pred_classes=[torch.tensor([0])])),      # 1 class for 2 masks
-        ("true_masks[0]", lambda: panoptic(true_masks=[torch.stack([square(9), ~square(9)])])),
     ],
 }
 NO_BAD_INPUT: dict[str, str] = {}

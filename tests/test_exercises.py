@@ -21,7 +21,8 @@ from lrn_lib.moe import apply_capacity, switch_balance_loss, top_k_gate, update_
 from lrn_lib.online_softmax import SoftmaxState, merge_lse, merge_states, softmax_backward_reference
 from lrn_lib.patching import bytes_to_tensor, hash_ngram_ids
 from lrn_lib.pipeline_parallel import bubble_fraction, simulate_schedule
-from lrn_lib.seem import OBJECT, QUERY, VISUAL, bce_loss, dice_loss, query_prompt_mask
+from lrn_lib.seem import OBJECT, QUERY, VISUAL, query_prompt_mask
+from lrn_lib.seem_training import bce_loss, dice_loss
 from lrn_lib.shapes import next_click
 from lrn_lib.softmax import logsumexp, safe_softmax
 from lrn_lib.tiling import matmul_flops, tiled_matmul, tiled_traffic_bytes
@@ -106,7 +107,7 @@ SOLUTIONS = {
     "13.pretraining_loss": pretraining_loss,
     "13.transfer_schedule": transfer_schedule,
     "13.commit_low_confidence": commit_low_confidence,
-    "14.mask_losses": lambda logits, targets: (dice_loss(logits, targets), bce_loss(logits, targets)),
+    "15.mask_losses": lambda logits, targets: (dice_loss(logits, targets), bce_loss(logits, targets)),
     "14.next_click": next_click,
     "14.prompt_table": lambda kinds, groups, valid: query_prompt_mask(kinds, groups, valid).allowed,
 }
@@ -319,9 +320,9 @@ WRONG = [  # (id, wrong function, words the message must contain)
     ("13.commit_low_confidence", commit_anywhere, ["only masked positions compete", "-inf"]),
     ("13.commit_low_confidence", lambda x, prop, conf, counts, mask_id: commit_low_confidence(
         x, prop, -conf, counts, mask_id), ["least confident"]),
-    ("14.mask_losses", dice_without_smoothing, ["no +1 terms", "(14.12)"]),
-    ("14.mask_losses", bce_summed, ["sum over the pixels", "(14.13)"]),
-    ("14.mask_losses", lambda logits, targets: (1 - dice_loss(logits, targets), bce_loss(logits, targets)),
+    ("15.mask_losses", dice_without_smoothing, ["no +1 terms", "(15.1)"]),
+    ("15.mask_losses", bce_summed, ["sum over the pixels", "(15.2)"]),
+    ("15.mask_losses", lambda logits, targets: (1 - dice_loss(logits, targets), bce_loss(logits, targets)),
      ["dice coefficient", "1 minus"]),
     ("14.next_click", lambda pred, target: (next_click(pred, target)[0].flip(0), next_click(pred, target)[1]),
      ["(x, y)", "row first"]),
@@ -361,12 +362,12 @@ def test_checker_rejects_a_plausible_mistake_and_names_it(exercise_id, wrong, wo
 
 
 CHAPTER_10_MISTAKES = [(exercise_id, k) for exercise_id, exercise in sorted(EXERCISES.items())
-                       if exercise.chapter == "14" for k in range(len(exercise.mistakes))]
+                       if exercise.chapter in ("14", "15") for k in range(len(exercise.mistakes))]
 
 
 @pytest.mark.parametrize("exercise_id, k", CHAPTER_10_MISTAKES, ids=[f"{e}-{k}" for e, k in CHAPTER_10_MISTAKES])
 def test_each_chapter_10_mistake_model_earns_its_own_hint(exercise_id, k, capsys):
-    """Every mistake model of chapter 14 fails its checker (on a fixed edge case, so whatever the seed) and
+    """Every mistake model of chapters 14 and 15 fails its checker (on a fixed edge case, so whatever the seed) and
     is named by its own hint, not another's."""
     mistake = EXERCISES[exercise_id].mistakes[k]
     assert check(exercise_id, mistake.model) is False
@@ -547,7 +548,7 @@ def test_later_chapters_exercises_and_solutions_name_every_checker(chapter_id):
     assert set(re.findall(r'check\("(\d\d\.\w+)"', solutions)) == ids
 
 
-def test_schedule_bubble_checker_agrees_with_formula_6_24():
+def test_schedule_bubble_checker_agrees_with_formula_9_2():
     """For GPipe and 1F1B the checker's reference bubble is (p-1)/(m+p-1), whatever the step times."""
     from lrn_lib.pipeline_parallel import bubble_formula, gpipe_schedule, one_f_one_b_schedule
 

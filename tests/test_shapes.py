@@ -7,8 +7,8 @@ import torch
 from scipy import ndimage
 
 from lrn_lib.shapes import (CLASSES, COLOR_NAMES, COLORS, TEXT_VOCAB, Scene, box_from_mask, box_mask,
-                            clicks_to_reach, encode_text, make_scene, make_scenes, mask_iou, next_click,
-                            overlay_masks, point_mask, sample_point, sample_scribble)
+                            clicks_to_reach, color_fill, encode_text, interactive_curve, make_scene, make_scenes,
+                            mask_iou, next_click, overlay_masks, point_mask, sample_point, sample_scribble)
 
 
 def gen(seed):
@@ -449,3 +449,35 @@ def test_harder_world_bad_parameters_raise_naming_them():
             make_scene(gen(0), **{name: -0.1})
         with pytest.raises(ValueError, match=name):
             make_scene(gen(0), **{name: True})
+
+
+def _two_squares() -> tuple[torch.Tensor, torch.Tensor]:
+    """A black 16 x 16 image with a red square (rows and columns 2..5) and a green one; the red square's mask."""
+    image = torch.zeros(3, 16, 16)
+    image[0, 2:6, 2:6] = 1.0
+    image[1, 9:14, 9:14] = 1.0
+    red = torch.zeros(16, 16, dtype=torch.bool)
+    red[2:6, 2:6] = True
+    return image, red
+
+
+def test_color_fill_returns_the_connected_piece_of_the_clicked_color_minus_negative_discs():
+    image, red = _two_squares()
+    assert torch.equal(color_fill(image, [(torch.tensor([3, 3]), True)]), red)
+    cut = color_fill(image, [(torch.tensor([3, 3]), True), (torch.tensor([5, 5]), False)])
+    assert torch.equal(cut, red & ~point_mask(torch.tensor([5, 5]), 16, radius=1))
+    assert not color_fill(image, [(torch.tensor([5, 5]), False)]).any()          # no positive click: nothing
+
+
+def test_interactive_curve_stops_asking_the_model_once_its_mask_is_perfect():
+    image, red = _two_squares()
+    calls = []
+
+    def oracle(img, clicks):
+        calls.append(len(clicks))
+        return red
+
+    assert interactive_curve(oracle, image, red, 4) == [1.0, 1.0, 1.0, 1.0]
+    assert calls == [1]
+    ious = interactive_curve(color_fill, image, red, 3)                      # one click fills the flat square
+    assert ious == [1.0, 1.0, 1.0]

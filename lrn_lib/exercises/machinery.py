@@ -411,6 +411,22 @@ def _randn(gen: torch.Generator, *shape: int) -> torch.Tensor:
     return torch.randn(shape, generator=gen, dtype=F64)
 
 
+def _random_blobs(rng: random.Random, h: int, w: int, count: int) -> torch.Tensor:
+    """An (h, w) bool mask: the union of `count` discs and axis-aligned rectangles at random places and sizes,
+    some of them cut by the image border."""
+    ys, xs = torch.arange(h, dtype=F64)[:, None], torch.arange(w, dtype=F64)[None, :]
+    mask = torch.zeros(h, w, dtype=torch.bool)
+    for _ in range(count):
+        cy, cx = rng.uniform(-1.0, h), rng.uniform(-1.0, w)
+        if rng.random() < 0.5:
+            r = rng.uniform(0.8, max(1.5, min(h, w) / 3))
+            mask |= (ys - cy) ** 2 + (xs - cx) ** 2 <= r * r
+        else:
+            mask |= ((ys - cy).abs() <= rng.uniform(0.5, max(1.0, h / 3))) & \
+                    ((xs - cx).abs() <= rng.uniform(0.5, max(1.0, w / 3)))
+    return mask
+
+
 def _random_shape(rng: random.Random, number: int, max_len: int = 300) -> tuple[int, ...]:
     """1 to 3 dimensions; the last one (the softmax axis) grows with the case number."""
     last = rng.randint(1, min(max_len, 4 + 3 * number))
