@@ -5,8 +5,7 @@
 Public names, by the section of chapter 12 that teaches them:
 
 12.4 The entropy model and entropy patching
-    causal_sdpa: Causal GQA attention with PyTorch's fused kernel: q (B, H, T, d), k, v (B, Hkv, T, d) -> (B, H, T, d).
-    use_sdpa: Swap every chapter-6 Attention's causal attention in model for causal_sdpa (same math); returns model.
+    use_sdpa: Swap every chapter-6 Attention's causal attention in model for chapter 6's sdpa_attention; returns model.
     entropy_model: The small byte-level causal LM that places entropy patches: a chapter-6 Llama, tokens (B, T) -> logits (B, T, 259).
     byte_entropies: H(x_t) in nats (12.5) under model for tokens (B, T) -> (B, T) float32; entry 0 is 0.
 
@@ -20,7 +19,6 @@ Public names, by the section of chapter 12 that teaches them:
     decoder_cross_mask: Byte t reads exactly the latent state of patch decoder_patch_index(pids, lag)[t]: pids (B, T) -> (B, T, P) bool.
     block_causal_mask: The latent transformer seen from bytes (12.13): pids (B, T) -> (B, T, T), [t, s] True when pid_s <= pid_t.
     masked_attention: softmax(q k^T / sqrt(d)) v over the keys mask allows; rows with no allowed key give 0.
-    windowed_attention: Local causal GQA attention (12.11): q (B, H, T, d), k, v (B, Hkv, T, d) -> (B, H, T, d).
     LocalBlock: A chapter-6 Llama block whose attention is causal within a window (12.11): x (B, T, dim) -> (B, T, dim).
     CrossAttention: Pre-norm multi-head cross-attention: queries (B, Q, dim), keys (B, K, kv_dim), mask (B, Q, K) -> (B, Q, dim).
     BLTConfig: Shapes of a BLT: local encoder/decoder width and depth, window, latent width and depth, hash tables.
@@ -37,45 +35,21 @@ Public names, by the section of chapter 12 that teaches them:
 """
 
 
-import functools
 import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lrn_lib import validate
 from lrn_lib.llama import (Attention, Llama, LlamaConfig, RMSNorm, TransformerBlock, rope_cos_sin, rope_frequencies,
-                           tiny_config)
+                           sdpa_attention, tiny_config)
 from lrn_lib.patching import (N_BYTES, VOCAB_SIZE, check_tokens, entropy_patch_starts, hash_ngram_ids,
                               next_byte_entropies, patch_ids)
 
 
-def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, self_attention: bool) -> None:
-    """Raise unless q (B, H, Q, d) and k, v (B, Hkv, K, d) are float tensors with Hkv dividing H;
-    self-attention needs K = Q (the causal masks are aligned at position 0), other attention Hkv = H."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        validate.tensor(x, name, dims=4, kind="float")
-    validate.same_shape(k=k, v=v)
-    b, h, n, d = q.shape
-    if k.shape[0] != b or k.shape[3] != d or h % k.shape[1] or (k.shape[2] != n if self_attention else k.shape[1] != h):
-        raise ValueError(f"k and v have shape {tuple(k.shape)}, which does not fit q {tuple(q.shape)}")
-
-
-def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal GQA attention with PyTorch's fused kernel: q (B, H, T, d), k, v (B, Hkv, T, d) -> (B, H, T, d).
-
-    Defined in chapter 12 (The Byte Latent Transformer), section 12.4 The entropy model and entropy patching.
-    """
-    _check_qkv(q, k, v, self_attention=True)
-    rep = q.shape[1] // k.shape[1]
-    return F.scaled_dot_product_attention(q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1),
-                                          is_causal=True)
-
-
 def use_sdpa(model: nn.Module) -> nn.Module:
-    """Swap every chapter-6 Attention's causal attention in model for causal_sdpa (same math); returns model.
+    """Swap every chapter-6 Attention's causal attention in model for chapter 6's sdpa_attention; returns model.
 
     Defined in chapter 12 (The Byte Latent Transformer), section 12.4 The entropy model and entropy patching.
     """
@@ -83,7 +57,7 @@ def use_sdpa(model: nn.Module) -> nn.Module:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     for module in model.modules():
         if isinstance(module, Attention):
-            module.attend = causal_sdpa
+            module.attend = sdpa_attention
     return model
 
 
@@ -208,6 +182,16 @@ def block_causal_mask(pids: torch.Tensor) -> torch.Tensor:
     return pids[:, None, :] <= pids[:, :, None]
 
 
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise unless q (B, H, Q, d) and k, v (B, H, K, d) are float tensors of one batch, head count and head size."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        validate.tensor(x, name, dims=4, kind="float")
+    validate.same_shape(k=k, v=v)
+    b, h, _, d = q.shape
+    if k.shape[0] != b or k.shape[1] != h or k.shape[3] != d:
+        raise ValueError(f"k and v have shape {tuple(k.shape)}, which does not fit q {tuple(q.shape)}")
+
+
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v over the keys mask allows; rows with no allowed key give 0.
 
@@ -215,7 +199,7 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
     Defined in chapter 12 (The Byte Latent Transformer), section 12.6 The model: local encoder, latent transformer, local decoder.
     """
-    _check_qkv(q, k, v, self_attention=False)
+    _check_qkv(q, k, v)
     validate.tensor(mask, "mask", dims=(2, 3), dtype=torch.bool)
     if mask.shape[-2:] != (q.shape[2], k.shape[2]) or (mask.dim() == 3 and mask.shape[0] != q.shape[0]):
         raise ValueError(f"mask has shape {tuple(mask.shape)}; expected (B, Q, K) = {(q.shape[0], q.shape[2], k.shape[2])}")
@@ -224,18 +208,6 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     scores = scores.masked_fill(~m, torch.finfo(scores.dtype).min)
     weights = torch.softmax(scores, dim=-1) * m.any(-1, keepdim=True)
     return weights @ v
-
-
-def windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
-    """Local causal GQA attention (12.11): q (B, H, T, d), k, v (B, Hkv, T, d) -> (B, H, T, d).
-
-    Defined in chapter 12 (The Byte Latent Transformer), section 12.6 The model: local encoder, latent transformer, local decoder.
-    """
-    _check_qkv(q, k, v, self_attention=True)
-    rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    mask = local_causal_mask(q.shape[2], window, q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class LocalBlock(TransformerBlock):
@@ -250,7 +222,12 @@ class LocalBlock(TransformerBlock):
         validate.integer(window, "window", low=1)
         super().__init__(cfg)
         self.window = window
-        self.attention.attend = functools.partial(windowed_attention, window=window)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x (B, T, dim); cos, sin (T, hd) for positions 0..T-1 -> (B, T, dim), attending within the window (12.11)."""
+        validate.tensor(x, "x", dims=3, kind="float")
+        mask = local_causal_mask(x.shape[1], self.window, x.device)[None, None]    # (12.11), (1, 1, T, T)
+        return super().forward(x, cos, sin, mask=mask)
 
 
 class CrossAttention(nn.Module):

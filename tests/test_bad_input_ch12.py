@@ -5,10 +5,9 @@ import torch
 from bad_input import assert_clear_error, cases
 from lrn_lib.blt import (BLT, BLTConfig, CrossAttention, HashNgramEmbedding, LatentTransformer, LocalBlock,
                          LocalDecoder, LocalEncoder, block_causal_mask, block_flops, blt_flops_per_byte, byte_entropies,
-                         causal_sdpa, decoder_cross_mask, decoder_patch_index, encoder_cross_mask, entropy_model,
-                         entropy_starts, llama_flops_per_token, local_causal_mask, masked_attention, use_sdpa,
-                         windowed_attention)
-from lrn_lib.llama import tiny_config
+                         decoder_cross_mask, decoder_patch_index, encoder_cross_mask, entropy_model, entropy_starts,
+                         llama_flops_per_token, local_causal_mask, masked_attention, use_sdpa)
+from lrn_lib.llama import rope_cos_sin, rope_frequencies, tiny_config
 from lrn_lib.patching import (BOS, BPETokenizer, bits_per_byte, book_corpus, bootstrap_bpb_interval, bpe_patch_starts,
                               bytes_to_tensor, check_tokens, entropy_patch_starts, fixed_patch_starts, force_first_two,
                               hash_ngram_ids, mean_patch_size, merge_pair, next_byte_entropies, patch_ids,
@@ -43,6 +42,10 @@ def qkv(h=2, hkv=2, t=4, d=8, b=1):
 
 def floats(*shape):
     return torch.rand(*shape)
+
+
+def rope(t):
+    return rope_cos_sin(torch.arange(t), rope_frequencies(LLAMA_CFG), torch.float32)
 
 
 BAD_CALLS = {
@@ -144,12 +147,6 @@ BAD_CALLS = {
         ("n_boot", lambda: bootstrap_bpb_interval(floats(4), torch.ones(4), n_boot=0)),
     ],
     # ---------------------------------------------------------------- lrn_lib.blt
-    "lrn_lib.blt.causal_sdpa": [
-        ("k", lambda: causal_sdpa(*qkv(h=3, hkv=2))),                                 # Hkv does not divide H
-        ("q", lambda: causal_sdpa(torch.randn(2, 4, 8), *qkv()[1:])),                 # 3-D
-        ("k", lambda: causal_sdpa(qkv()[0], *qkv(t=6)[1:])),                          # key length != query length
-        ("v", lambda: causal_sdpa(*qkv()[:2], torch.randn(1, 2, 4, 4))),
-    ],
     "lrn_lib.blt.use_sdpa": [
         ("model", lambda: use_sdpa("llama")),
     ],
@@ -201,14 +198,11 @@ BAD_CALLS = {
         ("q", lambda: masked_attention(torch.zeros(1, 2, 4, 8, dtype=torch.int64), *qkv()[1:],
                                        torch.ones(4, 4, dtype=torch.bool))),
     ],
-    "lrn_lib.blt.windowed_attention": [
-        ("window", lambda: windowed_attention(*qkv(), 0)),
-        ("k", lambda: windowed_attention(*qkv(h=3, hkv=2), 2)),
-        ("k", lambda: windowed_attention(qkv()[0], *qkv(t=5)[1:], 2)),
-    ],
     "lrn_lib.blt.LocalBlock": [
         ("window", lambda: LocalBlock(LLAMA_CFG, 0)),
         ("cfg", lambda: LocalBlock(CFG, 4)),                                          # a BLTConfig, not LlamaConfig
+        ("x", lambda: LocalBlock(LLAMA_CFG, 4)(floats(8, 16), *rope(8))),             # 2-D, not (B, T, dim)
+        ("x", lambda: LocalBlock(LLAMA_CFG, 4)(torch.zeros(1, 8, 16, dtype=torch.int64), *rope(8))),
     ],
     "lrn_lib.blt.CrossAttention": [
         ("n_heads", lambda: CrossAttention(8, 8, 3)),

@@ -4,11 +4,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from lrn_lib.blt import (BLT, BLTConfig, CrossAttention, HashNgramEmbedding, LocalEncoder, block_causal_mask,
-                         blt_flops_per_byte, block_flops, byte_entropies, decoder_cross_mask, decoder_patch_index,
-                         encoder_cross_mask,
-                         entropy_model, entropy_starts, llama_flops_per_token, local_causal_mask, masked_attention)
-from lrn_lib.llama import tiny_config
+from lrn_lib.blt import (BLT, BLTConfig, CrossAttention, HashNgramEmbedding, LocalBlock, LocalEncoder,
+                         block_causal_mask, blt_flops_per_byte, block_flops, byte_entropies, decoder_cross_mask,
+                         decoder_patch_index, encoder_cross_mask, entropy_model, entropy_starts, llama_flops_per_token,
+                         local_causal_mask, masked_attention, use_sdpa)
+from lrn_lib.llama import (Attention, Llama, TransformerBlock, apply_rope, rope_cos_sin, rope_frequencies,
+                           sdpa_attention, tiny_config)
 from lrn_lib.patching import BOS, fixed_patch_starts, patch_ids
 
 SMALL = BLTConfig(local_dim=16, local_heads=2, latent_dim=32, latent_heads=2, hash_table_size=101, window=5,
@@ -108,6 +109,53 @@ def test_masked_attention_rows_without_keys_are_zero_and_weights_sum_to_one():
     assert torch.equal(o[:, :, 1], torch.zeros(2, 2, 4))
     ones = masked_attention(q, k, torch.ones_like(v), mask)
     assert torch.allclose(ones[:, :, [0, 2]], torch.ones(2, 2, 2, 4))
+
+
+# ------------------------------------------------------------------ local blocks and the fused attention
+
+GQA = tiny_config(vocab_size=40, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=32)
+
+
+def windowed_block_by_hand(block, x, cos, sin, window):
+    """(6.1) written out: softmax over the keys of an explicit window mask (12.11), GQA by repeating k, v."""
+    att = block.attention
+    b, t, _ = x.shape
+    split = lambda y: y.view(b, t, -1, att.head_dim).transpose(1, 2)  # noqa: E731
+    n = block.attention_norm(x)
+    q, k, v = apply_rope(split(att.wq(n)), cos, sin), apply_rope(split(att.wk(n)), cos, sin), split(att.wv(n))
+    group = att.n_heads // att.n_kv_heads
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    allowed = torch.tensor([[0 <= i - j < window for j in range(t)] for i in range(t)])
+    scores = (q @ k.transpose(-1, -2) / att.head_dim ** 0.5).masked_fill(~allowed, float("-inf"))
+    h = x + att.wo((scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, -1))
+    return h + block.feed_forward(block.ffn_norm(h))
+
+
+def test_local_block_passes_its_window_mask_through_forward():
+    torch.manual_seed(0)
+    window, t = 3, 10
+    block = LocalBlock(GQA, window).double()
+    x = torch.randn(2, t, GQA.dim, dtype=torch.float64)
+    cos, sin = rope_cos_sin(torch.arange(t), rope_frequencies(GQA), torch.float64)
+    with torch.no_grad():
+        out = block(x, cos, sin)
+        assert torch.allclose(out, windowed_block_by_hand(block, x, cos, sin, window), atol=1e-12, rtol=0)
+        causal = TransformerBlock.forward(block, x, cos, sin)          # the same weights, no window
+    assert torch.allclose(out[:, :window], causal[:, :window], atol=1e-12, rtol=0)   # the window holds every key
+    assert not torch.allclose(out[:, window:], causal[:, window:], atol=1e-6)        # later, it drops the oldest
+
+
+def test_use_sdpa_leaves_a_models_logits_unchanged():
+    torch.manual_seed(0)
+    model = Llama(GQA).double()
+    tokens = torch.randint(0, GQA.vocab_size, (2, 12))
+    with torch.no_grad():
+        before = model(tokens)                                         # chapter 4's flash_attention
+        assert use_sdpa(model) is model
+        after = model(tokens)
+    attends = [m.attend for m in model.modules() if isinstance(m, Attention)]
+    assert len(attends) == GQA.n_layers and all(a is sdpa_attention for a in attends)
+    assert torch.allclose(after, before, atol=1e-10, rtol=0)
 
 
 # ------------------------------------------------------------------ causality by perturbation
