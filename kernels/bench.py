@@ -6,7 +6,7 @@ Hand-written tool (not exported from a chapter).
 
 Each case first checks our result against PyTorch's on the same fresh random input, then
 times both with ``triton.testing.do_bench`` (median of many runs, warm-up excluded, L2
-flushed between runs), and prints effective bandwidth (GB/s from the fewest bytes the
+flushed between runs; the JSON also keeps each side's fastest and slowest run), and prints effective bandwidth (GB/s from the fewest bytes the
 operation must move) and the ratio ours/torch (above 1 means we are faster). A JSON file
 with the device, versions and date goes to ``--out`` (default ``benchmarks/results``).
 Needs a CUDA GPU and refuses clearly without one.
@@ -17,6 +17,7 @@ import argparse
 import datetime
 import json
 import platform
+import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,10 @@ class Case:
     bytes_moved: int
     tolerance: float
     flops: int = 0  # arithmetic of the operation, for compute-bound kernels (0: report GB/s only)
+    # optional: the same two functions over rotating input sets (together larger than L2), timed as
+    # CUDA-graph replays, which leave out the host's launch overhead (how decoding loops run them)
+    ours_sets: list[Callable[[], torch.Tensor]] | None = None
+    torch_sets: list[Callable[[], torch.Tensor]] | None = None
 
 
 def softmax_cases() -> Iterator[Case]:
@@ -133,6 +138,82 @@ def flash_attention_cases() -> Iterator[Case]:
                                2 * io, tolerance=3e-2, flops=flops * 7 // 2)
 
 
+def graph_times(fns: list[Callable[[], torch.Tensor]], replays: int = 50) -> list[float]:
+    """Milliseconds per call of fns captured in order into one CUDA graph, one entry per replay.
+
+    fns should cover rotating input sets together larger than L2, so that each call reads from
+    memory as it would in a model; they are each run once before the capture (compilation).
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / len(fns))
+    return times
+
+
+def rotating_sets(make: Callable[[], tuple[torch.Tensor, ...]], set_bytes: int,
+                  total: int = 256 * 2**20, most: int = 256) -> list[tuple[torch.Tensor, ...]]:
+    """Enough input sets from make() (each of set_bytes) to pass total bytes, between 1 and most."""
+    return [make() for _ in range(max(1, min(most, -(-total // set_bytes))))]
+
+
+def decode_cases() -> Iterator[Case]:
+    """Chapter 4's split-key decoding kernels (section 4.11) against SDPA, bf16, head_dim 128, batch 1.
+
+    Nq = 1, 4, 16 queries against Nk = 1k, 8k, 32k, 128k keys, 32 query heads on 8 kv heads and 4
+    on 1, no mask (a decoding step's queries see the whole cache). Against SDPA's FlashAttention-2
+    backend, SDPA's own choice of backend, and this chapter's forward kernel (section 4.5). SDPA
+    gets the kv heads unexpanded (enable_gqa=True). Bytes moved: K and V once, plus Q and O.
+    """
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from kernels.flash_attention import flash_attention_forward, flash_decode
+
+    def sdpa_flash(q, k, v):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+    def sdpa_default(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+    for h, h_kv in ((32, 8), (4, 1)):
+        for n_q in (1, 4, 16):
+            for n_k in (1024, 8192, 32768, 131072):
+                def make(h=h, h_kv=h_kv, n_q=n_q, n_k=n_k):
+                    return (torch.randn(1, h, n_q, 128, device="cuda", dtype=torch.bfloat16),
+                            *(torch.randn(1, h_kv, n_k, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2)))
+
+                q, k, v = make()
+                io = (2 * k.numel() + 2 * q.numel()) * k.element_size()
+                sets = rotating_sets(make, io)
+                flops = 4 * h * n_q * n_k * 128
+                ours = lambda q=q, k=k, v=v: flash_decode(q, k, v, causal=False)[0]
+                ours_sets = [lambda t=t: flash_decode(*t, causal=False)[0] for t in sets]
+                for label, fn in (("flash", sdpa_flash), ("default", sdpa_default),
+                                  ("fwd-kernel", lambda q, k, v: flash_attention_forward(q, k, v, False)[0])):
+                    name = f"decode {h}:{h_kv}/" + (label if label == "fwd-kernel" else f"sdpa-{label}")
+                    yield Case(name, (1, h, h_kv, n_q, n_k, 128), q.dtype, ours,
+                               lambda q=q, k=k, v=v, fn=fn: fn(q, k, v), io, tolerance=2e-2, flops=flops,
+                               ours_sets=ours_sets, torch_sets=[lambda t=t, fn=fn: fn(*t) for t in sets])
+
+
 def moe_cases() -> Iterator[Case]:
     """Chapter 5's grouped GEMM (the experts' up-projection), bf16, 8192 tokens, d_model 2048.
 
@@ -191,6 +272,7 @@ BENCHMARKS: dict[str, Callable[[], Iterator[Case]]] = {
     "softmax_backward": softmax_backward_cases,
     "matmul": matmul_cases,
     "flash_attention": flash_attention_cases,
+    "decode": decode_cases,
     "moe": moe_cases,
 }
 
@@ -211,16 +293,32 @@ def measure(case: Case) -> dict:
     if error > case.tolerance:
         raise AssertionError(f"{case.name} {case.shape} {case.dtype}: relative error {error:.2e} "
                              f"over {case.tolerance:.0e}; not timing a wrong kernel")
-    ours_ms = do_bench(case.ours, warmup=50, rep=300, return_mode="median")
-    torch_ms = do_bench(case.torch_fn, warmup=50, rep=300, return_mode="median")
+    ours_all = do_bench(case.ours, warmup=50, rep=300, return_mode="all")
+    torch_all = do_bench(case.torch_fn, warmup=50, rep=300, return_mode="all")
+    ours_ms, torch_ms = statistics.median(ours_all), statistics.median(torch_all)
     return {
         "name": case.name, "shape": list(case.shape), "dtype": str(case.dtype).replace("torch.", ""),
         "ours_ms": ours_ms, "torch_ms": torch_ms,
+        "ours_min_ms": min(ours_all), "ours_max_ms": max(ours_all),
+        "torch_min_ms": min(torch_all), "torch_max_ms": max(torch_all),
         "ours_GBps": case.bytes_moved / ours_ms / 1e6, "torch_GBps": case.bytes_moved / torch_ms / 1e6,
         "ours_TFLOPs": case.flops / ours_ms / 1e9 if case.flops else None,
         "torch_TFLOPs": case.flops / torch_ms / 1e9 if case.flops else None,
         "ours_over_torch": torch_ms / ours_ms, "relative_error": error,
+        **(graph_row(case) if case.ours_sets else {}),
     }
+
+
+def graph_row(case: Case) -> dict:
+    """Min/median/max milliseconds per call of both sides as CUDA-graph replays, and their ratio."""
+    row = {}
+    for side, fns in (("ours", case.ours_sets), ("torch", case.torch_sets)):
+        times = graph_times(fns)
+        row.update({f"{side}_graph_ms": statistics.median(times), f"{side}_graph_min_ms": min(times),
+                    f"{side}_graph_max_ms": max(times)})
+    row["graph_ours_over_torch"] = row["torch_graph_ms"] / row["ours_graph_ms"]
+    row["graph_sets"] = len(case.ours_sets)
+    return row
 
 
 def environment() -> dict:
@@ -236,15 +334,32 @@ def environment() -> dict:
 
 def table(rows: list[dict]) -> str:
     """The results as a fixed-width text table."""
-    lines = [f"{'kernel':22s} {'shape':>15s} {'dtype':9s} {'ours ms':>8s} {'torch ms':>8s} "
+    lines = [f"{'kernel':24s} {'shape':>15s} {'dtype':9s} {'ours ms':>8s} {'torch ms':>8s} "
              f"{'ours GB/s':>9s} {'torch GB/s':>10s} {'ours TFLOP/s':>12s} {'torch TFLOP/s':>13s} {'ours/torch':>10s}"]
     for r in rows:
         shape = "x".join(map(str, r["shape"]))
         rates = [f"{r[key]:{width}.0f}" if r.get(key) is not None else f"{'-':>{width}s}"
                  for key, width in (("ours_TFLOPs", 12), ("torch_TFLOPs", 13))]  # only kernels that count FLOPs
-        lines.append(f"{r['name']:22s} {shape:>15s} {r['dtype']:9s} {r['ours_ms']:8.3f} {r['torch_ms']:8.3f} "
+        lines.append(f"{r['name']:24s} {shape:>15s} {r['dtype']:9s} {r['ours_ms']:8.3f} {r['torch_ms']:8.3f} "
                      f"{r['ours_GBps']:9.0f} {r['torch_GBps']:10.0f} {rates[0]} {rates[1]} "
                      f"{r['ours_over_torch']:9.2f}x")
+    return "\n".join(lines)
+
+
+def spread_table(rows: list[dict]) -> str:
+    """Each side's fastest, median and slowest run in microseconds, eager and (if timed) as graph replays."""
+    lines = [f"{'kernel':24s} {'shape':>22s} {'eager us: ours min/med/max':>27s} {'torch min/med/max':>19s} "
+             f"{'ratio':>5s} {'graph us: ours min/med/max':>27s} {'torch min/med/max':>19s} {'ratio':>5s}"]
+    for r in rows:
+        cells = []
+        for prefix in ("", "graph_"):
+            if f"ours_{prefix}ms" not in r:
+                continue
+            for side, width in (("ours", 27), ("torch", 19)):
+                keys = (f"{side}_{prefix}min_ms", f"{side}_{prefix}ms", f"{side}_{prefix}max_ms")
+                cells.append(f"{'/'.join(f'{1e3 * r[key]:.1f}' for key in keys):>{width}s}")
+            cells.append(f"{r[prefix + 'ours_over_torch']:5.2f}")
+        lines.append(f"{r['name']:24s} {'x'.join(map(str, r['shape'])):>22s} " + " ".join(cells))
     return "\n".join(lines)
 
 
@@ -272,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [measure(case) for name in (args.names or list(BENCHMARKS)) for case in BENCHMARKS[name]()]
     print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']} | {env['date']}")
     print(table(rows))
+    if "decode" in args.names:
+        print(spread_table([r for r in rows if r["name"].startswith("decode")]))
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "-".join(args.names or ["all"])
     device = env["device"].replace(" ", "_")

@@ -18,6 +18,13 @@ Public names, by the section of chapter 04 that teaches them:
     flash_attention_dq_kernel: dQ (4.2) of BLOCK_M queries of one (batch, head); shapes as in the forward kernel.
     backward_configs: (BLOCK_M, BLOCK_N, num_warps, num_stages) of the dK/dV kernel and of the dQ kernel.
     flash_attention_backward: dQ, dK, dV of attention (4.2) from the forward's O and L; shapes and dtypes of q, k, v.
+
+4.11 Flash-decoding: a few queries against a long cache
+    flash_decode_split_kernel: Partial attention of one key chunk for BLOCK_M packed (query head, query) rows of one kv head.
+    flash_decode_merge_kernel: Merge the split partials of one (batch, head, query) row by (4.4): O and L (natural log).
+    decode_config: (BLOCK_M, BLOCK_N, num_warps, num_stages) of the split kernel for G * Nq packed rows.
+    decode_splits: Number of key chunks S: about four programs per multiprocessor, at least two key blocks per chunk.
+    flash_decode: Attention for few queries by split keys (flash-decoding): O and L like flash_attention_forward.
 """
 
 
@@ -417,3 +424,188 @@ def flash_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         h, h // h_kv, n_q, n_k, n_k - n_q, scale * LOG2_E, scale,
         CAUSAL=causal, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=bm2, BLOCK_N=bn2, num_warps=w2, num_stages=s2)
     return dq.to(dtype), dk.to(dtype), dv.to(dtype)
+
+
+DECODE_MAX_QUERIES = 16   # flash_attention decodes with the split kernels up to this many queries
+DECODE_MAX_SPLITS = 256   # the partials of one row: at most this many key chunks
+
+
+@triton.jit
+def flash_decode_split_kernel(
+        q_ptr, k_ptr, v_ptr, o_part_ptr, lse_part_ptr,
+        stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+        n_heads, n_kv_heads, group_size, n_queries, n_keys, n_splits, chunk, causal_offset, qk_scale,
+        CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Partial attention of one key chunk for BLOCK_M packed (query head, query) rows of one kv head.
+
+    q: (B, H, Nq, d); k, v: (B, Hkv, Nk, d), unit stride on d. Grid: (splits, B * Hkv, row
+    blocks of the G * Nq packed rows). Writes o_part: (B, H, Nq, splits, d) float32, O_s
+    normalized over the chunk, and lse_part: (B, H, Nq, splits) float32, L_s in log2 units.
+
+    Defined in chapter 04 (FlashAttention-2), section 4.11 Flash-decoding: a few queries against a long cache.
+    """
+    split = tl.program_id(0)
+    bkv = tl.program_id(1)
+    b = (bkv // n_kv_heads).to(tl.int64)
+    kv_h = (bkv % n_kv_heads).to(tl.int64)
+    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)   # packed row = g * Nq + i
+    row_ok = rows < group_size * n_queries
+    query = rows % n_queries                                     # i, for the causal mask
+    head = kv_h * group_size + rows // n_queries                 # query head h = kv_h * G + g
+    offs_d = tl.arange(0, BLOCK_D)
+    q_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(q_ptr + b * stride_qb + head[:, None] * stride_qh + query.to(tl.int64)[:, None] * stride_qm
+                + offs_d[None, :], mask=q_mask, other=0.0)
+    k_base = k_ptr + b * stride_kb + kv_h * stride_kh
+    v_base = v_ptr + b * stride_vb + kv_h * stride_vh
+    m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    lo = split * chunk                                           # chunk is a multiple of BLOCK_N
+    hi = tl.minimum(lo + chunk, n_keys)
+    if CAUSAL:   # keys <= causal_offset are visible to every query
+        all_see = tl.maximum(causal_offset + 1, 0)
+    else:
+        all_see = n_keys
+    unmasked_end = lo + tl.maximum(tl.minimum(hi, all_see) - lo, 0) // BLOCK_N * BLOCK_N
+    acc, l_i, m_i = _attend_key_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, query, offs_d,
+                                       lo, unmasked_end, n_keys, causal_offset, qk_scale,
+                                       False, CAUSAL, BLOCK_N, HEAD_DIM)
+    acc, l_i, m_i = _attend_key_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, query, offs_d,
+                                       unmasked_end, hi, n_keys, causal_offset, qk_scale,
+                                       True, CAUSAL, BLOCK_N, HEAD_DIM)
+    has_keys = l_i > 0.0
+    l_safe = tl.where(has_keys, l_i, 1.0)
+    lse2 = tl.where(has_keys, m_i + tl.math.log2(l_safe), -float("inf"))   # L_s, log2 units
+    out_row = ((b * n_heads + head) * n_queries + query) * n_splits + split
+    tl.store(o_part_ptr + out_row[:, None] * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None], mask=q_mask)
+    tl.store(lse_part_ptr + out_row, lse2, mask=row_ok)
+
+
+@triton.jit
+def flash_decode_merge_kernel(o_part_ptr, lse_part_ptr, o_ptr, lse_ptr, stride_ob, stride_oh, stride_om,
+                              n_heads, n_queries, n_splits,
+                              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Merge the split partials of one (batch, head, query) row by (4.4): O and L (natural log).
+
+    o_part: (B, H, Nq, splits, d) float32, lse_part: (B, H, Nq, splits) float32 in log2 units;
+    o: (B, H, Nq, d) in q's dtype, unit stride on d; lse: (B, H, Nq) float32.
+
+    Defined in chapter 04 (FlashAttention-2), section 4.11 Flash-decoding: a few queries against a long cache.
+    """
+    row = tl.program_id(0).to(tl.int64)                          # (b * H + h) * Nq + i
+    b = row // (n_heads * n_queries)
+    h = (row // n_queries) % n_heads
+    i = row % n_queries
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_s = tl.full([BLOCK_S], -float("inf"), tl.float32)
+    for s0 in range(0, n_splits, BLOCK_S):                       # pass 1: the largest L_s
+        lse_s = tl.load(lse_part_ptr + row * n_splits + s0 + offs_s, mask=s0 + offs_s < n_splits,
+                        other=-float("inf"))
+        m_s = tl.maximum(m_s, lse_s)
+    m = tl.max(m_s, axis=0)
+    m_safe = tl.where(m == -float("inf"), 0.0, m)                # a row that sees no key at all
+    acc = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
+    total = tl.zeros([BLOCK_S], tl.float32)
+    for s0 in range(0, n_splits, BLOCK_S):                       # pass 2: sum of e^{L_s - m} O_s
+        in_range = s0 + offs_s < n_splits
+        lse_s = tl.load(lse_part_ptr + row * n_splits + s0 + offs_s, mask=in_range, other=-float("inf"))
+        w = tl.math.exp2(lse_s - m_safe)                         # 0 for chunks with no visible key
+        o_s = tl.load(o_part_ptr + (row * n_splits + s0 + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+                      mask=in_range[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        acc += w[:, None] * o_s
+        total += w
+    denom = tl.sum(total, axis=0)                                # e^{L - m}   (4.4)
+    has_keys = denom > 0.0
+    o = tl.sum(acc, axis=0) / tl.where(has_keys, denom, 1.0)
+    lse = tl.where(has_keys, (m_safe + tl.math.log2(tl.where(has_keys, denom, 1.0))) / 1.4426950408889634,
+                   -float("inf"))
+    tl.store(o_ptr + b * stride_ob + h * stride_oh + i * stride_om + offs_d, o.to(o_ptr.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
+    tl.store(lse_ptr + row, lse)
+
+
+def decode_config(head_dim: int, rows: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the split kernel for G * Nq packed rows.
+
+    BLOCK_M is rows rounded up to a power of two, between 16 (tl.dot's minimum) and 64.
+
+    Defined in chapter 04 (FlashAttention-2), section 4.11 Flash-decoding: a few queries against a long cache.
+    """
+    validate.integer(head_dim, "head_dim", low=1, high=MAX_HEAD_DIM)
+    validate.integer(rows, "rows", low=1)
+    block_m = min(64, max(16, triton.next_power_of_2(rows)))
+    if head_dim <= 128:
+        return block_m, 64, 4, 3
+    return block_m, 32, 4, 2
+
+
+def decode_splits(programs: int, n_keys: int, block_n: int, n_sm: int) -> int:
+    """Number of key chunks S: about four programs per multiprocessor, at least two key blocks per chunk.
+
+    programs: the programs of one chunk (B * Hkv * row blocks); n_sm: multiprocessors of the GPU.
+    Returns 1 <= S <= DECODE_MAX_SPLITS.
+
+    Defined in chapter 04 (FlashAttention-2), section 4.11 Flash-decoding: a few queries against a long cache.
+    """
+    for name, value in (("programs", programs), ("n_keys", n_keys), ("block_n", block_n), ("n_sm", n_sm)):
+        validate.integer(value, name, low=1)
+    wanted = triton.cdiv(4 * n_sm, programs)
+    return max(1, min(wanted, triton.cdiv(n_keys, 2 * block_n), DECODE_MAX_SPLITS))
+
+
+_MULTIPROCESSORS: dict[int, int] = {}   # by CUDA device index: asked once, not at every decoding step
+
+
+def _multiprocessors(device: torch.device) -> int:
+    """The GPU's multiprocessor count; 4 for the interpreter on the CPU (few programs, quick tests)."""
+    if device.type != "cuda":
+        return 4
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _MULTIPROCESSORS:
+        _MULTIPROCESSORS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _MULTIPROCESSORS[index]
+
+
+def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                 scale: float | None = None, n_splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention for few queries by split keys (flash-decoding): O and L like flash_attention_forward.
+
+    q: (B, H, Nq, d); k, v: (B, Hkv, Nk, d); float16/bfloat16, 1 <= d <= MAX_HEAD_DIM; meant for
+    Nq <= DECODE_MAX_QUERIES but right for any. causal: bottom-right aligned (the queries are the
+    last Nq positions). n_splits: None (chosen by decode_splits) or the number of key chunks,
+    at most one per key block. Returns O: (B, H, Nq, d) in q's dtype, L: (B, H, Nq) float32.
+
+    Defined in chapter 04 (FlashAttention-2), section 4.11 Flash-decoding: a few queries against a long cache.
+    """
+    check_flash_inputs(q, k, v, causal, scale, launch=False)
+    if n_splits is not None:
+        validate.integer(n_splits, "n_splits", low=1, high=DECODE_MAX_SPLITS)
+    check_launchable("q", q)
+    dtype = q.dtype
+    q, k, v = _interpreter_dtype(*(_last_dim_contiguous(t) for t in (q, k, v)))
+    b, h, n_q, d = q.shape
+    h_kv, n_k = k.shape[1], k.shape[2]
+    group = h // h_kv
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    block_m, block_n, warps, stages = decode_config(d, group * n_q)
+    row_blocks = triton.cdiv(group * n_q, block_m)
+    if n_splits is None:
+        n_splits = decode_splits(b * h_kv * row_blocks, n_k, block_n, _multiprocessors(q.device))
+    chunk = triton.cdiv(triton.cdiv(n_k, n_splits), block_n) * block_n   # keys per chunk
+    n_splits = triton.cdiv(n_k, chunk)                                   # no chunk is empty
+    o_part = torch.empty((b, h, n_q, n_splits, d), dtype=torch.float32, device=q.device)
+    lse_part = torch.empty((b, h, n_q, n_splits), dtype=torch.float32, device=q.device)
+    flash_decode_split_kernel[(n_splits, b * h_kv, row_blocks)](
+        q, k, v, o_part, lse_part, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), h, h_kv, group, n_q, n_k, n_splits, chunk, n_k - n_q,
+        scale * LOG2_E, CAUSAL=causal, HEAD_DIM=d, BLOCK_D=head_block(d), BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=warps, num_stages=stages)
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, h, n_q), dtype=torch.float32, device=q.device)
+    flash_decode_merge_kernel[(b * h * n_q,)](
+        o_part, lse_part, o, lse, o.stride(0), o.stride(1), o.stride(2), h, n_q, n_splits,
+        HEAD_DIM=d, BLOCK_D=head_block(d), BLOCK_S=min(16, triton.next_power_of_2(n_splits)), num_warps=4)
+    return o.to(dtype), lse
