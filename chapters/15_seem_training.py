@@ -681,7 +681,7 @@ print("the curve is flat: 8 clicks move the mean IoU by less than 0.05:",
 
 # %% [markdown]
 # At this scale the interactive loop is the weak point: the curves are flat after the first
-# click, the memory prompt changes nothing, and 56% of the objects never reach 0.85 in 8
+# click, the memory prompt changes nothing, and 60% of the objects never reach 0.85 in 8
 # clicks. What goes wrong? We look at the second click of the
 # session without memory: is it negative (the answer covers too much), does its own
 # pixel leave the answer after it, and does it sit on another object, of the same color or not?
@@ -861,10 +861,10 @@ print("ignoring classes, more than half of the objects are found:", found / n_ob
 print("naming costs PQ (PQ below the class-agnostic PQ):", pq["PQ"]["pq"] < pq["class-agnostic PQ"]["pq"])
 
 # %% [markdown]
-# Ignoring classes, the object queries find 60% of the objects (362 of 606) with
-# well-fitting masks (SQ 0.81) and few false segments; with classes, PQ falls from 0.57 to
-# 0.44, and the per-class values show which shapes are hard to name from pixels: squares
-# (0.26) and triangles (0.39), against circles and bars (0.54 and 0.56). As for the visual
+# Ignoring classes, the object queries find 53% of the objects (322 of 606) with
+# well-fitting masks (SQ 0.80) and few false segments; with classes, PQ falls from 0.53 to
+# 0.45, and the per-class values show which shapes are hard to name from pixels: squares
+# (0.33) and triangles (0.37), against circles and bars (0.57 and 0.52). As for the visual
 # prompts above: in a short run, finding is learned before naming.
 
 # %% [markdown]
@@ -1043,10 +1043,10 @@ print("the memory prompt moves the mean IoU by less than 0.02 at every click:", 
 
 # %% [markdown]
 # **What the table shows (CPU profile), and what it does not.** On a single prompt the
-# trained model is ahead of color only where the prompt says little about the object's
-# extent: one click (+0.07, interval 0.02 to 0.12), a box (+0.06, 0.01 to 0.11) and a click
-# with a phrase (+0.08, 0.03 to 0.13). With a scribble, a rough mask or a phrase alone the
-# fill does as well, within the intervals: a scribble samples the stripes of its object, a
+# trained model is clearly ahead of color only where the prompt says little about the object's
+# extent: one click (+0.06, interval 0.01 to 0.11) and a click with a phrase (+0.08, 0.03 to
+# 0.12); a box gives +0.04, an interval (-0.01 to 0.10) that includes no gain. With a scribble,
+# a rough mask or a phrase alone the fill does as well, within the intervals: a scribble samples the stripes of its object, a
 # rough mask fences the fill in, and the named color finds the object unless a same-color
 # neighbour is larger. The fill has no notion of class at all; SEEM's answers come with one,
 # right about 70% of the time for visual prompts (section 15.3), which is the clearest thing the
@@ -1054,9 +1054,9 @@ print("the memory prompt moves the mean IoU by less than 0.02 at every click:", 
 #
 # Clicks tell the less flattering half. SEEM's first answer is the better one (0.68 against
 # 0.55 for the fill from the same central click), but its curve is flat: from click 1 to
-# click 8 it moves by -0.004 (-0.017 to 0.007), while the fill rises by 0.17 (0.14 to 0.21),
-# is level with SEEM by the third click and ahead after eight (0.72 against 0.68). The memory
-# prompt's effect is zero to within 0.004 at every click. So the harder world does leave room
+# click 8 it moves by -0.011 (-0.023 to 0.001), while the fill rises by 0.17 (0.14 to 0.21),
+# is level with SEEM by the third click and ahead after eight (0.72 against 0.67). The memory
+# prompt's effect is zero to within 0.006 at every click. So the harder world does leave room
 # for corrective clicks: a rule that only adds and removes pieces of color uses them. The
 # model trained here does not, for the reason section 15.3 found: clicks after the first are rare
 # in training, and the clicked pixels stay in its answers; the memory prompt, which only
@@ -1116,7 +1116,7 @@ for name in pq:
 # scenes from points, boxes, scribbles, rough masks, phrases and their combination, names
 # the answers to visual prompts right about 70% of the time, and finds 60% of the objects
 # with no prompt at all. Against a color fill (section 15.4) it is ahead by 0.06 to 0.08 IoU on
-# one click, a box, or a click with a phrase, and level on the other prompts; what it has
+# one click or a click with a phrase, and level, within the intervals, on the other prompts; what it has
 # not learned at this budget is to use corrective clicks and the memory prompt, which leave
 # its curve flat while the fill's rises and, at the CPU budget, passes it. The GPU profile's
 # longer training puts SEEM ahead of the fill on every prompt type (by 0.10 to 0.19) but

@@ -427,6 +427,7 @@ def flash_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 
 DECODE_MAX_QUERIES = 16   # flash_attention decodes with the split kernels up to this many queries
+DECODE_MIN_KEYS = 4096    # ... and from this many keys on: shorter caches cost less in one launch
 DECODE_MAX_SPLITS = 256   # the partials of one row: at most this many key chunks
 
 

@@ -254,11 +254,12 @@ def _note_cuda_fallback(q: torch.Tensor) -> None:
 
 
 def _decodes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the kernel path takes the split (flash-decoding) kernels of section 4.11: few queries, no gradient."""
-    from kernels.flash_attention import DECODE_MAX_QUERIES
+    """Whether the kernel path takes the split (flash-decoding) kernels of section 4.11: few queries, a long
+    enough cache, no gradient."""
+    from kernels.flash_attention import DECODE_MAX_QUERIES, DECODE_MIN_KEYS
 
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    return q.shape[2] <= DECODE_MAX_QUERIES and not needs_grad
+    return q.shape[2] <= DECODE_MAX_QUERIES and k.shape[2] >= DECODE_MIN_KEYS and not needs_grad
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,

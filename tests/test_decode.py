@@ -136,7 +136,7 @@ def test_compiled_decode_matches_float64_reference(shape, causal, dtype):
 
 @pytest.mark.gpu
 def test_flash_attention_decodes_without_grad_and_uses_the_forward_kernel_with_it():
-    q, k, v = random_qkv(1, 8, 2, 4, 3000, 128, torch.bfloat16, "cuda")
+    q, k, v = random_qkv(1, 8, 2, 4, 5000, 128, torch.bfloat16, "cuda")
     with torch.no_grad():
         o, lse = flash_attention(q, k, v, causal=True, return_lse=True)
     o64, lse64 = attention_reference(q.double(), k.double(), v.double(), causal=True)
@@ -153,3 +153,17 @@ def test_flash_attention_on_cpu_is_unchanged_for_few_queries():
     o64, lse64 = attention_reference(q, k, v, causal=True)
     torch.testing.assert_close(o, o64)
     torch.testing.assert_close(lse, lse64)
+
+
+def test_the_dispatch_decodes_few_queries_over_long_caches_without_gradients_only():
+    from kernels.flash_attention import DECODE_MAX_QUERIES, DECODE_MIN_KEYS
+    from lrn_lib.attention import _decodes
+
+    def qkv(n_q, n_k, grad=False):
+        return (torch.empty(1, 4, n_q, 8, requires_grad=grad), torch.empty(1, 1, n_k, 8), torch.empty(1, 1, n_k, 8))
+
+    with torch.no_grad():
+        assert _decodes(*qkv(1, DECODE_MIN_KEYS)) and _decodes(*qkv(DECODE_MAX_QUERIES, 10 * DECODE_MIN_KEYS))
+        assert not _decodes(*qkv(DECODE_MAX_QUERIES + 1, DECODE_MIN_KEYS))
+        assert not _decodes(*qkv(1, DECODE_MIN_KEYS - 1))       # a short cache costs less in one launch
+    assert not _decodes(*qkv(1, DECODE_MIN_KEYS, grad=True))     # a gradient needs the forward kernel's L
