@@ -84,31 +84,33 @@ from lrn_lib.book import INFRASTRUCTURE, load_book, module_chapters, module_impo
 book = load_book()
 chapter_of = {m: c for m, c in module_chapters(book).items() if book.module_path(m).is_file()}
 edges = [(m, target) for m in chapter_of for target in sorted(module_imports(book, m))]
-titles = {k: f"{c.id} {c.title}" for k, c in enumerate(book.chapters)} | {INFRASTRUCTURE: "infrastructure"}
+titles = {k: c.id for k, c in enumerate(book.chapters)} | {INFRASTRUCTURE: "infra"}
 for module, chapter in chapter_of.items():
     imports = ", ".join(sorted(module_imports(book, module))) or "-"
-    print(f"{titles[chapter]:24s} {module:24s} imports {imports}")
+    print(f"{titles[chapter]:5s} {module:32s} imports {imports}")
 
 # %%
 columns = sorted(set(chapter_of.values()))
-position = {}  # lrn_lib modules on the upper row, kernels on the lower, one column per chapter
+position = {}  # lrn_lib modules stacked upwards from row 1, kernels on row 0, one column per chapter
 for x, chapter in enumerate(columns):
     for package, row in (("lrn_lib", 1.0), ("kernels", 0.0)):
         members = sorted(m for m, c in chapter_of.items() if c == chapter and m.startswith(package))
         for k, module in enumerate(members):
-            position[module] = (x, row + 0.3 * k)
-fig, ax = plt.subplots(figsize=(10, 3.2))
+            position[module] = (x, row + 0.45 * k)
+top = max(y for _, y in position.values())
+fig, ax = plt.subplots(figsize=(17, 4.8))
 for source, target in edges:
     (x0, y0), (x1, y1) = position[source], position[target]
     ax.annotate("", xy=(x1, y1), xytext=(x0, y0),
-                arrowprops=dict(arrowstyle="->", color="0.6", connectionstyle="arc3,rad=0.15"))
+                arrowprops=dict(arrowstyle="->", color="0.7", lw=0.6, connectionstyle="arc3,rad=0.15"))
 for module, (x, y) in position.items():
-    ax.text(x, y, module, ha="center", va="center", fontsize=8,
+    ax.text(x, y, module.split(".", 1)[1], ha="center", va="center", fontsize=6.5,
             bbox=dict(boxstyle="round", facecolor="C1" if module.startswith("kernels") else "C0", alpha=0.25))
 ax.set_xticks(range(len(columns)), [titles[c] for c in columns], fontsize=8)
+ax.set_xlabel("chapter (position in book.toml; infra = hand-written infrastructure)", fontsize=8)
 ax.set_yticks([])
 ax.set_xlim(-0.6, len(columns) - 0.4)
-ax.set_ylim(-0.5, 1.8)
+ax.set_ylim(-0.5, top + 0.5)
 ax.set_title("lrn_lib (blue) and kernels (orange): an arrow points from a module to one it imports", fontsize=9)
 for side in ("left", "right", "top"):
     ax.spines[side].set_visible(False)

@@ -126,7 +126,7 @@ print(config.describe())
 # sampled tokens, not through the sampling. Per token, with $\nabla x = -x\,\nabla\log\pi_\theta$,
 #
 # $$\nabla_\theta (x - \log x - 1) = (1 - x)\,\nabla_\theta \log\pi_\theta(o_t), \qquad
-# \mathbb{E}_{o \sim \pi_\theta}\big[(1 - x)\nabla\log\pi_\theta\big] = \underbrace{\textstyle\sum_o \nabla\pi_\theta(o)}_{=0} - \sum_o \pi_{ref}(o)\, \nabla\log\pi_\theta(o) = \nabla_\theta \mathbb{D}_{KL}[\pi_{ref} \| \pi_\theta] \qquad (7.4')$$
+# \mathbb{E}_{o \sim \pi_\theta}\big[(1 - x)\nabla\log\pi_\theta\big] = \underbrace{\textstyle\sum_o \nabla\pi_\theta(o)}_{=0} - \sum_o \pi_{ref}(o)\, \nabla\log\pi_\theta(o) = \nabla_\theta \mathbb{D}_{KL}[\pi_{ref} \| \pi_\theta] \qquad (11.4')$$
 #
 # So the *value* of the k3 term estimates $\mathbb{D}_{KL}[\pi_\theta\|\pi_{ref}]$, as (11.5)
 # says, but the *gradient* the optimizer receives is, in expectation, that of the reverse
@@ -190,7 +190,7 @@ logp_all = torch.log_softmax(theta, 0)
 grad_k3, = torch.autograd.grad((logp_all.exp().detach() * kl_k3(logp_all, p_ref.log())).sum(), theta)
 grad_reverse, = torch.autograd.grad((p_ref * (p_ref.log() - torch.log_softmax(theta, 0))).sum(), theta)
 grad_forward, = torch.autograd.grad((torch.softmax(theta, 0) * (torch.log_softmax(theta, 0) - p_ref.log())).sum(), theta)
-print("E[grad k3] = grad KL(pi_ref || pi_theta)  (7.4'):", torch.allclose(grad_k3, grad_reverse, atol=1e-12))
+print("E[grad k3] = grad KL(pi_ref || pi_theta)  (11.4'):", torch.allclose(grad_k3, grad_reverse, atol=1e-12))
 print("E[grad k3] = grad KL(pi_theta || pi_ref):", torch.allclose(grad_k3, grad_forward, atol=1e-3),
       f"(largest difference {(grad_k3 - grad_forward).abs().max().item():.3f})")
 
@@ -1132,7 +1132,7 @@ for p, b_text, a_text in list(zip(held_out, before_texts, grpo_texts))[:8]:
 # 4.2 of the paper). TRL's default is the same (`num_iterations=1`). With $\mu = 1$ the only
 # update happens at $\theta = \theta_{old}$: every ratio $\rho$ is 1, the clip in (11.2) is
 # never active, and the gradient of (11.5) is the policy gradient (11.1) with the advantages
-# (11.3) plus the KL term's (7.4'). The whole PPO machinery is inert; GRPO with $\mu = 1$ is
+# (11.3) plus the KL term's (11.4'). The whole PPO machinery is inert; GRPO with $\mu = 1$ is
 # REINFORCE with a group-normalized baseline and a KL penalty.
 #
 # With $\mu > 1$, the later passes reuse samples drawn from the policy *before* the earlier

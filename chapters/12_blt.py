@@ -893,16 +893,16 @@ print("the rolling update gives the same 5-gram ids:", rolled == hash_ngram_ids(
 # causal because whether byte $t+1$ starts a patch is decided by $H(x_{t+1})$, which depends on
 # bytes $\le t$ only. An earlier version of this chapter used the simpler, staler rule
 #
-# $$\text{mask}^{prev}_{t,j} = [\,j = \text{pid}_t - 1\,] \qquad (8.15')$$
+# $$\text{mask}^{prev}_{t,j} = [\,j = \text{pid}_t - 1\,] \qquad (12.15')$$
 #
-# and said the paper does the same: it does not. Under (8.15') the last byte of a patch, the one
+# and said the paper does the same: it does not. Under (12.15') the last byte of a patch, the one
 # that predicts the hard first byte of the next patch, sees global context one patch older;
 # section 12.8 measures what that costs. Both rules leave the rest of a patch's own bytes to the
 # local decoder's causal self-attention over bytes (the encoder's byte states feed it). BOS is
 # patch 0; under (12.15) the prediction made at BOS reads $z_0$, which has seen only BOS, and
-# under (8.15') it reads nothing.
+# under (12.15') it reads nothing.
 #
-# Cross-attention rows with no key at all (the BOS byte under (8.15'), padding patches in the
+# Cross-attention rows with no key at all (the BOS byte under (12.15'), padding patches in the
 # encoder) return zeros. The local blocks and the latent blocks are chapter 6's Llama blocks
 # (RMSNorm, RoPE, SwiGLU); a local block passes its window (12.11) down through the block's
 # `forward` as a mask, which chapter 6's attention hands to `sdpa_attention`.
@@ -933,7 +933,7 @@ def decoder_patch_index(pids: torch.Tensor, lag: str = "next") -> torch.Tensor:
 
     lag "next" (12.15), the reference code's rule: byte t reads patch pid_{t+1} - 1, with a patch assumed
     to start after the last byte, so the last byte of a patch reads its own, complete patch.
-    "previous" (8.15'): byte t reads patch pid_t - 1 (one patch staler at every patch end).
+    "previous" (12.15'): byte t reads patch pid_t - 1 (one patch staler at every patch end).
     "own": byte t reads patch pid_t, which has seen later bytes (leaks; for the perturbation test).
     """
     validate.choice(lag, "lag", DECODER_LAGS)
@@ -941,7 +941,7 @@ def decoder_patch_index(pids: torch.Tensor, lag: str = "next") -> torch.Tensor:
     if lag == "own":
         return pids
     if lag == "previous":
-        return pids - 1                                                           # (8.15')
+        return pids - 1                                                           # (12.15')
     next_pids = torch.cat([pids[:, 1:], pids[:, -1:] + 1], dim=1)
     return next_pids - 1                                                          # (12.15)
 
@@ -949,7 +949,7 @@ def decoder_patch_index(pids: torch.Tensor, lag: str = "next") -> torch.Tensor:
 def decoder_cross_mask(pids: torch.Tensor, n_patches: int, lag: str = "next") -> torch.Tensor:
     """Byte t reads exactly the latent state of patch decoder_patch_index(pids, lag)[t]: pids (B, T) -> (B, T, P) bool.
 
-    lag "next" (12.15) and "previous" (8.15') keep the model causal; "own" leaks later bytes of the patch.
+    lag "next" (12.15) and "previous" (12.15') keep the model causal; "own" leaks later bytes of the patch.
     """
     index = decoder_patch_index(pids, lag)
     validate.integer(n_patches, "n_patches", low=1)
@@ -1253,7 +1253,7 @@ print("byte t reads exactly patch pid(t+1) - 1 (12.15):",
 last_bytes = [t for t, q in enumerate(next_pid) if q != demo_pids[0, t]]
 print("the last byte of each patch reads its own patch:",
       all(decoder_cross_mask(demo_pids, P)[0, t, demo_pids[0, t]] for t in last_bytes))
-print("(8.15') differs from (12.15) exactly at those last bytes:",
+print("(12.15') differs from (12.15) exactly at those last bytes:",
       (decoder_cross_mask(demo_pids, P, "previous")[0] != decoder_cross_mask(demo_pids, P)[0]).any(-1)
       .nonzero().flatten().tolist() == last_bytes)
 
@@ -1261,7 +1261,7 @@ print("(8.15') differs from (12.15) exactly at those last bytes:",
 # Now the test that decides whether the model is right, by perturbation: change one byte
 # $t$ of a random input and check which logits move. A causal model changes no logit at a
 # position before $t$. We run an untrained BLT with each rule: (12.15) (`lag="next"`, the
-# default), (8.15') (`lag="previous"`), and a broken one where every byte reads its own patch's
+# default), (12.15') (`lag="previous"`), and a broken one where every byte reads its own patch's
 # latent state (`lag="own"`), with fixed patches of stride 4.
 
 # %%
@@ -1286,7 +1286,7 @@ for lag in ("next", "previous", "own"):
     print(f"lag {lag!r:>10}: bytes t whose change moves a logit before t: {leaks[lag]} of {len(moved)}")
 
 # %%
-print("with (12.15) or (8.15'), no prediction sees a later byte:", leaks["next"] == 0 and leaks["previous"] == 0)
+print("with (12.15) or (12.15'), no prediction sees a later byte:", leaks["next"] == 0 and leaks["previous"] == 0)
 print("reading the own patch's latent state at every byte leaks later bytes:", leaks["own"] > 0)
 
 # %% [markdown]
@@ -1448,7 +1448,7 @@ print("no baseline trains on more FLOPs than BLT, and each gets at least 70% of 
 # Now every model trains, the same number of steps on the same bytes, for several seeds (a
 # seed sets the initial weights and the order of the training windows; for BLT it also trains
 # a fresh entropy model, whose threshold is searched again). BLT also trains under the older
-# decoder rule (8.15'), with seed 0 (on the CPU profile only, to keep the chapter's run time),
+# decoder rule (12.15'), with seed 0 (on the CPU profile only, to keep the chapter's run time),
 # to measure what the rule is worth.
 
 # %%
@@ -1500,7 +1500,7 @@ def entropy_for_seed(seed: int):
     return ent, threshold_for_patch_size(byte_entropies(ent, sample_x).cpu(), PATCH, "global")
 
 
-MODELS = ("BLT", "BLT (8.15')", "BPE model", "byte Llama")
+MODELS = ("BLT", "BLT (12.15')", "BPE model", "byte Llama")
 nats = {name: [] for name in MODELS}       # per seed: summed nats of every held-out chunk, (n_chunks,)
 curves, seconds, n_params, kept = {}, {name: 0.0 for name in MODELS}, {}, {}
 lag_seeds = config.pick(cpu=SEEDS[:1], gpu=())
@@ -1509,7 +1509,7 @@ for seed in SEEDS:
     runs = {"BLT": lambda: BLT(blt_cfg), "BPE model": lambda: use_sdpa(Llama(bpe_cfg)),
             "byte Llama": lambda: use_sdpa(Llama(byte_cfg))}
     if seed in lag_seeds:
-        runs["BLT (8.15')"] = lambda: BLT(replace(blt_cfg, lag="previous"))
+        runs["BLT (12.15')"] = lambda: BLT(replace(blt_cfg, lag="previous"))
     for name, build in runs.items():
         config.seed_everything(seed)
         model = build().to(config.DEVICE)
@@ -1614,7 +1614,7 @@ def spread(values: list[float]) -> str:
 mean_nats = {name: torch.stack(v).mean(0) for name, v in nats.items() if v}
 interval = {name: bootstrap_bpb_interval(v, chunk_bytes) for name, v in mean_nats.items()}
 pairs = [("BLT", "byte Llama"), ("BLT", "BPE model"), ("byte Llama", "BPE model")]
-pairs += [("BLT", "BLT (8.15')")] if "BLT (8.15')" in mean_nats else []
+pairs += [("BLT", "BLT (12.15')")] if "BLT (12.15')" in mean_nats else []
 diff_seeds = {f"{a} - {b}": [x - y for x, y in zip(bpb_seeds[a], bpb_seeds[b])] for a, b in pairs}
 def paired_nats(a: str, b: str) -> torch.Tensor:
     """Per-chunk nats of model a minus model b, each averaged over the seeds both were run with."""
@@ -1661,7 +1661,7 @@ plt.show()
 # %%
 gap = {key: statistics.mean(v) for key, v in diff_seeds.items()}
 print("every model is far below the uniform 8 bits per byte (< 4):", all(max(v) < 4.0 for v in bpb_seeds.values()))
-for key in ("BLT - byte Llama", "BLT - BPE model", "byte Llama - BPE model", "BLT - BLT (8.15')"):
+for key in ("BLT - byte Llama", "BLT - BPE model", "byte Llama - BPE model", "BLT - BLT (12.15')"):
     if key in diff_interval:
         first, second = key.split(" - ")
         lo, hi = diff_interval[key]
@@ -1689,9 +1689,9 @@ for key in ("BLT - byte Llama", "BLT - BPE model", "byte Llama - BPE model", "BL
 # at its training length, is behind BLT by more. (The GPU profile's windows have the same
 # handicap, not measured there; the BPE model is ahead of BLT on it all the same.)
 #
-# **The decoder rule.** With seed 0, BLT under (12.15) scores 2.603 and under (8.15') 2.700:
+# **The decoder rule.** With seed 0, BLT under (12.15) scores 2.603 and under (12.15') 2.700:
 # reading its own, complete patch at the last byte of each patch is worth 0.10 bits per byte
-# on that seed. Only one seed of (8.15') was run, so the paired bootstrap printed on its line
+# on that seed. Only one seed of (12.15') was run, so the paired bootstrap printed on its line
 # pairs it with BLT's seed 0 alone and covers the choice of held-out bytes, not of seeds;
 # with the BLT seeds spreading by ± 0.07, the gain is not yet established beyond one seed.
 #
@@ -1704,7 +1704,7 @@ for key in ("BLT - byte Llama", "BLT - BPE model", "byte Llama - BPE model", "BL
 # less text per step BLT falls further behind, and 100M of its 122M parameters are hash
 # tables that need data to fill.) The
 # earlier GPU run (`benchmarks/results/chapter12_gpu_profile_NVIDIA_H100_80GB_HBM3_2026-11-23.txt`:
-# one seed, 32 KB held out, decoder rule (8.15'), entropy model not counted) showed the byte
+# one seed, 32 KB held out, decoder rule (12.15'), entropy model not counted) showed the byte
 # Llama ahead too: the entropy model alone, half of BLT's forward FLOPs per byte, scored 1.818
 # against BLT's 1.833 and the BPE model's 1.870. So the conclusion that holds on both
 # profiles is the modest one: **at matched training FLOPs with the entropy model counted, our
@@ -1726,7 +1726,7 @@ print(profile_results.describe_run("12"))
 gpu_setup = gpu.get("setup", {})
 print(f"{'held-out bits per byte':>25} | CPU (this run, {len(SEEDS)} seeds, {STEPS} steps) | "
       + (f"GPU ({len(gpu_setup.get('seeds', []))} seed(s), {gpu_setup.get('steps')} steps)" if gpu else "GPU"))
-for name in ("BLT", "BPE model", "byte Llama", "BLT (8.15')"):
+for name in ("BLT", "BPE model", "byte Llama", "BLT (12.15')"):
     cpu_cell = f"{spread(bpb_seeds[name])} [{interval[name][0]:.3f}, {interval[name][1]:.3f}]" if name in bpb_seeds else "not run"
     if name in gpu.get("bpb_per_seed", {}):
         lo, hi = gpu["bpb_bootstrap_95"][name]
@@ -1862,7 +1862,7 @@ print("both models prefer the original spelling more often than chance (> 0.5) o
 # **Exercise 3 (implement): the reference's shift, from patch lengths.** The reference code
 # never forms $\text{pid}_{t+1}$: it drops the first patch's length and numbers the decoder's
 # bytes by the remaining patch lengths. Build the decoder mask that way, check that it equals
-# (12.15) and differs from (8.15') exactly at the last byte of each patch, run the perturbation
+# (12.15) and differs from (12.15') exactly at the last byte of each patch, run the perturbation
 # test of section 12.6 with it, and explain what those bytes see differently.
 #
 # **Exercise 4 (measure): the patch size dial.** Retrain BLT with target patch sizes 2, 4 and

@@ -145,7 +145,7 @@ def decoder_patch_index(pids: torch.Tensor, lag: str = "next") -> torch.Tensor:
 
     lag "next" (12.15), the reference code's rule: byte t reads patch pid_{t+1} - 1, with a patch assumed
     to start after the last byte, so the last byte of a patch reads its own, complete patch.
-    "previous" (8.15'): byte t reads patch pid_t - 1 (one patch staler at every patch end).
+    "previous" (12.15'): byte t reads patch pid_t - 1 (one patch staler at every patch end).
     "own": byte t reads patch pid_t, which has seen later bytes (leaks; for the perturbation test).
 
     Defined in chapter 12 (The Byte Latent Transformer), section 12.6 The model: local encoder, latent transformer, local decoder.
@@ -155,7 +155,7 @@ def decoder_patch_index(pids: torch.Tensor, lag: str = "next") -> torch.Tensor:
     if lag == "own":
         return pids
     if lag == "previous":
-        return pids - 1                                                           # (8.15')
+        return pids - 1                                                           # (12.15')
     next_pids = torch.cat([pids[:, 1:], pids[:, -1:] + 1], dim=1)
     return next_pids - 1                                                          # (12.15)
 
@@ -163,7 +163,7 @@ def decoder_patch_index(pids: torch.Tensor, lag: str = "next") -> torch.Tensor:
 def decoder_cross_mask(pids: torch.Tensor, n_patches: int, lag: str = "next") -> torch.Tensor:
     """Byte t reads exactly the latent state of patch decoder_patch_index(pids, lag)[t]: pids (B, T) -> (B, T, P) bool.
 
-    lag "next" (12.15) and "previous" (8.15') keep the model causal; "own" leaks later bytes of the patch.
+    lag "next" (12.15) and "previous" (12.15') keep the model causal; "own" leaks later bytes of the patch.
 
     Defined in chapter 12 (The Byte Latent Transformer), section 12.6 The model: local encoder, latent transformer, local decoder.
     """

@@ -146,7 +146,7 @@ print("equal to hash_ngram_ids for n = 3..8 on 1000 random bytes:",
 # reaches it from patch *lengths*: it drops the first patch's length (BOS, one byte) and
 # numbers the bytes by the remaining lengths, so every boundary moves one byte to the left,
 # and the bytes past the last boundary (the final byte) get the next number. Inside a patch
-# this is (8.15'); at the *last* byte of patch $j$ it gives $j$, the byte's own patch, which has
+# this is (12.15'); at the *last* byte of patch $j$ it gives $j$, the byte's own patch, which has
 # seen bytes up to $t$ and no further.
 
 # %%
@@ -178,7 +178,7 @@ x[0, 0] = BOS
 starts = fixed_patch_starts(x, 4)
 pids = patch_ids(starts)
 moved = {}
-for name in ("(8.15')", "shifted lengths"):
+for name in ("(12.15')", "shifted lengths"):
     config.seed_everything(0)
     model = BLT(small).double()
     if name == "shifted lengths":
@@ -198,17 +198,17 @@ previous, shifted = decoder_cross_mask(pids, P, "previous")[0], shifted_decoder_
 differ = (previous != shifted).any(-1).nonzero().flatten().tolist()
 last_bytes = [t for t in range(x.shape[1] - 1) if pids[0, t + 1] != pids[0, t]] + [x.shape[1] - 1]
 print("patch ids:", pids[0].tolist())
-print("bytes that read a different latent state than under (8.15'):", differ)
+print("bytes that read a different latent state than under (12.15'):", differ)
 
 # %%
 print("the shifted mask is causal:", moved["shifted lengths"] == 0)
 print("it equals the library's (12.15), lag='next':", torch.equal(shifted, decoder_cross_mask(pids, P)[0]))
-print("it differs from (8.15') exactly at the last byte of each patch:", differ == last_bytes)
+print("it differs from (12.15') exactly at the last byte of each patch:", differ == last_bytes)
 
 # %% [markdown]
 # Both masks pass the perturbation test, and the one built from lengths is the library's
 # (12.15). With fixed patches of 4 bytes after the BOS patch, the bytes that read a different
-# state than under (8.15') are 0 (BOS), 4, 8, ...: the last byte of each patch, which reads its
+# state than under (12.15') are 0 (BOS), 4, 8, ...: the last byte of each patch, which reads its
 # own patch's latent state. That byte predicts the first byte of the next patch, the hardest
 # prediction of the patch (with entropy patching, a patch starts exactly where the next byte
 # is uncertain), and it now gets the global context of everything up to itself. Section 12.8 of
