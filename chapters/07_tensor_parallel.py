@@ -11,7 +11,6 @@
 #     name: python3
 # ---
 
-
 # %% [markdown]
 # # Chapter 7. Processes, the mesh and tensor parallelism
 #

@@ -11,7 +11,6 @@
 #     name: python3
 # ---
 
-
 # %% [markdown]
 # # Chapter 9. Pipeline and data parallelism, and all four at once
 #

@@ -11,7 +11,6 @@
 #     name: python3
 # ---
 
-
 # %% [markdown]
 # # Chapter 15. SEEM, part 2: training, evaluation and the interactive loop
 #

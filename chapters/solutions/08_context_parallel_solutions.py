@@ -11,7 +11,6 @@
 #     name: python3
 # ---
 
-
 # %% [markdown]
 # # Chapter 8. Context parallelism: solutions to the exercises
 #

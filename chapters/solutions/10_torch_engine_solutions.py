@@ -11,7 +11,6 @@
 #     name: python3
 # ---
 
-
 # %% [markdown]
 # # Chapter 10. PyTorch's engine and the 405B accounting: solutions to the exercises
 #

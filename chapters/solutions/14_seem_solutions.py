@@ -11,7 +11,6 @@
 #     name: python3
 # ---
 
-
 # %% [markdown]
 # # Chapter 14. SEEM, part 1: the world, the prompts, the metrics and the model: solutions to the exercises
 #
