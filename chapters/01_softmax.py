@@ -35,15 +35,9 @@ import torch
 import kernels
 from lrn_lib import config
 
-config.seed_everything(0)
-torch.set_printoptions(precision=4, sci_mode=False)
-
 # %%
 # NBVAL_IGNORE_OUTPUT
-print(config.describe())
-print("Triton kernels run:", kernels.runtime.MODE)
-if kernels.runtime.MODE == "unavailable":  # said once; cells that need a kernel skip it
-    kernels.runtime.note_fallback()
+config.start_chapter()
 
 # %% [markdown]
 # The first line names the device this notebook found and its *profile*: `cpu`
@@ -341,6 +335,8 @@ plt.show()
 
 # %%
 #| export kernels.softmax
+from typing import Callable
+
 import torch
 
 from kernels.runtime import check_launchable, tl, triton
@@ -483,20 +479,27 @@ def fused_launch_config(n_cols: int) -> tuple[int, int, int]:
     return block_m, block_n, num_warps
 
 
-def softmax_triton(x: torch.Tensor, dim: int = -1, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Softmax of ``x`` along ``dim`` with the Triton kernels (float32 accumulation).
+def run_on_rows(x: torch.Tensor, dim: int, out: torch.Tensor | None,
+                launch: Callable[[torch.Tensor, torch.Tensor], None]) -> torch.Tensor:
+    """Check x and out, view x as rows (R, C) along dim, and call launch(x2, y2) to fill y's rows.
 
-    x: any shape, float16/bfloat16/float32, on CUDA (or on the CPU under Triton's
-    interpreter). out: optional contiguous tensor of x's shape and dtype.
-    Returns a tensor of x's shape and dtype.
+    Returns y of x's shape and dtype (out when given). A dim other than the last is moved last
+    and back, which copies.
     """
+    if not callable(launch):
+        raise TypeError(f"launch must be a function of (x2, y2), got {type(launch).__name__}")
     dim = check_row_kernel_input(x, dim, out)
     if dim != x.dim() - 1:  # move the softmax axis last, compute, move it back
-        y = softmax_triton(x.movedim(dim, -1)).movedim(-1, dim)
+        y = run_on_rows(x.movedim(dim, -1), -1, None, launch).movedim(-1, dim)
         return y if out is None else out.copy_(y)
     x2 = as_rows(x)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
-    y2 = y.view(x2.shape)
+    launch(x2, y.view(x2.shape))
+    return y
+
+
+def _launch_softmax(x2: torch.Tensor, y2: torch.Tensor) -> None:
+    """The fused kernel for rows that fit one block, the looped one for longer rows; x2, y2: (R, C)."""
     n_rows, n_cols = x2.shape
     if n_cols <= FUSED_MAX_COLS:
         block_m, block_n, num_warps = fused_launch_config(n_cols)
@@ -506,7 +509,16 @@ def softmax_triton(x: torch.Tensor, dim: int = -1, out: torch.Tensor | None = No
     else:
         softmax_looped_kernel[(n_rows,)](
             x2, y2, n_cols, x2.stride(0), y2.stride(0), BLOCK=LONG_ROW_BLOCK, num_warps=32)
-    return y
+
+
+def softmax_triton(x: torch.Tensor, dim: int = -1, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax of ``x`` along ``dim`` with the Triton kernels (float32 accumulation).
+
+    x: any shape, float16/bfloat16/float32, on CUDA (or on the CPU under Triton's
+    interpreter). out: optional contiguous tensor of x's shape and dtype.
+    Returns a tensor of x's shape and dtype.
+    """
+    return run_on_rows(x, dim, out, _launch_softmax)
 
 
 # %% [markdown]

@@ -36,15 +36,9 @@ import kernels
 from lrn_lib import config
 from lrn_lib.softmax import safe_softmax
 
-config.seed_everything(0)
-torch.set_printoptions(precision=4, sci_mode=False)
-
 # %%
 # NBVAL_IGNORE_OUTPUT
-print(config.describe())
-print("Triton kernels run:", kernels.runtime.MODE)
-if kernels.runtime.MODE == "unavailable":  # said once; cells that need a kernel skip it
-    kernels.runtime.note_fallback()
+config.start_chapter()
 
 # %% [markdown]
 # ## 2.1 Why three passes are too many
@@ -336,7 +330,7 @@ print("online_softmax_reference matches the float64 softmax to 1e-6:",
 import torch
 
 from kernels.runtime import check_launchable, tl, triton
-from kernels.softmax import as_rows, check_row_kernel_input
+from kernels.softmax import as_rows, check_row_kernel_input, run_on_rows
 
 ONLINE_BLOCK = 8192  # columns per loop step (benchmarks/sweep_online_softmax.py)
 
@@ -375,17 +369,11 @@ def online_softmax_triton(x: torch.Tensor, dim: int = -1, out: torch.Tensor | No
     x: any shape, float16/bfloat16/float32, on CUDA (or CPU under the interpreter).
     out: optional contiguous tensor of x's shape and dtype. Returns x's shape and dtype.
     """
-    dim = check_row_kernel_input(x, dim, out)
-    if dim != x.dim() - 1:  # move the softmax axis last, compute, move it back
-        y = online_softmax_triton(x.movedim(dim, -1)).movedim(-1, dim)
-        return y if out is None else out.copy_(y)
-    x2 = as_rows(x)
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
-    y2 = y.view(x2.shape)
-    block = min(ONLINE_BLOCK, triton.next_power_of_2(x2.shape[1]))
-    softmax_online_kernel[(x2.shape[0],)](x2, y2, x2.shape[1], x2.stride(0), y2.stride(0),
-                                          BLOCK=block, num_warps=16 if block >= 2048 else 4)
-    return y
+    def launch(x2: torch.Tensor, y2: torch.Tensor) -> None:
+        block = min(ONLINE_BLOCK, triton.next_power_of_2(x2.shape[1]))
+        softmax_online_kernel[(x2.shape[0],)](x2, y2, x2.shape[1], x2.stride(0), y2.stride(0),
+                                              BLOCK=block, num_warps=16 if block >= 2048 else 4)
+    return run_on_rows(x, dim, out, launch)
 
 
 # %% [markdown]
@@ -575,6 +563,8 @@ def softmax_backward_triton(y: torch.Tensor, dy: torch.Tensor, dim: int = -1) ->
 
 # %%
 #| export lrn_lib.online_softmax
+from typing import Callable
+
 from kernels.online_softmax import softmax_backward_triton
 from kernels.softmax import softmax_triton
 
@@ -587,44 +577,40 @@ def softmax_backward_reference(y: torch.Tensor, dy: torch.Tensor, dim: int = -1)
     return y * (dy - (dy * y).sum(dim=dim, keepdim=True))
 
 
-class TritonSoftmax(torch.autograd.Function):
-    """Softmax whose forward and backward passes run the Triton kernels of chapters 1 and 2.
+def softmax_function(name: str, forward: Callable[[torch.Tensor, int], torch.Tensor],
+                     backward: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
+                     doc: str) -> type[torch.autograd.Function]:
+    """A ``torch.autograd.Function`` named name: y = forward(x, dim) saves y, and dx = backward(y, dy, dim) (2.4).
 
-    Use ``TritonSoftmax.apply(x, dim)``; x: float16/bfloat16/float32 on CUDA (or CPU
-    under the interpreter).
+    The returned class is used as ``Cls.apply(x, dim)``; y, dy and dx share x's shape.
     """
+    validate.instance(name, "name", str)
+    for arg, fn in (("forward", forward), ("backward", backward)):
+        if not callable(fn):
+            raise TypeError(f"{arg} must be a function, got {type(fn).__name__}")
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-        """y = softmax(x) along dim; y is saved for the backward pass."""
-        y = softmax_triton(x, dim)
+    def forward_pass(ctx, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        y = forward(x, dim)
         ctx.save_for_backward(y)
         ctx.dim = dim
         return y
 
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        """dx by equation (2.4); None for dim."""
+    def backward_pass(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, None]:
         (y,) = ctx.saved_tensors
-        return softmax_backward_triton(y, dy.contiguous(), ctx.dim), None
+        return backward(y, dy.contiguous(), ctx.dim), None  # None: dim takes no gradient
+
+    return type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(forward_pass), "backward": staticmethod(backward_pass),
+        "__doc__": doc, "__module__": __name__})
 
 
-class ReferenceSoftmax(torch.autograd.Function):
-    """The same autograd wrapper around :func:`lrn_lib.softmax.safe_softmax` and equation (2.4)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-        """y = safe_softmax(x) along dim; y is saved for the backward pass."""
-        y = safe_softmax(x, dim)
-        ctx.save_for_backward(y)
-        ctx.dim = dim
-        return y
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        """dx by equation (2.4); None for dim."""
-        (y,) = ctx.saved_tensors
-        return softmax_backward_reference(y, dy, ctx.dim), None
+TritonSoftmax = softmax_function(
+    "TritonSoftmax", softmax_triton, softmax_backward_triton,
+    "Softmax whose forward and backward passes run the Triton kernels of chapters 1 and 2; x: float16/bfloat16/"
+    "float32 on CUDA (or CPU under the interpreter).")
+ReferenceSoftmax = softmax_function(
+    "ReferenceSoftmax", safe_softmax, softmax_backward_reference,
+    "The same autograd wrapper around lrn_lib.softmax.safe_softmax and equation (2.4).")
 
 
 # %%
@@ -662,7 +648,7 @@ else:
 #
 # Exported: `lrn_lib.online_softmax` (`SoftmaxState`, `softmax_state`, `merge_states`,
 # `state_lse`, `merge_lse`, `online_softmax_reference`, `softmax_backward_reference`,
-# `TritonSoftmax`, `ReferenceSoftmax`) and `kernels.online_softmax` (`softmax_online_kernel`,
+# `softmax_function`, and the two classes it makes, `TritonSoftmax` and `ReferenceSoftmax`) and `kernels.online_softmax` (`softmax_online_kernel`,
 # `online_softmax_triton`, `softmax_backward_kernel`, `softmax_backward_triton`).
 
 # %% [markdown]

@@ -40,15 +40,9 @@ from matplotlib.patches import Rectangle
 import kernels
 from lrn_lib import config
 
-config.seed_everything(0)
-torch.set_printoptions(precision=4, sci_mode=False)
-
 # %%
 # NBVAL_IGNORE_OUTPUT
-print(config.describe())
-print("Triton kernels run:", kernels.runtime.MODE)
-if kernels.runtime.MODE == "unavailable":  # said once; cells that need a kernel skip it
-    kernels.runtime.note_fallback()
+config.start_chapter()
 
 # %% [markdown]
 # ## 3.1 A matrix product is a sum of tile products
@@ -195,8 +189,7 @@ def tiled_traffic_bytes(m: int, n: int, k: int, block_m: int, block_n: int, byte
 def attainable_flops(intensity: float, ceilings: Ceilings) -> float:
     """The roofline bound min(pi, I * beta) in FLOP/s, equation (3.6)."""
     validate.number(intensity, "intensity", low=0)
-    if not isinstance(ceilings, Ceilings):
-        raise TypeError(f"ceilings must be a Ceilings, got {type(ceilings).__name__}")
+    validate.instance(ceilings, "ceilings", Ceilings)
     return min(ceilings.peak_flops, intensity * ceilings.bandwidth)
 
 
@@ -651,8 +644,7 @@ def check_matmul_config(config: dict) -> dict:
     takes) and GROUP_M (a positive int); optional: num_warps (1, 2, 4, 8, 16 or 32) and
     num_stages (a positive int). Anything else raises ValueError or TypeError naming it.
     """
-    if not isinstance(config, dict):
-        raise TypeError(f"config must be a dict, got {type(config).__name__}")
+    validate.instance(config, "config", dict)
     required = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"}
     missing, unknown = required - set(config), set(config) - required - {"num_warps", "num_stages"}
     if missing or unknown:

@@ -41,14 +41,9 @@ import torch.nn.functional as F
 import kernels
 from lrn_lib import config
 
-config.seed_everything(0)
-torch.set_printoptions(precision=4, sci_mode=False)
-torch.set_num_threads(1)  # tiny matrices: one thread beats two (and two contend with the spawned processes)
-
 # %%
 # NBVAL_IGNORE_OUTPUT
-print(config.describe())
-print("Triton kernels run:", kernels.runtime.MODE)
+config.start_chapter(threads=1)  # tiny matrices: one thread beats two (and two contend with the spawned processes)
 
 # %% [markdown]
 # ## 5.1 From a dense FFN to a sparse MoE layer
@@ -662,6 +657,13 @@ def expert_ffn(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, counts:
     return grouped_mm(F.gelu(grouped_mm(x, w_in, counts, use_kernel)), w_out, counts, use_kernel)
 
 
+def token_rows(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """x (..., dim) floating -> its tokens as rows (T, dim); ValueError naming x for any other shape."""
+    if validate.tensor(x, "x", kind="float").dim() == 0 or x.shape[-1] != dim:
+        raise ValueError(f"x must have shape (..., {dim}), got {tuple(x.shape)}")
+    return x.reshape(-1, dim)
+
+
 class MoELayer(nn.Module):
     """Sparse MoE FFN (5.1): router, top-k, capacity, routed experts and optional shared experts.
 
@@ -697,10 +699,7 @@ class MoELayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., d) -> (..., d)."""
-        if validate.tensor(x, "x", kind="float").dim() == 0 or x.shape[-1] != self.w_in.shape[1]:
-            raise ValueError(f"x must have shape (..., {self.w_in.shape[1]}), got {tuple(x.shape)}")
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
+        x, shape = token_rows(x, self.w_in.shape[1]), x.shape   # tokens as rows (T, d)
         r = self.last = self.route(x)
         token, column, expert, counts = sort_by_expert(r.indices, r.keep, self.n_experts)
         out = expert_ffn(x[token], self.w_in, self.w_out, counts, self.use_kernel)
@@ -904,25 +903,23 @@ def expert_offsets(counts: torch.Tensor, block_m: int) -> tuple[torch.Tensor, to
     return rows.int(), blocks.int()
 
 
-def grouped_config(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
-    """Forward (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): small under the interpreter, Hopper-sized
-    compiled (bfloat16 and float16 from benchmarks/sweep_moe.py on an H100)."""
+def _config_for(dtype: torch.dtype, float32: tuple[int, ...], half: tuple[int, ...]) -> tuple[int, ...]:
+    """A small config under the interpreter; compiled, the float32 or the 16-bit (bfloat16, float16) one."""
     validate.choice(dtype, "dtype", GROUPED_DTYPES)
     if runtime.MODE != "compiled":
         return 16, 32, 32, 4, 1
-    if dtype == torch.float32:
-        return 64, 64, 32, 4, 3
-    return 128, 256, 64, 8, 4
+    return float32 if dtype == torch.float32 else half
+
+
+def grouped_config(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    """Forward (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): small under the interpreter, Hopper-sized
+    compiled (bfloat16 and float16 from benchmarks/sweep_moe.py on an H100)."""
+    return _config_for(dtype, float32=(64, 64, 32, 4, 3), half=(128, 256, 64, 8, 4))
 
 
 def weight_grad_config(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
     """Weight-gradient (BLOCK_M rows reduced per step, BLOCK_N, BLOCK_K, num_warps, num_stages), as grouped_config."""
-    validate.choice(dtype, "dtype", GROUPED_DTYPES)
-    if runtime.MODE != "compiled":
-        return 16, 32, 32, 4, 1
-    if dtype == torch.float32:
-        return 32, 64, 64, 4, 3
-    return 64, 128, 128, 4, 3
+    return _config_for(dtype, float32=(32, 64, 64, 4, 3), half=(64, 128, 128, 4, 3))
 
 
 def _interpreter_dtype(*tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -1070,7 +1067,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from lrn_lib import validate
-from lrn_lib.moe import MoELayer, Routing, expert_ffn, sort_by_expert
+from lrn_lib.moe import MoELayer, Routing, expert_ffn, sort_by_expert, token_rows
 from lrn_lib.spawn import spawn
 
 
@@ -1113,8 +1110,7 @@ class ExpertParallelMoE(nn.Module):
         super().__init__()
         import copy
 
-        if not isinstance(layer, MoELayer):
-            raise TypeError(f"layer must be a MoELayer, got {type(layer).__name__}")
+        validate.instance(layer, "layer", MoELayer)
         if layer.capacity_factor is not None:
             raise ValueError(f"layer has capacity_factor {layer.capacity_factor}: the expert-parallel layer takes no "
                              "capacity limit (it would depend on the rank split)")
@@ -1133,10 +1129,7 @@ class ExpertParallelMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., d) -> (..., d)."""
-        if validate.tensor(x, "x", kind="float").dim() == 0 or x.shape[-1] != self.w_in.shape[1]:
-            raise ValueError(f"x must have shape (..., {self.w_in.shape[1]}), got {tuple(x.shape)}")
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
+        x, shape = token_rows(x, self.w_in.shape[1]), x.shape   # tokens as rows (T, d)
         r = self.last = self.router(x)
         token, column, _, counts = sort_by_expert(r.indices, r.keep, self.n_experts)   # step 1
         received_counts = torch.empty_like(counts)

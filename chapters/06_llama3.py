@@ -39,17 +39,11 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
-import kernels
 from lrn_lib import config
-
-config.seed_everything(0)
-torch.set_printoptions(precision=4, sci_mode=False)
-torch.set_num_threads(1)  # small matrices, and the spawned processes share the cores
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-print(config.describe())
-print("Triton kernels run:", kernels.runtime.MODE)
+config.start_chapter(threads=1)  # small matrices, and the spawned processes share the cores
 
 # %% [markdown]
 # ## 6.1 The model
@@ -139,8 +133,7 @@ class LlamaConfig:
             raise TypeError(f"rope_scaling must be a RopeScaling or None, got {type(self.rope_scaling).__name__}")
         validate.integer(self.n_experts, "n_experts", low=0)
         validate.integer(self.top_k, "top_k", low=1, high=self.n_experts or None)
-        if not isinstance(self.tie_embeddings, bool):
-            raise TypeError(f"tie_embeddings must be a bool, got {type(self.tie_embeddings).__name__}")
+        validate.flag(self.tie_embeddings, "tie_embeddings")
         if self.dim % self.n_heads:
             raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
@@ -602,8 +595,7 @@ TRANSFORMERS_NAMES = {"tok_embeddings": "model.embed_tokens", "norm": "model.nor
 
 def transformers_name(name: str) -> str:
     """The name in transformers' LlamaForCausalLM of our parameter `name` (e.g. layers.0.attention.wq.weight)."""
-    if not isinstance(name, str):
-        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    validate.instance(name, "name", str)
     try:
         if name.startswith("layers."):
             _, i, rest = name.split(".", 2)
@@ -705,8 +697,7 @@ def generate(model: Llama, prompt: torch.Tensor, max_new_tokens: int, temperatur
                          f"past cfg.max_seq_len={model.cfg.max_seq_len}")
     validate.number(temperature, "temperature", low=0)
     validate.number(top_p, "top_p", low=0, low_open=True, high=1)
-    if not isinstance(use_cache, bool):
-        raise TypeError(f"use_cache must be a bool, got {type(use_cache).__name__}")
+    validate.flag(use_cache, "use_cache")
     validate.generator(generator, optional=True)
     tokens = prompt
     param = next(model.parameters())

@@ -25,17 +25,11 @@
 # %%
 import torch
 
-import kernels
 from lrn_lib import config
-
-config.seed_everything(0)
-torch.set_printoptions(precision=4, sci_mode=False)
-torch.set_num_threads(1)  # small matrices, and the spawned processes share the cores
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-print(config.describe())
-print("Triton kernels run:", kernels.runtime.MODE)
+config.start_chapter(threads=1)  # small matrices, and the spawned processes share the cores
 
 # %% [markdown]
 # ## 7.1 Processes, ranks and the 4D mesh
@@ -75,8 +69,7 @@ def check_rank(rank: int, world: int) -> None:
 
 def check_mesh_shape(shape: "MeshShape", world: int) -> None:
     """Raise TypeError unless shape is a MeshShape, ValueError unless its world size is `world`."""
-    if not isinstance(shape, MeshShape):
-        raise TypeError(f"shape must be a MeshShape, got {type(shape).__name__}")
+    validate.instance(shape, "shape", MeshShape)
     if shape.world != world:
         raise ValueError(f"shape {shape} needs {shape.world} ranks, but world={world}")
 
@@ -148,8 +141,7 @@ class Mesh:
     """
 
     def __init__(self, shape: MeshShape):
-        if not isinstance(shape, MeshShape):
-            raise TypeError(f"shape must be a MeshShape, got {type(shape).__name__}")
+        validate.instance(shape, "shape", MeshShape)
         if dist.get_world_size() != shape.world:
             raise ValueError(f"the mesh {shape} needs {shape.world} ranks but the world has {dist.get_world_size()}")
         self.shape = shape
@@ -373,11 +365,9 @@ class ColumnParallelLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, group: "dist.ProcessGroup | None" = None, copy_input: bool = True):
         super().__init__()
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        validate.instance(linear, "linear", nn.Linear)
         check_group(group)
-        if not isinstance(copy_input, bool):
-            raise TypeError(f"copy_input must be a bool, got {type(copy_input).__name__}")
+        validate.flag(copy_input, "copy_input")
         self.group, self.copy_input = group, copy_input
         self.start, self.stop = shard_bounds(linear.out_features, dist.get_rank(group), dist.get_world_size(group))
         self.weight = nn.Parameter(self.full_slice(linear.weight.detach(), "weight").clone())
@@ -405,8 +395,7 @@ class RowParallelLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, group: "dist.ProcessGroup | None" = None):
         super().__init__()
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        validate.instance(linear, "linear", nn.Linear)
         check_group(group)
         self.group = group
         self.start, self.stop = shard_bounds(linear.in_features, dist.get_rank(group), dist.get_world_size(group))
@@ -495,8 +484,7 @@ class VocabParallelEmbedding(nn.Module):
 
     def __init__(self, embedding: nn.Embedding, group: "dist.ProcessGroup | None" = None):
         super().__init__()
-        if not isinstance(embedding, nn.Embedding):
-            raise TypeError(f"embedding must be an nn.Embedding, got {type(embedding).__name__}")
+        validate.instance(embedding, "embedding", nn.Embedding)
         if embedding.padding_idx is not None or embedding.max_norm is not None:
             raise ValueError("embedding must have no padding_idx and no max_norm")
         check_group(group)

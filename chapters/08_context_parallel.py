@@ -45,20 +45,14 @@
 import matplotlib.pyplot as plt
 import torch
 
-import kernels
 from lrn_lib import config
 from lrn_lib.attention import attention_reference
 from lrn_lib.spawn import spawn
 from lrn_lib.online_softmax import merge_lse
 
-config.seed_everything(0)
-torch.set_printoptions(precision=4, sci_mode=False)
-torch.set_num_threads(1)  # small matrices, and the spawned processes share the cores
-
 # %%
 # NBVAL_IGNORE_OUTPUT
-print(config.describe())
-print("Triton kernels run:", kernels.runtime.MODE)
+config.start_chapter(threads=1)  # small matrices, and the spawned processes share the cores
 
 # %% [markdown]
 # ### 8.1 Splitting the sequence, and where the causal work is

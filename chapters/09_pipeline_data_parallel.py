@@ -23,17 +23,11 @@
 # %%
 import torch
 
-import kernels
 from lrn_lib import config
-
-config.seed_everything(0)
-torch.set_printoptions(precision=4, sci_mode=False)
-torch.set_num_threads(1)  # small matrices, and the spawned processes share the cores
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-print(config.describe())
-print("Triton kernels run:", kernels.runtime.MODE)
+config.start_chapter(threads=1)  # small matrices, and the spawned processes share the cores
 
 # %% [markdown]
 # ## 9.1 Pipeline parallelism
@@ -124,8 +118,7 @@ class LlamaStage(nn.Module):
 
     def __init__(self, model: Llama, layers: range, first: bool, last: bool):
         super().__init__()
-        if not isinstance(model, Llama):
-            raise TypeError(f"model must be a Llama, got {type(model).__name__}")
+        validate.instance(model, "model", Llama)
         if not isinstance(layers, range):
             raise TypeError(f"layers must be a range of layer indices, got {type(layers).__name__}")
         if not isinstance(first, bool) or not isinstance(last, bool):
@@ -160,8 +153,7 @@ class LlamaStage(nn.Module):
 
 def build_stage(model: Llama, stage: int, num_stages: int, lighter_ends: bool = False) -> LlamaStage:
     """Stage `stage` of `num_stages` of model, with the layers partition_layers gives it."""
-    if not isinstance(model, Llama):
-        raise TypeError(f"model must be a Llama, got {type(model).__name__}")
+    validate.instance(model, "model", Llama)
     validate.integer(num_stages, "num_stages", low=1)
     validate.integer(stage, "stage", low=0, high=num_stages - 1)
     layers = partition_layers(len(model.layers), num_stages, lighter_ends)[stage]
@@ -550,8 +542,7 @@ def run_pipeline(module: nn.Module, schedule: str, num_microbatches: int, activa
     mean loss of micro-batch i, which is scaled by 1/num_microbatches (9.3) before its backward.
     Zero the gradients before the call.
     """
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    validate.instance(module, "module", nn.Module)
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}")
     validate.integer(num_microbatches, "num_microbatches", low=1)
@@ -989,8 +980,7 @@ def all_reduce_gradients(module: nn.Module, group: dist.ProcessGroup | None = No
     A parameter without a gradient takes part with zeros, so every rank issues the same
     collectives. Returns the number of all_reduce calls.
     """
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    validate.instance(module, "module", nn.Module)
     check_group(group)
     validate.integer(bucket_bytes, "bucket_bytes", low=1)
     params = [p for p in module.parameters() if p.requires_grad]
@@ -1301,8 +1291,7 @@ def _check_shard_options(group: dist.ProcessGroup | None, stats: GatherStats | N
     check_group(group)
     if stats is not None and not isinstance(stats, GatherStats):
         raise TypeError(f"stats must be a GatherStats or None, got {type(stats).__name__}")
-    if not isinstance(reshard_after_forward, bool):
-        raise TypeError(f"reshard_after_forward must be a bool, got {type(reshard_after_forward).__name__}")
+    validate.flag(reshard_after_forward, "reshard_after_forward")
 
 
 class ShardedUnit(nn.Module):
@@ -1317,8 +1306,7 @@ class ShardedUnit(nn.Module):
     def __init__(self, module: nn.Module, group: dist.ProcessGroup | None = None,
                  stats: GatherStats | None = None, reshard_after_forward: bool = True):
         super().__init__()
-        if not isinstance(module, nn.Module):
-            raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+        validate.instance(module, "module", nn.Module)
         _check_shard_options(group, stats, reshard_after_forward)
         named = list(module.named_parameters())
         if not named:
@@ -1435,8 +1423,7 @@ def shard_llama(model: Llama, group: dist.ProcessGroup | None = None, stats: Gat
 
 def gather_full_state(model: nn.Module, grad: bool = False) -> dict[str, torch.Tensor]:
     """Collective: every sharded unit's full parameters (or gradients), named as in the unwrapped model."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    validate.instance(model, "model", nn.Module)
     state = {}
     for path, unit in model.named_modules():
         if isinstance(unit, ShardedUnit):
@@ -1452,10 +1439,8 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 def persistent_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
     """Bytes this rank keeps across steps: parameters, their gradients, optimizer state tensors."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    validate.instance(model, "model", nn.Module)
+    validate.instance(optimizer, "optimizer", torch.optim.Optimizer)
 
     def nbytes(tensors) -> int:
         return sum(_local(t).numel() * _local(t).element_size() for t in tensors)

@@ -23,17 +23,11 @@
 # %%
 import torch
 
-import kernels
 from lrn_lib import config
-
-config.seed_everything(0)
-torch.set_printoptions(precision=4, sci_mode=False)
-torch.set_num_threads(1)  # small matrices, and the spawned processes share the cores
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-print(config.describe())
-print("Triton kernels run:", kernels.runtime.MODE)
+config.start_chapter(threads=1)  # small matrices, and the spawned processes share the cores
 
 # %% [markdown]
 # ## 10.1 The production path: PyTorch's own engine and `torchrun`
@@ -189,8 +183,7 @@ def global_batch(data: torch.Tensor, step: int, batch: int, seq: int, seed: int)
 def tensor_parallel_plan(stage: LlamaStage) -> dict:
     """parallelize_module's plan for one stage: Megatron's column/row pairs in attention and SwiGLU, the
     embedding split by vocabulary rows, the output head by vocabulary columns (logits gathered)."""
-    if not isinstance(stage, LlamaStage):
-        raise TypeError(f"stage must be a LlamaStage, got {type(stage).__name__}")
+    validate.instance(stage, "stage", LlamaStage)
     plan = {}
     if stage.first:
         plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate())
@@ -255,8 +248,7 @@ def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh | None:
 def shard_stage(stage: LlamaStage, mesh: DeviceMesh) -> LlamaStage:
     """Apply TP over mesh["tp"], then FSDP2 over the data ranks (dp, times cp when cp > 1): per block, then
     the stage as root. Returns the same module, its parameters now DTensors."""
-    if not isinstance(stage, LlamaStage):
-        raise TypeError(f"stage must be a LlamaStage, got {type(stage).__name__}")
+    validate.instance(stage, "stage", LlamaStage)
     if not isinstance(mesh, DeviceMesh) or tuple(mesh.mesh_dim_names or ()) != MESH_DIM_NAMES:
         raise TypeError(f"mesh must be build_mesh's DeviceMesh with dimensions {MESH_DIM_NAMES}, got {mesh!r}")
     if mesh["tp"].size() > 1:
@@ -946,11 +938,9 @@ class PublishedRun:
     mfu: float
 
     def __post_init__(self):
-        if not isinstance(self.name, str):
-            raise TypeError(f"name must be a str, got {type(self.name).__name__}")
+        validate.instance(self.name, "name", str)
         validate.integer(self.gpus, "gpus", low=1)
-        if not isinstance(self.layout, Layout):
-            raise TypeError(f"layout must be a Layout, got {type(self.layout).__name__}")
+        validate.instance(self.layout, "layout", Layout)
         validate.number(self.tflops_per_gpu, "tflops_per_gpu", low=0, low_open=True)
         validate.number(self.mfu, "mfu", low=0, low_open=True, high=1)
 
@@ -1020,8 +1010,7 @@ def stage_layers(n_layers: int, pp: int) -> list[int]:
 def check_layout(cfg: LlamaConfig, layout: Layout) -> None:
     """Raise ValueError unless the layout splits cfg's heads, widths, vocabulary, tokens and layers evenly."""
     check_config(cfg)
-    if not isinstance(layout, Layout):
-        raise TypeError(f"layout must be a Layout, got {type(layout).__name__}")
+    validate.instance(layout, "layout", Layout)
     if cfg.n_experts:
         raise ValueError(f"cfg.n_experts={cfg.n_experts}: this accounting covers dense models only")
     for name, size in (("n_heads", cfg.n_heads), ("n_kv_heads", cfg.n_kv_heads), ("ffn_dim", cfg.ffn_dim),
@@ -1402,8 +1391,7 @@ print("TP sends the most bytes in every layout:",
 def flops_per_token(cfg: LlamaConfig, seq_len: int, attention: bool = False) -> float:
     """Training FLOPs per token (10.17): 6N, plus the causal attention matmuls 6 * n_layers * dim * seq_len."""
     validate.integer(seq_len, "seq_len", low=1)
-    if not isinstance(attention, bool):
-        raise TypeError(f"attention must be a bool, got {type(attention).__name__}")
+    validate.flag(attention, "attention")
     flops = training_flops(parameter_count(cfg), 1)
     if attention:
         flops += 6 * cfg.n_layers * cfg.dim * seq_len                              # (10.17)
@@ -1413,8 +1401,7 @@ def flops_per_token(cfg: LlamaConfig, seq_len: int, attention: bool = False) -> 
 def implied_step_seconds(cfg: LlamaConfig, run: PublishedRun, attention: bool = False) -> float:
     """Seconds per step implied by a published run's throughput (10.17): tokens * F / (GPUs * FLOP/s)."""
     check_config(cfg)
-    if not isinstance(run, PublishedRun):
-        raise TypeError(f"run must be a PublishedRun, got {type(run).__name__}")
+    validate.instance(run, "run", PublishedRun)
     layout = run.layout
     flops = layout.tokens_per_step * flops_per_token(cfg, layout.seq_len, attention)
     return flops / (layout.gpus * run.tflops_per_gpu * 1e12)                      # (10.17)

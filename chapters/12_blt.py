@@ -50,13 +50,9 @@ import torch.nn.functional as F
 
 from lrn_lib import config
 
-config.seed_everything(0)
-torch.set_printoptions(precision=4, sci_mode=False)
-torch.set_num_threads(2)
-
 # %%
 # NBVAL_IGNORE_OUTPUT
-print(config.describe())
+config.start_chapter(threads=2)
 
 # %% [markdown]
 # ## 12.1 Bytes, and what long sequences cost
@@ -121,8 +117,7 @@ def bytes_to_tensor(data: bytes, bos: bool = False) -> torch.Tensor:
     """bytes of length N -> int64 tensor (N,) of values 0..255, or (N + 1,) with BOS first when bos."""
     if not isinstance(data, (bytes, bytearray)):
         raise TypeError(f"data must be bytes, got {type(data).__name__}")
-    if not isinstance(bos, bool):
-        raise TypeError(f"bos must be a bool, got {type(bos).__name__}")
+    validate.flag(bos, "bos")
     values = ([BOS] if bos else []) + list(data)
     return torch.tensor(values, dtype=torch.int64)
 
@@ -434,8 +429,7 @@ def bpe_patch_starts(tokens: torch.Tensor, tokenizer: BPETokenizer) -> torch.Ten
     check_tokens(tokens)
     if tokens.dim() != 1:
         raise ValueError(f"tokens must be one sequence (T,), got shape {tuple(tokens.shape)}")
-    if not isinstance(tokenizer, BPETokenizer):
-        raise TypeError(f"tokenizer must be a BPETokenizer, got {type(tokenizer).__name__}")
+    validate.instance(tokenizer, "tokenizer", BPETokenizer)
     body = tokens[1:].tolist()
     if any(b >= N_BYTES for b in body):
         raise ValueError("tokens[1:] must be bytes (ids < 256)")
@@ -598,8 +592,7 @@ from lrn_lib.patching import (N_BYTES, VOCAB_SIZE, check_tokens, entropy_patch_s
 
 def use_sdpa(model: nn.Module) -> nn.Module:
     """Swap every chapter-6 Attention's causal attention in model for chapter 6's sdpa_attention; returns model."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    validate.instance(model, "model", nn.Module)
     for module in model.modules():
         if isinstance(module, Attention):
             module.attend = sdpa_attention
@@ -621,8 +614,7 @@ def byte_entropies(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
     Only the 256 byte logits count: the special ids are never a next byte.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    validate.instance(model, "model", nn.Module)
     check_tokens(tokens)
     validate.tensor(tokens, "tokens", dims=2)
     return next_byte_entropies(model(tokens)[..., :N_BYTES])
@@ -965,12 +957,10 @@ def block_causal_mask(pids: torch.Tensor) -> torch.Tensor:
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """Raise unless q (B, H, Q, d) and k, v (B, H, K, d) are float tensors of one batch, head count and head size."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        validate.tensor(x, name, dims=4, kind="float")
-    validate.same_shape(k=k, v=v)
-    b, h, _, d = q.shape
-    if k.shape[0] != b or k.shape[1] != h or k.shape[3] != d:
-        raise ValueError(f"k and v have shape {tuple(k.shape)}, which does not fit q {tuple(q.shape)}")
+    validate.attention_inputs(q, k, v)
+    if k.shape[1] != q.shape[1]:
+        raise ValueError(f"k and v have shape {tuple(k.shape)}, which does not fit q {tuple(q.shape)}: "
+                         "masked attention takes one k/v head per query head")
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -993,8 +983,7 @@ class LocalBlock(TransformerBlock):
     """A chapter-6 Llama block whose attention is causal within a window (12.11): x (B, T, dim) -> (B, T, dim)."""
 
     def __init__(self, cfg: LlamaConfig, window: int):
-        if not isinstance(cfg, LlamaConfig):
-            raise TypeError(f"cfg must be a LlamaConfig, got {type(cfg).__name__}")
+        validate.instance(cfg, "cfg", LlamaConfig)
         validate.integer(window, "window", low=1)
         super().__init__(cfg)
         self.window = window
@@ -1086,8 +1075,7 @@ class LocalEncoder(nn.Module):
 
     def __init__(self, cfg: BLTConfig):
         super().__init__()
-        if not isinstance(cfg, BLTConfig):
-            raise TypeError(f"cfg must be a BLTConfig, got {type(cfg).__name__}")
+        validate.instance(cfg, "cfg", BLTConfig)
         lc = cfg.llama(latent=False)
         self.embed = HashNgramEmbedding(cfg.local_dim, cfg.ngrams, cfg.hash_table_size)
         self.layers = nn.ModuleList(LocalBlock(lc, cfg.window) for _ in range(cfg.encoder_layers))
@@ -1117,8 +1105,7 @@ class LatentTransformer(nn.Module):
 
     def __init__(self, cfg: BLTConfig):
         super().__init__()
-        if not isinstance(cfg, BLTConfig):
-            raise TypeError(f"cfg must be a BLTConfig, got {type(cfg).__name__}")
+        validate.instance(cfg, "cfg", BLTConfig)
         gc = cfg.llama(latent=True)
         self.proj = nn.Linear(cfg.local_dim, cfg.latent_dim, bias=False)
         self.layers = use_sdpa(nn.ModuleList(TransformerBlock(gc) for _ in range(cfg.latent_layers)))
@@ -1142,8 +1129,7 @@ class LocalDecoder(nn.Module):
 
     def __init__(self, cfg: BLTConfig):
         super().__init__()
-        if not isinstance(cfg, BLTConfig):
-            raise TypeError(f"cfg must be a BLTConfig, got {type(cfg).__name__}")
+        validate.instance(cfg, "cfg", BLTConfig)
         lc = cfg.llama(latent=False)
         self.lag = cfg.lag
         self.cross = nn.ModuleList(CrossAttention(cfg.local_dim, cfg.latent_dim, cfg.local_heads)
@@ -1178,8 +1164,7 @@ class BLT(nn.Module):
 
     def __init__(self, cfg: BLTConfig):
         super().__init__()
-        if not isinstance(cfg, BLTConfig):
-            raise TypeError(f"cfg must be a BLTConfig, got {type(cfg).__name__}")
+        validate.instance(cfg, "cfg", BLTConfig)
         self.cfg = cfg
         self.encoder = LocalEncoder(cfg)
         self.latent = LatentTransformer(cfg)
@@ -1330,8 +1315,7 @@ def block_flops(dim: int, n_heads: int, n_kv_heads: int, ffn_dim: int, attended:
 
 def llama_flops_per_token(cfg: LlamaConfig, context: int) -> float:
     """Forward FLOPs per token of a Llama over causal contexts of `context` tokens, head included."""
-    if not isinstance(cfg, LlamaConfig):
-        raise TypeError(f"cfg must be a LlamaConfig, got {type(cfg).__name__}")
+    validate.instance(cfg, "cfg", LlamaConfig)
     validate.integer(context, "context", low=1)
     per_block = block_flops(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim, (context + 1) / 2)
     return cfg.n_layers * per_block + 2 * cfg.dim * cfg.vocab_size
@@ -1342,8 +1326,7 @@ def blt_flops_per_byte(cfg: BLTConfig, patch_size: float, context: int) -> dict[
 
     Returns the parts ("encoder", "encoder cross", "latent", "decoder cross", "decoder", "head") and "total".
     """
-    if not isinstance(cfg, BLTConfig):
-        raise TypeError(f"cfg must be a BLTConfig, got {type(cfg).__name__}")
+    validate.instance(cfg, "cfg", BLTConfig)
     validate.number(patch_size, "patch_size", low=1)
     validate.integer(context, "context", low=1)
     lc, gc = cfg.llama(latent=False), cfg.llama(latent=True)

@@ -54,13 +54,9 @@ import torch.nn.functional as F
 
 from lrn_lib import config, profile_results
 
-config.seed_everything(0)
-torch.set_printoptions(precision=4, sci_mode=False)
-torch.set_num_threads(1)
-
 # %%
 # NBVAL_IGNORE_OUTPUT
-print(config.describe())
+config.start_chapter(threads=1)
 
 # %% [markdown]
 # ## 13.1 The forward process and the mask predictor
@@ -167,8 +163,7 @@ class MaskPredictor(nn.Module):
 
     def __init__(self, cfg: LlamaConfig, mask_id: int):
         super().__init__()
-        if not isinstance(cfg, LlamaConfig):
-            raise TypeError(f"cfg must be a LlamaConfig, got {type(cfg).__name__}")
+        validate.instance(cfg, "cfg", LlamaConfig)
         validate.integer(mask_id, "mask_id", low=0, high=cfg.vocab_size - 1)
         self.cfg, self.mask_id = cfg, mask_id
         self.net = Llama(cfg)
@@ -456,8 +451,7 @@ def mc_log_likelihood(model: Model, prompt: torch.Tensor, response: torch.Tensor
     Their mean is unbiased for exact conditionals and a lower bound in expectation for a model.
     """
     _check_pair(model, prompt, response, mask_id, n_samples, generator)
-    if not isinstance(stratified, bool):
-        raise TypeError(f"stratified must be a bool, got {type(stratified).__name__}")
+    validate.flag(stratified, "stratified")
     L = response.numel()
     u = torch.rand(n_samples, generator=generator, dtype=torch.float64)
     if stratified:

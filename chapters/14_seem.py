@@ -64,13 +64,9 @@ from scipy import ndimage
 
 from lrn_lib import config
 
-config.seed_everything(0)
-torch.set_printoptions(precision=4, sci_mode=False)
-torch.set_num_threads(1)
-
 # %%
 # NBVAL_IGNORE_OUTPUT
-print(config.describe())
+config.start_chapter(threads=1)
 
 # %% [markdown]
 # ## 14.1 From segmentation tasks to promptable segmentation
@@ -284,8 +280,7 @@ def make_scene(generator: torch.Generator, size: int = 64, min_objects: int = 2,
     validate.integer(min_objects, "min_objects", low=1)
     validate.integer(max_objects, "max_objects", low=min_objects, high=len(CLASSES) * len(COLOR_NAMES))
     validate.number(noise, "noise", low=0)
-    if not isinstance(clutter, bool):
-        raise TypeError(f"clutter must be a bool, got {type(clutter).__name__}")
+    validate.flag(clutter, "clutter")
     validate.integer(min_pixels, "min_pixels", low=1)
     for name, value in (("same_color", same_color), ("texture", texture), ("jitter", jitter)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
@@ -966,22 +961,28 @@ from lrn_lib.shapes import TEXT_VOCAB
 
 @dataclass(frozen=True)
 class SeemConfig:
-    """Shapes of the small SEEM: image side, width D, heads, decoder layers, queries and prompt tokens.
-
-    n_points: points the visual sampler reads per positive and per negative prompt mask (2 n_points tokens);
-    n_memory: memory tokens per prompt when a previous mask is given; text_len: text prompt length T.
-    """
+    """Shapes of the small SEEM: image side, width D, heads, decoder layers, queries and prompt tokens."""
 
     image_size: int = 64
+    """side of the square image in pixels (a multiple of the backbone's stride 16)"""
     dim: int = 64
+    """width D of every token"""
     n_heads: int = 4
+    """attention heads in the decoder"""
     n_layers: int = 3
+    """decoder layers"""
     n_object_queries: int = 8
+    """learnable object queries, one candidate mask each"""
     n_points: int = 8
+    """points the visual sampler reads per positive and per negative prompt mask (2 n_points tokens)"""
     n_memory: int = 4
+    """memory tokens per prompt when a previous mask is given"""
     text_len: int = 3
+    """text prompt length T"""
     stem_dim: int = 32
+    """channels of the backbone's stem (a multiple of 8, for group norm)"""
     ffn_dim: int = 128
+    """hidden width of the feed-forward layers (decoder and text encoder)"""
 
     def __post_init__(self):
         for name in ("image_size", "dim", "n_heads", "n_layers", "n_object_queries", "n_points", "n_memory",
@@ -994,12 +995,6 @@ class SeemConfig:
                              "with an even head dimension")
         if self.stem_dim % 8:
             raise ValueError(f"stem_dim must be a multiple of 8 (group norm), got {self.stem_dim}")
-
-
-def _check_config(cfg: SeemConfig) -> None:
-    """Raise TypeError unless cfg is a SeemConfig."""
-    if not isinstance(cfg, SeemConfig):
-        raise TypeError(f"cfg must be a SeemConfig, got {type(cfg).__name__}")
 
 
 def sine_encoding(coords: torch.Tensor, dim: int, max_frequency: float = 16.0) -> torch.Tensor:
@@ -1044,7 +1039,7 @@ class ImageEncoder(nn.Module):
 
     def __init__(self, cfg: SeemConfig):
         super().__init__()
-        _check_config(cfg)
+        validate.instance(cfg, "cfg", SeemConfig)
         c, d = cfg.stem_dim, cfg.dim
         self.stem = nn.Sequential(_conv(5, c, 2), _conv(c, c))              # stride 2; RGB + (y, x) channels
         self.down = nn.ModuleList([nn.Sequential(_conv(c, d, 2), _conv(d, d)),    # stride 4
@@ -1084,7 +1079,7 @@ class TextEncoder(nn.Module):
 
     def __init__(self, cfg: SeemConfig, n_layers: int = 1):
         super().__init__()
-        _check_config(cfg)
+        validate.instance(cfg, "cfg", SeemConfig)
         validate.integer(n_layers, "n_layers", low=1)
         self.llama_cfg = LlamaConfig(vocab_size=len(TEXT_VOCAB), dim=cfg.dim, n_layers=n_layers, n_heads=cfg.n_heads,
                                      n_kv_heads=cfg.n_heads, ffn_dim=cfg.ffn_dim, rope_theta=10000.0,
@@ -1228,7 +1223,7 @@ class VisualSampler(nn.Module):
 
     def __init__(self, cfg: SeemConfig):
         super().__init__()
-        _check_config(cfg)
+        validate.instance(cfg, "cfg", SeemConfig)
         self.k = cfg.n_points
         self.proj = nn.Linear(cfg.dim, cfg.dim)
         self.polarity = nn.Embedding(2, cfg.dim)                      # e_+ (row 0) and e_- (row 1)
@@ -1349,7 +1344,7 @@ from torch import nn
 
 from lrn_lib import validate
 from lrn_lib.llama import FeedForward, RMSNorm
-from lrn_lib.seem_encoders import ImageEncoder, SeemConfig, TextEncoder, VisualSampler, _check_config, position_grid
+from lrn_lib.seem_encoders import ImageEncoder, SeemConfig, TextEncoder, VisualSampler, position_grid
 from lrn_lib.shapes import CLASSES, TEXT_VOCAB, encode_text
 
 OBJECT, QUERY, VISUAL, TEXT, MEMORY = range(5)           # kinds of members of the decoder's sequence
@@ -1457,8 +1452,7 @@ class MaskedAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
         """See the class docstring."""
-        if not isinstance(mask, AttentionMask):
-            raise TypeError(f"mask must be an AttentionMask, got {type(mask).__name__}")
+        validate.instance(mask, "mask", AttentionMask)
         for name, x in (("q", q), ("k", k), ("v", v)):
             validate.tensor(x, name, dims=3, kind="float", nonempty=False)
         if q.shape[-1] != self.q_proj.in_features or k.shape[::2] != (q.shape[0], q.shape[-1]) or v.shape != k.shape:
@@ -1643,7 +1637,7 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, cfg: SeemConfig):
         super().__init__()
-        _check_config(cfg)
+        validate.instance(cfg, "cfg", SeemConfig)
         self.cross = MaskedAttention(cfg.dim, cfg.n_heads)
         self.self_attn = MaskedAttention(cfg.dim, cfg.n_heads)
         self.ffn = FeedForward(cfg.dim, cfg.ffn_dim)
@@ -1674,7 +1668,7 @@ class SeemDecoder(nn.Module):
 
     def __init__(self, cfg: SeemConfig):
         super().__init__()
-        _check_config(cfg)
+        validate.instance(cfg, "cfg", SeemConfig)
         self.cfg = cfg
         d = cfg.dim
         self.object_query = nn.Parameter(torch.randn(cfg.n_object_queries, d) * 0.02)
@@ -1760,7 +1754,7 @@ class SEEM(nn.Module):
 
     def __init__(self, cfg: SeemConfig):
         super().__init__()
-        _check_config(cfg)
+        validate.instance(cfg, "cfg", SeemConfig)
         self.cfg = cfg
         self.image_encoder = ImageEncoder(cfg)
         self.text_encoder = TextEncoder(cfg)
@@ -1780,8 +1774,7 @@ class SEEM(nn.Module):
 
     def prompt_tokens(self, pixels: torch.Tensor, prompts: Prompts, generator: torch.Generator | None = None) -> PromptTokens:
         """Visual tokens (14.7) from the sampler and text tokens from the text encoder, per prompt."""
-        if not isinstance(prompts, Prompts):
-            raise TypeError(f"prompts must be a Prompts, got {type(prompts).__name__}")
+        validate.instance(prompts, "prompts", Prompts)
         b, p = prompts.positive.shape[:2]
         vis, vis_pos, vis_valid = self.sampler(pixels, prompts.positive, prompts.negative, generator)
         t = prompts.text.shape[2]

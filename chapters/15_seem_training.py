@@ -47,13 +47,9 @@ from scipy import ndimage
 
 from lrn_lib import config, profile_results
 
-config.seed_everything(0)
-torch.set_printoptions(precision=4, sci_mode=False)
-torch.set_num_threads(1)
-
 # %%
 # NBVAL_IGNORE_OUTPUT
-print(config.describe())
+config.start_chapter(threads=1)
 
 # %% [markdown]
 # **What this chapter takes from chapter 14.** It runs on its own, and rebuilds what it
@@ -187,8 +183,7 @@ def matching_cost(class_logits: torch.Tensor, mask_logits: torch.Tensor, classes
                          "mask_logits and masks the same X")
     if classes.numel():
         validate.ids(classes, "classes", class_logits.shape[-1] - 1)
-    if not isinstance(weights, LossWeights):
-        raise TypeError(f"weights must be a LossWeights, got {type(weights).__name__}")
+    validate.instance(weights, "weights", LossWeights)
     t = masks.to(mask_logits.dtype)
     prob = mask_logits.sigmoid()
     overlap = prob @ t.transpose(-1, -2)                                                     # (..., Q, N)
@@ -232,10 +227,8 @@ def seem_loss(out: SeemOutput, object_classes: list[torch.Tensor], object_masks:
     object_classes, object_masks: per image, (N_b,) int64 and (N_b, H, W) bool; prompt_classes (B, P) int64 and
     prompt_masks (B, P, H, W) bool: the object each prompt asks for (None when out has no prompt rows).
     """
-    if not isinstance(out, SeemOutput):
-        raise TypeError(f"out must be a SeemOutput, got {type(out).__name__}")
-    if not isinstance(weights, LossWeights):
-        raise TypeError(f"weights must be a LossWeights, got {type(weights).__name__}")
+    validate.instance(out, "out", SeemOutput)
+    validate.instance(weights, "weights", LossWeights)
     b, q = out.class_logits[0].shape[0], out.n_object
     n_classes = out.class_logits[0].shape[-1] - 1
     _check_segments(object_masks, object_classes, "object", disjoint=False)
@@ -445,14 +438,12 @@ def corrective_prompts(prompts: Prompts, predicted: torch.Tensor, targets: torch
 
     A prompt whose prediction equals its target (B, P, H, W) bool gets no click.
     """
-    if not isinstance(prompts, Prompts):
-        raise TypeError(f"prompts must be a Prompts, got {type(prompts).__name__}")
+    validate.instance(prompts, "prompts", Prompts)
     validate.tensor(predicted, "predicted", dims=4, dtype=torch.bool, nonempty=False)
     validate.tensor(targets, "targets", dims=4, dtype=torch.bool, nonempty=False)
     if predicted.shape != prompts.positive.shape or targets.shape != prompts.positive.shape:
         raise ValueError(f"predicted and targets must have shape {tuple(prompts.positive.shape)}")
-    if not isinstance(memory, bool):
-        raise TypeError(f"memory must be a bool, got {type(memory).__name__}")
+    validate.flag(memory, "memory")
     validate.integer(radius, "radius", low=0)
     positive, negative = prompts.positive.clone(), prompts.negative.clone()
     size = positive.shape[-1]

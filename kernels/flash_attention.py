@@ -42,6 +42,24 @@ LOG2_E = 1.4426950408889634
 
 
 @triton.jit
+def _tile(base, stride_row, offs_row, offs_d):
+    """Pointers to rows offs_row (BLOCK,) and columns offs_d (BLOCK_D,) of one head: a (BLOCK, BLOCK_D) block."""
+    return base + offs_row.to(tl.int64)[:, None] * stride_row + offs_d[None, :]
+
+
+@triton.jit
+def _row_block(n_heads, n_rows, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """This program's place in the grid (row blocks, B * n_heads): its first row, b * n_heads + h, b, h,
+    row offsets (BLOCK,), head offsets (BLOCK_D,) and the (BLOCK, BLOCK_D) mask of rows and columns in range."""
+    start = tl.program_id(0) * BLOCK
+    bh = tl.program_id(1)
+    offs = start + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM)
+    return start, bh, (bh // n_heads).to(tl.int64), (bh % n_heads).to(tl.int64), offs, offs_d, mask
+
+
+@triton.jit
 def _attend_key_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
                        lo, hi, n_keys, causal_offset, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                        BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
@@ -52,7 +70,7 @@ def _attend_key_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, o
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_mask = (offs_n[:, None] < n_keys) & (offs_d[None, :] < HEAD_DIM)
-        k = tl.load(k_base + offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(_tile(k_base, stride_kn, offs_n, offs_d), mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k)) * qk_scale                      # S = tau Q K^T, in log2 units
         if MASKED:
             visible = offs_n[None, :] < n_keys
@@ -64,10 +82,32 @@ def _attend_key_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, o
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)                           # rescale only the old state
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(_tile(v_base, stride_vn, offs_n, offs_d), mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     return acc, l_i, m_i
+
+
+@triton.jit
+def _attend_range(q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, lo, unmasked_end, hi, n_keys,
+                  causal_offset, qk_scale, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """One query block's attention over keys [lo, hi), masks applied from unmasked_end on (a block boundary).
+
+    Returns O (BLOCK_M, BLOCK_D) normalized by l, and L = m + log2 l (BLOCK_M,) in log2 units (-inf: no key seen).
+    """
+    m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc, l_i, m_i = _attend_key_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
+                                       lo, unmasked_end, n_keys, causal_offset, qk_scale,
+                                       False, CAUSAL, BLOCK_N, HEAD_DIM)
+    acc, l_i, m_i = _attend_key_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
+                                       unmasked_end, hi, n_keys, causal_offset, qk_scale,
+                                       True, CAUSAL, BLOCK_N, HEAD_DIM)
+    has_keys = l_i > 0.0
+    l_safe = tl.where(has_keys, l_i, 1.0)
+    return acc / l_safe[:, None], tl.where(has_keys, m_i + tl.math.log2(l_safe), -float("inf"))  # normalize once
 
 
 @triton.jit
@@ -84,21 +124,11 @@ def flash_attention_forward_kernel(
 
     Defined in chapter 04 (FlashAttention-2), section 4.5 The forward kernel in Triton.
     """
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // n_heads).to(tl.int64)
-    h = (bh % n_heads).to(tl.int64)
+    start_m, bh, b, h, offs_m, offs_d, q_mask = _row_block(n_heads, n_queries, BLOCK_M, BLOCK_D, HEAD_DIM)
     kv_h = h // group_size
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    q_mask = (offs_m[:, None] < n_queries) & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :],
-                mask=q_mask, other=0.0)
+    q = tl.load(_tile(q_ptr + b * stride_qb + h * stride_qh, stride_qm, offs_m, offs_d), mask=q_mask, other=0.0)
     k_base = k_ptr + b * stride_kb + kv_h * stride_kh
     v_base = v_ptr + b * stride_vb + kv_h * stride_vh
-    m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if CAUSAL:   # keys < unmasked_end are visible to every row of the block; none >= hi is
         unmasked_end = tl.minimum(tl.maximum(start_m + causal_offset + 1, 0), n_keys)
         hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_offset, 0), n_keys)
@@ -106,18 +136,11 @@ def flash_attention_forward_kernel(
         unmasked_end = n_keys
         hi = n_keys
     unmasked_end = (unmasked_end // BLOCK_N) * BLOCK_N
-    acc, l_i, m_i = _attend_key_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
-                                       0, unmasked_end, n_keys, causal_offset, qk_scale,
-                                       False, CAUSAL, BLOCK_N, HEAD_DIM)
-    acc, l_i, m_i = _attend_key_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
-                                       unmasked_end, hi, n_keys, causal_offset, qk_scale,
-                                       True, CAUSAL, BLOCK_N, HEAD_DIM)
-    has_keys = l_i > 0.0
-    l_safe = tl.where(has_keys, l_i, 1.0)
-    o = acc / l_safe[:, None]                                        # normalize once
-    lse = tl.where(has_keys, (m_i + tl.math.log2(l_safe)) / 1.4426950408889634, -float("inf"))
-    tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_m.to(tl.int64)[:, None] * stride_om + offs_d[None, :],
-             o.to(o_ptr.dtype.element_ty), mask=q_mask)
+    o, lse2 = _attend_range(q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, 0, unmasked_end, hi, n_keys,
+                            causal_offset, qk_scale, CAUSAL, BLOCK_M, BLOCK_D, BLOCK_N, HEAD_DIM)
+    lse = lse2 / 1.4426950408889634                                  # back to natural log
+    tl.store(_tile(o_ptr + b * stride_ob + h * stride_oh, stride_om, offs_m, offs_d), o.to(o_ptr.dtype.element_ty),
+             mask=q_mask)
     tl.store(lse_ptr + bh.to(tl.int64) * n_queries + offs_m, lse, mask=offs_m < n_queries)
 
 
@@ -130,28 +153,11 @@ def check_flash_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal
 
     Defined in chapter 04 (FlashAttention-2), section 4.5 The forward kernel in Triton.
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        validate.tensor(t, name, nonempty=False)
-        if t.dtype not in ATTENTION_DTYPES:
-            raise TypeError(f"{name} has dtype {t.dtype}; the attention kernels take float16 or bfloat16")
-        if t.dim() != 4 or t.numel() == 0:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected a non-empty (batch, heads, seq, head_dim)")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k, v have dtypes {q.dtype}, {k.dtype}, {v.dtype}; they must match")
-    for name, t in (("k", k), ("v", v)):
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; they must share a device")
-    if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
-        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: k and v must match, "
-                         "and agree with q in batch and head_dim")
+    validate.attention_inputs(q, k, v, causal, scale)
+    if q.dtype not in ATTENTION_DTYPES:
+        raise TypeError(f"q, k, v have dtype {q.dtype}; the attention kernels take float16 or bfloat16")
     if not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
         raise ValueError(f"head_dim {q.shape[-1]} is not supported; the kernels take 1 to {MAX_HEAD_DIM}")
-    if q.shape[1] % k.shape[1] != 0:
-        raise ValueError(f"k/v have {k.shape[1]} heads, which does not divide q's {q.shape[1]} heads")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if scale is not None:
-        validate.number(scale, "scale", low=0, low_open=True)
     if launch:
         check_launchable("q", q)
 
@@ -240,6 +246,14 @@ def flash_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
 
 
 @triton.jit
+def _row_stats(lse_ptr, delta_ptr, rows, offs_m, n_queries):
+    """L (in log2 units) and D of queries offs_m of the (batch, head) whose rows start at `rows`."""
+    in_range = offs_m < n_queries
+    lse = tl.load(lse_ptr + rows + offs_m, mask=in_range, other=0.0) * 1.4426950408889634
+    return lse, tl.load(delta_ptr + rows + offs_m, mask=in_range, other=0.0)
+
+
+@triton.jit
 def flash_attention_preprocess_kernel(o_ptr, do_ptr, delta_ptr, stride_ob, stride_oh, stride_om,
                                       stride_dob, stride_doh, stride_dom, n_heads, n_queries,
                                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -247,17 +261,10 @@ def flash_attention_preprocess_kernel(o_ptr, do_ptr, delta_ptr, stride_ob, strid
 
     Defined in chapter 04 (FlashAttention-2), section 4.6 The backward kernels.
     """
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // n_heads).to(tl.int64)
-    h = (bh % n_heads).to(tl.int64)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < n_queries) & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(o_ptr + b * stride_ob + h * stride_oh + offs_m.to(tl.int64)[:, None] * stride_om + offs_d[None, :],
-                mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m.to(tl.int64)[:, None] * stride_dom + offs_d[None, :],
-                 mask=mask, other=0.0).to(tl.float32)
+    _, bh, b, h, offs_m, offs_d, mask = _row_block(n_heads, n_queries, BLOCK_M, BLOCK_D, HEAD_DIM)
+    o = tl.load(_tile(o_ptr + b * stride_ob + h * stride_oh, stride_om, offs_m, offs_d), mask=mask, other=0.0)
+    do = tl.load(_tile(do_ptr + b * stride_dob + h * stride_doh, stride_dom, offs_m, offs_d), mask=mask, other=0.0)
+    o, do = o.to(tl.float32), do.to(tl.float32)
     tl.store(delta_ptr + bh.to(tl.int64) * n_queries + offs_m, tl.sum(o * do, axis=1), mask=offs_m < n_queries)
 
 
@@ -276,17 +283,9 @@ def flash_attention_dkdv_kernel(
 
     Defined in chapter 04 (FlashAttention-2), section 4.6 The backward kernels.
     """
-    start_n = tl.program_id(0) * BLOCK_N
-    bh = tl.program_id(1)
-    b = (bh // n_kv_heads).to(tl.int64)
-    kv_h = (bh % n_kv_heads).to(tl.int64)
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    kv_mask = (offs_n[:, None] < n_keys) & (offs_d[None, :] < HEAD_DIM)
-    k = tl.load(k_ptr + b * stride_kb + kv_h * stride_kh + offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :],
-                mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + b * stride_vb + kv_h * stride_vh + offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :],
-                mask=kv_mask, other=0.0)
+    start_n, _, b, kv_h, offs_n, offs_d, kv_mask = _row_block(n_kv_heads, n_keys, BLOCK_N, BLOCK_D, HEAD_DIM)
+    k = tl.load(_tile(k_ptr + b * stride_kb + kv_h * stride_kh, stride_kn, offs_n, offs_d), mask=kv_mask, other=0.0)
+    v = tl.load(_tile(v_ptr + b * stride_vb + kv_h * stride_vh, stride_vn, offs_n, offs_d), mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     if CAUSAL:   # the first query that sees key start_n is start_n - causal_offset
@@ -300,10 +299,9 @@ def flash_attention_dkdv_kernel(
         for start_m in range(lo, n_queries, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             q_mask = (offs_m[:, None] < n_queries) & (offs_d[None, :] < HEAD_DIM)
-            q = tl.load(q_base + offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
-            do = tl.load(do_base + offs_m.to(tl.int64)[:, None] * stride_dom + offs_d[None, :], mask=q_mask, other=0.0)
-            lse = tl.load(lse_ptr + rows + offs_m, mask=offs_m < n_queries, other=0.0) * 1.4426950408889634
-            delta = tl.load(delta_ptr + rows + offs_m, mask=offs_m < n_queries, other=0.0)
+            q = tl.load(_tile(q_base, stride_qm, offs_m, offs_d), mask=q_mask, other=0.0)
+            do = tl.load(_tile(do_base, stride_dom, offs_m, offs_d), mask=q_mask, other=0.0)
+            lse, delta = _row_stats(lse_ptr, delta_ptr, rows, offs_m, n_queries)
             s_t = tl.dot(k, tl.trans(q)) * qk_scale                 # S^T, (BLOCK_N, BLOCK_M), log2 units
             visible = (offs_m[None, :] < n_queries) & (offs_n[:, None] < n_keys)
             if CAUSAL:
@@ -313,9 +311,9 @@ def flash_attention_dkdv_kernel(
             dp_t = tl.dot(v, tl.trans(do))                           # dP^T = V dO^T
             ds_t = p_t * (dp_t - delta[None, :])                     # dS^T
             dk += tl.dot(ds_t.to(q.dtype), q)                        # dK += dS^T Q
-    tl.store(dk_ptr + b * stride_dkb + kv_h * stride_dkh + offs_n.to(tl.int64)[:, None] * stride_dkn + offs_d[None, :],
+    tl.store(_tile(dk_ptr + b * stride_dkb + kv_h * stride_dkh, stride_dkn, offs_n, offs_d),
              (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptr + b * stride_dvb + kv_h * stride_dvh + offs_n.to(tl.int64)[:, None] * stride_dvn + offs_d[None, :],
+    tl.store(_tile(dv_ptr + b * stride_dvb + kv_h * stride_dvh, stride_dvn, offs_n, offs_d),
              dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
 
@@ -332,21 +330,11 @@ def flash_attention_dq_kernel(
 
     Defined in chapter 04 (FlashAttention-2), section 4.6 The backward kernels.
     """
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // n_heads).to(tl.int64)
-    h = (bh % n_heads).to(tl.int64)
+    start_m, bh, b, h, offs_m, offs_d, q_mask = _row_block(n_heads, n_queries, BLOCK_M, BLOCK_D, HEAD_DIM)
+    q = tl.load(_tile(q_ptr + b * stride_qb + h * stride_qh, stride_qm, offs_m, offs_d), mask=q_mask, other=0.0)
+    do = tl.load(_tile(do_ptr + b * stride_dob + h * stride_doh, stride_dom, offs_m, offs_d), mask=q_mask, other=0.0)
+    lse, delta = _row_stats(lse_ptr, delta_ptr, bh.to(tl.int64) * n_queries, offs_m, n_queries)
     kv_h = h // group_size
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    q_mask = (offs_m[:, None] < n_queries) & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :],
-                mask=q_mask, other=0.0)
-    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m.to(tl.int64)[:, None] * stride_dom + offs_d[None, :],
-                 mask=q_mask, other=0.0)
-    rows = bh.to(tl.int64) * n_queries
-    lse = tl.load(lse_ptr + rows + offs_m, mask=offs_m < n_queries, other=0.0) * 1.4426950408889634
-    delta = tl.load(delta_ptr + rows + offs_m, mask=offs_m < n_queries, other=0.0)
     k_base = k_ptr + b * stride_kb + kv_h * stride_kh
     v_base = v_ptr + b * stride_vb + kv_h * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -357,8 +345,8 @@ def flash_attention_dq_kernel(
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_mask = (offs_n[:, None] < n_keys) & (offs_d[None, :] < HEAD_DIM)
-        k = tl.load(k_base + offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(_tile(k_base, stride_kn, offs_n, offs_d), mask=kv_mask, other=0.0)
+        v = tl.load(_tile(v_base, stride_vn, offs_n, offs_d), mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         visible = (offs_m[:, None] < n_queries) & (offs_n[None, :] < n_keys)
         if CAUSAL:
@@ -366,7 +354,7 @@ def flash_attention_dq_kernel(
         p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)  # recomputed P
         ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])         # dS = P * (dO V^T - D)
         dq += tl.dot(ds.to(k.dtype), k)                              # dQ += dS K
-    tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + offs_m.to(tl.int64)[:, None] * stride_dqm + offs_d[None, :],
+    tl.store(_tile(dq_ptr + b * stride_dqb + h * stride_dqh, stride_dqm, offs_m, offs_d),
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
 
 
@@ -460,9 +448,6 @@ def flash_decode_split_kernel(
                 + offs_d[None, :], mask=q_mask, other=0.0)
     k_base = k_ptr + b * stride_kb + kv_h * stride_kh
     v_base = v_ptr + b * stride_vb + kv_h * stride_vh
-    m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     lo = split * chunk                                           # chunk is a multiple of BLOCK_N
     hi = tl.minimum(lo + chunk, n_keys)
     if CAUSAL:   # keys <= causal_offset are visible to every query
@@ -470,17 +455,10 @@ def flash_decode_split_kernel(
     else:
         all_see = n_keys
     unmasked_end = lo + tl.maximum(tl.minimum(hi, all_see) - lo, 0) // BLOCK_N * BLOCK_N
-    acc, l_i, m_i = _attend_key_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, query, offs_d,
-                                       lo, unmasked_end, n_keys, causal_offset, qk_scale,
-                                       False, CAUSAL, BLOCK_N, HEAD_DIM)
-    acc, l_i, m_i = _attend_key_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, query, offs_d,
-                                       unmasked_end, hi, n_keys, causal_offset, qk_scale,
-                                       True, CAUSAL, BLOCK_N, HEAD_DIM)
-    has_keys = l_i > 0.0
-    l_safe = tl.where(has_keys, l_i, 1.0)
-    lse2 = tl.where(has_keys, m_i + tl.math.log2(l_safe), -float("inf"))   # L_s, log2 units
+    o_s, lse2 = _attend_range(q, k_base, v_base, stride_kn, stride_vn, query, offs_d, lo, unmasked_end, hi, n_keys,
+                              causal_offset, qk_scale, CAUSAL, BLOCK_M, BLOCK_D, BLOCK_N, HEAD_DIM)  # O_s, L_s
     out_row = ((b * n_heads + head) * n_queries + query) * n_splits + split
-    tl.store(o_part_ptr + out_row[:, None] * HEAD_DIM + offs_d[None, :], acc / l_safe[:, None], mask=q_mask)
+    tl.store(o_part_ptr + out_row[:, None] * HEAD_DIM + offs_d[None, :], o_s, mask=q_mask)
     tl.store(lse_part_ptr + out_row, lse2, mask=row_ok)
 
 

@@ -182,8 +182,7 @@ def check_matmul_config(config: dict) -> dict:
 
     Defined in chapter 03 (Tiling), section 3.6 The launcher: sizes, autotuning and checks.
     """
-    if not isinstance(config, dict):
-        raise TypeError(f"config must be a dict, got {type(config).__name__}")
+    validate.instance(config, "config", dict)
     required = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"}
     missing, unknown = required - set(config), set(config) - required - {"num_warps", "num_stages"}
     if missing or unknown:

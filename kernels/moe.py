@@ -158,18 +158,21 @@ def expert_offsets(counts: torch.Tensor, block_m: int) -> tuple[torch.Tensor, to
     return rows.int(), blocks.int()
 
 
+def _config_for(dtype: torch.dtype, float32: tuple[int, ...], half: tuple[int, ...]) -> tuple[int, ...]:
+    """A small config under the interpreter; compiled, the float32 or the 16-bit (bfloat16, float16) one."""
+    validate.choice(dtype, "dtype", GROUPED_DTYPES)
+    if runtime.MODE != "compiled":
+        return 16, 32, 32, 4, 1
+    return float32 if dtype == torch.float32 else half
+
+
 def grouped_config(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
     """Forward (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): small under the interpreter, Hopper-sized
     compiled (bfloat16 and float16 from benchmarks/sweep_moe.py on an H100).
 
     Defined in chapter 05 (Mixture-of-Experts), section 5.6 A grouped GEMM for the experts.
     """
-    validate.choice(dtype, "dtype", GROUPED_DTYPES)
-    if runtime.MODE != "compiled":
-        return 16, 32, 32, 4, 1
-    if dtype == torch.float32:
-        return 64, 64, 32, 4, 3
-    return 128, 256, 64, 8, 4
+    return _config_for(dtype, float32=(64, 64, 32, 4, 3), half=(128, 256, 64, 8, 4))
 
 
 def weight_grad_config(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
@@ -177,12 +180,7 @@ def weight_grad_config(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
 
     Defined in chapter 05 (Mixture-of-Experts), section 5.6 A grouped GEMM for the experts.
     """
-    validate.choice(dtype, "dtype", GROUPED_DTYPES)
-    if runtime.MODE != "compiled":
-        return 16, 32, 32, 4, 1
-    if dtype == torch.float32:
-        return 32, 64, 64, 4, 3
-    return 64, 128, 128, 4, 3
+    return _config_for(dtype, float32=(32, 64, 64, 4, 3), half=(64, 128, 128, 4, 3))
 
 
 def _interpreter_dtype(*tensors: torch.Tensor) -> list[torch.Tensor]:

@@ -17,7 +17,7 @@ Public names, by the section of chapter 02 that teaches them:
 import torch
 
 from kernels.runtime import check_launchable, tl, triton
-from kernels.softmax import as_rows, check_row_kernel_input
+from kernels.softmax import as_rows, check_row_kernel_input, run_on_rows
 
 ONLINE_BLOCK = 8192  # columns per loop step (benchmarks/sweep_online_softmax.py)
 
@@ -60,17 +60,11 @@ def online_softmax_triton(x: torch.Tensor, dim: int = -1, out: torch.Tensor | No
 
     Defined in chapter 02 (Online softmax), section 2.4 A two-pass kernel in Triton.
     """
-    dim = check_row_kernel_input(x, dim, out)
-    if dim != x.dim() - 1:  # move the softmax axis last, compute, move it back
-        y = online_softmax_triton(x.movedim(dim, -1)).movedim(-1, dim)
-        return y if out is None else out.copy_(y)
-    x2 = as_rows(x)
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
-    y2 = y.view(x2.shape)
-    block = min(ONLINE_BLOCK, triton.next_power_of_2(x2.shape[1]))
-    softmax_online_kernel[(x2.shape[0],)](x2, y2, x2.shape[1], x2.stride(0), y2.stride(0),
-                                          BLOCK=block, num_warps=16 if block >= 2048 else 4)
-    return y
+    def launch(x2: torch.Tensor, y2: torch.Tensor) -> None:
+        block = min(ONLINE_BLOCK, triton.next_power_of_2(x2.shape[1]))
+        softmax_online_kernel[(x2.shape[0],)](x2, y2, x2.shape[1], x2.stride(0), y2.stride(0),
+                                              BLOCK=block, num_warps=16 if block >= 2048 else 4)
+    return run_on_rows(x, dim, out, launch)
 
 
 @triton.jit

@@ -14,9 +14,12 @@ Public names, by the section of chapter 01 that teaches them:
     check_row_kernel_input: Validate the input (and optional ``out``) of a row-wise kernel; return ``dim`` >= 0.
     as_rows: x of shape (..., n) as a (rows, n) tensor with unit column stride; a view when possible.
     fused_launch_config: (BLOCK_M, BLOCK_N, num_warps) for the fused kernel on rows of ``n_cols`` elements.
+    run_on_rows: Check x and out, view x as rows (R, C) along dim, and call launch(x2, y2) to fill y's rows.
     softmax_triton: Softmax of ``x`` along ``dim`` with the Triton kernels (float32 accumulation).
 """
 
+
+from typing import Callable
 
 import torch
 
@@ -139,22 +142,29 @@ def fused_launch_config(n_cols: int) -> tuple[int, int, int]:
     return block_m, block_n, num_warps
 
 
-def softmax_triton(x: torch.Tensor, dim: int = -1, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Softmax of ``x`` along ``dim`` with the Triton kernels (float32 accumulation).
+def run_on_rows(x: torch.Tensor, dim: int, out: torch.Tensor | None,
+                launch: Callable[[torch.Tensor, torch.Tensor], None]) -> torch.Tensor:
+    """Check x and out, view x as rows (R, C) along dim, and call launch(x2, y2) to fill y's rows.
 
-    x: any shape, float16/bfloat16/float32, on CUDA (or on the CPU under Triton's
-    interpreter). out: optional contiguous tensor of x's shape and dtype.
-    Returns a tensor of x's shape and dtype.
+    Returns y of x's shape and dtype (out when given). A dim other than the last is moved last
+    and back, which copies.
 
     Defined in chapter 01 (Softmax), section 1.7 The launcher.
     """
+    if not callable(launch):
+        raise TypeError(f"launch must be a function of (x2, y2), got {type(launch).__name__}")
     dim = check_row_kernel_input(x, dim, out)
     if dim != x.dim() - 1:  # move the softmax axis last, compute, move it back
-        y = softmax_triton(x.movedim(dim, -1)).movedim(-1, dim)
+        y = run_on_rows(x.movedim(dim, -1), -1, None, launch).movedim(-1, dim)
         return y if out is None else out.copy_(y)
     x2 = as_rows(x)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
-    y2 = y.view(x2.shape)
+    launch(x2, y.view(x2.shape))
+    return y
+
+
+def _launch_softmax(x2: torch.Tensor, y2: torch.Tensor) -> None:
+    """The fused kernel for rows that fit one block, the looped one for longer rows; x2, y2: (R, C)."""
     n_rows, n_cols = x2.shape
     if n_cols <= FUSED_MAX_COLS:
         block_m, block_n, num_warps = fused_launch_config(n_cols)
@@ -164,4 +174,15 @@ def softmax_triton(x: torch.Tensor, dim: int = -1, out: torch.Tensor | None = No
     else:
         softmax_looped_kernel[(n_rows,)](
             x2, y2, n_cols, x2.stride(0), y2.stride(0), BLOCK=LONG_ROW_BLOCK, num_warps=32)
-    return y
+
+
+def softmax_triton(x: torch.Tensor, dim: int = -1, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax of ``x`` along ``dim`` with the Triton kernels (float32 accumulation).
+
+    x: any shape, float16/bfloat16/float32, on CUDA (or on the CPU under Triton's
+    interpreter). out: optional contiguous tensor of x's shape and dtype.
+    Returns a tensor of x's shape and dtype.
+
+    Defined in chapter 01 (Softmax), section 1.7 The launcher.
+    """
+    return run_on_rows(x, dim, out, _launch_softmax)

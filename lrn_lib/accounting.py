@@ -97,11 +97,9 @@ class PublishedRun:
     mfu: float
 
     def __post_init__(self):
-        if not isinstance(self.name, str):
-            raise TypeError(f"name must be a str, got {type(self.name).__name__}")
+        validate.instance(self.name, "name", str)
         validate.integer(self.gpus, "gpus", low=1)
-        if not isinstance(self.layout, Layout):
-            raise TypeError(f"layout must be a Layout, got {type(self.layout).__name__}")
+        validate.instance(self.layout, "layout", Layout)
         validate.number(self.tflops_per_gpu, "tflops_per_gpu", low=0, low_open=True)
         validate.number(self.mfu, "mfu", low=0, low_open=True, high=1)
 
@@ -141,8 +139,7 @@ def check_layout(cfg: LlamaConfig, layout: Layout) -> None:
     Defined in chapter 10 (PyTorch's engine and the 405B accounting), section 10.2 Where the 405B model's bytes and messages go.
     """
     check_config(cfg)
-    if not isinstance(layout, Layout):
-        raise TypeError(f"layout must be a Layout, got {type(layout).__name__}")
+    validate.instance(layout, "layout", Layout)
     if cfg.n_experts:
         raise ValueError(f"cfg.n_experts={cfg.n_experts}: this accounting covers dense models only")
     for name, size in (("n_heads", cfg.n_heads), ("n_kv_heads", cfg.n_kv_heads), ("ffn_dim", cfg.ffn_dim),
@@ -296,8 +293,7 @@ def flops_per_token(cfg: LlamaConfig, seq_len: int, attention: bool = False) -> 
     Defined in chapter 10 (PyTorch's engine and the 405B accounting), section 10.2 Where the 405B model's bytes and messages go.
     """
     validate.integer(seq_len, "seq_len", low=1)
-    if not isinstance(attention, bool):
-        raise TypeError(f"attention must be a bool, got {type(attention).__name__}")
+    validate.flag(attention, "attention")
     flops = training_flops(parameter_count(cfg), 1)
     if attention:
         flops += 6 * cfg.n_layers * cfg.dim * seq_len                              # (10.17)
@@ -310,8 +306,7 @@ def implied_step_seconds(cfg: LlamaConfig, run: PublishedRun, attention: bool = 
     Defined in chapter 10 (PyTorch's engine and the 405B accounting), section 10.2 Where the 405B model's bytes and messages go.
     """
     check_config(cfg)
-    if not isinstance(run, PublishedRun):
-        raise TypeError(f"run must be a PublishedRun, got {type(run).__name__}")
+    validate.instance(run, "run", PublishedRun)
     layout = run.layout
     flops = layout.tokens_per_step * flops_per_token(cfg, layout.seq_len, attention)
     return flops / (layout.gpus * run.tflops_per_gpu * 1e12)                      # (10.17)

@@ -38,30 +38,7 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
 
     Defined in chapter 04 (FlashAttention-2), section 4.1 Standard attention and its memory traffic.
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} has dtype {t.dtype}; attention needs a floating dtype")
-        if t.dim() != 4:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected 4 dims "
-                             "(batch, heads, sequence, head_dim)")
-        if t.numel() == 0:
-            raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
-    if k.shape != v.shape:
-        raise ValueError(f"k has shape {tuple(k.shape)} but v has {tuple(v.shape)}; they must match")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k, v have dtypes {q.dtype}, {k.dtype}, {v.dtype}; they must match")
-    if k.device != q.device or v.device != q.device:
-        raise ValueError(f"q, k, v are on {q.device}, {k.device}, {v.device}; they must share a device")
-    if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch and head_dim")
-    if q.shape[1] % k.shape[1] != 0:
-        raise ValueError(f"k/v have {k.shape[1]} heads, which does not divide q's {q.shape[1]} heads")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if scale is not None:
-        validate.number(scale, "scale", low=0, low_open=True)
+    validate.attention_inputs(q, k, v, causal, scale)
 
 
 def causal_visible(n_queries: int, n_keys: int, device: torch.device | None = None) -> torch.Tensor:
@@ -276,8 +253,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     from kernels.flash_attention import flash_decode
 
     check_attention_inputs(q, k, v, causal, scale)
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    validate.flag(return_lse, "return_lse")
     if kernel_can_run(q) and _decodes(q, k, v):
         o, lse = flash_decode(q, k, v, causal, scale)
     elif kernel_can_run(q):

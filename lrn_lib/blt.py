@@ -53,8 +53,7 @@ def use_sdpa(model: nn.Module) -> nn.Module:
 
     Defined in chapter 12 (The Byte Latent Transformer), section 12.4 The entropy model and entropy patching.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    validate.instance(model, "model", nn.Module)
     for module in model.modules():
         if isinstance(module, Attention):
             module.attend = sdpa_attention
@@ -81,8 +80,7 @@ def byte_entropies(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
     Defined in chapter 12 (The Byte Latent Transformer), section 12.4 The entropy model and entropy patching.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    validate.instance(model, "model", nn.Module)
     check_tokens(tokens)
     validate.tensor(tokens, "tokens", dims=2)
     return next_byte_entropies(model(tokens)[..., :N_BYTES])
@@ -184,12 +182,10 @@ def block_causal_mask(pids: torch.Tensor) -> torch.Tensor:
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """Raise unless q (B, H, Q, d) and k, v (B, H, K, d) are float tensors of one batch, head count and head size."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        validate.tensor(x, name, dims=4, kind="float")
-    validate.same_shape(k=k, v=v)
-    b, h, _, d = q.shape
-    if k.shape[0] != b or k.shape[1] != h or k.shape[3] != d:
-        raise ValueError(f"k and v have shape {tuple(k.shape)}, which does not fit q {tuple(q.shape)}")
+    validate.attention_inputs(q, k, v)
+    if k.shape[1] != q.shape[1]:
+        raise ValueError(f"k and v have shape {tuple(k.shape)}, which does not fit q {tuple(q.shape)}: "
+                         "masked attention takes one k/v head per query head")
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -217,8 +213,7 @@ class LocalBlock(TransformerBlock):
     """
 
     def __init__(self, cfg: LlamaConfig, window: int):
-        if not isinstance(cfg, LlamaConfig):
-            raise TypeError(f"cfg must be a LlamaConfig, got {type(cfg).__name__}")
+        validate.instance(cfg, "cfg", LlamaConfig)
         validate.integer(window, "window", low=1)
         super().__init__(cfg)
         self.window = window
@@ -318,8 +313,7 @@ class LocalEncoder(nn.Module):
 
     def __init__(self, cfg: BLTConfig):
         super().__init__()
-        if not isinstance(cfg, BLTConfig):
-            raise TypeError(f"cfg must be a BLTConfig, got {type(cfg).__name__}")
+        validate.instance(cfg, "cfg", BLTConfig)
         lc = cfg.llama(latent=False)
         self.embed = HashNgramEmbedding(cfg.local_dim, cfg.ngrams, cfg.hash_table_size)
         self.layers = nn.ModuleList(LocalBlock(lc, cfg.window) for _ in range(cfg.encoder_layers))
@@ -352,8 +346,7 @@ class LatentTransformer(nn.Module):
 
     def __init__(self, cfg: BLTConfig):
         super().__init__()
-        if not isinstance(cfg, BLTConfig):
-            raise TypeError(f"cfg must be a BLTConfig, got {type(cfg).__name__}")
+        validate.instance(cfg, "cfg", BLTConfig)
         gc = cfg.llama(latent=True)
         self.proj = nn.Linear(cfg.local_dim, cfg.latent_dim, bias=False)
         self.layers = use_sdpa(nn.ModuleList(TransformerBlock(gc) for _ in range(cfg.latent_layers)))
@@ -380,8 +373,7 @@ class LocalDecoder(nn.Module):
 
     def __init__(self, cfg: BLTConfig):
         super().__init__()
-        if not isinstance(cfg, BLTConfig):
-            raise TypeError(f"cfg must be a BLTConfig, got {type(cfg).__name__}")
+        validate.instance(cfg, "cfg", BLTConfig)
         lc = cfg.llama(latent=False)
         self.lag = cfg.lag
         self.cross = nn.ModuleList(CrossAttention(cfg.local_dim, cfg.latent_dim, cfg.local_heads)
@@ -418,8 +410,7 @@ class BLT(nn.Module):
 
     def __init__(self, cfg: BLTConfig):
         super().__init__()
-        if not isinstance(cfg, BLTConfig):
-            raise TypeError(f"cfg must be a BLTConfig, got {type(cfg).__name__}")
+        validate.instance(cfg, "cfg", BLTConfig)
         self.cfg = cfg
         self.encoder = LocalEncoder(cfg)
         self.latent = LatentTransformer(cfg)
@@ -478,8 +469,7 @@ def llama_flops_per_token(cfg: LlamaConfig, context: int) -> float:
 
     Defined in chapter 12 (The Byte Latent Transformer), section 12.7 BLT, a BPE transformer and a byte transformer at matched FLOPs.
     """
-    if not isinstance(cfg, LlamaConfig):
-        raise TypeError(f"cfg must be a LlamaConfig, got {type(cfg).__name__}")
+    validate.instance(cfg, "cfg", LlamaConfig)
     validate.integer(context, "context", low=1)
     per_block = block_flops(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim, (context + 1) / 2)
     return cfg.n_layers * per_block + 2 * cfg.dim * cfg.vocab_size
@@ -492,8 +482,7 @@ def blt_flops_per_byte(cfg: BLTConfig, patch_size: float, context: int) -> dict[
 
     Defined in chapter 12 (The Byte Latent Transformer), section 12.7 BLT, a BPE transformer and a byte transformer at matched FLOPs.
     """
-    if not isinstance(cfg, BLTConfig):
-        raise TypeError(f"cfg must be a BLTConfig, got {type(cfg).__name__}")
+    validate.instance(cfg, "cfg", BLTConfig)
     validate.number(patch_size, "patch_size", low=1)
     validate.integer(context, "context", low=1)
     lc, gc = cfg.llama(latent=False), cfg.llama(latent=True)

@@ -17,6 +17,8 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from lrn_lib import validate
+
 T = TypeVar("T")
 
 _KNOWN_DEVICES = ("cpu", "cuda", "mps")
@@ -64,3 +66,20 @@ def describe() -> str:
     """One line naming the device and profile, for the top of each chapter."""
     name = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else DEVICE.type
     return f"device: {name} | profile: {PROFILE} | torch {torch.__version__}"
+
+
+def start_chapter(threads: int | None = None, kernels: bool = True) -> None:
+    """What every chapter opens with: seed everything with 0, print tensors to 4 decimals, use
+    `threads` CPU threads (None: torch's default), then print the device and profile and (kernels)
+    how the Triton kernels run, saying once when the PyTorch references stand in for them."""
+    if threads is not None:
+        torch.set_num_threads(validate.integer(threads, "threads", low=1))
+    seed_everything(0)
+    torch.set_printoptions(precision=4, sci_mode=False)
+    print(describe())
+    if kernels:
+        from kernels import runtime   # here, not at the top: kernels.runtime imports this module
+
+        print("Triton kernels run:", runtime.MODE)
+        if runtime.MODE == "unavailable":
+            runtime.note_fallback()

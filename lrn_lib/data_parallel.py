@@ -117,8 +117,7 @@ def all_reduce_gradients(module: nn.Module, group: dist.ProcessGroup | None = No
 
     Defined in chapter 09 (Pipeline and data parallelism, and all four at once), section 9.2 Data parallelism and FSDP.
     """
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    validate.instance(module, "module", nn.Module)
     check_group(group)
     validate.integer(bucket_bytes, "bucket_bytes", low=1)
     params = [p for p in module.parameters() if p.requires_grad]
@@ -200,8 +199,7 @@ def _check_shard_options(group: dist.ProcessGroup | None, stats: GatherStats | N
     check_group(group)
     if stats is not None and not isinstance(stats, GatherStats):
         raise TypeError(f"stats must be a GatherStats or None, got {type(stats).__name__}")
-    if not isinstance(reshard_after_forward, bool):
-        raise TypeError(f"reshard_after_forward must be a bool, got {type(reshard_after_forward).__name__}")
+    validate.flag(reshard_after_forward, "reshard_after_forward")
 
 
 class ShardedUnit(nn.Module):
@@ -218,8 +216,7 @@ class ShardedUnit(nn.Module):
     def __init__(self, module: nn.Module, group: dist.ProcessGroup | None = None,
                  stats: GatherStats | None = None, reshard_after_forward: bool = True):
         super().__init__()
-        if not isinstance(module, nn.Module):
-            raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+        validate.instance(module, "module", nn.Module)
         _check_shard_options(group, stats, reshard_after_forward)
         named = list(module.named_parameters())
         if not named:
@@ -332,8 +329,7 @@ def gather_full_state(model: nn.Module, grad: bool = False) -> dict[str, torch.T
 
     Defined in chapter 09 (Pipeline and data parallelism, and all four at once), section 9.2 Data parallelism and FSDP.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    validate.instance(model, "model", nn.Module)
     state = {}
     for path, unit in model.named_modules():
         if isinstance(unit, ShardedUnit):
@@ -352,10 +348,8 @@ def persistent_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict
 
     Defined in chapter 09 (Pipeline and data parallelism, and all four at once), section 9.2 Data parallelism and FSDP.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    validate.instance(model, "model", nn.Module)
+    validate.instance(optimizer, "optimizer", torch.optim.Optimizer)
 
     def nbytes(tensors) -> int:
         return sum(_local(t).numel() * _local(t).element_size() for t in tensors)

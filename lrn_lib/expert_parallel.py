@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from lrn_lib import validate
-from lrn_lib.moe import MoELayer, Routing, expert_ffn, sort_by_expert
+from lrn_lib.moe import MoELayer, Routing, expert_ffn, sort_by_expert, token_rows
 from lrn_lib.spawn import spawn
 
 
@@ -65,8 +65,7 @@ class ExpertParallelMoE(nn.Module):
         super().__init__()
         import copy
 
-        if not isinstance(layer, MoELayer):
-            raise TypeError(f"layer must be a MoELayer, got {type(layer).__name__}")
+        validate.instance(layer, "layer", MoELayer)
         if layer.capacity_factor is not None:
             raise ValueError(f"layer has capacity_factor {layer.capacity_factor}: the expert-parallel layer takes no "
                              "capacity limit (it would depend on the rank split)")
@@ -85,10 +84,7 @@ class ExpertParallelMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., d) -> (..., d)."""
-        if validate.tensor(x, "x", kind="float").dim() == 0 or x.shape[-1] != self.w_in.shape[1]:
-            raise ValueError(f"x must have shape (..., {self.w_in.shape[1]}), got {tuple(x.shape)}")
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
+        x, shape = token_rows(x, self.w_in.shape[1]), x.shape   # tokens as rows (T, d)
         r = self.last = self.router(x)
         token, column, _, counts = sort_by_expert(r.indices, r.keep, self.n_experts)   # step 1
         received_counts = torch.empty_like(counts)

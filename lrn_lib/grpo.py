@@ -88,8 +88,7 @@ def completion_logprobs(model: nn.Module, prompt_ids: torch.Tensor, completion_i
 
     Defined in chapter 11 (GRPO: Group Relative Policy Optimization), section 11.2 The pieces of the loss, and where they go wrong.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    validate.instance(model, "model", nn.Module)
     vocab = getattr(getattr(model, "cfg", None), "vocab_size", None)
     for name, t in (("prompt_ids", prompt_ids), ("completion_ids", completion_ids)):
         if vocab is None:
@@ -241,8 +240,7 @@ class ArithmeticTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of text; special tokens are written as '<eos>', '<think>', '</think>'."""
-        if not isinstance(text, str):
-            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        validate.instance(text, "text", str)
         out = []
         for piece in self._split.split(text):
             if piece in self.ids and piece in self.specials:
@@ -373,8 +371,7 @@ def rollout(model: Llama, prompt_ids: torch.Tensor, group_size: int, max_new_tok
 
     Defined in chapter 11 (GRPO: Group Relative Policy Optimization), section 11.5 Rollouts with the KV cache, and the trainer.
     """
-    if not isinstance(model, Llama):
-        raise TypeError(f"model must be a Llama, got {type(model).__name__}")
+    validate.instance(model, "model", Llama)
     validate.ids(prompt_ids, "prompt_ids", model.cfg.vocab_size, dims=2)
     validate.integer(group_size, "group_size", low=1)
     validate.integer(max_new_tokens, "max_new_tokens", low=1)
@@ -426,8 +423,7 @@ class GRPOConfig:
         validate.number(self.temperature, "temperature", low=0, low_open=True)   # training samples, never greedy
         _check_clip_range(self.epsilon_low, self.epsilon_high)
         validate.number(self.beta, "beta", low=0)
-        if not isinstance(self.scale_rewards, bool):
-            raise TypeError(f"scale_rewards must be a bool, got {type(self.scale_rewards).__name__}")
+        validate.flag(self.scale_rewards, "scale_rewards")
         validate.number(self.max_grad_norm, "max_grad_norm", low=0, low_open=True)
 
 
@@ -447,10 +443,8 @@ class GRPOTrainer:
     def __init__(self, policy: Llama, tokenizer: ArithmeticTokenizer, rewards: dict[str, tuple[RewardFn, float]],
                  optimizer: torch.optim.Optimizer, cfg: GRPOConfig,
                  prompt_fn: Callable[[tuple[int, int, int]], str] = prompt_text) -> None:
-        if not isinstance(policy, Llama):
-            raise TypeError(f"policy must be a Llama, got {type(policy).__name__}")
-        if not isinstance(tokenizer, ArithmeticTokenizer):
-            raise TypeError(f"tokenizer must be an ArithmeticTokenizer, got {type(tokenizer).__name__}")
+        validate.instance(policy, "policy", Llama)
+        validate.instance(tokenizer, "tokenizer", ArithmeticTokenizer)
         if tokenizer.vocab_size > policy.cfg.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the policy only {policy.cfg.vocab_size}")
         if not isinstance(rewards, dict):
@@ -461,10 +455,8 @@ class GRPOTrainer:
             if not (isinstance(entry, tuple) and len(entry) == 2 and callable(entry[0])):
                 raise TypeError(f"rewards[{name!r}] must be a (function, weight) pair, got {entry!r}")
             validate.number(entry[1], f"rewards[{name!r}] weight")
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if not isinstance(cfg, GRPOConfig):
-            raise TypeError(f"cfg must be a GRPOConfig, got {type(cfg).__name__}")
+        validate.instance(optimizer, "optimizer", torch.optim.Optimizer)
+        validate.instance(cfg, "cfg", GRPOConfig)
         if not callable(prompt_fn):
             raise TypeError(f"prompt_fn must be callable, got {type(prompt_fn).__name__}")
         self.policy, self.tokenizer, self.rewards, self.optimizer, self.cfg = policy, tokenizer, rewards, optimizer, cfg
@@ -541,8 +533,7 @@ def evaluate(trainer: GRPOTrainer, problems: Sequence[tuple[int, int, int]], tem
 
     Defined in chapter 11 (GRPO: Group Relative Policy Optimization), section 11.5 Rollouts with the KV cache, and the trainer.
     """
-    if not isinstance(trainer, GRPOTrainer):
-        raise TypeError(f"trainer must be a GRPOTrainer, got {type(trainer).__name__}")
+    validate.instance(trainer, "trainer", GRPOTrainer)
     validate.nonempty(problems, "problems")
     validate.number(temperature, "temperature", low=0)
     validate.integer(batch, "batch", low=1)

@@ -128,8 +128,7 @@ class MaskPredictor(nn.Module):
 
     def __init__(self, cfg: LlamaConfig, mask_id: int):
         super().__init__()
-        if not isinstance(cfg, LlamaConfig):
-            raise TypeError(f"cfg must be a LlamaConfig, got {type(cfg).__name__}")
+        validate.instance(cfg, "cfg", LlamaConfig)
         validate.integer(mask_id, "mask_id", low=0, high=cfg.vocab_size - 1)
         self.cfg, self.mask_id = cfg, mask_id
         self.net = Llama(cfg)
@@ -298,8 +297,7 @@ def mc_log_likelihood(model: Model, prompt: torch.Tensor, response: torch.Tensor
     Defined in chapter 13 (LLaDA: masked diffusion language models), section 13.3 An exact test on a distribution we can enumerate.
     """
     _check_pair(model, prompt, response, mask_id, n_samples, generator)
-    if not isinstance(stratified, bool):
-        raise TypeError(f"stratified must be a bool, got {type(stratified).__name__}")
+    validate.flag(stratified, "stratified")
     L = response.numel()
     u = torch.rand(n_samples, generator=generator, dtype=torch.float64)
     if stratified:

@@ -36,8 +36,7 @@ def check_mesh_shape(shape: "MeshShape", world: int) -> None:
 
     Defined in chapter 07 (Processes, the mesh and tensor parallelism), section 7.1 Processes, ranks and the 4D mesh.
     """
-    if not isinstance(shape, MeshShape):
-        raise TypeError(f"shape must be a MeshShape, got {type(shape).__name__}")
+    validate.instance(shape, "shape", MeshShape)
     if shape.world != world:
         raise ValueError(f"shape {shape} needs {shape.world} ranks, but world={world}")
 
@@ -107,8 +106,7 @@ class Mesh:
     """
 
     def __init__(self, shape: MeshShape):
-        if not isinstance(shape, MeshShape):
-            raise TypeError(f"shape must be a MeshShape, got {type(shape).__name__}")
+        validate.instance(shape, "shape", MeshShape)
         if dist.get_world_size() != shape.world:
             raise ValueError(f"the mesh {shape} needs {shape.world} ranks but the world has {dist.get_world_size()}")
         self.shape = shape

@@ -34,6 +34,7 @@ Public names, by the section of chapter 05 that teaches them:
     grouped_mm: Rows of x sorted by expert, times their expert's matrix: x (M, K), w (E, K, N), counts (E,) -> (M, N).
     sort_by_expert: Kept assignments sorted by expert: indices, keep (T, k) -> (token ids (A,), choice column (A,),
     expert_ffn: Each expert's GELU FFN on its rows: x (A, d) sorted by expert, w_in (E, d, f), w_out (E, f, d) -> (A, d).
+    token_rows: x (..., dim) floating -> its tokens as rows (T, dim); ValueError naming x for any other shape.
     MoELayer: Sparse MoE FFN (5.1): router, top-k, capacity, routed experts and optional shared experts.
 
 5.8 A small MoE language model on English and Python
@@ -454,6 +455,16 @@ def expert_ffn(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, counts:
     return grouped_mm(F.gelu(grouped_mm(x, w_in, counts, use_kernel)), w_out, counts, use_kernel)
 
 
+def token_rows(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """x (..., dim) floating -> its tokens as rows (T, dim); ValueError naming x for any other shape.
+
+    Defined in chapter 05 (Mixture-of-Experts), section 5.5 The MoE layer.
+    """
+    if validate.tensor(x, "x", kind="float").dim() == 0 or x.shape[-1] != dim:
+        raise ValueError(f"x must have shape (..., {dim}), got {tuple(x.shape)}")
+    return x.reshape(-1, dim)
+
+
 class MoELayer(nn.Module):
     """Sparse MoE FFN (5.1): router, top-k, capacity, routed experts and optional shared experts.
 
@@ -491,10 +502,7 @@ class MoELayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., d) -> (..., d)."""
-        if validate.tensor(x, "x", kind="float").dim() == 0 or x.shape[-1] != self.w_in.shape[1]:
-            raise ValueError(f"x must have shape (..., {self.w_in.shape[1]}), got {tuple(x.shape)}")
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
+        x, shape = token_rows(x, self.w_in.shape[1]), x.shape   # tokens as rows (T, d)
         r = self.last = self.route(x)
         token, column, expert, counts = sort_by_expert(r.indices, r.keep, self.n_experts)
         out = expert_ffn(x[token], self.w_in, self.w_out, counts, self.use_kernel)

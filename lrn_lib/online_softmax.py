@@ -15,8 +15,7 @@ Public names, by the section of chapter 02 that teaches them:
 
 2.6 The backward pass
     softmax_backward_reference: dx = y * (dy - sum(dy * y, dim)), equation (2.4); y, dy and dx share one shape.
-    TritonSoftmax: Softmax whose forward and backward passes run the Triton kernels of chapters 1 and 2.
-    ReferenceSoftmax: The same autograd wrapper around :func:`lrn_lib.softmax.safe_softmax` and equation (2.4).
+    softmax_function: A ``torch.autograd.Function`` named name: y = forward(x, dim) saves y, and dx = backward(y, dy, dim) (2.4).
 """
 
 
@@ -128,6 +127,8 @@ def online_softmax_reference(x: torch.Tensor, dim: int = -1, block: int = 256) -
     return y.to(x.dtype).movedim(-1, dim)                  # pass 2: normalize
 
 
+from typing import Callable
+
 from kernels.online_softmax import softmax_backward_triton
 from kernels.softmax import softmax_triton
 
@@ -143,46 +144,39 @@ def softmax_backward_reference(y: torch.Tensor, dy: torch.Tensor, dim: int = -1)
     return y * (dy - (dy * y).sum(dim=dim, keepdim=True))
 
 
-class TritonSoftmax(torch.autograd.Function):
-    """Softmax whose forward and backward passes run the Triton kernels of chapters 1 and 2.
+def softmax_function(name: str, forward: Callable[[torch.Tensor, int], torch.Tensor],
+                     backward: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
+                     doc: str) -> type[torch.autograd.Function]:
+    """A ``torch.autograd.Function`` named name: y = forward(x, dim) saves y, and dx = backward(y, dy, dim) (2.4).
 
-    Use ``TritonSoftmax.apply(x, dim)``; x: float16/bfloat16/float32 on CUDA (or CPU
-    under the interpreter).
+    The returned class is used as ``Cls.apply(x, dim)``; y, dy and dx share x's shape.
 
     Defined in chapter 02 (Online softmax), section 2.6 The backward pass.
     """
+    validate.instance(name, "name", str)
+    for arg, fn in (("forward", forward), ("backward", backward)):
+        if not callable(fn):
+            raise TypeError(f"{arg} must be a function, got {type(fn).__name__}")
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-        """y = softmax(x) along dim; y is saved for the backward pass."""
-        y = softmax_triton(x, dim)
+    def forward_pass(ctx, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        y = forward(x, dim)
         ctx.save_for_backward(y)
         ctx.dim = dim
         return y
 
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        """dx by equation (2.4); None for dim."""
+    def backward_pass(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, None]:
         (y,) = ctx.saved_tensors
-        return softmax_backward_triton(y, dy.contiguous(), ctx.dim), None
+        return backward(y, dy.contiguous(), ctx.dim), None  # None: dim takes no gradient
+
+    return type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(forward_pass), "backward": staticmethod(backward_pass),
+        "__doc__": doc, "__module__": __name__})
 
 
-class ReferenceSoftmax(torch.autograd.Function):
-    """The same autograd wrapper around :func:`lrn_lib.softmax.safe_softmax` and equation (2.4).
-
-    Defined in chapter 02 (Online softmax), section 2.6 The backward pass.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-        """y = safe_softmax(x) along dim; y is saved for the backward pass."""
-        y = safe_softmax(x, dim)
-        ctx.save_for_backward(y)
-        ctx.dim = dim
-        return y
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        """dx by equation (2.4); None for dim."""
-        (y,) = ctx.saved_tensors
-        return softmax_backward_reference(y, dy, ctx.dim), None
+TritonSoftmax = softmax_function(
+    "TritonSoftmax", softmax_triton, softmax_backward_triton,
+    "Softmax whose forward and backward passes run the Triton kernels of chapters 1 and 2; x: float16/bfloat16/"
+    "float32 on CUDA (or CPU under the interpreter).")
+ReferenceSoftmax = softmax_function(
+    "ReferenceSoftmax", safe_softmax, softmax_backward_reference,
+    "The same autograd wrapper around lrn_lib.softmax.safe_softmax and equation (2.4).")

@@ -73,8 +73,7 @@ def bytes_to_tensor(data: bytes, bos: bool = False) -> torch.Tensor:
     """
     if not isinstance(data, (bytes, bytearray)):
         raise TypeError(f"data must be bytes, got {type(data).__name__}")
-    if not isinstance(bos, bool):
-        raise TypeError(f"bos must be a bool, got {type(bos).__name__}")
+    validate.flag(bos, "bos")
     values = ([BOS] if bos else []) + list(data)
     return torch.tensor(values, dtype=torch.int64)
 
@@ -326,8 +325,7 @@ def bpe_patch_starts(tokens: torch.Tensor, tokenizer: BPETokenizer) -> torch.Ten
     check_tokens(tokens)
     if tokens.dim() != 1:
         raise ValueError(f"tokens must be one sequence (T,), got shape {tuple(tokens.shape)}")
-    if not isinstance(tokenizer, BPETokenizer):
-        raise TypeError(f"tokenizer must be a BPETokenizer, got {type(tokenizer).__name__}")
+    validate.instance(tokenizer, "tokenizer", BPETokenizer)
     body = tokens[1:].tolist()
     if any(b >= N_BYTES for b in body):
         raise ValueError("tokens[1:] must be bytes (ids < 256)")

@@ -73,8 +73,7 @@ class LlamaStage(nn.Module):
 
     def __init__(self, model: Llama, layers: range, first: bool, last: bool):
         super().__init__()
-        if not isinstance(model, Llama):
-            raise TypeError(f"model must be a Llama, got {type(model).__name__}")
+        validate.instance(model, "model", Llama)
         if not isinstance(layers, range):
             raise TypeError(f"layers must be a range of layer indices, got {type(layers).__name__}")
         if not isinstance(first, bool) or not isinstance(last, bool):
@@ -112,8 +111,7 @@ def build_stage(model: Llama, stage: int, num_stages: int, lighter_ends: bool = 
 
     Defined in chapter 09 (Pipeline and data parallelism, and all four at once), section 9.1 Pipeline parallelism.
     """
-    if not isinstance(model, Llama):
-        raise TypeError(f"model must be a Llama, got {type(model).__name__}")
+    validate.instance(model, "model", Llama)
     validate.integer(num_stages, "num_stages", low=1)
     validate.integer(stage, "stage", low=0, high=num_stages - 1)
     layers = partition_layers(len(model.layers), num_stages, lighter_ends)[stage]
@@ -319,8 +317,7 @@ def run_pipeline(module: nn.Module, schedule: str, num_microbatches: int, activa
 
     Defined in chapter 09 (Pipeline and data parallelism, and all four at once), section 9.1 Pipeline parallelism.
     """
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    validate.instance(module, "module", nn.Module)
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}")
     validate.integer(num_microbatches, "num_microbatches", low=1)

@@ -30,7 +30,7 @@ from torch import nn
 
 from lrn_lib import validate
 from lrn_lib.llama import FeedForward, RMSNorm
-from lrn_lib.seem_encoders import ImageEncoder, SeemConfig, TextEncoder, VisualSampler, _check_config, position_grid
+from lrn_lib.seem_encoders import ImageEncoder, SeemConfig, TextEncoder, VisualSampler, position_grid
 from lrn_lib.shapes import CLASSES, TEXT_VOCAB, encode_text
 
 OBJECT, QUERY, VISUAL, TEXT, MEMORY = range(5)           # kinds of members of the decoder's sequence
@@ -149,8 +149,7 @@ class MaskedAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
         """See the class docstring."""
-        if not isinstance(mask, AttentionMask):
-            raise TypeError(f"mask must be an AttentionMask, got {type(mask).__name__}")
+        validate.instance(mask, "mask", AttentionMask)
         for name, x in (("q", q), ("k", k), ("v", v)):
             validate.tensor(x, name, dims=3, kind="float", nonempty=False)
         if q.shape[-1] != self.q_proj.in_features or k.shape[::2] != (q.shape[0], q.shape[-1]) or v.shape != k.shape:
@@ -272,7 +271,7 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, cfg: SeemConfig):
         super().__init__()
-        _check_config(cfg)
+        validate.instance(cfg, "cfg", SeemConfig)
         self.cross = MaskedAttention(cfg.dim, cfg.n_heads)
         self.self_attn = MaskedAttention(cfg.dim, cfg.n_heads)
         self.ffn = FeedForward(cfg.dim, cfg.ffn_dim)
@@ -305,7 +304,7 @@ class SeemDecoder(nn.Module):
 
     def __init__(self, cfg: SeemConfig):
         super().__init__()
-        _check_config(cfg)
+        validate.instance(cfg, "cfg", SeemConfig)
         self.cfg = cfg
         d = cfg.dim
         self.object_query = nn.Parameter(torch.randn(cfg.n_object_queries, d) * 0.02)
@@ -393,7 +392,7 @@ class SEEM(nn.Module):
 
     def __init__(self, cfg: SeemConfig):
         super().__init__()
-        _check_config(cfg)
+        validate.instance(cfg, "cfg", SeemConfig)
         self.cfg = cfg
         self.image_encoder = ImageEncoder(cfg)
         self.text_encoder = TextEncoder(cfg)
@@ -413,8 +412,7 @@ class SEEM(nn.Module):
 
     def prompt_tokens(self, pixels: torch.Tensor, prompts: Prompts, generator: torch.Generator | None = None) -> PromptTokens:
         """Visual tokens (14.7) from the sampler and text tokens from the text encoder, per prompt."""
-        if not isinstance(prompts, Prompts):
-            raise TypeError(f"prompts must be a Prompts, got {type(prompts).__name__}")
+        validate.instance(prompts, "prompts", Prompts)
         b, p = prompts.positive.shape[:2]
         vis, vis_pos, vis_valid = self.sampler(pixels, prompts.positive, prompts.negative, generator)
         t = prompts.text.shape[2]

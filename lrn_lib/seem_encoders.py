@@ -34,22 +34,29 @@ from lrn_lib.shapes import TEXT_VOCAB
 class SeemConfig:
     """Shapes of the small SEEM: image side, width D, heads, decoder layers, queries and prompt tokens.
 
-    n_points: points the visual sampler reads per positive and per negative prompt mask (2 n_points tokens);
-    n_memory: memory tokens per prompt when a previous mask is given; text_len: text prompt length T.
-
     Defined in chapter 14 (SEEM, part 1: the world, the prompts, the metrics and the model), section 14.4 The encoders.
     """
 
     image_size: int = 64
+    """side of the square image in pixels (a multiple of the backbone's stride 16)"""
     dim: int = 64
+    """width D of every token"""
     n_heads: int = 4
+    """attention heads in the decoder"""
     n_layers: int = 3
+    """decoder layers"""
     n_object_queries: int = 8
+    """learnable object queries, one candidate mask each"""
     n_points: int = 8
+    """points the visual sampler reads per positive and per negative prompt mask (2 n_points tokens)"""
     n_memory: int = 4
+    """memory tokens per prompt when a previous mask is given"""
     text_len: int = 3
+    """text prompt length T"""
     stem_dim: int = 32
+    """channels of the backbone's stem (a multiple of 8, for group norm)"""
     ffn_dim: int = 128
+    """hidden width of the feed-forward layers (decoder and text encoder)"""
 
     def __post_init__(self):
         for name in ("image_size", "dim", "n_heads", "n_layers", "n_object_queries", "n_points", "n_memory",
@@ -62,12 +69,6 @@ class SeemConfig:
                              "with an even head dimension")
         if self.stem_dim % 8:
             raise ValueError(f"stem_dim must be a multiple of 8 (group norm), got {self.stem_dim}")
-
-
-def _check_config(cfg: SeemConfig) -> None:
-    """Raise TypeError unless cfg is a SeemConfig."""
-    if not isinstance(cfg, SeemConfig):
-        raise TypeError(f"cfg must be a SeemConfig, got {type(cfg).__name__}")
 
 
 def sine_encoding(coords: torch.Tensor, dim: int, max_frequency: float = 16.0) -> torch.Tensor:
@@ -119,7 +120,7 @@ class ImageEncoder(nn.Module):
 
     def __init__(self, cfg: SeemConfig):
         super().__init__()
-        _check_config(cfg)
+        validate.instance(cfg, "cfg", SeemConfig)
         c, d = cfg.stem_dim, cfg.dim
         self.stem = nn.Sequential(_conv(5, c, 2), _conv(c, c))              # stride 2; RGB + (y, x) channels
         self.down = nn.ModuleList([nn.Sequential(_conv(c, d, 2), _conv(d, d)),    # stride 4
@@ -161,7 +162,7 @@ class TextEncoder(nn.Module):
 
     def __init__(self, cfg: SeemConfig, n_layers: int = 1):
         super().__init__()
-        _check_config(cfg)
+        validate.instance(cfg, "cfg", SeemConfig)
         validate.integer(n_layers, "n_layers", low=1)
         self.llama_cfg = LlamaConfig(vocab_size=len(TEXT_VOCAB), dim=cfg.dim, n_layers=n_layers, n_heads=cfg.n_heads,
                                      n_kv_heads=cfg.n_heads, ffn_dim=cfg.ffn_dim, rope_theta=10000.0,
@@ -248,7 +249,7 @@ class VisualSampler(nn.Module):
 
     def __init__(self, cfg: SeemConfig):
         super().__init__()
-        _check_config(cfg)
+        validate.instance(cfg, "cfg", SeemConfig)
         self.k = cfg.n_points
         self.proj = nn.Linear(cfg.dim, cfg.dim)
         self.polarity = nn.Embedding(2, cfg.dim)                      # e_+ (row 0) and e_- (row 1)

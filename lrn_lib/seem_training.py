@@ -98,8 +98,7 @@ def matching_cost(class_logits: torch.Tensor, mask_logits: torch.Tensor, classes
                          "mask_logits and masks the same X")
     if classes.numel():
         validate.ids(classes, "classes", class_logits.shape[-1] - 1)
-    if not isinstance(weights, LossWeights):
-        raise TypeError(f"weights must be a LossWeights, got {type(weights).__name__}")
+    validate.instance(weights, "weights", LossWeights)
     t = masks.to(mask_logits.dtype)
     prob = mask_logits.sigmoid()
     overlap = prob @ t.transpose(-1, -2)                                                     # (..., Q, N)
@@ -148,10 +147,8 @@ def seem_loss(out: SeemOutput, object_classes: list[torch.Tensor], object_masks:
 
     Defined in chapter 15 (SEEM, part 2: training, evaluation and the interactive loop), section 15.1 Matching and losses.
     """
-    if not isinstance(out, SeemOutput):
-        raise TypeError(f"out must be a SeemOutput, got {type(out).__name__}")
-    if not isinstance(weights, LossWeights):
-        raise TypeError(f"weights must be a LossWeights, got {type(weights).__name__}")
+    validate.instance(out, "out", SeemOutput)
+    validate.instance(weights, "weights", LossWeights)
     b, q = out.class_logits[0].shape[0], out.n_object
     n_classes = out.class_logits[0].shape[-1] - 1
     _check_segments(object_masks, object_classes, "object", disjoint=False)
@@ -303,14 +300,12 @@ def corrective_prompts(prompts: Prompts, predicted: torch.Tensor, targets: torch
 
     Defined in chapter 15 (SEEM, part 2: training, evaluation and the interactive loop), section 15.2 Training on a CPU.
     """
-    if not isinstance(prompts, Prompts):
-        raise TypeError(f"prompts must be a Prompts, got {type(prompts).__name__}")
+    validate.instance(prompts, "prompts", Prompts)
     validate.tensor(predicted, "predicted", dims=4, dtype=torch.bool, nonempty=False)
     validate.tensor(targets, "targets", dims=4, dtype=torch.bool, nonempty=False)
     if predicted.shape != prompts.positive.shape or targets.shape != prompts.positive.shape:
         raise ValueError(f"predicted and targets must have shape {tuple(prompts.positive.shape)}")
-    if not isinstance(memory, bool):
-        raise TypeError(f"memory must be a bool, got {type(memory).__name__}")
+    validate.flag(memory, "memory")
     validate.integer(radius, "radius", low=0)
     positive, negative = prompts.positive.clone(), prompts.negative.clone()
     size = positive.shape[-1]

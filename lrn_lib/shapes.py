@@ -154,8 +154,7 @@ def make_scene(generator: torch.Generator, size: int = 64, min_objects: int = 2,
     validate.integer(min_objects, "min_objects", low=1)
     validate.integer(max_objects, "max_objects", low=min_objects, high=len(CLASSES) * len(COLOR_NAMES))
     validate.number(noise, "noise", low=0)
-    if not isinstance(clutter, bool):
-        raise TypeError(f"clutter must be a bool, got {type(clutter).__name__}")
+    validate.flag(clutter, "clutter")
     validate.integer(min_pixels, "min_pixels", low=1)
     for name, value in (("same_color", same_color), ("texture", texture), ("jitter", jitter)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:

@@ -126,11 +126,9 @@ class ColumnParallelLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, group: "dist.ProcessGroup | None" = None, copy_input: bool = True):
         super().__init__()
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        validate.instance(linear, "linear", nn.Linear)
         check_group(group)
-        if not isinstance(copy_input, bool):
-            raise TypeError(f"copy_input must be a bool, got {type(copy_input).__name__}")
+        validate.flag(copy_input, "copy_input")
         self.group, self.copy_input = group, copy_input
         self.start, self.stop = shard_bounds(linear.out_features, dist.get_rank(group), dist.get_world_size(group))
         self.weight = nn.Parameter(self.full_slice(linear.weight.detach(), "weight").clone())
@@ -160,8 +158,7 @@ class RowParallelLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, group: "dist.ProcessGroup | None" = None):
         super().__init__()
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        validate.instance(linear, "linear", nn.Linear)
         check_group(group)
         self.group = group
         self.start, self.stop = shard_bounds(linear.in_features, dist.get_rank(group), dist.get_world_size(group))
@@ -190,8 +187,7 @@ class VocabParallelEmbedding(nn.Module):
 
     def __init__(self, embedding: nn.Embedding, group: "dist.ProcessGroup | None" = None):
         super().__init__()
-        if not isinstance(embedding, nn.Embedding):
-            raise TypeError(f"embedding must be an nn.Embedding, got {type(embedding).__name__}")
+        validate.instance(embedding, "embedding", nn.Embedding)
         if embedding.padding_idx is not None or embedding.max_norm is not None:
             raise ValueError("embedding must have no padding_idx and no max_norm")
         check_group(group)

@@ -113,8 +113,7 @@ def attainable_flops(intensity: float, ceilings: Ceilings) -> float:
     Defined in chapter 03 (Tiling), section 3.2 Arithmetic intensity and the roofline.
     """
     validate.number(intensity, "intensity", low=0)
-    if not isinstance(ceilings, Ceilings):
-        raise TypeError(f"ceilings must be a Ceilings, got {type(ceilings).__name__}")
+    validate.instance(ceilings, "ceilings", Ceilings)
     return min(ceilings.peak_flops, intensity * ceilings.bandwidth)
 
 

@@ -100,8 +100,7 @@ def tensor_parallel_plan(stage: LlamaStage) -> dict:
 
     Defined in chapter 10 (PyTorch's engine and the 405B accounting), section 10.1 The production path: PyTorch's own engine and `torchrun`.
     """
-    if not isinstance(stage, LlamaStage):
-        raise TypeError(f"stage must be a LlamaStage, got {type(stage).__name__}")
+    validate.instance(stage, "stage", LlamaStage)
     plan = {}
     if stage.first:
         plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate())
@@ -142,8 +141,7 @@ def shard_stage(stage: LlamaStage, mesh: DeviceMesh) -> LlamaStage:
 
     Defined in chapter 10 (PyTorch's engine and the 405B accounting), section 10.1 The production path: PyTorch's own engine and `torchrun`.
     """
-    if not isinstance(stage, LlamaStage):
-        raise TypeError(f"stage must be a LlamaStage, got {type(stage).__name__}")
+    validate.instance(stage, "stage", LlamaStage)
     if not isinstance(mesh, DeviceMesh) or tuple(mesh.mesh_dim_names or ()) != MESH_DIM_NAMES:
         raise TypeError(f"mesh must be build_mesh's DeviceMesh with dimensions {MESH_DIM_NAMES}, got {mesh!r}")
     if mesh["tp"].size() > 1:

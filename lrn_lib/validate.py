@@ -116,6 +116,51 @@ def choice(value: Any, name: str, options: Iterable[Any]) -> Any:
     return value
 
 
+def instance(value: Any, name: str, cls: type | tuple[type, ...], *, optional: bool = False) -> Any:
+    """Raise TypeError unless value is an instance of cls (or None when optional). Returns it."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, cls):
+        kinds = " or ".join(c.__name__ for c in (cls if isinstance(cls, tuple) else (cls,)))
+        article = "an" if kinds[0].lower() in "aeiou" else "a"
+        raise TypeError(f"{name} must be {article} {kinds}{' or None' if optional else ''}, got {type(value).__name__}")
+    return value
+
+
+def flag(value: Any, name: str) -> bool:
+    """Raise TypeError unless value is a bool (not 0 or 1). Returns it."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def attention_inputs(q: Any, k: Any, v: Any, causal: Any = False, scale: Any = None) -> None:
+    """Raise TypeError/ValueError unless q, k, v form an attention problem: q (B, H, Nq, d) and k, v
+    (B, Hkv, Nk, d) of one floating dtype on one device, nothing empty, Hkv dividing H; causal a
+    bool; scale None or a positive finite number."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        tensor(t, name, nonempty=False)
+        if not t.is_floating_point():
+            raise TypeError(f"{name} has dtype {t.dtype}; attention needs a floating dtype")
+        if t.dim() != 4:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected 4 dims (batch, heads, sequence, head_dim)")
+        if t.numel() == 0:
+            raise ValueError(f"{name} is empty (shape {tuple(t.shape)}); attention needs non-empty q, k, v")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v have dtypes {q.dtype}, {k.dtype}, {v.dtype}; they must match")
+    for name, t in (("k", k), ("v", v)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; they must share a device")
+    if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: k and v must match, "
+                         "and agree with q in batch and head_dim")
+    if q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"k/v have {k.shape[1]} heads, which does not divide q's {q.shape[1]} heads")
+    flag(causal, "causal")
+    if scale is not None:
+        number(scale, "scale", low=0, low_open=True)
+
+
 def generator(value: Any, name: str = "generator", *, optional: bool = False) -> torch.Generator | None:
     """Raise TypeError unless value is a torch.Generator (or None when optional). Returns it."""
     if value is None and optional:

@@ -13,13 +13,13 @@ from kernels.flash_attention import (backward_configs, check_backward_inputs, ch
                                      flash_attention_forward, flash_decode, forward_config, head_block)
 from kernels.matmul import check_matmul_config, check_matmul_operands, matmul, pipeline_bytes, prune_configs
 from kernels.online_softmax import online_softmax_triton, softmax_backward_triton
-from kernels.softmax import as_rows, check_row_kernel_input, fused_launch_config, softmax_triton
+from kernels.softmax import as_rows, check_row_kernel_input, fused_launch_config, run_on_rows, softmax_triton
 from lrn_lib.attention import (FlashAttention, attention_reference, causal_visible, check_attention_inputs,
                                flash_attention, flash_attention_backward_blocks, flash_attention_blocks,
                                kernel_can_run)
 from lrn_lib.online_softmax import (ReferenceSoftmax, SoftmaxState, TritonSoftmax, check_state, merge_lse,
                                     merge_states, online_softmax_reference, softmax_backward_reference,
-                                    softmax_state, state_lse)
+                                    softmax_function, softmax_state, state_lse)
 from lrn_lib.softmax import check_softmax_input, logsumexp, safe_softmax, softmax
 from lrn_lib.tiling import (H100_SXM_DATASHEET, Ceilings, arithmetic_intensity, attainable_flops, matmul_flops,
                             matmul_min_bytes, program_order, tiled_matmul, tiled_traffic_bytes, wave_panels)
@@ -94,6 +94,12 @@ BAD_CALLS = {
         ("x", lambda: as_rows([[1.0, 2.0]])),
         ("x", lambda: as_rows(torch.empty(2, 0))),
     ],
+    "kernels.softmax.run_on_rows": [
+        ("launch", lambda: run_on_rows(x(), -1, None, "softmax")),
+        ("x", lambda: run_on_rows(INTS, -1, None, lambda x2, y2: None)),
+        ("dim", lambda: run_on_rows(x(), 2, None, lambda x2, y2: None)),
+        ("out", lambda: run_on_rows(x(), -1, torch.empty(3, 2), lambda x2, y2: None)),
+    ],
     "kernels.softmax.fused_launch_config": [
         ("n_cols", lambda: fused_launch_config(0)),
         ("n_cols", lambda: fused_launch_config(65537)),                      # longer than the fused kernel holds
@@ -150,6 +156,11 @@ BAD_CALLS = {
     "lrn_lib.online_softmax.ReferenceSoftmax": [
         ("x", lambda: ReferenceSoftmax.apply(INTS, -1)),
         ("dim", lambda: ReferenceSoftmax.apply(x(), 2)),
+    ],
+    "lrn_lib.online_softmax.softmax_function": [
+        ("name", lambda: softmax_function(3, safe_softmax, softmax_backward_reference, "doc")),
+        ("forward", lambda: softmax_function("S", None, softmax_backward_reference, "doc")),
+        ("backward", lambda: softmax_function("S", safe_softmax, "dx", "doc")),
     ],
     "kernels.online_softmax.online_softmax_triton": [
         ("x", lambda: online_softmax_triton(INTS)),

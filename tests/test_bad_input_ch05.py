@@ -13,7 +13,7 @@ from lrn_lib.moe import (GroupedMM, MoEBlock, MoELayer, MoETransformer, Router,
                          apply_capacity, expert_capacity, expert_ffn, global_batch_balance_loss,
                          grouped_mm, grouped_mm_reference, gshard_top2_gate, keep_top_k, kernel_can_run, load_fractions,
                          micro_batch_balance_loss, noisy_logits, router_z_loss, sigmoid_gate, slide_balance_loss,
-                         softmax_gate, sort_by_expert, switch_balance_loss, top_k_gate, update_balance_bias)
+                         softmax_gate, sort_by_expert, switch_balance_loss, token_rows, top_k_gate, update_balance_bias)
 
 T, E, D = 6, 4, 8
 
@@ -161,6 +161,11 @@ BAD_CALLS = {
         ("capacity_factor", lambda: MoELayer(D, 12, E, 2, capacity_factor=0.0)),
         ("n_shared", lambda: MoELayer(D, 12, E, 2, n_shared=-1)),
         ("x", lambda: LAYER(torch.randn(T, D + 1))),                                    # wrong width
+    ],
+    "lrn_lib.moe.token_rows": [
+        ("x", lambda: token_rows(torch.randn(T, D), D + 1)),                            # wrong width
+        ("x", lambda: token_rows(torch.tensor(1.0), D)),                                # 0-d
+        ("x", lambda: token_rows(torch.ones(T, D, dtype=torch.int64), D)),
     ],
     "lrn_lib.expert_parallel.AllToAll": [
         ("in_splits", lambda: AllToAll.apply(torch.randn(4, 2), [2, 2], [1, 1])),       # sum 2, 4 rows

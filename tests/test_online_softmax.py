@@ -180,7 +180,7 @@ def backward_kernel_case(shape, dim, dtype, device):
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape,dim", [((1, 1), -1), ((5, 37), -1), ((4, 6, 9), 1), ((2, 5000), 0),
+@pytest.mark.parametrize("shape,dim", [((1, 1), -1), ((5, 37), -1), ((4, 6, 9), 1), ((3, 600), 0),
                                        ((2, 70_001), -1)])
 def test_triton_softmax_gradient_matches_torch_autograd(shape, dim, dtype):
     if runtime.MODE == "compiled":

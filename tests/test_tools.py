@@ -43,6 +43,23 @@ def test_seed_everything_repeats_random_draws():
     assert torch.equal(first, torch.randn(4))
 
 
+def test_start_chapter_seeds_sets_threads_and_says_how_kernels_run():
+    code = ("import torch; from lrn_lib import config; config.start_chapter(threads=1); a = torch.randn(3); "
+            "config.seed_everything(0); print(torch.equal(a, torch.randn(3)), torch.get_num_threads())")
+    result = run_python("-c", code, env={"LRN_DEVICE": "cpu"})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[1] == "Triton kernels run: interpreted" and lines[-1] == "True 1", result.stdout
+
+
+@pytest.mark.parametrize("threads,error", [(0, ValueError), (1.5, TypeError), (True, TypeError)])
+def test_start_chapter_rejects_a_bad_thread_count(threads, error):
+    from lrn_lib import config
+
+    with pytest.raises(error, match="threads"):
+        config.start_chapter(threads=threads)
+
+
 def test_doctor_prints_one_ok_or_fail_line_per_requirement():
     result = run_python("-m", "lrn_lib.doctor")
     lines = result.stdout.splitlines()

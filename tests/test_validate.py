@@ -30,6 +30,9 @@ from lrn_lib import validate
     (lambda: validate.generator(None, "x"), TypeError),
     (lambda: validate.nonempty([], "x"), ValueError),
     (lambda: validate.nonempty("ab", "x"), TypeError),
+    (lambda: validate.instance(3, "x", str), TypeError),
+    (lambda: validate.instance(None, "x", (str, bytes)), TypeError),
+    (lambda: validate.flag(1, "x"), TypeError),
 ])
 def test_bad_argument_raises_the_right_error_naming_it(call, error):
     with pytest.raises(error, match="x"):
@@ -50,3 +53,10 @@ def test_good_arguments_come_back_normalized():
     assert validate.number(1, "lr", low=0, low_open=True) == 1.0 and isinstance(validate.number(1, "lr"), float)
     assert validate.generator(None, "g", optional=True) is None
     assert validate.tensor(torch.ones(0), "x", nonempty=False).numel() == 0
+    assert validate.instance("a", "s", (str, bytes)) == "a" and validate.instance(None, "s", str, optional=True) is None
+    assert validate.flag(False, "f") is False
+
+
+def test_instance_names_the_accepted_types():
+    with pytest.raises(TypeError, match="cfg must be an int or str or None, got float"):
+        validate.instance(1.0, "cfg", (int, str), optional=True)
