@@ -75,6 +75,7 @@ class Book:
     chapters: tuple[Chapter, ...]
     infrastructure: tuple[str, ...]
     tools: tuple[str, ...]
+    repository: str | None = None  # the book's repository URL (``https://github.com/OWNER/NAME``)
 
     def chapter(self, key: str) -> Chapter:
         """Find a chapter by id (``01`` or ``1``) or by notebook stem (``01_softmax``)."""
@@ -108,7 +109,8 @@ def load_book(root: Path | None = None) -> Book:
         for c in data["chapter"]
     )
     return Book(root=root, title=data["title"], chapters=chapters,
-                infrastructure=tuple(data.get("infrastructure", [])), tools=tuple(data.get("tools", [])))
+                infrastructure=tuple(data.get("infrastructure", [])), tools=tuple(data.get("tools", [])),
+                repository=data.get("repository"))
 
 
 # ---------------------------------------------------------------- the library's shape
