@@ -661,21 +661,236 @@ def check_matmul_config(config: dict) -> dict:
     return dict(config)
 
 
+# %% [markdown]
+# ### Shapes the autotuner serves badly: a heuristic and split-K
+#
+# The candidates above are tiles for large products. Three kinds of shape fall outside
+# them. *Skinny* products, $M \le 128$ rows against a large weight (a decoding step, a
+# small batch), fill a 128 x 256 tile with mostly padding. They are also memory-bound: each
+# weight is used $M$ times, so the time is the time to read $B$ once. Their tile has
+# to be short in $M$ ($b_M$ = $M$ rounded up to a power of two, at least 16 for `tl.dot`)
+# and long in $K$ (128 columns per step, several steps in flight). Then there are too few
+# tiles. At $M = 64$, $N = 8192$ and $b_N = 128$ there are $T = 64$ tiles of $C$, and an
+# H100 or H200 has $P = 132$ multiprocessors: half the chip would idle, and half its
+# bandwidth with it.
+#
+# *Split-K* gives the idle multiprocessors work. $S$ programs share one tile of $C$, each
+# summing the products of one range of $K$ (3.1 splits the sum over $P$ the same way),
+# and a second short pass adds the $S$ float32 partials and rounds once. Counting
+# $k_b = \lceil K / b_K \rceil$ block steps per tile, the busiest multiprocessor runs
+#
+# $$W(S) = \left\lceil \frac{T S}{P} \right\rceil \left\lceil \frac{k_b}{S} \right\rceil \quad \text{block steps},
+# \qquad \text{pays when } T < P \qquad (3.7)$$
+#
+# With $T < P$, $W(1) = k_b$ while $W(S) \approx k_b / S$ as long as $TS \le P$: up to
+# $P / T$ times less time on the busiest multiprocessor. With $T \ge P$ every
+# multiprocessor already has a tile; a split could only even out the last partial wave,
+# and never by more than a factor $\lceil T/P \rceil / (T/P)$, so the launcher keeps
+# $S = 1$ there. The price is the partials, $S \cdot M N$ float32 numbers written and read
+# once, small next to $B$ when $M$ is small. For $T < P$ the launcher takes the smallest
+# $S$ that minimises (3.7), with at least 4 block steps per range.
+#
+# (3.7) counts block steps, the picture of a compute-bound product. A skinny product is
+# memory-bound, and there the question is whether the busy multiprocessors already pull
+# the full bandwidth. On an H200 (sweep of 2026-12-03 in `benchmarks/results/`, script
+# `benchmarks/sweep_matmul_odd.py`), 64 programs of 16 x 128 x 128 tiles with 5 stages
+# read the 8192 x 8192 weight at 0.99x cuBLAS's speed unsplit, and no split of 2 or 4
+# beat S = 1 at M = 16, 64 or 128. So the skinny heuristic applies (3.7) with $P/4$ in
+# place of $P$: it splits only when fewer than a quarter of the multiprocessors would
+# have a tile (a short $N$, such as 128 x 1024 x 8192).
+# Third, sizes that are not multiples of 16 (4097 x 4095 x 4093) leave rows of the
+# operands at addresses that are not 16-byte aligned, so the compiler cannot prove any
+# load wider than one element and loses its wide, asynchronous copies. For a large
+# product the launcher copies the operands once into zero-padded buffers whose sizes and
+# row strides are multiples of 64, runs the autotuned kernel on those and returns the
+# $M \times N$ corner. The copy moves each input twice, a few percent of a large product's
+# time.
+
+# %%
+#| export kernels.matmul
+import functools
+
+SKINNY_M = 128          # at most this many rows: the skinny heuristic instead of autotuning
+PAD_MULTIPLE = 64       # padded sizes and row strides for unaligned operands
+PAD_MIN_FLOPS = 2**33   # pad only products at least this large (the copy must be amortised)
+
+
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+@triton.jit
+def matmul_split_k_kernel(a_ptr, b_ptr, part_ptr, M, N, K, K_PER_SPLIT,
+                          stride_am, stride_ak, stride_bk, stride_bn,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                          WIDEN_BF16: tl.constexpr):
+    """One range of K of C = A @ B: program (t, s) sums tile t over k in [s K_PER_SPLIT, (s + 1) K_PER_SPLIT).
+
+    A: (M, K), B: (K, N), any strides; part: (S, M, N) float32, contiguous, one slice per
+    range. K_PER_SPLIT is a multiple of BLOCK_K. Grid: (ceil(M/BLOCK_M) * ceil(N/BLOCK_N), S).
+    """
+    pid_m, pid_n = grouped_program_id(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    split = tl.program_id(1)
+    k_first = split * K_PER_SPLIT
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + (rows % M)[:, None] * stride_am + (k_first + ks)[None, :] * stride_ak
+    b_ptrs = b_ptr + (k_first + ks)[:, None] * stride_bk + (cols % N)[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for step in range(0, tl.cdiv(tl.minimum(K - k_first, K_PER_SPLIT), BLOCK_K)):   # this range's steps
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_left = K - k_first - step * BLOCK_K
+            a = tl.load(a_ptrs, mask=ks[None, :] < k_left, other=0.0)
+            b = tl.load(b_ptrs, mask=ks[:, None] < k_left, other=0.0)
+        if WIDEN_BF16:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    part_ptrs = part_ptr + split * M * N + rows[:, None] * N + cols[None, :]
+    tl.store(part_ptrs, acc, mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+@triton.jit
+def split_k_sum_kernel(part_ptr, c_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    """C = part[0] + ... + part[S - 1] in float32, rounded once to C's dtype.
+
+    part: (S, M, N) float32 and C: (M, N), both contiguous, seen flat (MN = M * N elements).
+    Grid: ceil(MN / BLOCK).
+    """
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(part_ptr + s * MN + offs, mask=mask, other=0.0)
+    tl.store(c_ptr + offs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+def split_k_count(tiles: int, k_blocks: int, multiprocessors: int, min_blocks: int = 4, most: int = 16) -> int:
+    """S minimising (3.7), W(S) = ceil(T S / P) ceil(k_blocks / S); the smallest such S.
+
+    tiles: T, output tiles; k_blocks: block steps along K per tile; multiprocessors: P.
+    Each range keeps at least min_blocks steps, and S <= most. Returns 1 when T >= P.
+    """
+    for name, value in (("tiles", tiles), ("k_blocks", k_blocks), ("multiprocessors", multiprocessors),
+                        ("min_blocks", min_blocks), ("most", most)):
+        validate.integer(value, name, low=1)
+    if tiles >= multiprocessors:
+        return 1
+    best, best_work = 1, k_blocks * -(-tiles // multiprocessors)
+    for s in range(2, min(most, k_blocks // min_blocks) + 1):
+        work = -(-tiles * s // multiprocessors) * -(-k_blocks // s)
+        if work < best_work:
+            best, best_work = s, work
+    return best
+
+
+def skinny_config(m: int, n: int, k: int, element_size: int, multiprocessors: int) -> tuple[dict, int]:
+    """(config, S) for a product of m <= SKINNY_M rows: a short, K-long tile and the split of (3.7).
+
+    BLOCK_M is m rounded up to a power of two, at least 16. Tiles from the H200 sweep
+    (benchmarks/sweep_matmul_odd.py): 16 or 32 x 128 x 128 with 5 stages, 64 x 256 x 64 with
+    5 stages, 128 x 64 x 128 with 4 stages; 4 warps; BLOCK_K halved for float32 (twice the
+    bytes per slice). S from (3.7) with P / 4 in place of P: a memory-bound product
+    saturates HBM with about a quarter of the multiprocessors streaming B.
+    """
+    for name, value in (("m", m), ("n", n), ("k", k), ("element_size", element_size),
+                        ("multiprocessors", multiprocessors)):
+        validate.integer(value, name, low=1)
+    if m > SKINNY_M:
+        raise ValueError(f"m = {m}: the skinny configuration is for at most {SKINNY_M} rows")
+    block_m = max(16, 1 << (m - 1).bit_length())
+    block_n, block_k, stages = {16: (128, 128, 5), 32: (128, 128, 5), 64: (256, 64, 5), 128: (64, 128, 4)}[block_m]
+    if element_size >= 4:
+        block_k //= 2
+    config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8,
+              "num_stages": stages, "num_warps": 4}
+    if pipeline_bytes(block_m, block_n, block_k, stages, element_size) > SHARED_MEMORY_BUDGET:
+        config["num_stages"] = 3
+    tiles = -(-m // block_m) * -(-n // block_n)
+    return config, split_k_count(tiles, -(-k // block_k), max(1, multiprocessors // 4))
+
+
+def needs_padding(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a (M, K) @ b (K, N) leaves the compiler only one-element loads (pad them first).
+
+    True when K, N or a stride other than 1 (of a dimension longer than 1) is not a multiple of
+    16 elements, or a data pointer is not 16-byte aligned.
+    """
+    check_matmul_operands(a, b, SUPPORTED_DTYPES)
+    sizes = [a.shape[1], b.shape[1]] + [stride for x in (a, b) for size, stride in zip(x.shape, x.stride())
+                                        if size > 1 and stride != 1]
+    return any(s % 16 for s in sizes) or any(x.data_ptr() % 16 for x in (a, b))
+
+
+def padded_copy(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """x (r, c) copied into the top-left corner of a contiguous (rows, cols) buffer of zeros."""
+    validate.tensor(x, "x", dims=2)
+    validate.integer(rows, "rows", low=x.shape[0])
+    validate.integer(cols, "cols", low=x.shape[1])
+    out = x.new_empty((rows, cols))
+    out[: x.shape[0], : x.shape[1]] = x
+    out[x.shape[0]:].zero_()
+    out[: x.shape[0], x.shape[1]:].zero_()
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(index: int) -> int:
+    """Multiprocessor count of CUDA device index (read once)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _split_k_matmul(a, b, c, config, split_k, options):
+    """Launch the split-K kernel and the sum into c; config holds the blocks and launch options."""
+    m, k = a.shape
+    n = b.shape[1]
+    k_blocks = triton.cdiv(k, config["BLOCK_K"])
+    per_split = triton.cdiv(k_blocks, split_k) * config["BLOCK_K"]
+    split_k = triton.cdiv(k, per_split)               # no empty ranges
+    part = torch.empty((split_k, m, n), dtype=torch.float32, device=a.device)
+    grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]), split_k)
+    matmul_split_k_kernel[grid](a, b, part, m, n, k, per_split, a.stride(0), a.stride(1), b.stride(0),
+                                b.stride(1), **options, **config)
+    block = 1024
+    split_k_sum_kernel[(triton.cdiv(m * n, block),)](part, c, m * n, SPLIT_K=split_k, BLOCK=block)
+
+
+# %% [markdown]
+# The launcher picks among the three: the skinny heuristic for $M \le 128$, padding for a
+# large unaligned product, the autotuner for the rest. `split_k=S` forces a split on any
+# device, which is how the interpreter tests the split-K kernels at tiny sizes.
+
+# %%
+#| export kernels.matmul
+SPLIT_K_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_stages": 4, "num_warps": 4}
+MAX_SPLIT_K = 64
+
+
 def matmul(a: torch.Tensor, b: torch.Tensor, *, allow_tf32: bool | None = None,
-           config: dict | None = None) -> torch.Tensor:
+           config: dict | None = None, split_k: int | None = None) -> torch.Tensor:
     """a @ b with the Triton kernel: float32 accumulation, output in the inputs' dtype.
 
     a: (M, K), b: (K, N): float16, bfloat16 or float32, one dtype, on CUDA (or on the CPU
     under Triton's interpreter); any strides. allow_tf32: for float32 inputs, use TF32
     tensor cores; None follows torch.backends.cuda.matmul.allow_tf32 (False by default,
     like torch.matmul). config: a fixed {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"} plus
-    optional "num_warps", "num_stages"; None autotunes when compiled. Returns (M, N).
+    optional "num_warps", "num_stages"; None chooses when compiled (skinny_config for
+    M <= SKINNY_M, zero-padded operands for a large product that needs_padding, else
+    autotuning). split_k: None chooses (S of skinny_config, else 1); an int from 1 to
+    MAX_SPLIT_K sums S ranges of K in the split-K kernel, then adds them. Returns (M, N),
+    a column slice of a padded buffer when N had to be padded.
     """
     m, n, k = check_matmul_operands(a, b, SUPPORTED_DTYPES)
     if config is not None:
         config = check_matmul_config(config)
     if allow_tf32 is not None and not isinstance(allow_tf32, bool):
         raise TypeError(f"allow_tf32 must be a bool or None, got {type(allow_tf32).__name__}")
+    if split_k is not None:
+        validate.integer(split_k, "split_k", low=1, high=MAX_SPLIT_K)
     check_launchable("a", a)
     for name, x in (("a", a), ("b", b)):
         if _max_offset(x) > MAX_OFFSET:
@@ -694,10 +909,23 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, allow_tf32: bool | None = None,
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    if config is None and runtime.MODE == "compiled":
+    choose = config is None and runtime.MODE == "compiled"
+    if choose and m <= SKINNY_M:
+        config, chosen = skinny_config(m, n, k, a.element_size(), _multiprocessors(a.device.index))
+        split_k = chosen if split_k is None else split_k
+    elif choose and split_k is None and 2 * m * n * k >= PAD_MIN_FLOPS and needs_padding(a, b):
+        k_pad, n_pad = (triton.cdiv(size, PAD_MULTIPLE) * PAD_MULTIPLE for size in (k, n))
+        padded = matmul(padded_copy(a, m, k_pad), padded_copy(b, k_pad, n_pad), allow_tf32=allow_tf32)
+        return padded[:, :n]
+    if config is None and (runtime.MODE == "interpreted" or split_k is not None):
+        config = INTERPRETER_CONFIG if runtime.MODE == "interpreted" else SPLIT_K_CONFIG
+    split_k = min(split_k or 1, max(1, MAX_OFFSET // (m * n)))   # the partials' offsets are 32-bit too
+    if split_k > 1:
+        _split_k_matmul(a, b, c, config, split_k, options)
+    elif config is None:
         matmul_kernel_autotuned[grid](*args, **options)
     else:
-        matmul_kernel[grid](*args, **options, **(INTERPRETER_CONFIG if config is None else config))
+        matmul_kernel[grid](*args, **options, **config)
     return c.to(a.dtype) if round_in_torch else c
 
 
@@ -733,6 +961,27 @@ if kernels.runtime.MODE != "unavailable":
     a32, b32 = torch.randn(64, 256, device=config.DEVICE), torch.randn(256, 48, device=config.DEVICE)
     print("float32 with allow_tf32=True, close to float64 with atol = 4e-3:",
           close_to_float64(matmul(a32, b32, allow_tf32=True), a32, b32, atol=4e-3))
+else:
+    print("(skipped: needs Triton)")
+
+# %% [markdown]
+# The split-K path, forced at tiny sizes so that the interpreter runs it: a few ranges of
+# $K$ (more ranges than blocks at the second shape, so some programs sum little), then the
+# sum pass. The heuristic's choices are plain arithmetic and print the same everywhere.
+
+# %%
+from kernels.matmul import skinny_config, split_k_count
+
+print("S of (3.7) for T = 16, 64, 132 tiles on P = 132, 64 block steps:",
+      [split_k_count(t, 64, 132) for t in (16, 64, 132)])
+print("skinny_config(64, 8192, 8192) in bfloat16 on 132 multiprocessors:", skinny_config(64, 8192, 8192, 2, 132))
+if kernels.runtime.MODE != "unavailable":
+    for m, n, k, s in [(5, 40, 100, 3), (33, 17, 250, 8)]:
+        for dtype in (torch.bfloat16, torch.float32):
+            a = torch.randn(m, k, device=config.DEVICE).to(dtype)
+            b = torch.randn(k, n, device=config.DEVICE).to(dtype)
+            print(f"split_k = {s}, M, N, K = {m:2d}, {n:2d}, {k:3d}  {str(dtype):14s} close to float64: "
+                  f"{close_to_float64(matmul(a, b, split_k=s), a, b)}")
 else:
     print("(skipped: needs Triton)")
 
@@ -877,6 +1126,25 @@ else:
     print("GROUP_M measurement skipped without a GPU")
 
 # %% [markdown]
+# Then the shapes of section 3.6's heuristic: skinny products against an 8192 x 8192
+# weight, a small $K$, and sizes that are multiples of nothing. The skinny ones are
+# memory-bound, so their TFLOP/s are far under the peak for both sides; the ratio is what
+# to read.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+ODD_SHAPES = [(16, 8192, 8192), (64, 8192, 8192), (128, 8192, 8192), (4096, 4096, 512), (4097, 4095, 4093)]
+if config.PROFILE == "gpu":
+    for m, n, k in ODD_SHAPES:
+        a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
+        ours, cublas = tflops(lambda: matmul(a, b), m, n, k), tflops(lambda: a @ b, m, n, k)
+        print(f"{m:5d} x {n:5d} x {k:5d}: ours {ours:5.0f} TFLOP/s, torch.matmul {cublas:5.0f} TFLOP/s, "
+              f"ours/torch {ours / cublas:.2f}")
+else:
+    print("no GPU: the odd shapes are timed only on a GPU (an H200 run: benchmarks/results/matmul_odd_sweep_*)")
+
+# %% [markdown]
 # Our measurements on an H100 80GB HBM3 (torch 2.11, Triton 3.6, in
 # `benchmarks/results/matmul_NVIDIA_H100_80GB_HBM3_2026-11-23.json`, from
 # `python -m kernels.bench matmul`) put the autotuned bfloat16 kernel at 0.95x
@@ -886,10 +1154,19 @@ else:
 # and the autotuner's choice between two near-equal configurations both matter. cuBLAS
 # itself reached 649 to 767 TFLOP/s in these files, against the datasheet's 989, and
 # chapter 4's GPU run measured 3.0 TB/s for a plain copy against the datasheet's 3.35 TB/s
-# (`benchmarks/results/chapter04_gpu_profile_*`). We have not committed measurements of
-# low-intensity shapes (small K, or M of a few dozen rows); there the tile shape and the
-# number of programs matter more than the tensor cores, and cuBLAS has dedicated kernels
-# (split-K, smaller tiles) that ours lacks.
+# (`benchmarks/results/chapter04_gpu_profile_*`).
+#
+# For the shapes off the square (section 3.6's heuristic, split-K and padding), the H200
+# sweep of 2026-12-03 (`benchmarks/results/matmul_odd_sweep_NVIDIA_H200_2026-12-03.txt`)
+# and `python -m kernels.bench matmul` (`benchmarks/results/*_NVIDIA_H200_2026-12-03.json`)
+# hold the numbers. The padded path wins most: at 4097 x 4095 x 4093, cuBLAS itself takes
+# 0.9 ms (its unaligned kernels), the padded copies 0.1 ms and our kernel on the aligned
+# copies 0.2 ms, about 3x cuBLAS in all. Against 8192 x 8192 weights the best fixed
+# configurations of the sweep reached 0.99x cuBLAS at $M = 16$, 0.78x at $M = 64$ and
+# 0.80 to 0.93x at $M = 128$ (the heuristic's tiles come from these), and at $K = 512$
+# the best fixed tile reached 0.87x. Timings of these 40-microsecond products moved by up
+# to 2x between repeats of one configuration on that machine, so their ratios need
+# repeated runs before anyone trusts the second digit.
 #
 # ## 3.8 Why attention does not tile like this, yet
 #
@@ -948,6 +1225,9 @@ for n_ctx, d in [(4096, 128), (32768, 128)]:
 #   tail and the store, any strides, autotuned block sizes on CUDA and a fixed small
 #   configuration under the interpreter. float32 inputs use IEEE float32 unless TF32 is
 #   allowed, following PyTorch.
+# * Off the square (3.6): skinny products get a short, K-long tile; when the tiles leave
+#   most multiprocessors idle, split-K shares each tile's sum over K among several programs
+#   (3.7); large unaligned products run on zero-padded, aligned copies.
 # * Softmax's normalization couples all tiles of a row, which is why attention needs the
 #   online softmax before it can be tiled (chapters 2 and 4).
 #
@@ -955,7 +1235,8 @@ for n_ctx, d in [(4096, 128), (32768, 128)]:
 # `matmul_flops`, `matmul_min_bytes`, `arithmetic_intensity`, `tiled_traffic_bytes`,
 # `attainable_flops`, `check_matmul_operands`, `tiled_matmul`, `program_order`,
 # `wave_panels`) and `kernels.matmul` (`grouped_program_id`, `matmul_kernel`,
-# `hopper_configs`, `prune_configs`, `matmul`).
+# `hopper_configs`, `prune_configs`, `matmul_split_k_kernel`, `split_k_sum_kernel`,
+# `split_k_count`, `skinny_config`, `needs_padding`, `padded_copy`, `matmul`).
 
 # %% [markdown]
 # ## Exercises

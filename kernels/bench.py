@@ -6,9 +6,13 @@ Hand-written tool (not exported from a chapter).
 
 Each case first checks our result against PyTorch's on the same fresh random input, then
 times both with ``triton.testing.do_bench`` (median of many runs, warm-up excluded, L2
-flushed between runs; the JSON also keeps each side's fastest and slowest run), and prints effective bandwidth (GB/s from the fewest bytes the
-operation must move) and the ratio ours/torch (above 1 means we are faster). A JSON file
-with the device, versions and date goes to ``--out`` (default ``benchmarks/results``).
+flushed between runs), and prints effective bandwidth (GB/s from the fewest bytes the
+operation must move), the ratio ours/torch of the medians (above 1 means we are faster), and
+a second table with each side's fastest, median and slowest run (the spread of every figure).
+A check compares every output (for attention forward+backward: dQ, dK and dV). An anchor
+that does not run here (a backend that refuses a shape, torch.compile failing) is reported
+on a ``skip:`` line and left out, not fatal. A JSON file with the device, versions, date,
+all rows and the skips goes to ``--out`` (default ``benchmarks/results``).
 Needs a CUDA GPU and refuses clearly without one.
 """
 from __future__ import annotations
@@ -44,16 +48,57 @@ class Case:
     torch_sets: list[Callable[[], torch.Tensor]] | None = None
 
 
+SKIPPED: list[str] = []  # the anchors that did not run in this process, one line each
+
+
+def skip(line: str) -> None:
+    """Report an anchor left out (printed at once on a ``skip:`` line, kept for the JSON)."""
+    SKIPPED.append(line)
+    print(f"skip: {line}", flush=True)
+
+
+def compile_anchor(fn: Callable[..., torch.Tensor], *example: torch.Tensor, label: str,
+                   **options) -> Callable[..., torch.Tensor] | None:
+    """torch.compile(fn, **options), run once on example; None (and a skip line) if that fails.
+
+    The first call compiles, so a failure (no compiler, an unsupported backend) shows here,
+    before any timing; options go to torch.compile (backend, mode, dynamic).
+    """
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    if not isinstance(label, str) or not label:
+        raise ValueError("label must be a non-empty string naming the anchor")
+    try:
+        compiled = torch.compile(fn, **options)
+        compiled(*example)
+    except Exception as err:  # any compile failure is reported, the other cases still run
+        skip(f"{label}: torch.compile failed here, not compared ({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''})")
+        return None
+    return compiled
+
+
+def _softmax_last_dim(x: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(x, dim=-1)
+
+
 def softmax_cases() -> Iterator[Case]:
-    """Row softmax at the sizes of issue 2's acceptance list, float32 and bfloat16."""
+    """Row softmax at the sizes of issue 2's acceptance list, float32 and bfloat16.
+
+    Against torch.softmax and, side by side, torch.compile(torch.softmax) (Inductor's fused
+    kernel, compiled for each shape), when it compiles here.
+    """
     from kernels.softmax import softmax_triton
 
     for dtype in (torch.float32, torch.bfloat16):
         for shape in ((4096, 32768), (65536, 4096), (16384, 1024)):
             x = torch.randn(shape, device="cuda", dtype=dtype) * 4
+            tolerance = 1e-5 if dtype == torch.float32 else 1e-2
             yield Case("softmax", shape, dtype, lambda x=x: softmax_triton(x),
-                       lambda x=x: torch.softmax(x, dim=-1), 2 * x.numel() * x.element_size(),
-                       tolerance=1e-5 if dtype == torch.float32 else 1e-2)
+                       lambda x=x: torch.softmax(x, dim=-1), 2 * x.numel() * x.element_size(), tolerance)
+            compiled = compile_anchor(_softmax_last_dim, x, label=f"softmax/compile {shape} {dtype}", dynamic=False)
+            if compiled is not None:
+                yield Case("softmax/compile", shape, dtype, lambda x=x: softmax_triton(x),
+                           lambda x=x, f=compiled: f(x), 2 * x.numel() * x.element_size(), tolerance)
 
 
 def online_softmax_cases() -> Iterator[Case]:
@@ -81,12 +126,21 @@ def softmax_backward_cases() -> Iterator[Case]:
                        3 * y.numel() * y.element_size(), tolerance=1e-5 if dtype == torch.float32 else 1e-2)
 
 
+MATMUL_SQUARE = ((4096, 4096, 4096), (8192, 8192, 8192), (16384, 1024, 4096))
+# issue 24's odd shapes (M, N, K): small K, skinny M against 8192 x 8192 weights, sizes off every block
+MATMUL_ODD = ((4096, 4096, 512), (16, 8192, 8192), (64, 8192, 8192), (128, 8192, 8192), (4097, 4095, 4093))
+
+
 def matmul_cases() -> Iterator[Case]:
-    """Chapter 3's autotuned Triton matmul against torch.matmul (cuBLAS) at issue 3's sizes."""
+    """Chapter 3's Triton matmul against torch.matmul (cuBLAS): issue 3's sizes and issue 24's odd shapes.
+
+    bfloat16 at every shape, float16 at 8192^3 and the odd shapes. Skinny shapes are memory-bound
+    (B read once), the rest compute-bound; do_bench flushes L2 between runs.
+    """
     from kernels.matmul import matmul
 
-    for dtype, shapes in ((torch.bfloat16, ((4096, 4096, 4096), (8192, 8192, 8192), (16384, 1024, 4096))),
-                          (torch.float16, ((8192, 8192, 8192),))):
+    for dtype, shapes in ((torch.bfloat16, MATMUL_SQUARE + MATMUL_ODD),
+                          (torch.float16, ((8192, 8192, 8192),) + MATMUL_ODD)):
         for m, n, k in shapes:
             a = torch.randn(m, k, device="cuda", dtype=dtype)
             b = torch.randn(k, n, device="cuda", dtype=dtype)
@@ -99,24 +153,34 @@ def flash_attention_cases() -> Iterator[Case]:
 
     Sequence 1k/4k/16k, head dims 64 and 128, causal and not, batch x heads filling the GPU
     (batch x sequence = 16384 tokens, heads x head_dim = 2048). Forward alone, and forward
-    plus backward (the check compares dQ).
+    plus backward (the check compares dQ, dK and dV). Then (issue 24): GQA with 32 query heads
+    on 8 kv heads (SDPA gets enable_gqa=True), head dim 256, and Nq = 1024 queries against
+    Nk = 4096 keys, causal aligned bottom-right (SDPA through the causal_lower_right mask, with
+    the backend SDPA picks for it). An anchor that refuses a shape is a skip line.
     """
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from kernels.flash_attention import flash_attention_backward, flash_attention_forward
 
+    from torch.nn.attention.bias import causal_lower_right
+
     def sdpa(backend, q, k, v, causal):
+        gqa = q.shape[1] != k.shape[1]
+        if causal and q.shape[2] != k.shape[2]:   # is_causal aligns top-left; the kernels bottom-right
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2]),
+                                                  enable_gqa=gqa)
         with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
 
     def sdpa_fwd_bwd(backend, q, k, v, do, causal):
-        return torch.autograd.grad(sdpa(backend, q, k, v, causal), (q, k, v), do)[0]
+        return torch.autograd.grad(sdpa(backend, q, k, v, causal), (q, k, v), do)
 
     def ours_fwd_bwd(q, k, v, do, causal):
         o, lse = flash_attention_forward(q, k, v, causal)
-        return flash_attention_backward(q, k, v, o, lse, do, causal)[0]
+        return flash_attention_backward(q, k, v, o, lse, do, causal)
 
+    yield from _attention_variants(sdpa, sdpa_fwd_bwd, ours_fwd_bwd)
     for d in (64, 128):
         for n in (1024, 4096, 16384):
             for causal in (False, True):
@@ -136,6 +200,54 @@ def flash_attention_cases() -> Iterator[Case]:
                                lambda q=q, k=k, v=v, do=do, c=causal: ours_fwd_bwd(q, k, v, do, c),
                                lambda q=q, k=k, v=v, do=do, c=causal, be=backend: sdpa_fwd_bwd(be, q, k, v, do, c),
                                2 * io, tolerance=3e-2, flops=flops * 7 // 2)
+
+
+def attention_flops(batch: int, heads: int, n_q: int, n_k: int, head_dim: int, causal: bool) -> int:
+    """Forward FLOPs of attention, 4 d per (query, key) pair seen: QK^T and PV (2 each).
+
+    Causal is aligned bottom-right: query i of n_q sees n_k - n_q + i + 1 keys (at least 0,
+    at most n_k), as in the book's kernels.
+    """
+    for name, value in (("batch", batch), ("heads", heads), ("n_q", n_q), ("n_k", n_k), ("head_dim", head_dim)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    pairs = sum(min(n_k, max(0, n_k - n_q + i + 1)) for i in range(n_q)) if causal else n_q * n_k
+    return 4 * batch * heads * pairs * head_dim
+
+
+def _attention_variants(sdpa, sdpa_fwd_bwd, ours_fwd_bwd) -> Iterator[Case]:
+    """Issue 24's attention cases: GQA 32:8, head dim 256, Nq != Nk causal; bf16, 16384 query tokens."""
+    from torch.nn.attention import SDPBackend
+
+    from kernels.flash_attention import flash_attention_forward
+
+    backends = (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION))
+    variants = [  # label, batch, query heads, kv heads, Nq, Nk, head_dim, causal, anchors
+        ("gqa32:8", 4, 32, 8, 4096, 4096, 128, False, backends),
+        ("gqa32:8", 4, 32, 8, 4096, 4096, 128, True, backends),
+        ("d256", 4, 8, 8, 4096, 4096, 256, False, backends),
+        ("d256", 4, 8, 8, 4096, 4096, 256, True, backends),
+        ("nq1k-nk4k", 16, 16, 16, 1024, 4096, 128, True, (("lower-right", None),)),
+    ]
+    for label, b, h, h_kv, n_q, n_k, d, causal, anchors in variants:
+        q = torch.randn(b, h, n_q, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k, v = (torch.randn(b, h_kv, n_k, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                for _ in range(2))
+        do = torch.randn_like(q)
+        flops = attention_flops(b, h, n_q, n_k, d, causal)
+        io = (2 * q.numel() + 2 * k.numel()) * q.element_size()
+        mask = "causal" if causal else "full"
+        for anchor, backend in anchors:
+            yield Case(f"attn {label} {mask} fwd/{anchor}", (b, h, h_kv, n_q, n_k, d), q.dtype,
+                       lambda q=q, k=k, v=v, c=causal: flash_attention_forward(q, k, v, c)[0],
+                       lambda q=q, k=k, v=v, c=causal, be=backend: sdpa(be, q, k, v, c),
+                       io, tolerance=2e-2, flops=flops)
+            yield Case(f"attn {label} {mask} f+b/{anchor}", (b, h, h_kv, n_q, n_k, d), q.dtype,
+                       lambda q=q, k=k, v=v, do=do, c=causal: ours_fwd_bwd(q, k, v, do, c),
+                       lambda q=q, k=k, v=v, do=do, c=causal, be=backend: sdpa_fwd_bwd(be, q, k, v, do, c),
+                       2 * io, tolerance=3e-2, flops=flops * 7 // 2)
 
 
 def graph_times(fns: list[Callable[[], torch.Tensor]], replays: int = 50) -> list[float]:
@@ -277,19 +389,43 @@ BENCHMARKS: dict[str, Callable[[], Iterator[Case]]] = {
 }
 
 
-def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    """||ours - ref|| / ||ref|| in float64; NaN anywhere counts as infinitely wrong."""
+def relative_error(ours, ref) -> float:
+    """||ours - ref|| / ||ref|| in float64; NaN anywhere counts as infinitely wrong.
+
+    ours, ref: tensors of one shape, or equally long tuples/lists of them (the gradients dQ,
+    dK, dV), for which the worst of the pairs is returned.
+    """
+    if isinstance(ours, (tuple, list)) or isinstance(ref, (tuple, list)):
+        if not isinstance(ours, (tuple, list)) or not isinstance(ref, (tuple, list)) or len(ours) != len(ref) \
+                or not ours:
+            raise ValueError(f"ours and ref must be tensors or equally long non-empty sequences of tensors, got "
+                             f"{type(ours).__name__} and {type(ref).__name__}")
+        return max(relative_error(o, r) for o, r in zip(ours, ref))
+    for name, x in (("ours", ours), ("ref", ref)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if ours.shape != ref.shape:
+        raise ValueError(f"ours has shape {tuple(ours.shape)} but ref {tuple(ref.shape)}")
     ours, ref = ours.double(), ref.double()
     if ours.isnan().any():
         return float("inf")
     return ((ours - ref).norm() / ref.norm()).item()
 
 
-def measure(case: Case) -> dict:
-    """Check, then time one case; return its row of the results table."""
+def measure(case: Case) -> dict | None:
+    """Check, then time one case; return its row of the results table (None: the anchor does not run here)."""
     from triton.testing import do_bench
 
-    error = relative_error(case.ours(), case.torch_fn())
+    try:
+        reference = case.torch_fn()
+    except (RuntimeError, NotImplementedError, ValueError) as err:  # a backend that refuses this shape
+        message = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+        skip(f"{case.name} {'x'.join(map(str, case.shape))} {str(case.dtype).replace('torch.', '')}: "
+             f"the anchor does not run here ({type(err).__name__}: {message})")
+        torch.cuda.synchronize()
+        return None
+    error = relative_error(case.ours(), reference)
+    del reference
     if error > case.tolerance:
         raise AssertionError(f"{case.name} {case.shape} {case.dtype}: relative error {error:.2e} "
                              f"over {case.tolerance:.0e}; not timing a wrong kernel")
@@ -334,32 +470,56 @@ def environment() -> dict:
 
 def table(rows: list[dict]) -> str:
     """The results as a fixed-width text table."""
-    lines = [f"{'kernel':24s} {'shape':>15s} {'dtype':9s} {'ours ms':>8s} {'torch ms':>8s} "
+    lines = [f"{'kernel':34s} {'shape':>15s} {'dtype':9s} {'ours ms':>8s} {'torch ms':>8s} "
              f"{'ours GB/s':>9s} {'torch GB/s':>10s} {'ours TFLOP/s':>12s} {'torch TFLOP/s':>13s} {'ours/torch':>10s}"]
     for r in rows:
         shape = "x".join(map(str, r["shape"]))
         rates = [f"{r[key]:{width}.0f}" if r.get(key) is not None else f"{'-':>{width}s}"
                  for key, width in (("ours_TFLOPs", 12), ("torch_TFLOPs", 13))]  # only kernels that count FLOPs
-        lines.append(f"{r['name']:24s} {shape:>15s} {r['dtype']:9s} {r['ours_ms']:8.3f} {r['torch_ms']:8.3f} "
+        lines.append(f"{r['name']:34s} {shape:>15s} {r['dtype']:9s} {r['ours_ms']:8.3f} {r['torch_ms']:8.3f} "
                      f"{r['ours_GBps']:9.0f} {r['torch_GBps']:10.0f} {rates[0]} {rates[1]} "
                      f"{r['ours_over_torch']:9.2f}x")
     return "\n".join(lines)
 
 
+def spread_cell(row: dict, side: str, prefix: str = "") -> str:
+    """"min/median/max" microseconds of one side ("ours" or "torch") of a row; prefix "graph_" for replays."""
+    if side not in ("ours", "torch"):
+        raise ValueError(f"side must be 'ours' or 'torch', got {side!r}")
+    keys = (f"{side}_{prefix}min_ms", f"{side}_{prefix}ms", f"{side}_{prefix}max_ms")
+    missing = [key for key in keys if key not in row]
+    if missing:
+        raise ValueError(f"row lacks {missing}")
+    return "/".join(f"{1e3 * row[key]:.1f}" for key in keys)
+
+
+def ratio_range(row: dict, prefix: str = "") -> tuple[float, float]:
+    """The ratio ours/torch between its extremes: (torch min / ours max, torch max / ours min)."""
+    try:
+        return (row[f"torch_{prefix}min_ms"] / row[f"ours_{prefix}max_ms"],
+                row[f"torch_{prefix}max_ms"] / row[f"ours_{prefix}min_ms"])
+    except KeyError as err:
+        raise ValueError(f"row lacks {err.args[0]!r}") from None
+
+
 def spread_table(rows: list[dict]) -> str:
-    """Each side's fastest, median and slowest run in microseconds, eager and (if timed) as graph replays."""
-    lines = [f"{'kernel':24s} {'shape':>22s} {'eager us: ours min/med/max':>27s} {'torch min/med/max':>19s} "
-             f"{'ratio':>5s} {'graph us: ours min/med/max':>27s} {'torch min/med/max':>19s} {'ratio':>5s}"]
+    """Each side's fastest, median and slowest run in microseconds, eager and (if timed) as graph replays.
+
+    After each ratio of medians, its range between the extremes (ratio_range).
+    """
+    lines = [f"{'kernel':34s} {'shape':>22s} {'eager us: ours min/med/max':>27s} {'torch min/med/max':>19s} "
+             f"{'ratio':>5s} {'range':>9s} {'graph us: ours min/med/max':>27s} {'torch min/med/max':>19s} "
+             f"{'ratio':>5s} {'range':>9s}"]
     for r in rows:
         cells = []
         for prefix in ("", "graph_"):
             if f"ours_{prefix}ms" not in r:
                 continue
             for side, width in (("ours", 27), ("torch", 19)):
-                keys = (f"{side}_{prefix}min_ms", f"{side}_{prefix}ms", f"{side}_{prefix}max_ms")
-                cells.append(f"{'/'.join(f'{1e3 * r[key]:.1f}' for key in keys):>{width}s}")
-            cells.append(f"{r[prefix + 'ours_over_torch']:5.2f}")
-        lines.append(f"{r['name']:24s} {'x'.join(map(str, r['shape'])):>22s} " + " ".join(cells))
+                cells.append(f"{spread_cell(r, side, prefix):>{width}s}")
+            low, high = ratio_range(r, prefix)
+            cells.append(f"{r[prefix + 'ours_over_torch']:5.2f} {f'{low:.2f}-{high:.2f}':>9s}")
+        lines.append(f"{r['name']:34s} {'x'.join(map(str, r['shape'])):>22s} " + " ".join(cells))
     return "\n".join(lines)
 
 
@@ -384,16 +544,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.manual_seed(0)
     env = environment()
-    rows = [measure(case) for name in (args.names or list(BENCHMARKS)) for case in BENCHMARKS[name]()]
-    print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']} | {env['date']}")
-    print(table(rows))
-    if "decode" in args.names:
-        print(spread_table([r for r in rows if r["name"].startswith("decode")]))
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "-".join(args.names or ["all"])
-    device = env["device"].replace(" ", "_")
-    path = args.out / f"{stem}_{device}_{env['date'][:10]}.json"
-    path.write_text(json.dumps({"environment": env, "results": rows}, indent=2) + "\n")
+    path = args.out / f"{stem}_{env['device'].replace(' ', '_')}_{env['date'][:10]}.json"
+    rows = []
+    for name in args.names or list(BENCHMARKS):
+        for case in BENCHMARKS[name]():
+            row = measure(case)
+            if row is not None:
+                rows.append(row)
+                print(f"  {row['name']} {'x'.join(map(str, row['shape']))} {row['dtype']}: "
+                      f"{row['ours_over_torch']:.2f}x", file=sys.stderr, flush=True)
+            # written after each case, so that a run cut short keeps what it measured
+            path.write_text(json.dumps({"environment": env, "results": rows, "skipped": SKIPPED,
+                                        "complete": False}, indent=2) + "\n")
+    print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']} | {env['date']}")
+    print(table(rows))
+    print("\nspread of every figure (min/median/max of each side's timed runs):")
+    print(spread_table(rows))
+    for line in SKIPPED:
+        print(f"skip: {line}")
+    path.write_text(json.dumps({"environment": env, "results": rows, "skipped": SKIPPED, "complete": True},
+                               indent=2) + "\n")
     print(f"wrote {path}")
     return 0
 

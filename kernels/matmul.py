@@ -16,6 +16,12 @@ Public names, by the section of chapter 03 that teaches them:
     pipeline_bytes: Shared memory for num_stages in-flight (block_m, block_k) and (block_k, block_n) slices.
     prune_configs: Drop autotuning configs whose pipeline does not fit in shared memory for this dtype.
     check_matmul_config: Validate a fixed kernel configuration and return it as a new dict.
+    matmul_split_k_kernel: One range of K of C = A @ B: program (t, s) sums tile t over k in [s K_PER_SPLIT, (s + 1) K_PER_SPLIT).
+    split_k_sum_kernel: C = part[0] + ... + part[S - 1] in float32, rounded once to C's dtype.
+    split_k_count: S minimising (3.7), W(S) = ceil(T S / P) ceil(k_blocks / S); the smallest such S.
+    skinny_config: (config, S) for a product of m <= SKINNY_M rows: a short, K-long tile and the split of (3.7).
+    needs_padding: Whether a (M, K) @ b (K, N) leaves the compiler only one-element loads (pad them first).
+    padded_copy: x (r, c) copied into the top-left corner of a contiguous (rows, cols) buffer of zeros.
     matmul: a @ b with the Triton kernel: float32 accumulation, output in the inputs' dtype.
 """
 
@@ -199,15 +205,187 @@ def check_matmul_config(config: dict) -> dict:
     return dict(config)
 
 
+import functools
+
+SKINNY_M = 128          # at most this many rows: the skinny heuristic instead of autotuning
+PAD_MULTIPLE = 64       # padded sizes and row strides for unaligned operands
+PAD_MIN_FLOPS = 2**33   # pad only products at least this large (the copy must be amortised)
+
+
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+@triton.jit
+def matmul_split_k_kernel(a_ptr, b_ptr, part_ptr, M, N, K, K_PER_SPLIT,
+                          stride_am, stride_ak, stride_bk, stride_bn,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                          WIDEN_BF16: tl.constexpr):
+    """One range of K of C = A @ B: program (t, s) sums tile t over k in [s K_PER_SPLIT, (s + 1) K_PER_SPLIT).
+
+    A: (M, K), B: (K, N), any strides; part: (S, M, N) float32, contiguous, one slice per
+    range. K_PER_SPLIT is a multiple of BLOCK_K. Grid: (ceil(M/BLOCK_M) * ceil(N/BLOCK_N), S).
+
+    Defined in chapter 03 (Tiling), section 3.6 The launcher: sizes, autotuning and checks.
+    """
+    pid_m, pid_n = grouped_program_id(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    split = tl.program_id(1)
+    k_first = split * K_PER_SPLIT
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + (rows % M)[:, None] * stride_am + (k_first + ks)[None, :] * stride_ak
+    b_ptrs = b_ptr + (k_first + ks)[:, None] * stride_bk + (cols % N)[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for step in range(0, tl.cdiv(tl.minimum(K - k_first, K_PER_SPLIT), BLOCK_K)):   # this range's steps
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_left = K - k_first - step * BLOCK_K
+            a = tl.load(a_ptrs, mask=ks[None, :] < k_left, other=0.0)
+            b = tl.load(b_ptrs, mask=ks[:, None] < k_left, other=0.0)
+        if WIDEN_BF16:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    part_ptrs = part_ptr + split * M * N + rows[:, None] * N + cols[None, :]
+    tl.store(part_ptrs, acc, mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+@triton.jit
+def split_k_sum_kernel(part_ptr, c_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    """C = part[0] + ... + part[S - 1] in float32, rounded once to C's dtype.
+
+    part: (S, M, N) float32 and C: (M, N), both contiguous, seen flat (MN = M * N elements).
+    Grid: ceil(MN / BLOCK).
+
+    Defined in chapter 03 (Tiling), section 3.6 The launcher: sizes, autotuning and checks.
+    """
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(part_ptr + s * MN + offs, mask=mask, other=0.0)
+    tl.store(c_ptr + offs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+def split_k_count(tiles: int, k_blocks: int, multiprocessors: int, min_blocks: int = 4, most: int = 16) -> int:
+    """S minimising (3.7), W(S) = ceil(T S / P) ceil(k_blocks / S); the smallest such S.
+
+    tiles: T, output tiles; k_blocks: block steps along K per tile; multiprocessors: P.
+    Each range keeps at least min_blocks steps, and S <= most. Returns 1 when T >= P.
+
+    Defined in chapter 03 (Tiling), section 3.6 The launcher: sizes, autotuning and checks.
+    """
+    for name, value in (("tiles", tiles), ("k_blocks", k_blocks), ("multiprocessors", multiprocessors),
+                        ("min_blocks", min_blocks), ("most", most)):
+        validate.integer(value, name, low=1)
+    if tiles >= multiprocessors:
+        return 1
+    best, best_work = 1, k_blocks * -(-tiles // multiprocessors)
+    for s in range(2, min(most, k_blocks // min_blocks) + 1):
+        work = -(-tiles * s // multiprocessors) * -(-k_blocks // s)
+        if work < best_work:
+            best, best_work = s, work
+    return best
+
+
+def skinny_config(m: int, n: int, k: int, element_size: int, multiprocessors: int) -> tuple[dict, int]:
+    """(config, S) for a product of m <= SKINNY_M rows: a short, K-long tile and the split of (3.7).
+
+    BLOCK_M is m rounded up to a power of two, at least 16. Tiles from the H200 sweep
+    (benchmarks/sweep_matmul_odd.py): 16 or 32 x 128 x 128 with 5 stages, 64 x 256 x 64 with
+    5 stages, 128 x 64 x 128 with 4 stages; 4 warps; BLOCK_K halved for float32 (twice the
+    bytes per slice). S from (3.7) with P / 4 in place of P: a memory-bound product
+    saturates HBM with about a quarter of the multiprocessors streaming B.
+
+    Defined in chapter 03 (Tiling), section 3.6 The launcher: sizes, autotuning and checks.
+    """
+    for name, value in (("m", m), ("n", n), ("k", k), ("element_size", element_size),
+                        ("multiprocessors", multiprocessors)):
+        validate.integer(value, name, low=1)
+    if m > SKINNY_M:
+        raise ValueError(f"m = {m}: the skinny configuration is for at most {SKINNY_M} rows")
+    block_m = max(16, 1 << (m - 1).bit_length())
+    block_n, block_k, stages = {16: (128, 128, 5), 32: (128, 128, 5), 64: (256, 64, 5), 128: (64, 128, 4)}[block_m]
+    if element_size >= 4:
+        block_k //= 2
+    config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8,
+              "num_stages": stages, "num_warps": 4}
+    if pipeline_bytes(block_m, block_n, block_k, stages, element_size) > SHARED_MEMORY_BUDGET:
+        config["num_stages"] = 3
+    tiles = -(-m // block_m) * -(-n // block_n)
+    return config, split_k_count(tiles, -(-k // block_k), max(1, multiprocessors // 4))
+
+
+def needs_padding(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a (M, K) @ b (K, N) leaves the compiler only one-element loads (pad them first).
+
+    True when K, N or a stride other than 1 (of a dimension longer than 1) is not a multiple of
+    16 elements, or a data pointer is not 16-byte aligned.
+
+    Defined in chapter 03 (Tiling), section 3.6 The launcher: sizes, autotuning and checks.
+    """
+    check_matmul_operands(a, b, SUPPORTED_DTYPES)
+    sizes = [a.shape[1], b.shape[1]] + [stride for x in (a, b) for size, stride in zip(x.shape, x.stride())
+                                        if size > 1 and stride != 1]
+    return any(s % 16 for s in sizes) or any(x.data_ptr() % 16 for x in (a, b))
+
+
+def padded_copy(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """x (r, c) copied into the top-left corner of a contiguous (rows, cols) buffer of zeros.
+
+    Defined in chapter 03 (Tiling), section 3.6 The launcher: sizes, autotuning and checks.
+    """
+    validate.tensor(x, "x", dims=2)
+    validate.integer(rows, "rows", low=x.shape[0])
+    validate.integer(cols, "cols", low=x.shape[1])
+    out = x.new_empty((rows, cols))
+    out[: x.shape[0], : x.shape[1]] = x
+    out[x.shape[0]:].zero_()
+    out[: x.shape[0], x.shape[1]:].zero_()
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(index: int) -> int:
+    """Multiprocessor count of CUDA device index (read once)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _split_k_matmul(a, b, c, config, split_k, options):
+    """Launch the split-K kernel and the sum into c; config holds the blocks and launch options."""
+    m, k = a.shape
+    n = b.shape[1]
+    k_blocks = triton.cdiv(k, config["BLOCK_K"])
+    per_split = triton.cdiv(k_blocks, split_k) * config["BLOCK_K"]
+    split_k = triton.cdiv(k, per_split)               # no empty ranges
+    part = torch.empty((split_k, m, n), dtype=torch.float32, device=a.device)
+    grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]), split_k)
+    matmul_split_k_kernel[grid](a, b, part, m, n, k, per_split, a.stride(0), a.stride(1), b.stride(0),
+                                b.stride(1), **options, **config)
+    block = 1024
+    split_k_sum_kernel[(triton.cdiv(m * n, block),)](part, c, m * n, SPLIT_K=split_k, BLOCK=block)
+
+
+SPLIT_K_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_stages": 4, "num_warps": 4}
+MAX_SPLIT_K = 64
+
+
 def matmul(a: torch.Tensor, b: torch.Tensor, *, allow_tf32: bool | None = None,
-           config: dict | None = None) -> torch.Tensor:
+           config: dict | None = None, split_k: int | None = None) -> torch.Tensor:
     """a @ b with the Triton kernel: float32 accumulation, output in the inputs' dtype.
 
     a: (M, K), b: (K, N): float16, bfloat16 or float32, one dtype, on CUDA (or on the CPU
     under Triton's interpreter); any strides. allow_tf32: for float32 inputs, use TF32
     tensor cores; None follows torch.backends.cuda.matmul.allow_tf32 (False by default,
     like torch.matmul). config: a fixed {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"} plus
-    optional "num_warps", "num_stages"; None autotunes when compiled. Returns (M, N).
+    optional "num_warps", "num_stages"; None chooses when compiled (skinny_config for
+    M <= SKINNY_M, zero-padded operands for a large product that needs_padding, else
+    autotuning). split_k: None chooses (S of skinny_config, else 1); an int from 1 to
+    MAX_SPLIT_K sums S ranges of K in the split-K kernel, then adds them. Returns (M, N),
+    a column slice of a padded buffer when N had to be padded.
 
     Defined in chapter 03 (Tiling), section 3.6 The launcher: sizes, autotuning and checks.
     """
@@ -216,6 +394,8 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, allow_tf32: bool | None = None,
         config = check_matmul_config(config)
     if allow_tf32 is not None and not isinstance(allow_tf32, bool):
         raise TypeError(f"allow_tf32 must be a bool or None, got {type(allow_tf32).__name__}")
+    if split_k is not None:
+        validate.integer(split_k, "split_k", low=1, high=MAX_SPLIT_K)
     check_launchable("a", a)
     for name, x in (("a", a), ("b", b)):
         if _max_offset(x) > MAX_OFFSET:
@@ -234,8 +414,21 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, allow_tf32: bool | None = None,
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    if config is None and runtime.MODE == "compiled":
+    choose = config is None and runtime.MODE == "compiled"
+    if choose and m <= SKINNY_M:
+        config, chosen = skinny_config(m, n, k, a.element_size(), _multiprocessors(a.device.index))
+        split_k = chosen if split_k is None else split_k
+    elif choose and split_k is None and 2 * m * n * k >= PAD_MIN_FLOPS and needs_padding(a, b):
+        k_pad, n_pad = (triton.cdiv(size, PAD_MULTIPLE) * PAD_MULTIPLE for size in (k, n))
+        padded = matmul(padded_copy(a, m, k_pad), padded_copy(b, k_pad, n_pad), allow_tf32=allow_tf32)
+        return padded[:, :n]
+    if config is None and (runtime.MODE == "interpreted" or split_k is not None):
+        config = INTERPRETER_CONFIG if runtime.MODE == "interpreted" else SPLIT_K_CONFIG
+    split_k = min(split_k or 1, max(1, MAX_OFFSET // (m * n)))   # the partials' offsets are 32-bit too
+    if split_k > 1:
+        _split_k_matmul(a, b, c, config, split_k, options)
+    elif config is None:
         matmul_kernel_autotuned[grid](*args, **options)
     else:
-        matmul_kernel[grid](*args, **options, **(INTERPRETER_CONFIG if config is None else config))
+        matmul_kernel[grid](*args, **options, **config)
     return c.to(a.dtype) if round_in_torch else c

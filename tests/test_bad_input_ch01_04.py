@@ -11,7 +11,8 @@ from bad_input import assert_clear_error, cases
 from kernels.flash_attention import (backward_configs, check_backward_inputs, check_flash_inputs,
                                      decode_config, decode_splits, flash_attention_backward,
                                      flash_attention_forward, flash_decode, forward_config, head_block)
-from kernels.matmul import check_matmul_config, check_matmul_operands, matmul, pipeline_bytes, prune_configs
+from kernels.matmul import (check_matmul_config, check_matmul_operands, matmul, needs_padding, padded_copy,
+                            pipeline_bytes, prune_configs, skinny_config, split_k_count)
 from kernels.online_softmax import online_softmax_triton, softmax_backward_triton
 from kernels.softmax import as_rows, check_row_kernel_input, fused_launch_config, run_on_rows, softmax_triton
 from lrn_lib.attention import (FlashAttention, attention_reference, causal_visible, check_attention_inputs,
@@ -253,6 +254,30 @@ BAD_CALLS = {
         ("a", lambda: matmul(torch.ones(2, 3, dtype=torch.float64), torch.ones(3, 2, dtype=torch.float64))),
         ("allow_tf32", lambda: matmul(torch.ones(2, 3), torch.ones(3, 2), allow_tf32="yes")),
         ("BLOCK_K", lambda: matmul(torch.ones(2, 3), torch.ones(3, 2), config={**CONFIG, "BLOCK_K": 8})),
+        ("split_k", lambda: matmul(torch.ones(2, 3), torch.ones(3, 2), split_k=0)),
+        ("split_k", lambda: matmul(torch.ones(2, 3), torch.ones(3, 2), split_k=2.0)),
+        ("split_k", lambda: matmul(torch.ones(2, 3), torch.ones(3, 2), split_k=65)),
+    ],
+    "kernels.matmul.split_k_count": [
+        ("tiles", lambda: split_k_count(0, 8, 132)),
+        ("k_blocks", lambda: split_k_count(4, 8.0, 132)),
+        ("multiprocessors", lambda: split_k_count(4, 8, -1)),
+        ("min_blocks", lambda: split_k_count(4, 8, 132, min_blocks=0)),
+    ],
+    "kernels.matmul.skinny_config": [
+        ("m", lambda: skinny_config(129, 64, 64, 2, 132)),
+        ("m", lambda: skinny_config(0, 64, 64, 2, 132)),
+        ("element_size", lambda: skinny_config(16, 64, 64, 0, 132)),
+        ("multiprocessors", lambda: skinny_config(16, 64, 64, 2, True)),
+    ],
+    "kernels.matmul.needs_padding": [
+        ("a", lambda: needs_padding(torch.ones(3), torch.ones(3, 2))),
+        ("b", lambda: needs_padding(torch.ones(2, 3), torch.ones(4, 2))),
+    ],
+    "kernels.matmul.padded_copy": [
+        ("x", lambda: padded_copy(torch.ones(3), 4, 4)),
+        ("rows", lambda: padded_copy(torch.ones(3, 2), 2, 4)),
+        ("cols", lambda: padded_copy(torch.ones(3, 2), 4, 1.5)),
     ],
     # ---------------------------------------------------------------- chapter 04
     "lrn_lib.attention.check_attention_inputs": [

@@ -299,3 +299,122 @@ def test_compiled_kernel_rejects_cpu_tensors():
 
     with pytest.raises(ValueError, match="a is on cpu"):
         matmul(torch.randn(2, 3), torch.randn(3, 2))
+
+
+# ------------------------------------------------------------------ skinny, small-K and unaligned shapes (3.6)
+
+def test_split_k_count_splits_only_when_tiles_leave_multiprocessors_idle():
+    from kernels.matmul import split_k_count
+
+    assert split_k_count(132, 64, 132) == 1                 # a full wave: W(S) >= W(1)
+    assert split_k_count(1000, 512, 132) == 1
+    assert split_k_count(64, 64, 132) == 2                  # W = 64, 32, 44, 32: the smallest best S
+    assert split_k_count(8, 64, 132) == 16                  # capped by most
+    assert split_k_count(8, 64, 132, most=64) == 16         # capped by min_blocks: 64 // 4
+    assert split_k_count(8, 7, 132) == 1                    # too few steps to share
+    for tiles, k_blocks, p in [(1, 100, 7), (5, 33, 16), (64, 128, 132), (100, 8, 132)]:
+        s = split_k_count(tiles, k_blocks, p)
+        work = [-(-tiles * t // p) * -(-k_blocks // t) for t in range(1, min(16, k_blocks // 4) + 1)]
+        assert work[s - 1] == min(work) and work.index(min(work)) == s - 1
+
+
+def test_skinny_config_rounds_m_up_and_splits_k_only_for_very_few_tiles():
+    from kernels.matmul import SHARED_MEMORY_BUDGET, pipeline_bytes, skinny_config
+
+    for m, block_m in [(1, 16), (16, 16), (17, 32), (64, 64), (100, 128), (128, 128)]:
+        config, s = skinny_config(m, 8192, 8192, 2, 132)
+        assert config["BLOCK_M"] == block_m and s == 1       # >= 32 tiles: a quarter of 132 streams B
+        assert pipeline_bytes(config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"], config["num_stages"],
+                              2) <= SHARED_MEMORY_BUDGET
+    config, s = skinny_config(16, 8192, 8192, 4, 132)
+    assert config["BLOCK_K"] == 64 and pipeline_bytes(16, 128, 64, config["num_stages"], 4) <= SHARED_MEMORY_BUDGET
+    assert skinny_config(128, 1024, 8192, 2, 132) == (skinny_config(128, 1024, 8192, 2, 132)[0], 2)  # 16 tiles
+    assert skinny_config(16, 512, 8192, 2, 132)[1] == 8      # 4 tiles on 33: W(8) = 1 x 8 steps
+    with pytest.raises(ValueError, match="m = 129"):
+        skinny_config(129, 8192, 8192, 2, 132)
+
+
+def test_needs_padding_sees_unaligned_sizes_and_strides():
+    from kernels.matmul import needs_padding
+
+    a, b = torch.randn(33, 64), torch.randn(64, 48)
+    assert not needs_padding(a, b)                           # M itself may be anything
+    assert needs_padding(torch.randn(33, 65), torch.randn(65, 48))
+    assert needs_padding(a, torch.randn(64, 50))
+    assert needs_padding(torch.randn(64, 33).t(), b)         # column-major a: row stride 1, column stride 33
+    assert not needs_padding(torch.randn(64, 48).t(), torch.randn(64, 32))
+    assert needs_padding(torch.randn(40, 65)[:, 1:], b)      # a pointer one element past alignment
+
+
+def test_padded_copy_keeps_the_corner_and_zeros_the_rest():
+    from kernels.matmul import padded_copy
+
+    x = torch.randn(70, 45).t()                              # (45, 70), column-major
+    out = padded_copy(x, 64, 128)
+    assert out.shape == (64, 128) and out.is_contiguous() and torch.equal(out[:45, :70], x)
+    assert out[45:].abs().sum() == 0 and out[:, 70:].abs().sum() == 0
+    with pytest.raises(ValueError, match="cols"):
+        padded_copy(x, 64, 69)
+
+
+@needs_triton
+@interpreter_only
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("m,n,k,split_k", [(1, 1, 1, 2), (17, 40, 100, 2), (33, 65, 64, 3), (5, 70, 129, 5),
+                                           (40, 3, 300, 64), (100, 77, 300, 4)])
+def test_split_k_kernel_matches_float64_in_the_interpreter(m, n, k, split_k, dtype):
+    from kernels.matmul import matmul
+
+    a, b = operands(m, n, k, dtype)
+    c = matmul(a, b, split_k=split_k)
+    assert c.is_contiguous()
+    assert_close_to_float64(c, a, b)
+
+
+@needs_triton
+@interpreter_only
+def test_split_k_kernel_reads_strided_operands_and_takes_a_fixed_config():
+    from kernels.matmul import matmul
+
+    a = torch.randn(90, 30).t().to(torch.float16)              # (30, 90), column-major
+    b = torch.randn(90, 99)[:, 1::3].to(torch.float16)         # (90, 33), column stride 3
+    config = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}
+    assert_close_to_float64(matmul(a, b, config=config, split_k=3), a, b)
+    assert_close_to_float64(matmul(a, b, split_k=1), a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("m,n,k", [(1, 8192, 8192), (16, 4096, 8192), (64, 8192, 8192), (100, 4095, 4093),
+                                   (128, 8192, 8192), (64, 1000, 100), (128, 17, 8192)])
+def test_compiled_skinny_products_match_float64(m, n, k, dtype):
+    from kernels.matmul import matmul
+
+    a, b = operands(m, n, k, dtype, "cuda")
+    assert_close_to_float64(matmul(a, b), a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("m,n,k", [(4097, 4095, 4093), (2049, 3000, 1001), (4096, 4096, 512)])
+def test_compiled_unaligned_and_small_k_products_match_float64(m, n, k, dtype):
+    from kernels.matmul import matmul, needs_padding
+
+    a, b = operands(m, n, k, dtype, "cuda")
+    assert needs_padding(a, b) == (k % 16 != 0 or n % 16 != 0)
+    c = matmul(a, b)
+    assert c.shape == (m, n)
+    assert_close_to_float64(c, a, b)
+    a_t = a.t().contiguous().t()                             # column-major a with an odd stride
+    assert_close_to_float64(matmul(a_t, b), a_t, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split_k", [2, 3, 8])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_compiled_forced_split_k_matches_float64(split_k, dtype):
+    from kernels.matmul import matmul
+
+    for m, n, k in [(300, 500, 4097), (1000, 1000, 1000), (64, 8192, 8192)]:
+        a, b = operands(m, n, k, dtype, "cuda")
+        assert_close_to_float64(matmul(a, b, split_k=split_k), a, b)

@@ -109,3 +109,71 @@ print(runtime.MODE)
     result = run_python("-c", code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "unavailable"
+
+
+# ------------------------------------------------------------------ the benchmark's pure helpers
+
+def test_bench_relative_error_takes_the_worst_of_several_gradients():
+    from kernels.bench import relative_error
+
+    ref = (torch.ones(4), torch.ones(3), 2 * torch.ones(2))
+    ours = (torch.ones(4), torch.ones(3) * 1.1, 2 * torch.ones(2))
+    assert relative_error(ours, ref) == pytest.approx(0.1)
+    assert relative_error(torch.ones(3), torch.ones(3)) == 0
+    assert relative_error((torch.tensor([float("nan")]),), (torch.ones(1),)) == float("inf")
+    with pytest.raises(ValueError, match="equally long"):
+        relative_error(ours[:2], ref)
+    with pytest.raises(ValueError, match="shape"):
+        relative_error(torch.ones(3), torch.ones(4))
+    with pytest.raises(TypeError, match="ours"):
+        relative_error([1.0], [torch.ones(1)])
+
+
+def test_bench_attention_flops_counts_pairs_bottom_right():
+    from kernels.bench import attention_flops
+
+    assert attention_flops(2, 3, 5, 7, 4, False) == 4 * 2 * 3 * 5 * 7 * 4
+    assert attention_flops(1, 1, 4, 4, 1, True) == 4 * (1 + 2 + 3 + 4)          # square: the lower triangle
+    assert attention_flops(1, 1, 2, 5, 1, True) == 4 * (4 + 5)                  # the queries are the last 2 keys
+    assert attention_flops(1, 1, 5, 2, 1, True) == 4 * (0 + 0 + 0 + 1 + 2)      # early queries see no key
+    with pytest.raises(ValueError, match="head_dim"):
+        attention_flops(1, 1, 1, 1, 0, True)
+    with pytest.raises(TypeError, match="causal"):
+        attention_flops(1, 1, 1, 1, 1, "yes")
+
+
+def test_bench_spread_cells_and_ratio_range():
+    from kernels.bench import ratio_range, spread_cell, spread_table
+
+    row = {"name": "x", "shape": [2, 3], "ours_ms": 0.002, "ours_min_ms": 0.001, "ours_max_ms": 0.004,
+           "torch_ms": 0.004, "torch_min_ms": 0.003, "torch_max_ms": 0.008, "ours_over_torch": 2.0}
+    assert spread_cell(row, "ours") == "1.0/2.0/4.0"
+    assert ratio_range(row) == pytest.approx((0.75, 8.0))
+    line = spread_table([row]).splitlines()[1]
+    assert "1.0/2.0/4.0" in line and "3.0/4.0/8.0" in line and "0.75-8.00" in line
+    with pytest.raises(ValueError, match="side"):
+        spread_cell(row, "theirs")
+    with pytest.raises(ValueError, match="graph_"):
+        ratio_range(row, "graph_")
+
+
+def test_bench_compile_anchor_compiles_or_reports_a_skip_line(capsys):
+    from kernels import bench
+
+    compiled = bench.compile_anchor(lambda x: torch.softmax(x, -1), torch.randn(3, 5), label="t", backend="eager")
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(compiled(x), torch.softmax(x, -1))
+
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("no compiler in this test")
+
+    before = len(bench.SKIPPED)
+    assert bench.compile_anchor(lambda x: x.exp() + 1, torch.randn(3), label="softmax/compile t",
+                                backend=broken_backend) is None
+    assert len(bench.SKIPPED) == before + 1
+    out = capsys.readouterr().out
+    assert out.startswith("skip: softmax/compile t: torch.compile failed here")
+    with pytest.raises(TypeError, match="fn"):
+        bench.compile_anchor(3, label="t")
+    with pytest.raises(ValueError, match="label"):
+        bench.compile_anchor(torch.exp, label="")
