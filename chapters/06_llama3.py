@@ -295,7 +295,8 @@ def rope_cos_sin(positions: torch.Tensor, omega: torch.Tensor, dtype: torch.dtyp
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, H, T, hd) by (6.5), pairing coordinate i with i + hd/2; cos, sin (T, hd)."""
+    """Rotate x (B, H, T, hd) by (6.5), pairing coordinate i with i + hd/2; cos, sin (T, hd). The result keeps
+    x's dtype, so bfloat16 q, k stay bfloat16 next to v when the tables are float32 (autocast training)."""
     validate.tensor(x, "x", dims=range(2, 8), kind="float")
     if x.shape[-1] % 2:
         raise ValueError(f"x has shape {tuple(x.shape)}: its head dimension must be even to form rotation pairs")
@@ -304,7 +305,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
             raise ValueError(f"{name} has shape {tuple(t.shape)}; x {tuple(x.shape)} needs {tuple(x.shape[-2:])}")
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin                                                   # (6.5)
+    return (x * cos + rotated * sin).to(x.dtype)                                     # (6.5)
 
 
 # %% [markdown]

@@ -15,7 +15,7 @@ Public names, by the section of chapter 06 that teaches them:
     RMSNorm: x / sqrt(mean(x^2) + eps) * weight over the last dimension (6.2); x (..., dim).
     rope_frequencies: Rotation frequencies omega_i (head_dim // 2,) float64, with Llama 3.1 scaling if configured.
     rope_cos_sin: cos and sin of the angles m * omega_i for positions (T,): each (T, head_dim), halves repeated.
-    apply_rope: Rotate x (B, H, T, hd) by (6.5), pairing coordinate i with i + hd/2; cos, sin (T, hd).
+    apply_rope: Rotate x (B, H, T, hd) by (6.5), pairing coordinate i with i + hd/2; cos, sin (T, hd). The result keeps
     causal_attention: Causal GQA attention with chapter 4's flash_attention: q (B, H, T, hd), k, v (B, Hkv, S, hd) -> (B, H, T, hd).
     check_mask: Raise unless mask is a bool (B or 1, 1, T, S) table for q (B, H, T, hd), k (B, Hkv, S, hd); returns it.
     sdpa_attention: GQA attention through torch's fused scaled_dot_product_attention: q (B, H, T, hd), k, v (B, Hkv, S, hd)
@@ -240,7 +240,8 @@ def rope_cos_sin(positions: torch.Tensor, omega: torch.Tensor, dtype: torch.dtyp
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, H, T, hd) by (6.5), pairing coordinate i with i + hd/2; cos, sin (T, hd).
+    """Rotate x (B, H, T, hd) by (6.5), pairing coordinate i with i + hd/2; cos, sin (T, hd). The result keeps
+    x's dtype, so bfloat16 q, k stay bfloat16 next to v when the tables are float32 (autocast training).
 
     Defined in chapter 06 (The Llama 3 model), section 6.1 The model.
     """
@@ -252,7 +253,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
             raise ValueError(f"{name} has shape {tuple(t.shape)}; x {tuple(x.shape)} needs {tuple(x.shape[-2:])}")
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin                                                   # (6.5)
+    return (x * cos + rotated * sin).to(x.dtype)                                     # (6.5)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

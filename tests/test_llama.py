@@ -139,6 +139,16 @@ def test_rope_scores_depend_only_on_distance():
     assert abs(score(9, 2) - score(9, 3)) > 1e-6
 
 
+def test_rope_keeps_the_dtype_of_x_when_the_tables_are_float32():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 16, dtype=torch.float64)
+    cos, sin = rope_cos_sin(torch.arange(5), rope_frequencies(tiny_config()), torch.float32)
+    out = apply_rope(x.to(torch.bfloat16), cos, sin)
+    assert out.dtype == torch.bfloat16
+    expected = apply_rope(x.to(torch.bfloat16).double(), cos.double(), sin.double())
+    assert torch.allclose(out.double(), expected, atol=2e-2)
+
+
 def test_llama31_scaling_keeps_short_divides_long_and_interpolates_between():
     s = RopeScaling()
     omega = rope_frequencies(replace(LLAMA3_8B, rope_scaling=None))

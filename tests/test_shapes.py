@@ -1,5 +1,4 @@
 """Chapter 14: the generated shapes world, the simulated prompts and the interactive metrics."""
-import math
 
 import numpy as np
 import pytest
