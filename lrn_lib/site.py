@@ -78,6 +78,7 @@ MACHINERY_LINE = re.compile(r"^\s*(# NBVAL_[A-Z_]+|#\|.*)\s*$")
 # The title a figure's cell gives it: the first plain string literal (not an f-string) passed to a title call.
 FIGURE_TITLE = re.compile(r"""(?:suptitle|set_title|plt\.title)\(\s*(["'])(.+?)(?<!\\)\1""")
 DISPLAY_MATH = re.compile(r"\$\$.+?\$\$", re.DOTALL)
+INLINE_DOLLAR = re.compile(r"(?<!\\)\$")  # an inline-math delimiter: a dollar sign not escaped
 SECTION_TEXT_CHARS = 180  # how much of a section's text the search index keeps
 FRONT_LABEL = "About the book"  # the front page's name in the sidebar and in search results
 SIDEBAR_SLOT = "<!-- book-sidebar -->"  # where a chapter page's sidebar goes once its sections are known
@@ -123,6 +124,7 @@ window.MathJax = {
   <a class="download" href="{{ resources.book.links.download }}" download>Download notebook</a>
   <a class="source" href="{{ resources.book.links.source }}">View source</a>
   <a class="colab" href="{{ resources.book.links.colab }}">Open in Colab</a>
+  <span class="colab-setup">(in Colab, run <code>{{ resources.book.links.colab_setup }}</code> first)</span>
 </p>
 <main>
 {%- endblock body_header -%}
@@ -288,6 +290,11 @@ def colab_url(book: Book, notebook: Path) -> str:
            f"{notebook.relative_to(book.root).as_posix()}"
 
 
+def colab_setup(book: Book) -> str:
+    """The first cell a Colab reader runs: it installs the book's library, which every chapter imports."""
+    return f"!pip install git+{repository_url(book)}"
+
+
 def slug(title: str) -> str:
     """A heading's anchor as GitHub makes it: lower case, punctuation dropped, spaces to hyphens."""
     return re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
@@ -373,11 +380,14 @@ def reader_notebook(chapter: Chapter):
 
 def snippet(text: str, limit: int = SECTION_TEXT_CHARS) -> str:
     """The first ``limit`` characters of a text, display equations left out, whitespace folded,
-    cut at a word."""
+    cut at a word and never inside inline math (the search results typeset it)."""
     text = " ".join(DISPLAY_MATH.sub(" ", text).split())
     if len(text) <= limit:
         return text
-    return text[:limit].rsplit(" ", 1)[0] + " ..."
+    cut = text[:limit].rsplit(" ", 1)[0]
+    if len(INLINE_DOLLAR.findall(cut)) % 2:
+        cut = cut[:[m.start() for m in INLINE_DOLLAR.finditer(cut)][-1]].rstrip()
+    return cut + " ..."
 
 
 def page_sections(html: str) -> list[Section]:
@@ -422,7 +432,7 @@ def render_chapter(exporter: HTMLExporter, book: Book, chapter: Chapter, prev: C
     """The HTML page of one written chapter, rendered from its executed notebook, and its sections."""
     nav = {"prev": chapter_link(prev), "next": chapter_link(next_), "book_title": book.title}
     links = {"download": f"{NOTEBOOKS}/{chapter.notebook.name}", "source": blob_url(book, chapter.source),
-             "colab": colab_url(book, chapter.notebook)}
+             "colab": colab_url(book, chapter.notebook), "colab_setup": colab_setup(book)}
     resources = {"metadata": {"name": f"{chapter.id} {chapter.title} | {book.title}"},
                  "book": {"nav": nav, "links": links, "static": STATIC, "search_index": SEARCH_INDEX}}
     html, _ = exporter.from_notebook_node(reader_notebook(chapter), resources=resources)

@@ -23,6 +23,7 @@ webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is a dev 
 from selenium.webdriver.common.by import By  # noqa: E402  (after the skip above)
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 BOOK = load_book(Path(__file__).resolve().parent.parent)
 WRITTEN = [c for c in BOOK.chapters if c.written]
@@ -216,8 +217,8 @@ def test_the_books_machinery_is_hidden_from_the_rendered_code(parsed: dict[str, 
     assert any('"#| export' in c.notebook.read_text() for c in WRITTEN)
 
 
-def test_each_chapter_page_links_its_notebook_its_source_and_colab(built: Path,
-                                                                   parsed: dict[str, BeautifulSoup]) -> None:
+def test_each_chapter_page_links_its_notebook_its_source_and_colab_with_its_install_line(
+        built: Path, parsed: dict[str, BeautifulSoup]) -> None:
     assert re.fullmatch(r"https://github\.com/[\w.-]+/[\w.-]+", BOOK.repository)
     owner_name = urlsplit(BOOK.repository).path.strip("/")
     for chapter in WRITTEN:
@@ -230,6 +231,7 @@ def test_each_chapter_page_links_its_notebook_its_source_and_colab(built: Path,
                                  f"chapters/{chapter.notebook.name}")
         assert [a.get_text() for a in (download, source, colab)] == ["Download notebook", "View source",
                                                                      "Open in Colab"]
+        assert links.select_one(".colab-setup code").get_text() == f"!pip install git+{BOOK.repository}"
 
 
 def test_every_figure_has_alt_text_naming_it(parsed: dict[str, BeautifulSoup]) -> None:
@@ -329,6 +331,20 @@ def phone_visits(built: Path, browser: WebDriver) -> dict[str, dict]:
     finally:
         browser.set_window_size(1280, 1400)
     return facts
+
+
+def test_search_results_typeset_the_math_of_their_snippets(built: Path, browser: WebDriver) -> None:
+    index = (built / site.SEARCH_INDEX).read_text(encoding="utf-8")
+    entries = json.loads(index[index.index("["):index.rindex("]") + 1])
+    entry = next(e for e in entries if e["page"] != "index.html" and "$" in e["text"] and "$" not in e["title"])
+    assert entry["text"].count("$") % 2 == 0, "a snippet cut inside inline math"
+    browser.get((built / entry["page"]).as_uri())
+    wait_for_math(browser)
+    browser.find_element(By.ID, "book-search").send_keys(entry["title"])
+    typeset = WebDriverWait(browser, 10).until(
+        lambda driver: driver.find_elements(By.CSS_SELECTOR, "#book-search-results mjx-container svg"))
+    assert typeset, f"no typeset math in the results for {entry['title']!r}"
+    assert console_errors(browser) == []
 
 
 def test_a_phone_screen_needs_no_sideways_scrolling_and_wide_equations_scroll(phone_visits: dict[str, dict]) -> None:

@@ -71,6 +71,7 @@
       item.appendChild(link);
       list.appendChild(item);
     });
+    if (window.MathJax && window.MathJax.typesetPromise) { window.MathJax.typesetPromise([list]); }
   }
 
   function setUpSearch() {
