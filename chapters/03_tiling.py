@@ -942,13 +942,20 @@ from kernels.matmul import matmul
 shapes = config.pick(cpu=[(1, 1, 1), (17, 1000, 33), (1000, 17, 1), (1, 17, 1000), (100, 77, 300)],
                      gpu=[(1, 1, 1), (17, 1000, 33), (1000, 17, 1), (1, 17, 1000), (4097, 1000, 4095),
                           (4096, 4096, 4096)])
+
+
+def report_closeness(m: int, n: int, k: int, dtype: torch.dtype, label: str = "", **options) -> None:
+    """Multiply fresh random (m, k) and (k, n) operands of dtype and say if it is close to float64."""
+    a = torch.randn(m, k, device=config.DEVICE).to(dtype)
+    b = torch.randn(k, n, device=config.DEVICE).to(dtype)
+    print(f"{label}M, N, K = {m:4d}, {n:4d}, {k:4d}  {str(dtype):15s} close to float64: "
+          f"{close_to_float64(matmul(a, b, **options), a, b)}")
+
+
 if kernels.runtime.MODE != "unavailable":
     for m, n, k in shapes:
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
-            a = torch.randn(m, k, device=config.DEVICE).to(dtype)
-            b = torch.randn(k, n, device=config.DEVICE).to(dtype)
-            print(f"M, N, K = {m:4d}, {n:4d}, {k:4d}  {str(dtype):15s} close to float64: "
-                  f"{close_to_float64(matmul(a, b), a, b)}")
+            report_closeness(m, n, k, dtype)
 else:
     print("(skipped: needs Triton)")
 
@@ -978,10 +985,7 @@ print("skinny_config(64, 8192, 8192) in bfloat16 on 132 multiprocessors:", skinn
 if kernels.runtime.MODE != "unavailable":
     for m, n, k, s in [(5, 40, 100, 3), (33, 17, 250, 8)]:
         for dtype in (torch.bfloat16, torch.float32):
-            a = torch.randn(m, k, device=config.DEVICE).to(dtype)
-            b = torch.randn(k, n, device=config.DEVICE).to(dtype)
-            print(f"split_k = {s}, M, N, K = {m:2d}, {n:2d}, {k:3d}  {str(dtype):14s} close to float64: "
-                  f"{close_to_float64(matmul(a, b, split_k=s), a, b)}")
+            report_closeness(m, n, k, dtype, label=f"split_k = {s}, ", split_k=s)
 else:
     print("(skipped: needs Triton)")
 
