@@ -1172,6 +1172,17 @@ else:
 # to 2x between repeats of one configuration on that machine, so their ratios need
 # repeated runs before anyone trusts the second digit.
 #
+# Through the public `matmul()` these small products fare worse: the full
+# `python -m kernels.bench` of 2026-12-03 measured 0.33x cuBLAS at $K = 512$ and 0.78x at
+# $M = 64$ (medians). The kernel is not the cause. Called back to back
+# (`benchmarks/launch_overhead_matmul.py`, results beside the others), the kernel launched
+# with the autotuner's best tile queues at 35 microseconds per call at $K = 512$ against
+# cuBLAS's 30.5, but one `matmul()` call spends about 100 microseconds on the host: 9 in
+# the argument checks, 22 in Triton's autotuner, 31 in Triton's launcher, the rest in our
+# launcher's choices and the output's allocation. A 30-microsecond product is bound by the
+# host, not by the GPU; a cached launch plan or a CUDA graph would be the cure, not a better
+# tile.
+#
 # ## 3.8 Why attention does not tile like this, yet
 #
 # Attention for one head computes $S = QK^\top / \sqrt{d}$, then $P = \mathrm{softmax}(S)$
