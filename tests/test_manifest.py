@@ -1,5 +1,6 @@
 """book.toml is the single chapter list: the files, the README, the packaging and the
 import order of the library must all agree with it."""
+import importlib.metadata
 import re
 from pathlib import Path
 
@@ -87,6 +88,14 @@ def test_environment_yml_lists_the_same_packages_as_pyproject():
              if line.startswith("  - ") and not line.strip().endswith(":")]
     have = requirement_names(conda) - {"python", "pip"}
     assert have == wanted
+
+
+def test_no_other_installed_distribution_claims_the_kernels_import_name():
+    """The book's kernels/ package shadows any other `kernels`, such as Hugging Face's, which
+    transformers 5.25 requires and then fails to import (pyproject.toml pins transformers below it)."""
+    others = sorted(set(importlib.metadata.packages_distributions().get("kernels", [])) - {"lrn-book"})
+    assert not others, f"{others} also install `import kernels`, which the book's kernels/ shadows: " \
+                       f"pip uninstall {' '.join(others)}"
 
 
 def test_each_chapters_exercises_import_only_modules_of_that_chapter_or_earlier():
