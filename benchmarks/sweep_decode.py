@@ -1,11 +1,11 @@
-"""Sweep the split-key decoding kernels of chapter 4 (section 4.11) on a CUDA GPU (hand-written tuning tool).
+"""Sweep the split-key decoding kernels of chapter 6 (section 6.4) on a CUDA GPU (hand-written tuning tool).
 
     python benchmarks/sweep_decode.py
 
 For a few decoding shapes (bf16, head_dim 128, batch 1, no mask), times flash_decode while
 (a) the number of key chunks varies with the library's block sizes, and (b) the split kernel's
 (BLOCK_N, num_warps, num_stages) varies with the library's number of chunks, checking each
-result against the library's choice. The launcher reads kernels.flash_attention.decode_config
+result against the library's choice. The launcher reads kernels.flash_decoding.decode_config
 at call time, so the sweep swaps that function. SDPA's FlashAttention-2 backend is timed
 alongside. Results: benchmarks/results/decode_sweep_*.txt.
 """
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import kernels.flash_attention as fa
+import kernels.flash_decoding as fa
 from kernels.bench import graph_times, rotating_sets
 
 SHAPES = [  # (H, Hkv, Nq, Nk)

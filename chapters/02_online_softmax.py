@@ -21,8 +21,8 @@
 # softmax", arXiv:1805.02867), and then finds the idea underneath it: the pair
 # (running maximum, rescaled running sum) is a small *state* with an associative merge.
 # That merge is what lets FlashAttention (chapter 4) split a row across blocks, ring
-# attention (chapter 6) split it across devices, and split-K decoding split it across
-# programs, and it is written once, here, in `lrn_lib.online_softmax`. The chapter ends
+# attention (chapter 8) split it across devices, and flash-decoding (chapter 6) split it
+# across programs, and it is written once, here, in `lrn_lib.online_softmax`. The chapter ends
 # with softmax's backward pass.
 
 # %%
@@ -154,7 +154,7 @@ plt.show()
 # \qquad (2.3)$$
 #
 # which is the form FlashAttention-2 saves for its backward pass (chapter 4) and ring
-# attention passes between devices (chapter 6). With $\ell$ the softmax is simply
+# attention passes between devices (chapter 8). With $\ell$ the softmax is simply
 # $y_i = e^{x_i - \ell}$.
 
 # %%
@@ -417,7 +417,7 @@ else:
 # row is long, one program per row gives few programs: 1024 rows on 132 streaming
 # multiprocessors is fewer than 8 per multiprocessor, enough here but not for a handful of
 # very long rows, where the row itself would have to be split over programs and the
-# states merged with (2.2) (split-K, as decoding kernels do).
+# states merged with (2.2), as the decoding kernels of chapter 6 do.
 #
 # On the CPU we can only draw the model; on a GPU the next cell measures all three
 # kernels and `torch.softmax` over row lengths, with the total size fixed.

@@ -24,15 +24,14 @@
 # This chapter builds the model itself (sections 6.1 to 6.3): the configuration and its
 # parameter and FLOP counts, RMSNorm, rotary embeddings, grouped-query attention and SwiGLU,
 # checked against Hugging Face `transformers`' implementation; generation with a KV cache;
-# and a small training run. The next four chapters split its training step across processes:
+# and a small training run. Section 6.4 writes the GPU kernels a generation step wants
+# (flash-decoding: a few queries against a long cache), on top of chapter 4's. The next four chapters split its training step across processes:
 # chapter 7 builds the process mesh and tensor parallelism, chapter 8 context parallelism,
 # chapter 9 pipeline and data parallelism and all four at once, and chapter 10 runs the same
 # model through PyTorch's own engine and accounts for where the 405B model's bytes go.
 
 # %%
 import math
-import subprocess
-import sys
 import time
 
 import matplotlib.pyplot as plt
@@ -86,7 +85,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lrn_lib import corpus, validate
-from lrn_lib.attention import check_attention_inputs, flash_attention
+from lrn_lib.attention import check_attention_inputs, flash_attention, kernel_can_run
 from lrn_lib.moe import MoELayer
 
 
@@ -350,7 +349,8 @@ print("kept:", int((scaled == base).sum()), " divided by 8:", int(torch.isclose(
 # and keys, and lets chapter 4's `flash_attention` do the rest: it handles GQA by mapping
 # query head $j$ to KV head $j / (n_h / n_{kv})$ and uses the bottom-right causal mask, so
 # the same call serves training (queries = keys) and generation with a KV cache (a few new
-# queries against all cached keys). The way $q$, $k$, $v$ meet is a replaceable attribute,
+# queries against all cached keys). On a GPU, a generation step against a long cache takes
+# the split-key kernels of section 6.4 instead. The way $q$, $k$, $v$ meet is a replaceable attribute,
 # `attend`: chapter 8 swaps in ring attention there. A model that needs another pattern than
 # causal for one call (padding, a local window, a prompt's blocks) passes a boolean `mask`
 # through `forward` instead; `sdpa_attention` then runs PyTorch's fused attention with it,
@@ -366,7 +366,12 @@ print("kept:", int((scaled == base).sum()), " divided by 8:", int(torch.isclose(
 # %%
 #| export lrn_lib.llama
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal GQA attention with chapter 4's flash_attention: q (B, H, T, hd), k, v (B, Hkv, S, hd) -> (B, H, T, hd)."""
+    """Causal GQA attention: q (B, H, T, hd), k, v (B, Hkv, S, hd) -> (B, H, T, hd). A decoding step on a GPU
+    (kernels.flash_decoding.is_decoding_step) runs flash_decode of section 6.4, any other call flash_attention."""
+    from kernels.flash_decoding import flash_decode, is_decoding_step   # section 6.4
+
+    if kernel_can_run(q) and is_decoding_step(q, k, v):
+        return flash_decode(q, k, v, causal=True)[0]
     return flash_attention(q, k, v, causal=True)
 
 
@@ -578,14 +583,20 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 # $10^{-10}$, and greedy generations to agree token for token. `transformers` is a test
 # dependency only, so the notebook does not import it.
 #
-# The name mapping lives in the library, so that a reader can also load real weights saved
-# by `transformers` (its `state_dict()`, or the tensors of a `model.safetensors` file) into
-# our model. Meta's own checkpoints already use our names, but pair RoPE's coordinates the
+# The name mapping lives in the library (`lrn_lib.llama_transformers`), so that a reader
+# can also load real weights saved by `transformers` (its `state_dict()`, or the tensors of
+# a `model.safetensors` file) into our model. Meta's own checkpoints already use our names, but pair RoPE's coordinates the
 # other way (section 6.1): their `wq` and `wk` rows need the permutation that `transformers`'
 # conversion script applies before they load.
 
 # %%
-#| export lrn_lib.llama
+#| export lrn_lib.llama_transformers
+"""Loading Hugging Face `transformers` Llama weights into lrn_lib.llama.Llama: the parameter name mapping and
+a state-dict loader."""
+import torch
+
+from lrn_lib import llama, validate   # the module, not its names: the notebook keeps its own Llama
+
 TRANSFORMERS_NAMES = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head",
                       "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
                       "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
@@ -608,13 +619,13 @@ def transformers_name(name: str) -> str:
         raise ValueError(f"name {name!r} is not a parameter name of lrn_lib.llama.Llama") from None
 
 
-def load_transformers_state_dict(model: "Llama", state_dict: dict[str, torch.Tensor]) -> None:
+def load_transformers_state_dict(model: llama.Llama, state_dict: dict[str, torch.Tensor]) -> None:
     """Copy a transformers LlamaForCausalLM state dict into `model` in place (dense SwiGLU models).
 
     Every parameter of `model` must be present with its shape; a tied model needs no
     lm_head.weight. Raises ValueError naming the first missing or mis-shaped tensor.
     """
-    if not isinstance(model, Llama):
+    if not isinstance(model, llama.Llama):
         raise TypeError(f"model must be an lrn_lib.llama.Llama, got {type(model).__name__}")
     if not isinstance(state_dict, dict):
         raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
@@ -811,6 +822,345 @@ print(bytes(generate(model, prompt, SEQ - prompt.shape[1])[0].tolist()).decode("
 print("held-out loss below 3 nats per byte:", held_out_loss < 3.0)
 
 # %% [markdown]
+# ## 6.4 Flash-decoding: a few queries against a long cache
+#
+# Every step of `generate` after the prompt runs attention with one new query per sequence
+# (or a handful, when a draft model proposes several tokens) against every key in the KV
+# cache: $N_q$ from 1 to 16, $N_k$ from a thousand to a hundred thousand. Chapter 4's
+# forward kernel (section 4.5) fits this badly for three reasons. It gives each program
+# $B_r = 128$ query rows, so with $N_q = 1$ it computes 127 rows of padding. It runs one
+# program per (batch, head), so a batch of one with 32 heads starts 32 programs on a GPU with
+# 132 multiprocessors, and each of them walks all $N_k$ keys alone. And with grouped-query
+# attention every query head reads its key/value head again: with 32 query heads on 8
+# key/value heads, $K$ and $V$ come from memory four times. At these shapes attention moves
+# $2 N_k d$ numbers per key/value head and does only $4 N_q G$ operations per number moved
+# ($G$ query heads per key/value head), so it is bound by memory bandwidth, and the only aims
+# are to read $K$ and $V$ once and to keep every multiprocessor reading.
+#
+# Flash-decoding (Dao, Haziza, Massa and Sizov 2023, the "Flash-Decoding for long-context
+# inference" post of the PyTorch blog) does both:
+#
+# * **Pack the group.** One program takes the $G N_q$ query rows of one key/value head (all
+#   of its query heads, all the queries), so the rows of a $\tilde S$ block are
+#   (query head, query) pairs and each $K$, $V$ block is read once for all of them. With
+#   $G N_q \ge 16$ the tensor-core products are no longer mostly padding.
+# * **Split the keys.** The key range is cut into $S$ chunks of equal length, and a program
+#   per (chunk, batch x key/value head) runs the forward kernel's loop over its chunk only,
+#   writing a partial result: $O_s$ normalized over its own keys and
+#   their log-sum-exp $L_s$ (rows whose chunk holds no visible key get $O_s = 0$,
+#   $L_s = -\infty$).
+# * **Merge by log-sum-exp.** A second small kernel combines the $S$ partials of every row,
+#   which is chapter 2's merge of softmax states applied to whole outputs:
+#
+# $$L = \log \sum_{s=1}^{S} e^{L_s}, \qquad O = \sum_{s=1}^{S} e^{L_s - L}\, O_s \qquad (6.7)$$
+#
+# (computed with the largest $L_s$ subtracted first, in base 2 like the kernels). The number
+# of chunks is chosen so that there are about four programs per multiprocessor, with at
+# least two key blocks per chunk. (`benchmarks/sweep_decode.py` found fewer chunks, about one
+# program per multiprocessor, 14 to 21% faster at the shapes it swept on an H200: more chunks
+# mean more partials to write and merge and shorter loops. That choice is not yet adopted.)
+#
+# The inner loop is `_attend_range`, the key loop of chapter 4's forward kernel, unchanged:
+# the causal mask (bottom-right aligned, so query $i$ of $N_q$ sees keys up to
+# $i + N_k - N_q$) takes each row's own query index, which after packing is the row number
+# modulo $N_q$. Only the chunk holding the last $N_q - 1$ keys ever evaluates the mask.
+# There is no backward pass: decoding runs without gradients, and the model's
+# `causal_attention` (section 6.1) uses these kernels only when none is needed, for at most
+# `DECODE_MAX_QUERIES` queries against at least `DECODE_MIN_KEYS` keys, on a GPU
+# (`is_decoding_step`); every other call goes to chapter 4's `flash_attention`. Below that
+# length the two launches cost more host time than the work takes (about 60 µs against 25
+# µs for chapter 4's forward kernel at 1k keys on the H200, called eagerly), so short caches
+# stay on the one-launch kernel.
+
+# %%
+#| export kernels.flash_decoding
+"""Flash-decoding: attention for a generation step, a few queries against a long KV cache.
+
+The key range is split into chunks that run in parallel, each program holding all the query
+heads of one key/value head; a second kernel merges the chunks' partial outputs by their
+log-sum-exp. The key loop is chapter 4's (kernels.flash_attention).
+"""
+import math
+
+import torch
+
+from kernels.flash_attention import (LOG2_E, MAX_HEAD_DIM, _attend_range, _interpreter_dtype, _last_dim_contiguous,
+                                     check_flash_inputs, head_block)
+from kernels.runtime import check_launchable, tl, triton
+from lrn_lib import validate
+
+DECODE_MAX_QUERIES = 16   # causal_attention decodes with the split kernels up to this many queries
+DECODE_MIN_KEYS = 4096    # ... and from this many keys on: shorter caches cost less in one launch
+DECODE_MAX_SPLITS = 256   # the partials of one row: at most this many key chunks
+
+
+@triton.jit
+def flash_decode_split_kernel(
+        q_ptr, k_ptr, v_ptr, o_part_ptr, lse_part_ptr,
+        stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+        n_heads, n_kv_heads, group_size, n_queries, n_keys, n_splits, chunk, causal_offset, qk_scale,
+        CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Partial attention of one key chunk for BLOCK_M packed (query head, query) rows of one kv head.
+
+    q: (B, H, Nq, d); k, v: (B, Hkv, Nk, d), unit stride on d. Grid: (splits, B * Hkv, row
+    blocks of the G * Nq packed rows). Writes o_part: (B, H, Nq, splits, d) float32, O_s
+    normalized over the chunk, and lse_part: (B, H, Nq, splits) float32, L_s in log2 units.
+    """
+    split = tl.program_id(0)
+    bkv = tl.program_id(1)
+    b = (bkv // n_kv_heads).to(tl.int64)
+    kv_h = (bkv % n_kv_heads).to(tl.int64)
+    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)   # packed row = g * Nq + i
+    row_ok = rows < group_size * n_queries
+    query = rows % n_queries                                     # i, for the causal mask
+    head = kv_h * group_size + rows // n_queries                 # query head h = kv_h * G + g
+    offs_d = tl.arange(0, BLOCK_D)
+    q_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(q_ptr + b * stride_qb + head[:, None] * stride_qh + query.to(tl.int64)[:, None] * stride_qm
+                + offs_d[None, :], mask=q_mask, other=0.0)
+    k_base = k_ptr + b * stride_kb + kv_h * stride_kh
+    v_base = v_ptr + b * stride_vb + kv_h * stride_vh
+    lo = split * chunk                                           # chunk is a multiple of BLOCK_N
+    hi = tl.minimum(lo + chunk, n_keys)
+    if CAUSAL:   # keys <= causal_offset are visible to every query
+        all_see = tl.maximum(causal_offset + 1, 0)
+    else:
+        all_see = n_keys
+    unmasked_end = lo + tl.maximum(tl.minimum(hi, all_see) - lo, 0) // BLOCK_N * BLOCK_N
+    o_s, lse2 = _attend_range(q, k_base, v_base, stride_kn, stride_vn, query, offs_d, lo, unmasked_end, hi, n_keys,
+                              causal_offset, qk_scale, CAUSAL, BLOCK_M, BLOCK_D, BLOCK_N, HEAD_DIM)  # O_s, L_s
+    out_row = ((b * n_heads + head) * n_queries + query) * n_splits + split
+    tl.store(o_part_ptr + out_row[:, None] * HEAD_DIM + offs_d[None, :], o_s, mask=q_mask)
+    tl.store(lse_part_ptr + out_row, lse2, mask=row_ok)
+
+
+@triton.jit
+def flash_decode_merge_kernel(o_part_ptr, lse_part_ptr, o_ptr, lse_ptr, stride_ob, stride_oh, stride_om,
+                              n_heads, n_queries, n_splits,
+                              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Merge the split partials of one (batch, head, query) row by (6.7): O and L (natural log).
+
+    o_part: (B, H, Nq, splits, d) float32, lse_part: (B, H, Nq, splits) float32 in log2 units;
+    o: (B, H, Nq, d) in q's dtype, unit stride on d; lse: (B, H, Nq) float32.
+    """
+    row = tl.program_id(0).to(tl.int64)                          # (b * H + h) * Nq + i
+    b = row // (n_heads * n_queries)
+    h = (row // n_queries) % n_heads
+    i = row % n_queries
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_s = tl.full([BLOCK_S], -float("inf"), tl.float32)
+    for s0 in range(0, n_splits, BLOCK_S):                       # pass 1: the largest L_s
+        lse_s = tl.load(lse_part_ptr + row * n_splits + s0 + offs_s, mask=s0 + offs_s < n_splits,
+                        other=-float("inf"))
+        m_s = tl.maximum(m_s, lse_s)
+    m = tl.max(m_s, axis=0)
+    m_safe = tl.where(m == -float("inf"), 0.0, m)                # a row that sees no key at all
+    acc = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
+    total = tl.zeros([BLOCK_S], tl.float32)
+    for s0 in range(0, n_splits, BLOCK_S):                       # pass 2: sum of e^{L_s - m} O_s
+        in_range = s0 + offs_s < n_splits
+        lse_s = tl.load(lse_part_ptr + row * n_splits + s0 + offs_s, mask=in_range, other=-float("inf"))
+        w = tl.math.exp2(lse_s - m_safe)                         # 0 for chunks with no visible key
+        o_s = tl.load(o_part_ptr + (row * n_splits + s0 + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+                      mask=in_range[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        acc += w[:, None] * o_s
+        total += w
+    denom = tl.sum(total, axis=0)                                # e^{L - m}   (6.7)
+    has_keys = denom > 0.0
+    o = tl.sum(acc, axis=0) / tl.where(has_keys, denom, 1.0)
+    lse = tl.where(has_keys, (m_safe + tl.math.log2(tl.where(has_keys, denom, 1.0))) / 1.4426950408889634,
+                   -float("inf"))
+    tl.store(o_ptr + b * stride_ob + h * stride_oh + i * stride_om + offs_d, o.to(o_ptr.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
+    tl.store(lse_ptr + row, lse)
+
+# %% [markdown]
+# The launcher packs nothing in memory: the packing is only the kernel's address arithmetic,
+# so $Q$ in any layout with unit stride on $d$ is read in place. It chooses the blocks
+# (`decode_config`: up to 64 packed rows per program, 64 keys per block for $d \le 128$) and
+# the number of chunks (`decode_splits`), allocates the float32 partials and launches the two
+# kernels. `n_splits` may be given to force a split, which the tests use to exercise chunks
+# that see no key; it is capped at one chunk per key block.
+
+# %%
+#| export kernels.flash_decoding
+def decode_config(head_dim: int, rows: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the split kernel for G * Nq packed rows.
+
+    BLOCK_M is rows rounded up to a power of two, between 16 (tl.dot's minimum) and 64.
+    """
+    validate.integer(head_dim, "head_dim", low=1, high=MAX_HEAD_DIM)
+    validate.integer(rows, "rows", low=1)
+    block_m = min(64, max(16, triton.next_power_of_2(rows)))
+    if head_dim <= 128:
+        return block_m, 64, 4, 3
+    return block_m, 32, 4, 2
+
+
+def decode_splits(programs: int, n_keys: int, block_n: int, n_sm: int) -> int:
+    """Number of key chunks S: about four programs per multiprocessor, at least two key blocks per chunk.
+
+    programs: the programs of one chunk (B * Hkv * row blocks); n_sm: multiprocessors of the GPU.
+    Returns 1 <= S <= DECODE_MAX_SPLITS.
+    """
+    for name, value in (("programs", programs), ("n_keys", n_keys), ("block_n", block_n), ("n_sm", n_sm)):
+        validate.integer(value, name, low=1)
+    wanted = triton.cdiv(4 * n_sm, programs)
+    return max(1, min(wanted, triton.cdiv(n_keys, 2 * block_n), DECODE_MAX_SPLITS))
+
+
+_MULTIPROCESSORS: dict[int, int] = {}   # by CUDA device index: asked once, not at every decoding step
+
+
+def _multiprocessors(device: torch.device) -> int:
+    """The GPU's multiprocessor count; 4 for the interpreter on the CPU (few programs, quick tests)."""
+    if device.type != "cuda":
+        return 4
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _MULTIPROCESSORS:
+        _MULTIPROCESSORS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _MULTIPROCESSORS[index]
+
+
+def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                 scale: float | None = None, n_splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention for few queries by split keys (flash-decoding): O and L like flash_attention_forward.
+
+    q: (B, H, Nq, d); k, v: (B, Hkv, Nk, d); float16/bfloat16, 1 <= d <= MAX_HEAD_DIM; meant for
+    Nq <= DECODE_MAX_QUERIES but right for any. causal: bottom-right aligned (the queries are the
+    last Nq positions). n_splits: None (chosen by decode_splits) or the number of key chunks,
+    at most one per key block. Returns O: (B, H, Nq, d) in q's dtype, L: (B, H, Nq) float32.
+    """
+    check_flash_inputs(q, k, v, causal, scale, launch=False)
+    if n_splits is not None:
+        validate.integer(n_splits, "n_splits", low=1, high=DECODE_MAX_SPLITS)
+    check_launchable("q", q)
+    dtype = q.dtype
+    q, k, v = _interpreter_dtype(*(_last_dim_contiguous(t) for t in (q, k, v)))
+    b, h, n_q, d = q.shape
+    h_kv, n_k = k.shape[1], k.shape[2]
+    group = h // h_kv
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    block_m, block_n, warps, stages = decode_config(d, group * n_q)
+    row_blocks = triton.cdiv(group * n_q, block_m)
+    if n_splits is None:
+        n_splits = decode_splits(b * h_kv * row_blocks, n_k, block_n, _multiprocessors(q.device))
+    chunk = triton.cdiv(triton.cdiv(n_k, n_splits), block_n) * block_n   # keys per chunk
+    n_splits = triton.cdiv(n_k, chunk)                                   # no chunk is empty
+    o_part = torch.empty((b, h, n_q, n_splits, d), dtype=torch.float32, device=q.device)
+    lse_part = torch.empty((b, h, n_q, n_splits), dtype=torch.float32, device=q.device)
+    flash_decode_split_kernel[(n_splits, b * h_kv, row_blocks)](
+        q, k, v, o_part, lse_part, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), h, h_kv, group, n_q, n_k, n_splits, chunk, n_k - n_q,
+        scale * LOG2_E, CAUSAL=causal, HEAD_DIM=d, BLOCK_D=head_block(d), BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=warps, num_stages=stages)
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, h, n_q), dtype=torch.float32, device=q.device)
+    flash_decode_merge_kernel[(b * h * n_q,)](
+        o_part, lse_part, o, lse, o.stride(0), o.stride(1), o.stride(2), h, n_q, n_splits,
+        HEAD_DIM=d, BLOCK_D=head_block(d), BLOCK_S=min(16, triton.next_power_of_2(n_splits)), num_warps=4)
+    return o.to(dtype), lse
+
+
+def is_decoding_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether flash_decode should run this attention: few queries, a long cache, no gradient needed.
+
+    q: (B, H, Nq, d); k, v: (B, Hkv, Nk, d). True for Nq <= DECODE_MAX_QUERIES and Nk >= DECODE_MIN_KEYS.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        validate.tensor(t, name, dims=4)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    return q.shape[2] <= DECODE_MAX_QUERIES and k.shape[2] >= DECODE_MIN_KEYS and not needs_grad
+
+
+# %% [markdown]
+# A check on the CPU (the interpreter) at a size a decoding step has: 4 query heads on one
+# key/value head, 3 queries, 1000 keys (not a multiple of the block), causal, in six chunks,
+# against the float64 reference; the error is at the level of the inputs' rounding. The
+# partials are merged by (6.7), so the number of chunks changes only the rounding.
+
+# %%
+import kernels.runtime
+from kernels.flash_decoding import flash_decode
+from lrn_lib.attention import attention_reference
+
+if kernels.runtime.MODE != "unavailable":
+    config.seed_everything(2)
+    q = torch.randn(1, 4, 3, 64, device=config.DEVICE).half()
+    k, v = (torch.randn(1, 1, 1000, 64, device=config.DEVICE).half() for _ in range(2))
+    o_ref, lse_ref = attention_reference(q.double(), k.double(), v.double(), causal=True)
+    errors = {}
+    for splits in (1, 6):
+        o, lse = flash_decode(q, k, v, causal=True, n_splits=splits)
+        errors[splits] = ((o.double() - o_ref).abs().max().item(), (lse.double() - lse_ref).abs().max().item())
+    o16, _ = attention_reference(q.float(), k.float(), v.float(), causal=True)
+    rounding = (o16.half().double() - o_ref).abs().max().item()    # O rounded once to float16
+    print("O within 2x the float16 rounding of O, L within 1e-4, for 1 and 6 chunks:",
+          all(e_o <= 2 * max(rounding, 1e-3) and e_l < 1e-4 for e_o, e_l in errors.values()))
+else:
+    print("(skipped: needs Triton)")
+
+# %% [markdown]
+# On a GPU the next cell times a decoding step of a model with 32 query heads on 8
+# key/value heads ($d = 128$, bfloat16, batch 1) for growing caches: the split kernels,
+# chapter 4's forward kernel (section 4.5), and PyTorch's `scaled_dot_product_attention` with its
+# FlashAttention-2 backend. It times kernels as CUDA-graph replays over rotating inputs
+# larger than the L2 cache (`kernels.bench.graph_times`): a decoding loop replays a graph,
+# and a single eager call of a few microseconds of GPU work would time Python instead.
+# `python -m kernels.bench decode` makes the full comparison ($N_q$ = 1, 4, 16; two head
+# layouts; also SDPA's default choice of backend; eager and graph times, minimum, median and
+# maximum); its table is in `benchmarks/results/`.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+if config.PROFILE == "gpu":
+    import statistics
+
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from kernels.bench import graph_times, rotating_sets
+    from kernels.flash_attention import flash_attention_forward
+
+    def sdpa_flash_gqa(q, k, v):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+    contenders = {"split kernels": lambda q, k, v: flash_decode(q, k, v, causal=False),
+                  "ch. 4 kernel": lambda q, k, v: flash_attention_forward(q, k, v, False),
+                  "SDPA flash": sdpa_flash_gqa}
+    print(f"{'Nk':>7s}", " ".join(f"{name + ' us':>16s}" for name in contenders), " GB/s of the split kernels")
+    for n_k in (1024, 8192, 32768, 131072):
+        def make(n_k=n_k):
+            return (torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16),
+                    *(torch.randn(1, 8, n_k, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2)))
+
+        kv_bytes = 2 * 8 * n_k * 128 * 2
+        sets = rotating_sets(make, kv_bytes)
+        times = [1e3 * statistics.median(graph_times([lambda t=t, fn=fn: fn(*t) for t in sets], replays=20))
+                 for fn in contenders.values()]
+        print(f"{n_k:7d}", " ".join(f"{t:16.1f}" for t in times), f"{kv_bytes / times[0] / 1e3:8.0f}")
+else:
+    print("no CUDA GPU: speed is measured only in the GPU profile (see benchmarks/results/)")
+
+# %% [markdown]
+# On the H200 we measured (`benchmarks/results/decode_bench_NVIDIA_H200_2026-12-03.txt`),
+# as graph replays, the split kernels ran faster than SDPA's FlashAttention-2 backend at 23
+# of the benchmark's 24 shapes, by 1.03 to 3.3 times, and 2 to 69 times faster than
+# chapter 4's forward kernel. The gain over SDPA grows with $N_q$: with one query SDPA
+# packs a group's query heads as we do, while its times for several queries are those of
+# reading $K$ and $V$ once per query head (at 131,072 keys, about three times its
+# single-query time). The one exception, a single query against 131,072 keys with 32 heads
+# on 8, runs both near the memory's speed (about 3.4 TB/s for ours, 3.5 for SDPA): 0.94
+# times. Called eagerly from Python, a call costs 50 to a few hundred microseconds of host
+# time in Triton's launcher for the two kernels, against about 12 for SDPA, so below about
+# 32k keys an eager decoding step is bound by the host, not the GPU;
+# the remedy is the graph, or one kernel launch instead of two.
+
+
+# %% [markdown]
 # ## Summary
 #
 # * Llama 3 is a pre-norm decoder with RMSNorm, RoPE (with Llama 3.1's frequency scaling
@@ -823,6 +1173,10 @@ print("held-out loss below 3 nats per byte:", held_out_loss < 3.0)
 # * Attention is the replaceable part of the block: the `attend` attribute (chapter 8 swaps
 #   in ring attention) or a boolean `mask` passed through `forward` (later chapters use it
 #   for padding and local windows).
+# * A generation step is one query (or a few) against the whole cache, bound by memory:
+#   flash-decoding packs the query heads of a key/value head into one program, splits the
+#   keys into chunks run in parallel, and merges the chunks' partial outputs by their
+#   log-sum-exp (6.7); the model takes it on a GPU for caches of 4,096 keys and more.
 
 # %% [markdown]
 # ## Exercises

@@ -286,17 +286,18 @@ def rotating_sets(make: Callable[[], tuple[torch.Tensor, ...]], set_bytes: int,
 
 
 def decode_cases() -> Iterator[Case]:
-    """Chapter 4's split-key decoding kernels (section 4.11) against SDPA, bf16, head_dim 128, batch 1.
+    """Chapter 6's split-key decoding kernels (section 6.4) against SDPA, bf16, head_dim 128, batch 1.
 
     Nq = 1, 4, 16 queries against Nk = 1k, 8k, 32k, 128k keys, 32 query heads on 8 kv heads and 4
     on 1, no mask (a decoding step's queries see the whole cache). Against SDPA's FlashAttention-2
-    backend, SDPA's own choice of backend, and this chapter's forward kernel (section 4.5). SDPA
+    backend, SDPA's own choice of backend, and chapter 4's forward kernel (section 4.5). SDPA
     gets the kv heads unexpanded (enable_gqa=True). Bytes moved: K and V once, plus Q and O.
     """
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from kernels.flash_attention import flash_attention_forward, flash_decode
+    from kernels.flash_attention import flash_attention_forward
+    from kernels.flash_decoding import flash_decode
 
     def sdpa_flash(q, k, v):
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):

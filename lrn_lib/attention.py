@@ -230,33 +230,19 @@ def _note_cuda_fallback(q: torch.Tensor) -> None:
                               "block loop, not the kernels")
 
 
-def _decodes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the kernel path takes the split (flash-decoding) kernels of section 4.11: few queries, a long
-    enough cache, no gradient."""
-    from kernels.flash_attention import DECODE_MAX_QUERIES, DECODE_MIN_KEYS
-
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    return q.shape[2] <= DECODE_MAX_QUERIES and k.shape[2] >= DECODE_MIN_KEYS and not needs_grad
-
-
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
                     scale: float | None = None, return_lse: bool = False):
     """Exact attention softmax(scale Q K^T) V with GQA and bottom-right causal masks.
 
     q: (B, H, Nq, d); k, v: (B, Hkv, Nk, d) with Hkv dividing H. Returns O of q's shape and
     dtype, and with return_lse=True also L: (B, H, Nq) in float32 (float64 for float64 input).
-    Uses the Triton kernels where kernel_can_run(q), else flash_attention_blocks; on the kernel
-    path, at most DECODE_MAX_QUERIES queries with no gradient needed go to flash_decode (4.11).
+    Uses the Triton kernels where kernel_can_run(q), else flash_attention_blocks.
 
     Defined in chapter 04 (FlashAttention-2), section 4.7 One `flash_attention()` for the rest of the book.
     """
-    from kernels.flash_attention import flash_decode
-
     check_attention_inputs(q, k, v, causal, scale)
     validate.flag(return_lse, "return_lse")
-    if kernel_can_run(q) and _decodes(q, k, v):
-        o, lse = flash_decode(q, k, v, causal, scale)
-    elif kernel_can_run(q):
+    if kernel_can_run(q):
         o, lse = FlashAttention.apply(q, k, v, causal, scale)
     else:
         _note_cuda_fallback(q)

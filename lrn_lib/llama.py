@@ -16,7 +16,7 @@ Public names, by the section of chapter 06 that teaches them:
     rope_frequencies: Rotation frequencies omega_i (head_dim // 2,) float64, with Llama 3.1 scaling if configured.
     rope_cos_sin: cos and sin of the angles m * omega_i for positions (T,): each (T, head_dim), halves repeated.
     apply_rope: Rotate x (B, H, T, hd) by (6.5), pairing coordinate i with i + hd/2; cos, sin (T, hd). The result keeps
-    causal_attention: Causal GQA attention with chapter 4's flash_attention: q (B, H, T, hd), k, v (B, Hkv, S, hd) -> (B, H, T, hd).
+    causal_attention: Causal GQA attention: q (B, H, T, hd), k, v (B, Hkv, S, hd) -> (B, H, T, hd). A decoding step on a GPU
     check_mask: Raise unless mask is a bool (B or 1, 1, T, S) table for q (B, H, T, hd), k (B, Hkv, S, hd); returns it.
     sdpa_attention: GQA attention through torch's fused scaled_dot_product_attention: q (B, H, T, hd), k, v (B, Hkv, S, hd)
     KVCache: Keys and values of every layer for generation: k[layer], v[layer] of shape (B, Hkv, max_len, hd).
@@ -25,10 +25,6 @@ Public names, by the section of chapter 06 that teaches them:
     TransformerBlock: Pre-norm block (6.1): h = x + attention(norm(x)); out = h + ffn(norm(h)). x (B, T, dim) -> (B, T, dim).
     Llama: Llama 3 decoder. tokens (B, T) int64 -> logits (B, T, vocab_size).
     lm_loss: Mean next-token cross-entropy over all B*T positions: logits (B, T, V), targets (B, T) -> scalar.
-
-6.2 Checking the model against Hugging Face `transformers`
-    transformers_name: The name in transformers' LlamaForCausalLM of our parameter `name` (e.g. layers.0.attention.wq.weight).
-    load_transformers_state_dict: Copy a transformers LlamaForCausalLM state dict into `model` in place (dense SwiGLU models).
 
 6.3 Generation with a KV cache
     sample_next: Next tokens (B,) from last-position logits (B, V): greedy at temperature 0, else softmax(z / T) within top-p.
@@ -46,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lrn_lib import corpus, validate
-from lrn_lib.attention import check_attention_inputs, flash_attention
+from lrn_lib.attention import check_attention_inputs, flash_attention, kernel_can_run
 from lrn_lib.moe import MoELayer
 
 
@@ -257,10 +253,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal GQA attention with chapter 4's flash_attention: q (B, H, T, hd), k, v (B, Hkv, S, hd) -> (B, H, T, hd).
+    """Causal GQA attention: q (B, H, T, hd), k, v (B, Hkv, S, hd) -> (B, H, T, hd). A decoding step on a GPU
+    (kernels.flash_decoding.is_decoding_step) runs flash_decode of section 6.4, any other call flash_attention.
 
     Defined in chapter 06 (The Llama 3 model), section 6.1 The model.
     """
+    from kernels.flash_decoding import flash_decode, is_decoding_step   # section 6.4
+
+    if kernel_can_run(q) and is_decoding_step(q, k, v):
+        return flash_decode(q, k, v, causal=True)[0]
     return flash_attention(q, k, v, causal=True)
 
 
@@ -475,58 +476,6 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"targets must hold ids in [0, {logits.shape[-1]}) (or -100, ignored)")
     logits = logits.reshape(-1, logits.shape[-1])
     return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets.reshape(-1))
-
-
-TRANSFORMERS_NAMES = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head",
-                      "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-                      "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
-                      "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-                      "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
-                      "feed_forward.w2": "mlp.down_proj"}
-
-
-def transformers_name(name: str) -> str:
-    """The name in transformers' LlamaForCausalLM of our parameter `name` (e.g. layers.0.attention.wq.weight).
-
-    Defined in chapter 06 (The Llama 3 model), section 6.2 Checking the model against Hugging Face `transformers`.
-    """
-    validate.instance(name, "name", str)
-    try:
-        if name.startswith("layers."):
-            _, i, rest = name.split(".", 2)
-            module, kind = rest.rsplit(".", 1)
-            return f"model.layers.{i}.{TRANSFORMERS_NAMES[module]}.{kind}"
-        module, kind = name.rsplit(".", 1)
-        return f"{TRANSFORMERS_NAMES[module]}.{kind}"
-    except (KeyError, ValueError):
-        raise ValueError(f"name {name!r} is not a parameter name of lrn_lib.llama.Llama") from None
-
-
-def load_transformers_state_dict(model: "Llama", state_dict: dict[str, torch.Tensor]) -> None:
-    """Copy a transformers LlamaForCausalLM state dict into `model` in place (dense SwiGLU models).
-
-    Every parameter of `model` must be present with its shape; a tied model needs no
-    lm_head.weight. Raises ValueError naming the first missing or mis-shaped tensor.
-
-    Defined in chapter 06 (The Llama 3 model), section 6.2 Checking the model against Hugging Face `transformers`.
-    """
-    if not isinstance(model, Llama):
-        raise TypeError(f"model must be an lrn_lib.llama.Llama, got {type(model).__name__}")
-    if not isinstance(state_dict, dict):
-        raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
-    if model.cfg.n_experts:
-        raise ValueError("load_transformers_state_dict loads dense Llama models; this one has MoE FFNs")
-    with torch.no_grad():
-        for name, p in model.named_parameters():          # a tied head is listed once, as the embedding
-            key = transformers_name(name)
-            if key not in state_dict:
-                raise ValueError(f"state_dict has no {key!r} (our {name})")
-            if not isinstance(state_dict[key], torch.Tensor):
-                raise TypeError(f"state_dict[{key!r}] must be a torch.Tensor, got {type(state_dict[key]).__name__}")
-            if state_dict[key].shape != p.shape:
-                raise ValueError(f"state_dict[{key!r}] has shape {tuple(state_dict[key].shape)}; "
-                                 f"our {name} is {tuple(p.shape)}")
-            p.copy_(state_dict[key])
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,

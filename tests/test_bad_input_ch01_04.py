@@ -9,8 +9,7 @@ import torch
 
 from bad_input import assert_clear_error, cases
 from kernels.flash_attention import (backward_configs, check_backward_inputs, check_flash_inputs,
-                                     decode_config, decode_splits, flash_attention_backward,
-                                     flash_attention_forward, flash_decode, forward_config, head_block)
+                                     flash_attention_backward, flash_attention_forward, forward_config, head_block)
 from kernels.matmul import (check_matmul_config, check_matmul_operands, matmul, needs_padding, padded_copy,
                             pipeline_bytes, prune_configs, skinny_config, split_k_count)
 from kernels.online_softmax import online_softmax_triton, softmax_backward_triton
@@ -367,26 +366,6 @@ BAD_CALLS = {
         ("o", lambda: flash_attention_backward(**backward_args(o=torch.zeros(1, 2, 3, 8)))),   # float32 o
         ("do", lambda: flash_attention_backward(**backward_args(do=torch.zeros(1, 2, 3, 8).half().tolist()))),
         ("causal", lambda: flash_attention_backward(**backward_args(), causal=None)),
-    ],
-    "kernels.flash_attention.decode_config": [
-        ("head_dim", lambda: decode_config(0, 4)),
-        ("rows", lambda: decode_config(128, 0)),
-        ("rows", lambda: decode_config(128, 4.0)),
-    ],
-    "kernels.flash_attention.decode_splits": [
-        ("programs", lambda: decode_splits(0, 1024, 64, 132)),
-        ("n_keys", lambda: decode_splits(8, -1, 64, 132)),
-        ("block_n", lambda: decode_splits(8, 1024, None, 132)),
-        ("n_sm", lambda: decode_splits(8, 1024, 64, 0)),
-    ],
-    "kernels.flash_attention.flash_decode": [
-        ("q", lambda: flash_decode(*qkv(torch.float32))),
-        ("k/v", lambda: flash_decode(*half_qkv(heads=3, kv_heads=2))),
-        ("n_splits", lambda: flash_decode(*half_qkv(), n_splits=0)),
-        ("n_splits", lambda: flash_decode(*half_qkv(), n_splits=2.5)),
-        ("n_splits", lambda: flash_decode(*half_qkv(), n_splits=1000)),
-        ("scale", lambda: flash_decode(*half_qkv(), scale=float("nan"))),
-        ("causal", lambda: flash_decode(*half_qkv(), causal="yes")),
     ],
 }
 

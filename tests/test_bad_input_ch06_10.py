@@ -12,14 +12,16 @@ import torch.distributed as dist
 from torch import nn
 
 from bad_input import assert_clear_error, cases
+from kernels.flash_decoding import decode_config, decode_splits, flash_decode, is_decoding_step
 from lrn_lib.accounting import (LLAMA3_TABLE4, Layout, PublishedRun, all_gather_bytes, all_reduce_bytes,
                                 block_matrix_parameters, busiest_stage, check_layout, communication_per_step,
                                 flops_per_token, implied_step_seconds, memory_per_gpu, params_per_gpu,
                                 saved_activations, stage_layers)
 from lrn_lib.llama import (Attention, FeedForward, KVCache, Llama, LlamaConfig, RMSNorm, RopeScaling, TransformerBlock,
                            apply_rope, causal_attention, check_config, check_mask, generate, llama_ffn_dim, lm_loss,
-                           load_transformers_state_dict, parameter_count, random_windows, rope_cos_sin,
-                           rope_frequencies, sample_next, sdpa_attention, tiny_config, training_flops, transformers_name)
+                           parameter_count, random_windows, rope_cos_sin, rope_frequencies, sample_next,
+                           sdpa_attention, tiny_config, training_flops)
+from lrn_lib.llama_transformers import load_transformers_state_dict, transformers_name
 from lrn_lib.context_parallel import (GatherSequence, RingAttention, allgather_attention, attention_block_backward,
                                       chunk_ids, context_parallel_loss, cp_attend, gather_sequence, merge_partials,
                                       ring_attention, ring_attention_backward, ring_attention_forward,
@@ -80,6 +82,10 @@ def cos_sin(t=4, hd=HD):
 
 def qkv(t=4, h=2, h_kv=1, d=8, b=1):
     return torch.randn(b, h, t, d), torch.randn(b, h_kv, t, d), torch.randn(b, h_kv, t, d)
+
+
+def half(tensors):
+    return tuple(t.half() for t in tensors)
 
 
 def partials(n=4):
@@ -188,6 +194,30 @@ BAD_CALLS = {
         ("q", lambda: causal_attention(torch.randn(1, 2, 4), torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8))),
         ("k", lambda: causal_attention(torch.randn(1, 2, 4, 8), torch.randn(1, 1, 4, 6), torch.randn(1, 1, 4, 6))),
     ],
+    "kernels.flash_decoding.decode_config": [
+        ("head_dim", lambda: decode_config(0, 4)),
+        ("rows", lambda: decode_config(128, 0)),
+        ("rows", lambda: decode_config(128, 4.0)),
+    ],
+    "kernels.flash_decoding.decode_splits": [
+        ("programs", lambda: decode_splits(0, 1024, 64, 132)),
+        ("n_keys", lambda: decode_splits(8, -1, 64, 132)),
+        ("block_n", lambda: decode_splits(8, 1024, None, 132)),
+        ("n_sm", lambda: decode_splits(8, 1024, 64, 0)),
+    ],
+    "kernels.flash_decoding.flash_decode": [
+        ("q", lambda: flash_decode(*qkv())),
+        ("k/v", lambda: flash_decode(*half(qkv(h=3, h_kv=2)))),
+        ("n_splits", lambda: flash_decode(*half(qkv()), n_splits=0)),
+        ("n_splits", lambda: flash_decode(*half(qkv()), n_splits=2.5)),
+        ("n_splits", lambda: flash_decode(*half(qkv()), n_splits=1000)),
+        ("scale", lambda: flash_decode(*half(qkv()), scale=float("nan"))),
+        ("causal", lambda: flash_decode(*half(qkv()), causal="yes")),
+    ],
+    "kernels.flash_decoding.is_decoding_step": [
+        ("q", lambda: is_decoding_step(torch.randn(2, 4, 8), *qkv()[1:])),
+        ("k", lambda: is_decoding_step(qkv()[0], [[1.0]], qkv()[2])),
+    ],
     "lrn_lib.llama.sdpa_attention": [
         ("q", lambda: sdpa_attention(torch.randn(2, 4, 8), *qkv()[1:])),
         ("k", lambda: sdpa_attention(*qkv()[:1], *qkv(t=6)[1:])),           # causal needs queries = keys
@@ -230,11 +260,11 @@ BAD_CALLS = {
         ("targets", lambda: lm_loss(torch.randn(2, 5, 16), ids(2, 5) + 16)),            # id >= V
         ("logits", lambda: lm_loss(torch.ones(2, 5, 16, dtype=torch.long), ids(2, 5))),
     ],
-    "lrn_lib.llama.transformers_name": [
+    "lrn_lib.llama_transformers.transformers_name": [
         ("name", lambda: transformers_name("layers.0.attention.wz.weight")),
         ("name", lambda: transformers_name(3)),
     ],
-    "lrn_lib.llama.load_transformers_state_dict": [
+    "lrn_lib.llama_transformers.load_transformers_state_dict": [
         ("model", lambda: load_transformers_state_dict(torch.nn.Linear(2, 2), {})),
         ("state_dict", lambda: load_transformers_state_dict(MODEL, [("lm_head.weight", torch.zeros(1))])),
     ],

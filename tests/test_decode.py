@@ -1,4 +1,4 @@
-"""Chapter 4, section 4.11: the split-key (flash-decoding) kernels for a few queries.
+"""Chapter 6, section 6.4: the split-key (flash-decoding) kernels for a few queries, and the model's dispatch.
 
 Each case draws fresh random inputs and compares O and L with the float64 attention_reference.
 The bar is the forward tests' "rounded P" bar: at most twice the error of attention in float32
@@ -14,6 +14,7 @@ import torch
 from conftest import kernel_device, needs_triton
 from kernels import runtime
 from lrn_lib.attention import attention_reference, causal_visible, flash_attention
+from lrn_lib.llama import causal_attention
 
 INF = float("inf")
 
@@ -38,7 +39,7 @@ def rounded_p_error(q, k, v, causal, o64):
 
 def check_decode(shape, causal, dtype, device, n_splits=None):
     """flash_decode on fresh inputs of shape (B, H, Hkv, Nq, Nk, d) against the float64 reference."""
-    from kernels.flash_attention import flash_decode
+    from kernels.flash_decoding import flash_decode
 
     q, k, v = random_qkv(*shape, dtype, device)
     o, lse = flash_decode(q, k, v, causal=causal, n_splits=n_splits)
@@ -88,7 +89,7 @@ def test_decode_with_more_queries_than_keys_and_bfloat16_and_odd_head_dim():
 
 @needs_triton
 def test_decode_reads_strided_inputs_and_honours_scale():
-    from kernels.flash_attention import flash_decode
+    from kernels.flash_decoding import flash_decode
 
     torch.manual_seed(4)
     q, k, v = (t.transpose(1, 2) for t in (torch.randn(1, 3, 8, 64).half(), torch.randn(1, 70, 2, 64).half(),
@@ -108,7 +109,7 @@ def test_decode_reads_strided_inputs_and_honours_scale():
     (lambda q, k, v: (q, k[:, :, :0], v[:, :, :0]), ValueError, "non-empty"),
 ])
 def test_decode_rejects_bad_inputs(call, error, match):
-    from kernels.flash_attention import flash_decode
+    from kernels.flash_decoding import flash_decode
 
     q, k, v = random_qkv(1, 4, 2, 2, 9, 64, torch.float16, kernel_device())
     with pytest.raises(error, match=match):
@@ -135,35 +136,41 @@ def test_compiled_decode_matches_float64_reference(shape, causal, dtype):
 
 
 @pytest.mark.gpu
-def test_flash_attention_decodes_without_grad_and_uses_the_forward_kernel_with_it():
+def test_the_model_attention_decodes_without_grad_and_uses_the_forward_kernel_with_it(monkeypatch):
+    import kernels.flash_decoding
+
+    calls = []
+    decode = kernels.flash_decoding.flash_decode
+    monkeypatch.setattr(kernels.flash_decoding, "flash_decode", lambda *a, **kw: calls.append(1) or decode(*a, **kw))
     q, k, v = random_qkv(1, 8, 2, 4, 5000, 128, torch.bfloat16, "cuda")
     with torch.no_grad():
-        o, lse = flash_attention(q, k, v, causal=True, return_lse=True)
-    o64, lse64 = attention_reference(q.double(), k.double(), v.double(), causal=True)
-    assert (o.double() - o64).abs().max().item() < 2e-2 and (lse.double() - lse64).abs().max().item() < 1e-3
+        o = causal_attention(q, k, v)
+    assert calls == [1]
+    o64, _ = attention_reference(q.double(), k.double(), v.double(), causal=True)
+    assert (o.double() - o64).abs().max().item() < 2e-2
     q.requires_grad_()
-    o = flash_attention(q, k, v, causal=True)
-    assert "FlashAttention" in type(o.grad_fn).__name__
+    o = causal_attention(q, k, v)
+    assert calls == [1] and "FlashAttention" in type(o.grad_fn).__name__
 
 
-def test_flash_attention_on_cpu_is_unchanged_for_few_queries():
-    # the CPU path is the block reference whatever the number of queries
+def test_the_model_attention_on_cpu_is_flash_attention_for_few_queries():
+    # the CPU path is chapter 4's block reference whatever the number of queries
     q, k, v = random_qkv(1, 4, 1, 2, 50, 16, torch.float64, "cpu")
-    o, lse = flash_attention(q, k, v, causal=True, return_lse=True)
-    o64, lse64 = attention_reference(q, k, v, causal=True)
-    torch.testing.assert_close(o, o64)
-    torch.testing.assert_close(lse, lse64)
+    o64, _ = attention_reference(q, k, v, causal=True)
+    torch.testing.assert_close(causal_attention(q, k, v), o64)
+    torch.testing.assert_close(causal_attention(q, k, v), flash_attention(q, k, v, causal=True))
 
 
 def test_the_dispatch_decodes_few_queries_over_long_caches_without_gradients_only():
-    from kernels.flash_attention import DECODE_MAX_QUERIES, DECODE_MIN_KEYS
-    from lrn_lib.attention import _decodes
+    from kernels.flash_decoding import DECODE_MAX_QUERIES, DECODE_MIN_KEYS
+    from kernels.flash_decoding import is_decoding_step
 
     def qkv(n_q, n_k, grad=False):
         return (torch.empty(1, 4, n_q, 8, requires_grad=grad), torch.empty(1, 1, n_k, 8), torch.empty(1, 1, n_k, 8))
 
     with torch.no_grad():
-        assert _decodes(*qkv(1, DECODE_MIN_KEYS)) and _decodes(*qkv(DECODE_MAX_QUERIES, 10 * DECODE_MIN_KEYS))
-        assert not _decodes(*qkv(DECODE_MAX_QUERIES + 1, DECODE_MIN_KEYS))
-        assert not _decodes(*qkv(1, DECODE_MIN_KEYS - 1))       # a short cache costs less in one launch
-    assert not _decodes(*qkv(1, DECODE_MIN_KEYS, grad=True))     # a gradient needs the forward kernel's L
+        assert is_decoding_step(*qkv(1, DECODE_MIN_KEYS))
+        assert is_decoding_step(*qkv(DECODE_MAX_QUERIES, 10 * DECODE_MIN_KEYS))
+        assert not is_decoding_step(*qkv(DECODE_MAX_QUERIES + 1, DECODE_MIN_KEYS))
+        assert not is_decoding_step(*qkv(1, DECODE_MIN_KEYS - 1))       # a short cache costs less in one launch
+    assert not is_decoding_step(*qkv(1, DECODE_MIN_KEYS, grad=True))     # a gradient needs the forward kernel's L

@@ -6,10 +6,9 @@ import pytest
 import torch
 
 from lrn_lib.llama import (LLAMA3_8B, LLAMA3_70B, LLAMA3_405B, KVCache, Llama, LlamaConfig, RMSNorm, RopeScaling,
-                           apply_rope, generate, llama_ffn_dim, lm_loss, load_transformers_state_dict,
-                           parameter_count, rope_cos_sin, rope_frequencies, sample_next, sdpa_attention, tiny_config,
-                           training_flops,
-                           transformers_name)
+                           apply_rope, generate, llama_ffn_dim, lm_loss, parameter_count, rope_cos_sin,
+                           rope_frequencies, sample_next, sdpa_attention, tiny_config, training_flops)
+from lrn_lib.llama_transformers import load_transformers_state_dict, transformers_name
 
 
 def hf_model(cfg: LlamaConfig):
