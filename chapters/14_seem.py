@@ -12,7 +12,7 @@
 # ---
 
 # %% [markdown]
-# # Chapter 14. SEEM, part 1: the world, the prompts, the metrics and the model
+# # Chapter 14. SEEM, part 1: the world, the prompts, the metrics and the encoders
 #
 # A segmentation model answers the question "which pixels?". Classic models answer one fixed
 # version of it: *every* pixel's class, or *every* object's mask. A **promptable** model
@@ -37,8 +37,9 @@
 #
 # SEEM is built here at a size a CPU trains in minutes, on a world of colored shapes that
 # the chapter generates, so that every mask and every phrase is known exactly. This chapter
-# builds the world, the simulated user and the model, and checks the model's structure
-# before it learns anything; chapter 15 trains it and measures what it learned. The plan:
+# builds the world, the simulated user, the encoders and the attention table that keeps the
+# tasks apart, and checks their structure before anything is learned; chapter 15 puts the
+# decoder on top, trains the model and measures what it learned. The plan:
 #
 # * 14.1 segmentation tasks, from semantic to promptable, and what SEEM adds;
 # * 14.2 the data set: scenes of overlapping colored shapes with masks, classes and phrases;
@@ -47,12 +48,11 @@
 # * 14.4 the encoders: a small image encoder with a pixel decoder, and a text encoder;
 # * 14.5 the visual sampler, which turns any visual prompt into image features;
 # * 14.6 the queries and the attention mask that keeps the tasks apart (the paper's Figure 3b);
-# * 14.7 the decoder, and the memory prompt that carries one round into the next;
-# * 14.8 summary.
+# * 14.7 summary.
 #
-# Chapter 15 continues with Hungarian matching and the losses, training, the results (by
-# prompt type, over interactive rounds, without a prompt) and the comparison with color-fill
-# baselines.
+# Chapter 15 continues with the decoder and the memory prompt that carries one round into the
+# next, Hungarian matching and the losses, training, the results (by prompt type, over
+# interactive rounds, without a prompt) and the comparison with color-fill baselines.
 
 # %%
 import time
@@ -105,7 +105,7 @@ config.start_chapter(threads=1)
 #    space, so a point and a phrase can be given together ("the red one, here"), including
 #    combinations that never occurred together in training.
 # 3. **Interactivity.** The mask of the previous round comes back as a *memory prompt*:
-#    tokens that summarize the image features inside that mask (section 14.7). A corrective
+#    tokens that summarize the image features inside that mask (section 15.1). A corrective
 #    click in round 2 then refines round 1's answer instead of starting over.
 # 4. **Semantic awareness.** Every output mask gets a class, scored by similarity to the
 #    text embeddings of class names, so even a click-prompted mask comes with a label.
@@ -887,7 +887,7 @@ print("clicks_to_reach on hand-made curves:", clicks_to_reach([0.5, 0.9]), click
 # same color merge into one fill, stripes darker or brighter than the clicked pixel fall
 # outside the tolerance, and color says nothing about the *class* or about a text prompt.
 # Each corrective click then adds a piece (another stripe) or cuts one, so its curve rises
-# with clicks. Section 15.4 of chapter 15 puts the trained model next to this fill, and next
+# with clicks. Section 15.5 of chapter 15 puts the trained model next to this fill, and next
 # to fills seeded by every other kind of prompt.
 
 # %% [markdown]
@@ -935,7 +935,7 @@ print("clicks_to_reach on hand-made curves:", clicks_to_reach([0.5, 0.9]), click
 #
 # Any phrase can serve as a class name, which is what "open vocabulary" means; a learned
 # vector $t_\varnothing$ stands for "no object", the label of the object queries that match
-# nothing (section 15.1 of chapter 15). In our closed world of four class names this is, in effect, a
+# nothing (section 15.2 of chapter 15). In our closed world of four class names this is, in effect, a
 # classifier whose weight rows come from the text encoder; the point is the wiring.
 
 # %%
@@ -1114,8 +1114,8 @@ class TextEncoder(nn.Module):
 # The encoders' shapes on a batch of two scenes, and the text encoder's padding mask at
 # work: a phrase's embeddings do not change when padding is appended to it. The encoders,
 # the visual sampler of section 14.5 and their configuration `SeemConfig` are exported to
-# `lrn_lib.seem_encoders`; the attention table and the decoder of sections 14.6 and 14.7, to
-# `lrn_lib.seem`.
+# `lrn_lib.seem_encoders`; the attention table of section 14.6, to `lrn_lib.seem_attention`;
+# chapter 15's decoder (`lrn_lib.seem`) is built on both.
 
 # %%
 from lrn_lib.seem_encoders import ImageEncoder, SeemConfig, TextEncoder
@@ -1286,7 +1286,7 @@ for h, w in ((H, W), (H // 2, W // 2)):
 #   copy of a learned prompt query per prompt, and its output is the answer; when a prompt
 #   has both a phrase and a click (composition) the same query reads both;
 # * **prompt tokens**: the visual tokens of (14.7), the text tokens of the phrase, and the
-#   **memory tokens** of section 14.7. Tokens are keys and values for their prompt's query;
+#   **memory tokens** of section 15.1. Tokens are keys and values for their prompt's query;
 #   they do not read the image themselves (the visual tokens already *are* image features,
 #   read once by the sampler).
 #
@@ -1307,7 +1307,7 @@ for h, w in ((H, W), (H // 2, W // 2)):
 # 2. **prompts never see each other**, so several prompts on one image (here: one per object
 #    the user asks about) are answered independently, in one forward pass;
 # 3. **memory tokens see only memory tokens**, so they summarize the previous mask and
-#    nothing else (section 14.7).
+#    nothing else (section 15.1).
 #
 # The reference code (the `SELF_ATTENTION` table of SEEM's decoder) is organized
 # differently. It has separate query sets per prompt type, copies of the object queries:
@@ -1334,8 +1334,9 @@ for h, w in ((H, W), (H // 2, W // 2)):
 # $$\text{Attn}(X) = \text{softmax}\Big(\frac{Q K^\top}{\sqrt{d}} + A\Big) V, \qquad A_{ij} = \begin{cases} 0 & (i, j) \text{ allowed} \\ -\infty & \text{otherwise} \end{cases} \qquad (14.9)$$
 
 # %%
-#| export lrn_lib.seem
-import math
+#| export lrn_lib.seem_attention
+"""The members of SEEM's decoder sequence and who may attend to whom: the kinds of members, the
+self-attention table of the paper's Figure 3b, the masked cross-attention mask, and attention under a table."""
 from dataclasses import dataclass
 
 import torch
@@ -1343,9 +1344,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from lrn_lib import validate
-from lrn_lib.llama import FeedForward, RMSNorm
-from lrn_lib.seem_encoders import ImageEncoder, SeemConfig, TextEncoder, VisualSampler, position_grid
-from lrn_lib.shapes import CLASSES, TEXT_VOCAB, encode_text
 
 OBJECT, QUERY, VISUAL, TEXT, MEMORY = range(5)           # kinds of members of the decoder's sequence
 
@@ -1476,7 +1474,7 @@ class MaskedAttention(nn.Module):
 # tokens each. This is our version of the paper's Figure 3b: dark cells are allowed.
 
 # %%
-from lrn_lib.seem import TEXT, VISUAL, query_prompt_mask, sequence_layout
+from lrn_lib.seem_attention import TEXT, VISUAL, query_prompt_mask, sequence_layout
 
 kinds, groups = sequence_layout(3, 2, [VISUAL] * 4 + [TEXT] * 2, n_memory=2)
 valid = torch.ones(1, len(kinds), dtype=torch.bool)
@@ -1502,358 +1500,7 @@ print("object rows see object queries only:", bool((table.allowed[0, :3, :3].all
 print("no attention between the two prompts:", not bool(table.allowed[0][groups[:, None] + groups[None, :] == 1].any()))
 
 # %% [markdown]
-# ## 14.7 The decoder and the memory prompt
-#
-# **Algorithm 1**, as our decoder runs it. The sequence starts from the learned object
-# queries, one copy of the learned prompt query per prompt, learned memory queries for each
-# prompt with a previous mask, and the prompt tokens. Before the first layer and after every
-# layer, the **prediction heads** read the queries (object and prompt queries, not tokens):
-#
-# $$m_q(x) = \text{MLP}(h_q)^\top E(x), \qquad s_{q,c} \text{ by } (14.6) \qquad (14.10)$$
-#
-# a mask logit at every pixel of $E$ (stride 2, upsampled bilinearly to the image for losses
-# and answers) and a score for every class name. Layer $l$ then runs three steps, in
-# Mask2Former's order:
-#
-# 1. **masked cross-attention** to level $l \bmod 3$ of the pixel decoder (coarse to fine,
-#    so 3 layers visit each level once): object and prompt queries attend to the image only
-#    where their own current mask prediction says "object", $A_{q,x} = -\infty$ where
-#    $\sigma(m_q(x)) < 0.5$ after resizing $m_q$ to the level. A row with every pixel blocked
-#    (an empty predicted mask) is reset to attend everywhere; without that reset its softmax
-#    would divide zero by zero. Keys carry the sine position encoding of their cell;
-# 2. **self-attention** over the whole sequence under the table of section 14.6;
-# 3. a feed-forward network (chapter 6's SwiGLU), on every member.
-#
-# Each step is pre-norm with a residual connection (chapter 6's `RMSNorm` in front);
-# Mask2Former uses post-norm, a detail that does not matter at this depth.
-#
-# **The memory prompt.** In round $r > 1$ of an interactive session, SEEM feeds the previous
-# round's mask back. The paper's memory prompts are learnable queries that, at every layer,
-# cross-attend to the image *under the previous mask* instead of under their own prediction:
-#
-# $$\text{Mem}_l = \text{MaskedCrossAtt}(\text{Mem}_{l-1};\; M_{\text{prev}},\, Z_l) \qquad (14.11)$$
-#
-# so they become a summary of the image features inside $M_{\text{prev}}$ at every scale,
-# and the prompt's query reads them through self-attention. Together with the rule that a
-# memory token sees only memory tokens, (14.11) makes a testable claim: memory tokens do not
-# depend on any feature outside the previous mask. The paper says this carries the past
-# "with negligible extra cost": $M$ more rows in the cross-attention (the reference
-# configuration uses 32 memory queries; we use $M = 4$ per prompt).
-
-# %%
-#| export lrn_lib.seem
-@dataclass
-class Prompts:
-    """A batch of prompts, P per image (P may be 0). Every visual prompt is a mask (section 14.5).
-
-    positive, negative: (B, P, H, W) bool, where the sampler reads positive / negative visual tokens
-    (an empty mask gives no tokens); text: (B, P, T) int64 phrase ids, all 0 for a prompt without text;
-    previous: None, or (B, P, H, W) bool, the last round's mask of each prompt (the memory prompt).
-    """
-
-    positive: torch.Tensor
-    negative: torch.Tensor
-    text: torch.Tensor
-    previous: torch.Tensor | None = None
-
-    def __post_init__(self):
-        validate.tensor(self.positive, "positive", dims=4, dtype=torch.bool, nonempty=False)
-        validate.tensor(self.negative, "negative", dims=4, dtype=torch.bool, nonempty=False)
-        validate.tensor(self.text, "text", dims=3, dtype=torch.int64, nonempty=False)
-        if self.negative.shape != self.positive.shape:
-            raise ValueError(f"negative has shape {tuple(self.negative.shape)}; expected {tuple(self.positive.shape)}")
-        if self.text.shape[:2] != self.positive.shape[:2]:
-            raise ValueError(f"text has shape {tuple(self.text.shape)}; expected ({self.positive.shape[0]}, "
-                             f"{self.positive.shape[1]}, T)")
-        if bool(((self.text < 0) | (self.text >= len(TEXT_VOCAB))).any()):
-            raise ValueError(f"text holds ids outside TEXT_VOCAB [0, {len(TEXT_VOCAB)})")
-        if self.previous is not None:
-            validate.tensor(self.previous, "previous", dims=4, dtype=torch.bool, nonempty=False)
-            if self.previous.shape != self.positive.shape:
-                raise ValueError(f"previous has shape {tuple(self.previous.shape)}; expected {tuple(self.positive.shape)}")
-
-    def to(self, device: torch.device | str) -> "Prompts":
-        """The same prompts on device."""
-        previous = None if self.previous is None else self.previous.to(device)
-        return Prompts(self.positive.to(device), self.negative.to(device), self.text.to(device), previous)
-
-    @property
-    def n_prompts(self) -> int:
-        """P, the number of prompts per image."""
-        return self.positive.shape[1]
-
-
-@dataclass
-class PromptTokens:
-    """The prompt tokens of a batch: tokens, pos (B, P, N, D), valid (B, P, N) bool, kinds (N,) int64 (VISUAL / TEXT)."""
-
-    tokens: torch.Tensor
-    pos: torch.Tensor
-    valid: torch.Tensor
-    kinds: torch.Tensor
-
-    def __post_init__(self):
-        for name, dims, kind in (("tokens", 4, "float"), ("pos", 4, "float"), ("valid", 3, "bool"), ("kinds", 1, "int")):
-            validate.tensor(getattr(self, name), name, dims=dims, kind=kind, nonempty=False)
-        b, p, n, _ = self.tokens.shape
-        if (self.pos.shape, self.valid.shape, self.kinds.shape) != (self.tokens.shape, (b, p, n), (n,)):
-            raise ValueError(f"tokens {tuple(self.tokens.shape)} = (B, P, N, D) needs pos of its shape, valid (B, P, N), kinds (N,)")
-
-
-@dataclass
-class SeemOutput:
-    """What the decoder returns; index 0 of the lists is before the first layer, -1 after the last.
-
-    class_logits: n_layers + 1 tensors (B, Q + P, C + 1) (class scores (14.6), last column "no object");
-    mask_logits: n_layers + 1 tensors (B, Q + P, h, w) at the per-pixel embeddings' resolution;
-    rows 0..Q-1 are the object queries, row Q + p answers prompt p. memory: (B, P, M, D) memory tokens after
-    the last layer, or None without a memory prompt.
-    """
-
-    class_logits: list[torch.Tensor]
-    mask_logits: list[torch.Tensor]
-    n_object: int
-    memory: torch.Tensor | None = None
-
-    def __post_init__(self):
-        validate.nonempty(self.class_logits, "class_logits")
-        validate.nonempty(self.mask_logits, "mask_logits")
-        validate.tensor(self.class_logits[0], "class_logits", dims=3, kind="float")
-        validate.integer(self.n_object, "n_object", low=0, high=self.class_logits[0].shape[1])
-
-    def masks(self, size: tuple[int, int], layer: int = -1) -> torch.Tensor:
-        """Mask logits of one prediction step upsampled to size (H, W): (B, Q + P, H, W)."""
-        validate.integer(layer, "layer", low=-len(self.mask_logits), high=len(self.mask_logits) - 1)
-        if not isinstance(size, (tuple, list)) or len(size) != 2 or not all(type(s) is int and s > 0 for s in size):
-            raise ValueError(f"size must be a pair of positive ints (H, W), got {size!r}")
-        return F.interpolate(self.mask_logits[layer], size=size, mode="bilinear", align_corners=False)
-
-
-class DecoderLayer(nn.Module):
-    """Masked cross-attention (rows 0..n_cross-1), self-attention under the table, SwiGLU FFN; all pre-norm.
-
-    x, pos (B, S, D); feats, feats_pos (B, hw, D); cross AttentionMask (B, n_cross, hw); table (B, S, S).
-    """
-
-    def __init__(self, cfg: SeemConfig):
-        super().__init__()
-        validate.instance(cfg, "cfg", SeemConfig)
-        self.cross = MaskedAttention(cfg.dim, cfg.n_heads)
-        self.self_attn = MaskedAttention(cfg.dim, cfg.n_heads)
-        self.ffn = FeedForward(cfg.dim, cfg.ffn_dim)
-        self.norm_cross, self.norm_self, self.norm_ffn = RMSNorm(cfg.dim), RMSNorm(cfg.dim), RMSNorm(cfg.dim)
-
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, feats: torch.Tensor, feats_pos: torch.Tensor,
-                cross: AttentionMask, table: AttentionMask) -> torch.Tensor:
-        """x (B, S, D) -> (B, S, D)."""
-        validate.tensor(x, "x", dims=3, kind="float")
-        validate.same_shape(x=x, pos=pos)
-        if not isinstance(cross, AttentionMask) or not isinstance(table, AttentionMask):
-            raise TypeError(f"cross and table must be AttentionMasks, got {type(cross).__name__}, {type(table).__name__}")
-        n = cross.allowed.shape[1]
-        c = x[:, :n]
-        c = c + self.cross(self.norm_cross(c) + pos[:, :n], feats + feats_pos, feats, cross)          # (14.9)
-        x = torch.cat([c, x[:, n:]], 1)
-        h = self.norm_self(x)
-        x = x + self.self_attn(h + pos, h + pos, h, table)
-        return x + self.ffn(self.norm_ffn(x))
-
-
-class SeemDecoder(nn.Module):
-    """SEEM's decoder (Algorithm 1): object queries, one prompt query per prompt, memory queries, prompt tokens.
-
-    forward(levels [3 x (B, D, h_l, w_l)], pixels (B, D, h, w), class_embeddings (C + 1, D),
-    prompt_tokens PromptTokens or None, previous (B, P, H, W) bool or None) -> SeemOutput.
-    """
-
-    def __init__(self, cfg: SeemConfig):
-        super().__init__()
-        validate.instance(cfg, "cfg", SeemConfig)
-        self.cfg = cfg
-        d = cfg.dim
-        self.object_query = nn.Parameter(torch.randn(cfg.n_object_queries, d) * 0.02)
-        self.object_pos = nn.Parameter(torch.randn(cfg.n_object_queries, d) * 0.02)
-        self.prompt_query = nn.Parameter(torch.randn(d) * 0.02)
-        self.prompt_pos = nn.Parameter(torch.randn(d) * 0.02)
-        self.memory_query = nn.Parameter(torch.randn(cfg.n_memory, d) * 0.02)
-        self.memory_pos = nn.Parameter(torch.randn(cfg.n_memory, d) * 0.02)
-        self.level_embed = nn.Parameter(torch.zeros(3, d))
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
-        self.out_norm = RMSNorm(d)
-        self.mask_mlp = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
-        self.class_proj = nn.Linear(d, d)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(14.0)))
-
-    def heads(self, x: torch.Tensor, pixels: torch.Tensor, class_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(14.10): queries x (B, Q, D) -> (class logits (B, Q, C + 1) by (14.6), mask logits (B, Q, h, w))."""
-        h = self.out_norm(x)
-        masks = torch.einsum("bqd,bdhw->bqhw", self.mask_mlp(h), pixels)
-        z = F.normalize(self.class_proj(h), dim=-1)
-        logits = self.logit_scale.clamp(max=math.log(100.0)).exp() * z @ F.normalize(class_embeddings, dim=-1).T   # (14.6)
-        return logits, masks
-
-    def forward(self, levels: list[torch.Tensor], pixels: torch.Tensor, class_embeddings: torch.Tensor,
-                prompt_tokens: PromptTokens | None = None, previous: torch.Tensor | None = None) -> SeemOutput:
-        """See the class docstring."""
-        validate.tensor(pixels, "pixels", dims=4, kind="float")
-        validate.tensor(class_embeddings, "class_embeddings", dims=2, kind="float")
-        b, d = pixels.shape[:2]
-        if (d, class_embeddings.shape[1]) != (self.cfg.dim,) * 2:
-            raise ValueError(f"pixels and class_embeddings must be (B, {self.cfg.dim}, h, w) and (C + 1, {self.cfg.dim})")
-        if not isinstance(levels, (list, tuple)) or len(levels) != 3 or any(tuple(f.shape[:2]) != (b, d) for f in levels):
-            raise ValueError(f"levels must be a list of 3 feature maps ({b}, {d}, h, w), coarse to fine")
-        if prompt_tokens is not None and not isinstance(prompt_tokens, PromptTokens):
-            raise TypeError(f"prompt_tokens must be a PromptTokens or None, got {type(prompt_tokens).__name__}")
-        nq, m = self.cfg.n_object_queries, self.cfg.n_memory
-        if prompt_tokens is None:
-            empty = pixels.new_zeros(b, 0, 0, d)
-            prompt_tokens = PromptTokens(empty, empty, torch.zeros(b, 0, 0, dtype=torch.bool, device=pixels.device),
-                                         torch.zeros(0, dtype=torch.int64))
-        tok = prompt_tokens
-        p = tok.tokens.shape[1]
-        if previous is not None:
-            validate.tensor(previous, "previous", dims=4, dtype=torch.bool, nonempty=False)
-            if previous.shape[:2] != (b, p):
-                raise ValueError(f"previous has shape {tuple(previous.shape)}; expected ({b}, {p}, H, W)")
-        n_mem = m if previous is not None else 0
-        kinds, groups = sequence_layout(nq, p, tok.kinds.tolist(), n_mem)
-        valid = torch.cat([torch.ones(b, nq + p * (1 + n_mem), dtype=torch.bool, device=pixels.device),
-                           tok.valid.reshape(b, -1)], 1)
-        table = query_prompt_mask(kinds.to(pixels.device), groups.to(pixels.device), valid)
-        x = torch.cat([self.object_query.expand(b, nq, d), self.prompt_query.expand(b, p, d),
-                       self.memory_query[:n_mem].repeat(p, 1).expand(b, p * n_mem, d), tok.tokens.reshape(b, -1, d)], 1)
-        pos = torch.cat([self.object_pos.expand(b, nq, d), self.prompt_pos.expand(b, p, d),
-                         self.memory_pos[:n_mem].repeat(p, 1).expand(b, p * n_mem, d), tok.pos.reshape(b, -1, d)], 1)
-        n_out = nq + p                                   # rows with prediction heads
-        if previous is not None:                         # memory rows attend under the previous mask (14.11)
-            prev_logits = (previous.to(pixels.dtype) * 2 - 1).repeat_interleave(n_mem, 1)
-        first_class, first_mask = self.heads(x[:, :n_out], pixels, class_embeddings)
-        class_logits, mask_logits = [first_class], [first_mask]
-        for i, layer in enumerate(self.layers):
-            feats = levels[i % 3]
-            size = feats.shape[-2:]
-            cross = cross_attention_mask(mask_logits[-1], size)
-            if previous is not None:
-                cross = AttentionMask(torch.cat([cross.allowed, cross_attention_mask(prev_logits, size).allowed], 1))
-            flat = feats.flatten(2).transpose(1, 2) + self.level_embed[i % 3]
-            fpos = position_grid(size[0], size[1], d, flat.dtype, flat.device)[None]
-            x = layer(x, pos, flat, fpos, cross, table)
-            c, mk = self.heads(x[:, :n_out], pixels, class_embeddings)
-            class_logits.append(c)
-            mask_logits.append(mk)
-        memory = x[:, n_out:n_out + p * n_mem].reshape(b, p, n_mem, d) if previous is not None else None
-        return SeemOutput(class_logits, mask_logits, nq, memory)
-
-
-class SEEM(nn.Module):
-    """The small SEEM: image encoder, text encoder, visual sampler, decoder.
-
-    forward(images (B, 3, H, W), prompts Prompts or None, generator for the sampler) -> SeemOutput.
-    Class names default to CLASSES; class_names_ids (C, T) int64 may replace them (open vocabulary).
-    """
-
-    def __init__(self, cfg: SeemConfig):
-        super().__init__()
-        validate.instance(cfg, "cfg", SeemConfig)
-        self.cfg = cfg
-        self.image_encoder = ImageEncoder(cfg)
-        self.text_encoder = TextEncoder(cfg)
-        self.sampler = VisualSampler(cfg)
-        self.text_proj = nn.Linear(cfg.dim, cfg.dim)
-        self.decoder = SeemDecoder(cfg)
-        self.no_object = nn.Parameter(torch.randn(cfg.dim) * 0.02)
-        self.register_buffer("class_name_ids", encode_text(list(CLASSES)), persistent=False)
-
-    def class_embeddings(self, class_name_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Text embeddings t_c of the class names (C, T) ids, plus the no-object vector: (C + 1, D)."""
-        if class_name_ids is not None:
-            validate.tensor(class_name_ids, "class_name_ids", dims=2, dtype=torch.int64)
-            validate.ids(class_name_ids, "class_name_ids", len(TEXT_VOCAB))
-        ids = self.class_name_ids if class_name_ids is None else class_name_ids
-        return torch.cat([self.text_encoder(ids)[1], self.no_object[None]])
-
-    def prompt_tokens(self, pixels: torch.Tensor, prompts: Prompts, generator: torch.Generator | None = None) -> PromptTokens:
-        """Visual tokens (14.7) from the sampler and text tokens from the text encoder, per prompt."""
-        validate.instance(prompts, "prompts", Prompts)
-        b, p = prompts.positive.shape[:2]
-        vis, vis_pos, vis_valid = self.sampler(pixels, prompts.positive, prompts.negative, generator)
-        t = prompts.text.shape[2]
-        words, _ = self.text_encoder(prompts.text.reshape(b * p, t))
-        text = self.text_proj(words).reshape(b, p, t, -1)
-        kinds = torch.tensor([VISUAL] * vis.shape[2] + [TEXT] * t, dtype=torch.int64)
-        return PromptTokens(torch.cat([vis, text], 2), torch.cat([vis_pos, torch.zeros_like(text)], 2),
-                            torch.cat([vis_valid, prompts.text != 0], 2), kinds)
-
-    def forward(self, images: torch.Tensor, prompts: Prompts | None = None, generator: torch.Generator | None = None,
-                class_name_ids: torch.Tensor | None = None) -> SeemOutput:
-        """See the class docstring."""
-        if prompts is not None and not isinstance(prompts, Prompts):
-            raise TypeError(f"prompts must be a Prompts or None, got {type(prompts).__name__}")
-        validate.tensor(images, "images", dims=4, kind="float")
-        validate.generator(generator, optional=True)
-        if prompts is not None and prompts.positive.shape[0] != images.shape[0]:
-            raise ValueError(f"prompts are for {prompts.positive.shape[0]} images, images has {images.shape[0]}")
-        if prompts is not None and prompts.positive.shape[2:] != images.shape[2:]:
-            raise ValueError(f"prompt masks are {tuple(prompts.positive.shape[2:])}, images {tuple(images.shape[2:])}")
-        levels, pixels = self.image_encoder(images)
-        tokens = self.prompt_tokens(pixels, prompts, generator) if prompts is not None else None
-        previous = prompts.previous if prompts is not None else None
-        return self.decoder(levels, pixels, self.class_embeddings(class_name_ids), tokens, previous)
-
-
-# %% [markdown]
-# The decoder's structure can be checked before any training. A random model in float64,
-# two prompts on each of two images: the object queries' outputs are the same with or
-# without the prompts (up to rounding: a longer sequence changes the order of float
-# additions, not the values that enter them), changing prompt 0 leaves prompt 1's answer alone, and the memory
-# tokens stay put when the image features outside the previous mask change.
-
-# %%
-from lrn_lib.seem import SEEM, Prompts
-
-
-def square_masks(b, p, size, corner, side):
-    m = torch.zeros(b, p, size, size, dtype=torch.bool)
-    m[..., corner:corner + side, corner:corner + side] = True
-    return m
-
-
-torch.manual_seed(0)
-seem = SEEM(cfg).double().eval()
-images = torch.stack([s.image for s in two]).double()
-text = encode_text(["the red circle", "the blue bar"], length=3)[None].repeat(2, 1, 1)
-prompts = Prompts(square_masks(2, 2, 64, 20, 6), torch.zeros(2, 2, 64, 64, dtype=torch.bool), text)
-with torch.no_grad():
-    bare = seem(images)
-    with_prompts = seem(images, prompts, torch.Generator().manual_seed(1))
-    moved = Prompts(prompts.positive.clone(), prompts.negative, prompts.text.clone())
-    moved.positive[:, 0] = square_masks(2, 1, 64, 40, 6)[:, 0]
-    moved.text[:, 0] = encode_text(["the green square"])
-    changed = seem(images, moved, torch.Generator().manual_seed(1))
-nq = cfg.n_object_queries
-print("object queries equal with and without prompts (to float64 rounding):",
-      all(torch.allclose(a[:, :nq], b_[:, :nq], rtol=0, atol=1e-12)
-          for a, b_ in zip(bare.mask_logits + bare.class_logits, with_prompts.mask_logits + with_prompts.class_logits)))
-print("prompt 1's answer unchanged when prompt 0 changes:",
-      all(torch.equal(a[:, nq + 1], b_[:, nq + 1]) for a, b_ in zip(with_prompts.mask_logits, changed.mask_logits)))
-print("... while prompt 0's answer did change:", not torch.equal(with_prompts.mask_logits[-1][:, nq], changed.mask_logits[-1][:, nq]))
-
-previous = square_masks(2, 2, 64, 16, 32)              # a 32-pixel square: whole cells at every level
-with torch.no_grad():
-    levels, pixels = seem.image_encoder(images)
-    classes = seem.class_embeddings()
-    tokens = seem.prompt_tokens(pixels, prompts, torch.Generator().manual_seed(1))
-    out = seem.decoder(levels, pixels, classes, tokens, previous)
-    noisy = []
-    for z in levels:                                  # new features outside the previous mask, at every level
-        inside = F.interpolate(previous[:, :1].double(), size=z.shape[-2:], mode="bilinear") > 0.5
-        noisy.append(torch.where(inside, z, torch.randn_like(z)))
-    out_noisy = seem.decoder(noisy, pixels, classes, tokens, previous)
-print("memory tokens ignore features outside the previous mask:", torch.allclose(out.memory, out_noisy.memory, atol=1e-12))
-print("... which the object queries do not:", not torch.allclose(out.mask_logits[-1][:, :nq], out_noisy.mask_logits[-1][:, :nq]))
-
-# %% [markdown]
-# ## 14.8 Summary
+# ## 14.7 Summary
 #
 # This chapter built everything SEEM needs before it learns anything. The world (section
 # 14.2): scenes of two to four overlapping colored shapes with exact visible masks (14.1),
@@ -1862,19 +1509,18 @@ print("... which the object queries do not:", not torch.allclose(out.mask_logits
 # every visual prompt drawn as a mask (point, box, scribble, rough mask), phrases as token
 # ids, the corrective click at the deepest pixel of the worse error region (14.3)-(14.4), and
 # the metrics IoU (14.2) and NoC@85 (14.5), with two hand-made baselines that show how far
-# color alone goes: far in the easy world, much less far in the harder one. The model
-# (sections 14.4 to 14.7): an image encoder with a pixel decoder, and a text encoder whose
-# class-name embeddings score every mask (14.6); a visual sampler that turns any visual
-# prompt into features read at sampled pixels (14.7), placed by (14.8); object queries and
-# one query per prompt under a self-attention table that keeps object queries blind to
-# prompts, prompts blind to each other and memory tokens to themselves (14.9); masked
-# cross-attention and masks as dot products with $E$ (14.10); and memory tokens that
-# summarize the previous round's mask (14.11). Each structural claim was checked exactly, in
-# float64, on a model that has not been trained.
+# color alone goes: far in the easy world, much less far in the harder one. The model's
+# parts (sections 14.4 to 14.6): an image encoder with a pixel decoder, and a text encoder
+# whose class-name embeddings score every mask (14.6); a visual sampler that turns any visual
+# prompt into features read at sampled pixels (14.7), placed by (14.8); and object queries
+# and one query per prompt under a self-attention table that keeps object queries blind to
+# prompts, prompts blind to each other and memory tokens to themselves (14.9). Each
+# structural claim was checked exactly, on parts that have not been trained.
 #
-# Chapter 15 trains this model (Hungarian matching and the losses, simulated second rounds),
-# measures it by prompt type, over interactive rounds and without a prompt, and sets every
-# result against color-only baselines with intervals.
+# Chapter 15 builds the decoder on these parts (masked cross-attention, masks as dot products
+# with $E$, the memory prompt), trains the model (Hungarian matching and the losses,
+# simulated second rounds), measures it by prompt type, over interactive rounds and without a
+# prompt, and sets every result against color-only baselines with intervals.
 #
 # ## Exercises
 #
@@ -1902,7 +1548,7 @@ print("... which the object queries do not:", not torch.allclose(out.mask_logits
 # **Exercise 2 (implement): the self-attention table.** Write
 # `prompt_table(kinds: torch.Tensor, groups: torch.Tensor, valid: torch.Tensor) -> torch.Tensor`
 # that builds section 14.6's table from a sequence's `kinds` $(S,)$ (`OBJECT`, `QUERY`,
-# `VISUAL`, `TEXT`, `MEMORY`, the integers 0 to 4 of `lrn_lib.seem`), its `groups` $(S,)$
+# `VISUAL`, `TEXT`, `MEMORY`, the integers 0 to 4 of `lrn_lib.seem_attention`), its `groups` $(S,)$
 # (the prompt of each member, $-1$ for object queries) and `valid` $(B, S)$ bool (`False`
 # for padding): `allowed` $(B, S, S)$ bool, `True` where row $i$ may attend to key $j$. The
 # checker draws layouts with `sequence_layout`, some with no prompt, no object query, no

@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from bad_input import assert_clear_error, cases
-from lrn_lib.seem import (OBJECT, SEEM, TEXT, VISUAL, AttentionMask, DecoderLayer, MaskedAttention, Prompts,
-                          PromptTokens, SeemDecoder, SeemOutput, cross_attention_mask, query_prompt_mask, sequence_layout)
+from lrn_lib.seem import SEEM
+from lrn_lib.seem_attention import (OBJECT, VISUAL, AttentionMask, MaskedAttention, cross_attention_mask,
+                                    query_prompt_mask, sequence_layout)
 from lrn_lib.seem_encoders import (ImageEncoder, SeemConfig, TextEncoder, VisualSampler, position_grid, sample_features,
                                    sample_points, sine_encoding)
 from lrn_lib.shapes import (Scene, box_from_mask, box_mask, clicks_to_reach, color_fill, encode_text, interactive_curve,
@@ -34,39 +35,9 @@ def square(size=8, lo=2, hi=5):
     return m
 
 
-def prompts(b=1, p=1, size=8, t=3, **overrides):
-    args = dict(positive=torch.zeros(b, p, size, size, dtype=torch.bool),
-                negative=torch.zeros(b, p, size, size, dtype=torch.bool), text=torch.zeros(b, p, t, dtype=torch.int64))
-    return Prompts(**{**args, **overrides})
-
-
 def scene(**overrides):
     args = dict(image=SCENE.image, masks=SCENE.masks, classes=SCENE.classes, colors=SCENE.colors, texts=SCENE.texts)
     return Scene(**{**args, **overrides})
-
-
-def output(n_object=3, layers=2, b=1, rows=4, c=5, h=4):
-    return SeemOutput([torch.randn(b, rows, c) for _ in range(layers)], [torch.randn(b, rows, h, h) for _ in range(layers)],
-                      n_object)
-
-
-def tokens(b=1, p=1, n=3, d=16, **overrides):
-    args = dict(tokens=torch.zeros(b, p, n, d), pos=torch.zeros(b, p, n, d), valid=torch.ones(b, p, n, dtype=torch.bool),
-                kinds=torch.full((n,), VISUAL))
-    return PromptTokens(**{**args, **overrides})
-
-
-def layer_inputs(s=4, hw=6, d=16, n_cross=3):
-    x, pos = torch.randn(1, s, d), torch.randn(1, s, d)
-    feats, fpos = torch.randn(1, hw, d), torch.randn(1, hw, d)
-    cross = AttentionMask(torch.ones(1, n_cross, hw, dtype=torch.bool))
-    table = AttentionMask(torch.ones(1, s, s, dtype=torch.bool))
-    return [x, pos, feats, fpos, cross, table]
-
-
-def decoder_inputs(b=1, d=16):
-    levels = [torch.randn(b, d, 2, 2), torch.randn(b, d, 4, 4), torch.randn(b, d, 8, 8)]
-    return [levels, torch.randn(b, d, 16, 16), torch.randn(5, d)]
 
 
 BAD_CALLS = {
@@ -205,20 +176,20 @@ BAD_CALLS = {
         ("pixels", lambda: MODEL.sampler(torch.rand(1, 8, 16, 16), bools(1, 1, 32, 32), bools(1, 1, 32, 32))),
         ("positive", lambda: MODEL.sampler(torch.rand(1, 16, 16, 16), bools(1, 1, 32, 32).float(), bools(1, 1, 32, 32))),
     ],
-    # ---------------------------------------------------------------- lrn_lib.seem
-    "lrn_lib.seem.AttentionMask": [
+    # ---------------------------------------------------------------- lrn_lib.seem_attention
+    "lrn_lib.seem_attention.AttentionMask": [
         ("attends to nothing", lambda: AttentionMask(torch.zeros(1, 2, 2, dtype=torch.bool))),
         ("allowed", lambda: AttentionMask(torch.ones(2, 2, dtype=torch.bool))),
         ("n_heads", lambda: AttentionMask(torch.ones(1, 2, 2, dtype=torch.bool)).for_multihead(0)),
         ("blocked", lambda: AttentionMask.from_blocked(torch.ones(1, 2, 2))),
     ],
-    "lrn_lib.seem.sequence_layout": [
+    "lrn_lib.seem_attention.sequence_layout": [
         ("token_kinds", lambda: sequence_layout(1, 1, [OBJECT], 0)),
         ("n_object", lambda: sequence_layout(-1, 1, [VISUAL], 0)),
         ("n_memory", lambda: sequence_layout(1, 1, [VISUAL], 1.0)),
         ("token_kinds", lambda: sequence_layout(1, 1, None, 0)),
     ],
-    "lrn_lib.seem.query_prompt_mask": [
+    "lrn_lib.seem_attention.query_prompt_mask": [
         ("kinds", lambda: query_prompt_mask(torch.zeros(3, dtype=torch.int64), torch.zeros(2, dtype=torch.int64),
                                             torch.ones(1, 3, dtype=torch.bool))),
         ("valid", lambda: query_prompt_mask(torch.zeros(3, dtype=torch.int64), torch.zeros(3, dtype=torch.int64),
@@ -226,53 +197,18 @@ BAD_CALLS = {
         ("kinds", lambda: query_prompt_mask(torch.full((3,), 9), torch.zeros(3, dtype=torch.int64),
                                             torch.ones(1, 3, dtype=torch.bool))),
     ],
-    "lrn_lib.seem.cross_attention_mask": [
+    "lrn_lib.seem_attention.cross_attention_mask": [
         ("mask_logits", lambda: cross_attention_mask(torch.randn(2, 4, 4), (2, 2))),
         ("size", lambda: cross_attention_mask(torch.randn(1, 2, 4, 4), (0, 2))),
         ("size", lambda: cross_attention_mask(torch.randn(1, 2, 4, 4), 2)),
     ],
-    "lrn_lib.seem.MaskedAttention": [
+    "lrn_lib.seem_attention.MaskedAttention": [
         ("n_heads", lambda: MaskedAttention(16, 3)),
         ("mask", lambda: MaskedAttention(16, 2)(*[torch.randn(1, 3, 16)] * 3, torch.ones(1, 3, 3, dtype=torch.bool))),
         ("mask", lambda: MaskedAttention(16, 2)(*[torch.randn(1, 3, 16)] * 3,
                                                 AttentionMask(torch.ones(1, 3, 4, dtype=torch.bool)))),
         ("q", lambda: MaskedAttention(16, 2)(torch.randn(1, 3, 8), *[torch.randn(1, 3, 16)] * 2,
                                              AttentionMask(torch.ones(1, 3, 3, dtype=torch.bool)))),
-    ],
-    "lrn_lib.seem.Prompts": [
-        ("negative", lambda: prompts(negative=torch.zeros(1, 1, 8, 8))),
-        ("text", lambda: prompts(text=torch.zeros(1, 2, 3, dtype=torch.int64))),
-        ("previous", lambda: prompts(previous=torch.zeros(1, 2, 8, 8, dtype=torch.bool))),
-        ("text", lambda: prompts(text=torch.full((1, 1, 3), 99))),                    # ids outside TEXT_VOCAB
-    ],
-    "lrn_lib.seem.PromptTokens": [
-        ("pos", lambda: tokens(pos=torch.zeros(1, 1, 2, 16))),
-        ("valid", lambda: tokens(valid=torch.ones(1, 1, 3))),
-        ("kinds", lambda: tokens(kinds=torch.full((2,), TEXT))),
-    ],
-    "lrn_lib.seem.SeemOutput": [
-        ("n_object", lambda: output(n_object=5, rows=4)),                            # more objects than rows
-        ("class_logits", lambda: SeemOutput([], [], 0)),
-        ("layer", lambda: output(layers=2).masks((8, 8), layer=2)),
-        ("size", lambda: output().masks(8)),
-    ],
-    "lrn_lib.seem.DecoderLayer": [
-        ("cfg", lambda: DecoderLayer(42)),
-        ("cross", lambda: MODEL.decoder.layers[0](*layer_inputs()[:4], torch.ones(1, 3, 6, dtype=torch.bool),
-                                                   layer_inputs()[5])),
-        ("pos", lambda: MODEL.decoder.layers[0](layer_inputs()[0], torch.randn(1, 5, 16), *layer_inputs()[2:])),
-    ],
-    "lrn_lib.seem.SeemDecoder": [
-        ("cfg", lambda: SeemDecoder(None)),
-        ("levels", lambda: MODEL.decoder(decoder_inputs()[0][:2], *decoder_inputs()[1:])),
-        ("class_embeddings", lambda: MODEL.decoder(*decoder_inputs()[:2], torch.randn(5, 8))),
-        ("prompt_tokens", lambda: MODEL.decoder(*decoder_inputs(), prompt_tokens="tokens")),
-    ],
-    "lrn_lib.seem.SEEM": [
-        ("cfg", lambda: SEEM("small")),
-        ("images", lambda: MODEL(torch.zeros(1, 3, 30, 30))),
-        ("prompts", lambda: MODEL(IMAGES, prompts="the red circle")),
-        ("class_name_ids", lambda: MODEL(IMAGES, class_name_ids=torch.full((4, 3), 99))),
     ],
 }
 NO_BAD_INPUT: dict[str, str] = {}

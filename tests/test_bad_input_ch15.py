@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from bad_input import assert_clear_error, cases
-from lrn_lib.seem import SEEM, SeemOutput
+from lrn_lib.seem import SEEM, DecoderLayer, Prompts, PromptTokens, SeemDecoder, SeemOutput
+from lrn_lib.seem_attention import TEXT, VISUAL, AttentionMask
 from lrn_lib.seem_encoders import SeemConfig
 from lrn_lib.seem_training import (LossWeights, answer_masks, batch_targets, bce_loss, coarse_mask, corrective_prompts,
                                    dice_loss, hungarian_match, make_prompts, matching_cost, panoptic_quality,
@@ -37,6 +38,31 @@ def square(size=8, lo=2, hi=5):
 def output(n_object=3, layers=2, b=1, rows=4, c=5, h=4):
     return SeemOutput([torch.randn(b, rows, c) for _ in range(layers)], [torch.randn(b, rows, h, h) for _ in range(layers)],
                       n_object)
+
+
+def prompts(b=1, p=1, size=8, t=3, **overrides):
+    args = dict(positive=torch.zeros(b, p, size, size, dtype=torch.bool),
+                negative=torch.zeros(b, p, size, size, dtype=torch.bool), text=torch.zeros(b, p, t, dtype=torch.int64))
+    return Prompts(**{**args, **overrides})
+
+
+def tokens(b=1, p=1, n=3, d=16, **overrides):
+    args = dict(tokens=torch.zeros(b, p, n, d), pos=torch.zeros(b, p, n, d), valid=torch.ones(b, p, n, dtype=torch.bool),
+                kinds=torch.full((n,), VISUAL))
+    return PromptTokens(**{**args, **overrides})
+
+
+def layer_inputs(s=4, hw=6, d=16, n_cross=3):
+    x, pos = torch.randn(1, s, d), torch.randn(1, s, d)
+    feats, fpos = torch.randn(1, hw, d), torch.randn(1, hw, d)
+    cross = AttentionMask(torch.ones(1, n_cross, hw, dtype=torch.bool))
+    table = AttentionMask(torch.ones(1, s, s, dtype=torch.bool))
+    return [x, pos, feats, fpos, cross, table]
+
+
+def decoder_inputs(b=1, d=16):
+    levels = [torch.randn(b, d, 2, 2), torch.randn(b, d, 4, 4), torch.randn(b, d, 8, 8)]
+    return [levels, torch.randn(b, d, 16, 16), torch.randn(5, d)]
 
 
 def loss(**overrides):
@@ -128,6 +154,42 @@ BAD_CALLS = {
         ("overlapping", lambda: panoptic(pred_masks=[torch.stack([square(), square()])])),
         ("pred_classes[0]", lambda: panoptic(pred_classes=[torch.tensor([0])])),      # 1 class for 2 masks
         ("true_masks[0]", lambda: panoptic(true_masks=[torch.stack([square(9), ~square(9)])])),
+    ],
+    # ---------------------------------------------------------------- lrn_lib.seem
+    "lrn_lib.seem.Prompts": [
+        ("negative", lambda: prompts(negative=torch.zeros(1, 1, 8, 8))),
+        ("text", lambda: prompts(text=torch.zeros(1, 2, 3, dtype=torch.int64))),
+        ("previous", lambda: prompts(previous=torch.zeros(1, 2, 8, 8, dtype=torch.bool))),
+        ("text", lambda: prompts(text=torch.full((1, 1, 3), 99))),                    # ids outside TEXT_VOCAB
+    ],
+    "lrn_lib.seem.PromptTokens": [
+        ("pos", lambda: tokens(pos=torch.zeros(1, 1, 2, 16))),
+        ("valid", lambda: tokens(valid=torch.ones(1, 1, 3))),
+        ("kinds", lambda: tokens(kinds=torch.full((2,), TEXT))),
+    ],
+    "lrn_lib.seem.SeemOutput": [
+        ("n_object", lambda: output(n_object=5, rows=4)),                            # more objects than rows
+        ("class_logits", lambda: SeemOutput([], [], 0)),
+        ("layer", lambda: output(layers=2).masks((8, 8), layer=2)),
+        ("size", lambda: output().masks(8)),
+    ],
+    "lrn_lib.seem.DecoderLayer": [
+        ("cfg", lambda: DecoderLayer(42)),
+        ("cross", lambda: MODEL.decoder.layers[0](*layer_inputs()[:4], torch.ones(1, 3, 6, dtype=torch.bool),
+                                                   layer_inputs()[5])),
+        ("pos", lambda: MODEL.decoder.layers[0](layer_inputs()[0], torch.randn(1, 5, 16), *layer_inputs()[2:])),
+    ],
+    "lrn_lib.seem.SeemDecoder": [
+        ("cfg", lambda: SeemDecoder(None)),
+        ("levels", lambda: MODEL.decoder(decoder_inputs()[0][:2], *decoder_inputs()[1:])),
+        ("class_embeddings", lambda: MODEL.decoder(*decoder_inputs()[:2], torch.randn(5, 8))),
+        ("prompt_tokens", lambda: MODEL.decoder(*decoder_inputs(), prompt_tokens="tokens")),
+    ],
+    "lrn_lib.seem.SEEM": [
+        ("cfg", lambda: SEEM("small")),
+        ("images", lambda: MODEL(torch.zeros(1, 3, 30, 30))),
+        ("prompts", lambda: MODEL(IMAGES, prompts="the red circle")),
+        ("class_name_ids", lambda: MODEL(IMAGES, class_name_ids=torch.full((4, 3), 99))),
     ],
 }
 NO_BAD_INPUT: dict[str, str] = {}

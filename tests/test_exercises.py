@@ -21,7 +21,7 @@ from lrn_lib.moe import apply_capacity, switch_balance_loss, top_k_gate, update_
 from lrn_lib.online_softmax import SoftmaxState, merge_lse, merge_states, softmax_backward_reference
 from lrn_lib.patching import bytes_to_tensor, hash_ngram_ids
 from lrn_lib.pipeline_parallel import bubble_fraction, simulate_schedule
-from lrn_lib.seem import OBJECT, QUERY, VISUAL, query_prompt_mask
+from lrn_lib.seem_attention import OBJECT, QUERY, VISUAL, query_prompt_mask
 from lrn_lib.seem_training import bce_loss, dice_loss
 from lrn_lib.shapes import next_click
 from lrn_lib.softmax import logsumexp, safe_softmax
@@ -320,8 +320,8 @@ WRONG = [  # (id, wrong function, words the message must contain)
     ("13.commit_low_confidence", commit_anywhere, ["only masked positions compete", "-inf"]),
     ("13.commit_low_confidence", lambda x, prop, conf, counts, mask_id: commit_low_confidence(
         x, prop, -conf, counts, mask_id), ["least confident"]),
-    ("15.mask_losses", dice_without_smoothing, ["no +1 terms", "(15.1)"]),
-    ("15.mask_losses", bce_summed, ["sum over the pixels", "(15.2)"]),
+    ("15.mask_losses", dice_without_smoothing, ["no +1 terms", "(15.3)"]),
+    ("15.mask_losses", bce_summed, ["sum over the pixels", "(15.4)"]),
     ("15.mask_losses", lambda logits, targets: (1 - dice_loss(logits, targets), bce_loss(logits, targets)),
      ["dice coefficient", "1 minus"]),
     ("14.next_click", lambda pred, target: (next_click(pred, target)[0].flip(0), next_click(pred, target)[1]),

@@ -1,4 +1,4 @@
-"""Chapters 14-15: SEEM's sampler, attention tables, decoder (14); matching, losses, prompt simulation (15)."""
+"""Chapters 14-15: SEEM's sampler and attention tables (14); its decoder, matching, losses, prompt simulation (15)."""
 import itertools
 import math
 
@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lrn_lib.seem import (MEMORY, OBJECT, QUERY, SEEM, TEXT, VISUAL, AttentionMask, MaskedAttention, Prompts,
-                          SeemOutput, cross_attention_mask, query_prompt_mask, sequence_layout)
+from lrn_lib.seem import SEEM, Prompts, SeemOutput
+from lrn_lib.seem_attention import (MEMORY, OBJECT, QUERY, TEXT, VISUAL, AttentionMask, MaskedAttention,
+                                    cross_attention_mask, query_prompt_mask, sequence_layout)
 from lrn_lib.seem_encoders import SeemConfig, TextEncoder, VisualSampler, sample_features, sample_points
 from lrn_lib.seem_training import (PROMPT_KINDS, LossWeights, bce_loss, coarse_mask, corrective_prompts, dice_loss,
                                    hungarian_match, make_prompts, matching_cost, prompt_targets, panoptic_quality,
@@ -283,8 +284,8 @@ def test_losses_against_direct_float64_formulas():
     targets = torch.rand(4, 37, generator=g) < 0.4
     for i in range(4):
         m, t = logits[i].tolist(), targets[i].double().tolist()
-        assert dice_loss(logits, targets)[i].item() == pytest.approx(direct_dice(m, t), abs=1e-12)     # (15.1)
-        assert bce_loss(logits, targets)[i].item() == pytest.approx(direct_bce(m, t), abs=1e-12)       # (15.2)
+        assert dice_loss(logits, targets)[i].item() == pytest.approx(direct_dice(m, t), abs=1e-12)     # (15.3)
+        assert bce_loss(logits, targets)[i].item() == pytest.approx(direct_bce(m, t), abs=1e-12)       # (15.4)
 
 
 def test_matching_cost_against_direct_formulas():
@@ -299,7 +300,7 @@ def test_matching_cost_against_direct_formulas():
     for i, j in itertools.product(range(q), range(n)):
         p = torch.softmax(class_logits[i], 0)[classes[j]].item()
         m, t = mask_logits[i].tolist(), masks[j].double().tolist()
-        want = -w.cls * p + w.bce * direct_bce(m, t) + w.dice * direct_dice(m, t)                  # (15.3)
+        want = -w.cls * p + w.bce * direct_bce(m, t) + w.dice * direct_dice(m, t)                  # (15.5)
         assert cost[i, j].item() == pytest.approx(want, abs=1e-10)
 
 
@@ -337,7 +338,7 @@ def test_seem_loss_matches_a_hand_computation():
         m, t = mask_logits[0][i, q].flatten().tolist(), pr_masks[i, 0].flatten().double().tolist()
         prompt += w.bce * direct_bce(m, t) + w.dice * direct_dice(m, t)
         prompt -= w.cls * torch.log_softmax(class_logits[0][i, q], 0)[pr_classes[i, 0]].item()
-    want = w.cls * ce_num / ce_den + mask_sum / n_targets + prompt / b                             # (15.4)
+    want = w.cls * ce_num / ce_den + mask_sum / n_targets + prompt / b                             # (15.6)
     assert losses["total"].item() == pytest.approx(want, abs=1e-10)
 
 
@@ -545,7 +546,7 @@ def test_panoptic_quality_matches_a_hand_computation_per_class():
     assert c0["sq"] == pytest.approx(0.875) and c0["rq"] == 1.0 and c0["pq"] == pytest.approx(0.875)
     assert c1["pq"] == 0.0 and c1["sq"] == 0.0 and c1["rq"] == 0.0
     assert r["pq"] == pytest.approx((0.875 + 0.0) / 2) and r["sq"] == pytest.approx(0.4375) and r["rq"] == 0.5
-    pooled = 1.75 / (2 + 0.5 * 2 + 0.5 * 1)          # one PQ over all segments: not what (15.5) defines
+    pooled = 1.75 / (2 + 0.5 * 2 + 0.5 * 1)          # one PQ over all segments: not what (15.7) defines
     assert abs(r["pq"] - pooled) > 0.05
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from lrn_lib import config
 from lrn_lib.exercises import check, exercises
-from lrn_lib.seem import OBJECT, QUERY
+from lrn_lib.seem_attention import OBJECT, QUERY
 from lrn_lib.shapes import HARD_WORLD, clicks_to_reach, color_fill, interactive_curve, make_scenes
 
 config.seed_everything(0)

@@ -18,7 +18,7 @@
 # through its checker, `lrn_lib.exercises.check`, which tests it on fresh random inputs
 # against the library's references (`lrn_lib.seem_training`) and prints one line.
 # Exercises 2 and 3 train small models; to keep this notebook to about a minute on two CPU
-# cores they use a smaller world and model than section 15.2 (stated where they are set up).
+# cores they use a smaller world and model than section 15.3 (stated where they are set up).
 
 # %%
 import math
@@ -31,8 +31,8 @@ from torch import nn
 
 from lrn_lib import config
 from lrn_lib.exercises import check, exercises
-from lrn_lib.seem import (MEMORY, OBJECT, QUERY, SEEM, TEXT, VISUAL, Prompts, SeemDecoder, SeemOutput, cross_attention_mask,
-                          query_prompt_mask, sequence_layout)
+from lrn_lib.seem import SEEM, Prompts, SeemDecoder, SeemOutput
+from lrn_lib.seem_attention import MEMORY, OBJECT, QUERY, TEXT, VISUAL, cross_attention_mask, query_prompt_mask, sequence_layout
 from lrn_lib.seem_encoders import SeemConfig, position_grid
 from lrn_lib.seem_training import (LossWeights, answer_masks, batch_targets, bce_loss, corrective_prompts, dice_loss,
                                    make_prompts, prompt_targets, seem_loss)
@@ -48,7 +48,7 @@ print("\n".join(exercises("15")))
 # **The dice loss.** With confident sigmoids, $\sigma(m_x) \in \{0, 1\}$, the prediction
 # covers $a n$ of the target's $n$ pixels and $b n$ pixels outside it, so
 # $\sum_x \sigma(m_x) t_x = a n$, $\sum_x \sigma(m_x) = (a + b) n$ and $\sum_x t_x = n$.
-# Without its $+1$ terms, (15.1) is
+# Without its $+1$ terms, (15.3) is
 #
 # $$\mathcal{L}_{\text{dice}} = 1 - \frac{2 a n}{(a + b) n + n} = 1 - \frac{2a}{1 + a + b}, \qquad (\text{E}1)$$
 #
@@ -57,7 +57,7 @@ print("\n".join(exercises("15")))
 #
 # **The cross-entropy.** A sigmoid of exactly 0 or 1 would make a wrong pixel's
 # cross-entropy infinite, so take "confident" to mean logits $m_x = \pm M$ with $M$ large.
-# In the form $\log(1 + e^{m}) - t\,m$ of (15.2), a right pixel costs
+# In the form $\log(1 + e^{m}) - t\,m$ of (15.4), a right pixel costs
 # $\log(1 + e^{-M}) \approx e^{-M}$ and a wrong one $\log(1 + e^{M}) \approx M$. The wrong
 # pixels are the $(1 - a) n$ misses and the $b n$ false alarms, so
 #
@@ -79,7 +79,7 @@ print("\n".join(exercises("15")))
 # so the cross-entropy pulls on an object with a total force proportional to its $n$, and
 # the dice loss with a force per pixel of order $1/n$, a total independent of $n$.
 #
-# **Why (15.4) uses both.** The dice loss alone is size-fair and tracks the overlap that
+# **Why (15.6) uses both.** The dice loss alone is size-fair and tracks the overlap that
 # IoU (14.2) measures (the dice coefficient is $2\,\mathrm{IoU} / (1 + \mathrm{IoU})$), but
 # it is a ratio over the whole mask, so every pixel's gradient depends on all the others; it
 # reaches a logit through $\sigma'(m_x) = \sigma(m_x)(1 - \sigma(m_x))$, which vanishes for
@@ -87,11 +87,11 @@ print("\n".join(exercises("15")))
 # calibration (any $\sigma$ with the same sums $I$ and $S$ costs the same). The cross-entropy
 # gives every pixel its own gradient $\sigma(m_x) - t_x$, largest exactly for confidently
 # wrong pixels, and makes $\sigma$ a probability, but neglects small objects. Mask2Former
-# weights them equally ($\lambda_{\text{bce}} = \lambda_{\text{dice}} = 5$), and (15.4)
+# weights them equally ($\lambda_{\text{bce}} = \lambda_{\text{dice}} = 5$), and (15.6)
 # follows it: the cross-entropy teaches pixels, the dice loss keeps small objects from
 # being dropped.
 #
-# **The $+1$ terms on an empty target.** With $\sum_x t_x = 0$, (15.1) becomes
+# **The $+1$ terms on an empty target.** With $\sum_x t_x = 0$, (15.3) becomes
 #
 # $$\mathcal{L}_{\text{dice}} = 1 - \frac{1}{\sum_x \sigma(m_x) + 1} = \frac{\sum_x \sigma(m_x)}{\sum_x \sigma(m_x) + 1}: \qquad (\text{E}4)$$
 #
@@ -103,7 +103,7 @@ print("\n".join(exercises("15")))
 #
 # A numerical check with the library's losses, on $X = 4096$ pixels with logits $\pm 20$
 # (sigmoids within $2 \cdot 10^{-9}$ of 0 and 1): (E1) for both sizes, (E2) against the
-# exact (15.2), and (E4) on an empty target.
+# exact (15.4), and (E4) on an empty target.
 
 # %%
 X, M = 4096, 20.0
@@ -124,7 +124,7 @@ def dice_without_ones(logits: torch.Tensor, target: torch.Tensor) -> float:
     return (1 - 2 * (p * t).sum() / (p.sum() + t.sum())).item()
 
 
-print(" n     a    b   | dice (E1) | dice without +1 | dice (15.1) | BCE (15.2) | M (1 - a + b) n / X")
+print(" n     a    b   | dice (E1) | dice without +1 | dice (15.3) | BCE (15.4) | M (1 - a + b) n / X")
 rows = []
 for n in (20, 2000):
     for a, b in ((0.0, 0.0), (0.5, 0.0), (1.0, 0.5), (0.9, 0.1)):
@@ -138,7 +138,7 @@ for k in (0, 1, 5, 100):
     logits = torch.full((1, X), -M, dtype=torch.float64)
     logits[0, :k] = M
     dice = dice_loss(logits, torch.zeros(1, X, dtype=torch.bool)).item()
-    print(f"empty target, {k:3d} false-alarm pixels: dice (15.1) {dice:.4f} = k / (k + 1) = {k / (k + 1):.4f}")
+    print(f"empty target, {k:3d} false-alarm pixels: dice (15.3) {dice:.4f} = k / (k + 1) = {k / (k + 1):.4f}")
 
 # %%
 small, large = [r for r in rows if r[0] == 20], [r for r in rows if r[0] == 2000]
@@ -244,9 +244,9 @@ class MultiSEEM(SEEM):
 
 # %% [markdown]
 # **Training only the best output.** At every prediction step, each prompt's $K$ masks are
-# scored against the prompt's target by dice + BCE, (15.1) + (15.2), and only the lowest
+# scored against the prompt's target by dice + BCE, (15.3) + (15.4), and only the lowest
 # scoring one is kept; the object rows and the kept rows form an ordinary `SeemOutput`, and
-# the library's `seem_loss` (15.4) does the rest. The kept output is chosen without
+# the library's `seem_loss` (15.6) does the rest. The kept output is chosen without
 # gradient, as in SAM. The IoU head is trained on every output, by the squared error
 # between its prediction and the IoU of that output's final mask.
 
@@ -271,7 +271,7 @@ def best_outputs(out: SeemOutput, iou: torch.Tensor, prompt_masks: torch.Tensor)
 
 
 # %% [markdown]
-# **A small training setup, shared with exercise 3.** Section 15.2 trains for a few
+# **A small training setup, shared with exercise 3.** Section 15.3 trains for a few
 # minutes; here each model gets about fifteen seconds. What changes: scenes of the easy
 # world (flat colors; section 14.2), of $32 \times 32$ pixels (objects of at least 10 visible
 # pixels) instead of 64, 600 of them;
@@ -280,7 +280,7 @@ def best_outputs(out: SeemOutput, iou: torch.Tensor, prompt_masks: torch.Tensor)
 # hardly start) with the chapter's warmup and cosine decay. Both exercises are about clicks,
 # so every prompt is a `point` (the corrective clicks come on top), and the class weight is
 # Mask2Former's $\lambda_{\text{cls}} = 2$: the chapter's 5 served the class of visually
-# prompted masks, which is not measured here. `second_round` is section 15.2's `SECOND_ROUND`.
+# prompted masks, which is not measured here. `second_round` is section 15.3's `SECOND_ROUND`.
 
 # %%
 SIZE, TRAIN_SCENES, STEPS, BATCH, PROMPTS_PER_IMAGE = 32, 600, 250, 8, 4
@@ -297,7 +297,7 @@ scene_seconds = time.perf_counter() - t0
 
 
 def train(model: nn.Module, second_round: float) -> list[float]:
-    """Section 15.2's loop at the small setup; a MultiSEEM trains its best outputs and its IoU head."""
+    """Section 15.3's loop at the small setup; a MultiSEEM trains its best outputs and its IoU head."""
     opt = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 25) * 0.5 * (1 + math.cos(math.pi * min(s, STEPS) / STEPS)))
@@ -362,7 +362,7 @@ agreement = [mask_iou(answers[:, 0, i], answers[:, 0, j]).mean().item() for i, j
 # %%
 # NBVAL_IGNORE_OUTPUT
 print(f"scenes drawn in {scene_seconds:.1f} s; training: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
-print(f"loss (15.4), first 25 / last 25 steps: one output {np.mean(one_history[:25]):.1f} / "
+print(f"loss (15.6), first 25 / last 25 steps: one output {np.mean(one_history[:25]):.1f} / "
       f"{np.mean(one_history[-25:]):.1f}, three outputs {np.mean(three_history[:25]):.1f} / "
       f"{np.mean(three_history[-25:]):.1f}")
 print(f"point-prompt mean IoU, one output: {iou_single.mean():.3f}")
@@ -402,8 +402,8 @@ print("the three answers to a click are not copies of each other (mean IoU betwe
 #
 # Two models with the same seed and steps, at the small setup of exercise 2: the
 # one-output model above was trained with `SECOND_ROUND = 0`, so it never saw a memory
-# prompt (nor a corrective click); the second trains as in section 15.2, with a second round in
-# half of the batches. Each runs section 15.3's interactive session on the 100 held-out
+# prompt (nor a corrective click); the second trains as in section 15.3, with a second round in
+# half of the batches. Each runs section 15.4's interactive session on the 100 held-out
 # objects, 8 clicks, with and without the memory prompt. Then the second model gets an
 # *oracle* memory: from round 2 on, the memory prompt is the target mask itself instead of
 # the previous answer.
@@ -418,7 +418,7 @@ seconds["second rounds"] = time.perf_counter() - t0
 
 
 def session(model: nn.Module, memory: bool, oracle: bool = False) -> torch.Tensor:
-    """IoU after each click (objects, N_CLICKS), the clicks from next_click as in section 15.3."""
+    """IoU after each click (objects, N_CLICKS), the clicks from next_click as in section 15.4."""
     prompts = Prompts(torch.zeros_like(eval_masks), torch.zeros_like(eval_masks),
                       torch.zeros(len(held_out), 1, 3, dtype=torch.int64))
     pred, ious = torch.zeros_like(eval_masks), []
@@ -462,7 +462,7 @@ print("after 8 clicks, the model trained without second rounds has lost more IoU
 # answer. So the learned memory is as good as the best memory could be, but only because
 # the model reads neither: it has not learned to use the memory tokens at all. This is the
 # chapter's finding at 650 steps (and the GPU profile's at 1000) in a sharper form. The
-# memory tokens summarize the previous mask through (14.11) and reach the answer only
+# memory tokens summarize the previous mask through (15.2) and reach the answer only
 # through the prompt query's self-attention, where they are 4 of its 24 keys, and the loss
 # gives them a reason to matter only on the second-round half of the batches, where the
 # first answer was wrong in a way the memory could fix.
@@ -472,25 +472,25 @@ print("after 8 clicks, the model trained without second rounds has lost more IoU
 # was never trained (no negative token occurred), and it never saw more than one click on
 # an object, so the corrective tokens push its answer off. The model trained with second
 # rounds holds its first-click IoU to within about a hundredth. Neither uses the clicks to
-# climb, as in section 15.3: at this budget the first click's answer is close to the best
+# climb, as in section 15.4: at this budget the first click's answer is close to the best
 # the model can do, and NoC@85 mostly counts objects never reached. The paper's memory and
 # clicks work on top of a far better first answer.
 
 # %% [markdown]
 # ## Exercise 4 (implement): the mask losses
 #
-# (15.1) directly, with the probabilities $\sigma(m)$ and the $+1$ terms, which keep an
-# empty target finite (E4). For (15.2), $\log(1 + e^{m}) - t\,m$ with `F.softplus`,
+# (15.3) directly, with the probabilities $\sigma(m)$ and the $+1$ terms, which keep an
+# empty target finite (E4). For (15.4), $\log(1 + e^{m}) - t\,m$ with `F.softplus`,
 # which returns $m$ itself for large $m$ instead of overflowing, and $\log(1 + e^{m})
 # \approx e^{m}$ for very negative $m$; the mean, not the sum, over the $X$ pixels.
 
 # %%
 def mask_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(15.1) and (15.2) per mask: logits (N, X), targets (N, X) bool -> (dice (N,), bce (N,))."""
+    """(15.3) and (15.4) per mask: logits (N, X), targets (N, X) bool -> (dice (N,), bce (N,))."""
     t = targets.to(logits.dtype)
     p = torch.sigmoid(logits)
-    dice = 1 - (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)               # (15.1)
-    bce = (F.softplus(logits) - t * logits).mean(1)                                 # (15.2)
+    dice = 1 - (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)               # (15.3)
+    bce = (F.softplus(logits) - t * logits).mean(1)                                 # (15.4)
     return dice, bce
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from lrn_lib.exercises.machinery import Case, Exercise, F64, Mistake, _random_blobs
-from lrn_lib.seem import MEMORY, OBJECT, QUERY, TEXT, VISUAL, query_prompt_mask, sequence_layout
+from lrn_lib.seem_attention import MEMORY, OBJECT, QUERY, TEXT, VISUAL, query_prompt_mask, sequence_layout
 from lrn_lib.shapes import next_click
 
 

@@ -16,7 +16,7 @@ from lrn_lib.seem_training import bce_loss, dice_loss
 
 
 def _mask_losses_reference(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(15.1) and (15.2) per mask: the library's dice_loss and bce_loss."""
+    """(15.3) and (15.4) per mask: the library's dice_loss and bce_loss."""
     return dice_loss(logits, targets), bce_loss(logits, targets)
 
 
@@ -71,34 +71,34 @@ def _bce_naive(logits, targets):
 
 EXERCISES: tuple[Exercise, ...] = (
     Exercise(
-        id="15.mask_losses", summary="the dice loss (15.1) and the sigmoid cross-entropy (15.2) of each mask",
+        id="15.mask_losses", summary="the dice loss (15.3) and the sigmoid cross-entropy (15.4) of each mask",
         signature="mask_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]  "
                   "(logits (N, X) float, targets (N, X) bool -> (dice (N,), bce (N,)))",
         cases=_cases_mask_losses, n_cases=200, outputs=("dice", "bce"),
-        fallback="per row: dice = 1 - (2 sum sigma(m) t + 1) / (sum sigma(m) + sum t + 1), equation (15.1); "
-                 "bce = the mean over the X pixels of log(1 + e^m) - t m, equation (15.2)",
+        fallback="per row: dice = 1 - (2 sum sigma(m) t + 1) / (sum sigma(m) + sum t + 1), equation (15.3); "
+                 "bce = the mean over the X pixels of log(1 + e^m) - t m, equation (15.4)",
         shape_hint="return one dice loss and one BCE per mask (row of logits): two tensors of shape (N,)",
         nonfinite_hint="inf or nan where the answer is finite: log(1 + e^m) overflows for large m and log sigma(m) "
                        "is -inf once sigma(m) rounds to 0 or 1; use softplus(m) - t m "
-                       "(F.binary_cross_entropy_with_logits), and keep the +1 terms of (15.1)",
+                       "(F.binary_cross_entropy_with_logits), and keep the +1 terms of (15.3)",
         mistakes=(
             Mistake(lambda lo, t: _mask_losses_reference(lo, t)[::-1],
                     "your two outputs are swapped: return (dice, bce) in this order"),
             Mistake(lambda lo, t: (_dice_with(lo, t, smooth=0.0), bce_loss(lo, t)),
-                    "your dice has no +1 terms: (15.1) adds 1 to the numerator and to the denominator, so an "
+                    "your dice has no +1 terms: (15.3) adds 1 to the numerator and to the denominator, so an "
                     "empty target with an empty prediction costs 0 instead of 0/0 (exercise 1)"),
             Mistake(lambda lo, t: (_dice_with(lo, t, sigmoid=False), bce_loss(lo, t)),
-                    "your dice uses the logits m_x; (15.1) uses the probabilities sigma(m_x)"),
+                    "your dice uses the logits m_x; (15.3) uses the probabilities sigma(m_x)"),
             Mistake(lambda lo, t: (_dice_with(lo, t, square=True), bce_loss(lo, t)),
-                    "you squared the terms of the denominator (V-Net's variant); (15.1) sums sigma(m_x) and t_x "
+                    "you squared the terms of the denominator (V-Net's variant); (15.3) sums sigma(m_x) and t_x "
                     "themselves, as Mask2Former does"),
             Mistake(lambda lo, t: (1 - dice_loss(lo, t), bce_loss(lo, t)),
-                    "you returned the dice coefficient; the loss (15.1) is 1 minus it, 0 for a perfect mask"),
+                    "you returned the dice coefficient; the loss (15.3) is 1 minus it, 0 for a perfect mask"),
             Mistake(lambda lo, t: (dice_loss(lo, t), bce_loss(lo, t) * lo.shape[1]),
-                    "your BCE is the sum over the pixels; (15.2) is the mean, divided by X"),
+                    "your BCE is the sum over the pixels; (15.4) is the mean, divided by X"),
             Mistake(lambda lo, t: (dice_loss(lo, t), _bce_naive(lo, t)),
                     "log sigma(m) and log(1 - sigma(m)) are -inf once sigma(m) rounds to 0 or 1 (m beyond about "
-                    "+-37 in float64): write (15.2) as softplus(m) - t m, or use "
+                    "+-37 in float64): write (15.4) as softplus(m) - t m, or use "
                     "F.binary_cross_entropy_with_logits"),
         )),
 )
