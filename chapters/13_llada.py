@@ -1378,6 +1378,7 @@ print("LLaDA's backward template is above the AR model's 0 (by > 0.04) in at lea
 # replication at the same budget) and trains the text model longer.
 
 # %%
+# NBVAL_IGNORE_OUTPUT
 rev_final = {f"{name} {q}": final[name][q].tolist() for name in final for q in QUERIES}
 cpu_figures = {"reversal, final checkpoint": rev_final, "tv": {f"{k[0]} {k[1]}": round(v, 4) for k, v in tv.items()},
                "tv_floor": [round(v, 4) for v in tv_floor]}
