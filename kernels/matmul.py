@@ -23,6 +23,7 @@ Public names, by the section of chapter 03 that teaches them:
     needs_padding: Whether a (M, K) @ b (K, N) leaves the compiler only one-element loads (pad them first).
     padded_copy: x (r, c) copied into the top-left corner of a contiguous (rows, cols) buffer of zeros.
     matmul: a @ b with the Triton kernel: float32 accumulation, output in the inputs' dtype.
+    clear_launch_plans: Forget matmul's launch plans, so that each layout's next call decides afresh; return how many there were.
 """
 
 
@@ -42,11 +43,11 @@ def check_matmul_operands(a: torch.Tensor, b: torch.Tensor, dtypes=FLOAT_DTYPES)
 
     Defined in chapter 03 (Tiling), section 3.3 A tiled matmul in plain PyTorch.
     """
-    names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
     for name, x in (("a", a), ("b", b)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if x.dtype not in dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
             raise TypeError(f"{name} has dtype {x.dtype}; matmul takes {names}")
         if x.dim() != 2:
             raise ValueError(f"{name} has shape {tuple(x.shape)}; matmul needs a 2-D matrix")
@@ -328,6 +329,11 @@ def needs_padding(a: torch.Tensor, b: torch.Tensor) -> bool:
     Defined in chapter 03 (Tiling), section 3.6 The launcher: sizes, autotuning and checks.
     """
     check_matmul_operands(a, b, SUPPORTED_DTYPES)
+    return _unaligned(a, b)
+
+
+def _unaligned(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """needs_padding without its checks, for operands the launcher has checked."""
     sizes = [a.shape[1], b.shape[1]] + [stride for x in (a, b) for size, stride in zip(x.shape, x.stride())
                                         if size > 1 and stride != 1]
     return any(s % 16 for s in sizes) or any(x.data_ptr() % 16 for x in (a, b))
@@ -341,6 +347,11 @@ def padded_copy(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     validate.tensor(x, "x", dims=2)
     validate.integer(rows, "rows", low=x.shape[0])
     validate.integer(cols, "cols", low=x.shape[1])
+    return _zero_padded(x, rows, cols)
+
+
+def _zero_padded(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """padded_copy without its checks, for a matrix and sizes the launcher has checked."""
     out = x.new_empty((rows, cols))
     out[: x.shape[0], : x.shape[1]] = x
     out[x.shape[0]:].zero_()
@@ -354,19 +365,33 @@ def _multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _split_k_matmul(a, b, c, config, split_k, options):
-    """Launch the split-K kernel and the sum into c; config holds the blocks and launch options."""
+def _launch_options(config: dict) -> tuple[dict, dict]:
+    """A configuration split into the kernel's block constexprs and Triton's launch options."""
+    blocks = {key: config[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
+    return blocks, {key: value for key, value in config.items() if key not in blocks}
+
+
+def _split_k_launch(a, b, c, config, split_k, options):
+    """Run the split-K kernel and the sum into c once; return f(a, b, c) that repeats both for this layout."""
     m, k = a.shape
     n = b.shape[1]
     k_blocks = triton.cdiv(k, config["BLOCK_K"])
     per_split = triton.cdiv(k_blocks, split_k) * config["BLOCK_K"]
     split_k = triton.cdiv(k, per_split)               # no empty ranges
-    part = torch.empty((split_k, m, n), dtype=torch.float32, device=a.device)
+    blocks, launch_options = _launch_options(config)
+    constexprs = {**blocks, "EVEN_K": k % blocks["BLOCK_K"] == 0, **options}
+    sizes = (m, n, k, per_split, a.stride(0), a.stride(1), b.stride(0), b.stride(1))
     grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]), split_k)
-    matmul_split_k_kernel[grid](a, b, part, m, n, k, per_split, a.stride(0), a.stride(1), b.stride(0),
-                                b.stride(1), **options, **config)
-    block = 1024
-    split_k_sum_kernel[(triton.cdiv(m * n, block),)](part, c, m * n, SPLIT_K=split_k, BLOCK=block)
+    part = torch.empty((split_k, m, n), dtype=torch.float32, device=a.device)
+    partial = runtime.launch_and_keep(matmul_split_k_kernel, grid, (a, b, part, *sizes), constexprs, launch_options)
+    sums = {"SPLIT_K": split_k, "BLOCK": 1024}
+    total = runtime.launch_and_keep(split_k_sum_kernel, (triton.cdiv(m * n, 1024),), (part, c, m * n), sums)
+
+    def launch(a, b, c):
+        part = torch.empty((split_k, m, n), dtype=torch.float32, device=c.device)
+        partial(a, b, part, *sizes)
+        total(part, c, m * n)
+    return launch
 
 
 SPLIT_K_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_stages": 4, "num_warps": 4}
@@ -385,50 +410,112 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, allow_tf32: bool | None = None,
     M <= SKINNY_M, zero-padded operands for a large product that needs_padding, else
     autotuning). split_k: None chooses (S of skinny_config, else 1); an int from 1 to
     MAX_SPLIT_K sums S ranges of K in the split-K kernel, then adds them. Returns (M, N),
-    a column slice of a padded buffer when N had to be padded.
+    a column slice of a padded buffer when N had to be padded. The first call for a layout
+    (shapes, strides, 16-byte alignment, dtype, device) and options makes its launch plan,
+    which later calls run after checking their arguments (see clear_launch_plans).
 
     Defined in chapter 03 (Tiling), section 3.6 The launcher: sizes, autotuning and checks.
     """
-    m, n, k = check_matmul_operands(a, b, SUPPORTED_DTYPES)
+    check_matmul_operands(a, b, SUPPORTED_DTYPES)
     if config is not None:
         config = check_matmul_config(config)
-    if allow_tf32 is not None and not isinstance(allow_tf32, bool):
+    if allow_tf32 is None:
+        allow_tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
+    elif not isinstance(allow_tf32, bool):
         raise TypeError(f"allow_tf32 must be a bool or None, got {type(allow_tf32).__name__}")
     if split_k is not None:
         validate.integer(split_k, "split_k", low=1, high=MAX_SPLIT_K)
+    return _planned(a, b, allow_tf32, config, split_k)
+
+
+PLAN_CACHE_SIZE = 4096  # launch plans kept (one per layout and options); the oldest goes first
+_plans = runtime.LaunchPlans(PLAN_CACHE_SIZE)
+
+
+def clear_launch_plans() -> int:
+    """Forget matmul's launch plans, so that each layout's next call decides afresh; return how many there were.
+
+    Needed only after changing what a plan fixed but its key does not hold: Triton's debug or
+    instrumentation settings, or the autotuner's cache.
+
+    Defined in chapter 03 (Tiling), section 3.6 The launcher: sizes, autotuning and checks.
+    """
+    count = len(_plans)
+    _plans.clear()
+    return count
+
+
+def _planned(a, b, allow_tf32, config, split_k):
+    """a @ b for checked operands, through the plan of their layout (made and run on a first call)."""
+    key = (a.shape, b.shape, a.stride(), b.stride(), a.data_ptr() % 16 == 0, b.data_ptr() % 16 == 0, a.dtype,
+           a.device, runtime.launch_device(), allow_tf32, None if config is None else tuple(config.items()), split_k)
+    plan = _plans.get(key)
+    if plan is not None:
+        return plan(a, b)
+    plan, c = _make_plan(a, b, allow_tf32, config, split_k)
+    _plans.keep(key, plan)
+    return c
+
+
+def _make_plan(a, b, allow_tf32, config, split_k):
+    """Check what the layout allows, choose the route and run it once; return (plan, a @ b)."""
+    m, k = a.shape
+    n = b.shape[1]
     check_launchable("a", a)
     for name, x in (("a", a), ("b", b)):
         if _max_offset(x) > MAX_OFFSET:
             raise ValueError(f"{name} spans more than 2**31 elements; the kernel's offsets are 32-bit")
     if m * n > MAX_OFFSET:
         raise ValueError(f"the output would have {m * n} elements, more than the kernel's 2**31 limit")
-    if allow_tf32 is None:
-        allow_tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
-    # Triton 3.6's interpreter truncates float32 -> bfloat16; let torch round instead.
-    round_in_torch = runtime.MODE == "interpreted" and a.dtype == torch.bfloat16
-    c = torch.empty((m, n), dtype=torch.float32 if round_in_torch else a.dtype, device=a.device)
-    options = {"INPUT_PRECISION": "tf32" if allow_tf32 and a.dtype == torch.float32 else "ieee",
-               "WIDEN_BF16": runtime.MODE == "interpreted" and a.dtype == torch.bfloat16}
-    args = (a, b, c, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
-
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-
-    choose = config is None and runtime.MODE == "compiled"
+    interpreted = runtime.MODE == "interpreted"
+    choose = config is None and not interpreted
     if choose and m <= SKINNY_M:
         config, chosen = skinny_config(m, n, k, a.element_size(), _multiprocessors(a.device.index))
         split_k = chosen if split_k is None else split_k
-    elif choose and split_k is None and 2 * m * n * k >= PAD_MIN_FLOPS and needs_padding(a, b):
+    elif choose and split_k is None and 2 * m * n * k >= PAD_MIN_FLOPS and _unaligned(a, b):
         k_pad, n_pad = (triton.cdiv(size, PAD_MULTIPLE) * PAD_MULTIPLE for size in (k, n))
-        padded = matmul(padded_copy(a, m, k_pad), padded_copy(b, k_pad, n_pad), allow_tf32=allow_tf32)
-        return padded[:, :n]
-    if config is None and (runtime.MODE == "interpreted" or split_k is not None):
-        config = INTERPRETER_CONFIG if runtime.MODE == "interpreted" else SPLIT_K_CONFIG
+
+        def padded(a, b):
+            return _planned(_zero_padded(a, m, k_pad), _zero_padded(b, k_pad, n_pad), allow_tf32, None, None)[:, :n]
+        return padded, padded(a, b)
+    if config is None and (interpreted or split_k is not None):
+        config = INTERPRETER_CONFIG if interpreted else SPLIT_K_CONFIG
     split_k = min(split_k or 1, max(1, MAX_OFFSET // (m * n)))   # the partials' offsets are 32-bit too
+    # Triton 3.6's interpreter truncates float32 -> bfloat16; let torch round instead.
+    round_in_torch = interpreted and a.dtype == torch.bfloat16
+    out_dtype, device = torch.float32 if round_in_torch else a.dtype, a.device
+    options = {"INPUT_PRECISION": "tf32" if allow_tf32 and a.dtype == torch.float32 else "ieee",
+               "WIDEN_BF16": round_in_torch}
+    c = torch.empty((m, n), dtype=out_dtype, device=device)
     if split_k > 1:
-        _split_k_matmul(a, b, c, config, split_k, options)
-    elif config is None:
-        matmul_kernel_autotuned[grid](*args, **options)
+        launch = _split_k_launch(a, b, c, config, split_k, options)
     else:
-        matmul_kernel[grid](*args, **options, **config)
-    return c.to(a.dtype) if round_in_torch else c
+        launch = _single_launch(a, b, c, config, options)
+
+    def plan(a, b):
+        c = torch.empty((m, n), dtype=out_dtype, device=device)
+        launch(a, b, c)
+        return c.to(a.dtype) if round_in_torch else c
+    return plan, c.to(a.dtype) if round_in_torch else c
+
+
+def _single_launch(a, b, c, config, options):
+    """Run matmul_kernel once into c (autotuned when config is None); return f(a, b, c) that repeats it."""
+    m, k = a.shape
+    n = b.shape[1]
+    sizes = (m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
+    compiled = None
+    if config is None:   # the autotuner times its candidates once per (M, N, K, dtype); keep its choice
+
+        def grid(meta):
+            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        compiled = matmul_kernel_autotuned[grid](a, b, c, *sizes, **options)
+        config = matmul_kernel_autotuned.best_config.all_kwargs()
+    blocks, launch_options = _launch_options(config)
+    constexprs = {**blocks, "EVEN_K": k % blocks["BLOCK_K"] == 0, **options}
+    grid = (triton.cdiv(m, blocks["BLOCK_M"]) * triton.cdiv(n, blocks["BLOCK_N"]),)
+    if compiled is None:
+        launch = runtime.launch_and_keep(matmul_kernel, grid, (a, b, c, *sizes), constexprs, launch_options)
+    else:
+        launch = runtime.relauncher(matmul_kernel, grid, compiled, constexprs, launch_options)
+    return lambda a, b, c: launch(a, b, c, *sizes)

@@ -13,6 +13,10 @@ this module first. The rule is
 Where triton cannot be installed (macOS, Windows), ``triton`` and ``tl`` below are
 small stand-ins so that kernel modules still import; launchers check ``MODE`` and the
 dispatching functions of ``lrn_lib`` use their PyTorch references, saying so once.
+
+Launch plans: ``relauncher`` and ``launch_and_keep`` turn a first launch through Triton's JIT
+into a function that launches the compiled binary again without the JIT's per-call work, and
+``LaunchPlans`` holds such plans by key (chapter 3, section 3.7, measures what that saves).
 """
 from __future__ import annotations
 
@@ -20,7 +24,9 @@ import os
 import types
 import warnings
 
-from lrn_lib import config
+import torch
+
+from lrn_lib import config, validate
 
 MISSING_MESSAGE = (
     "Triton is not installed (it has wheels for Linux x86_64/aarch64 only): "
@@ -78,3 +84,61 @@ def check_launchable(name: str, x) -> None:
         )
     if MODE == "interpreted" and x.device.type not in ("cpu", "cuda"):
         raise ValueError(f"{name} is on {x.device}; Triton's interpreter runs on CPU tensors")
+
+
+def launch_device() -> int | None:
+    """The CUDA device index Triton launches on now (the current device) when compiled, else None.
+
+    A launch plan that keeps a compiled binary belongs to this device: it goes into the plan's key.
+    """
+    return torch.cuda.current_device() if MODE == "compiled" else None
+
+
+def relauncher(kernel, grid: tuple[int, ...], compiled, constexprs: dict, options: dict):
+    """A function of ``kernel``'s run-time arguments that launches it again on ``grid``.
+
+    ``compiled`` is what a first launch ``kernel[grid](*args, **constexprs, **options)`` returned
+    (or the autotuner's launch with the configuration it chose); ``constexprs`` holds the values
+    of every compile-time parameter, heuristics' too, which must be the kernel's last parameters,
+    in the order of its signature. Compiled, the function hands the arguments to Triton's
+    launcher for that binary directly, skipping the JIT's argument binding, specialization and
+    cache lookup. It is valid only for arguments Triton would specialize the same way: the
+    same dtypes, integers equal (or alike in being 1 or a multiple of 16), pointers alike in
+    16-byte alignment, on the same current device; the caller's cache key must guarantee that.
+    Interpreted, or where the compiled kernel lacks the handles, it launches through the JIT.
+    """
+    validate.instance(constexprs, "constexprs", dict)
+    validate.instance(options, "options", dict)
+    validate.nonempty(grid, "grid")
+    names = list(getattr(kernel, "arg_names", ()))
+    grid = tuple(grid) + (1,) * (3 - len(grid))
+    direct = (MODE == "compiled" and callable(getattr(compiled, "__getitem__", None))
+              and len(names) >= len(constexprs) and names[len(names) - len(constexprs):] == list(constexprs))
+    if not direct:
+        return lambda *args: kernel[grid](*args, **constexprs, **options)
+    runner, tail = compiled[grid], tuple(constexprs.values())
+    return lambda *args: runner(*args, *tail)
+
+
+def launch_and_keep(kernel, grid: tuple[int, ...], args: tuple, constexprs: dict, options: dict | None = None):
+    """Launch ``kernel[grid](*args, **constexprs, **options)`` through Triton's JIT; return its relauncher.
+
+    The returned function takes new run-time arguments like ``args`` (see :func:`relauncher`).
+    """
+    options = options or {}
+    return relauncher(kernel, grid, kernel[grid](*args, **constexprs, **options), constexprs, options)
+
+
+class LaunchPlans(dict):
+    """Launch plans by key, at most ``size`` of them: keeping one more drops the oldest."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = validate.integer(size, "size", low=1)
+
+    def keep(self, key, plan):
+        """Store plan under key (dropping the oldest plan when full) and return it."""
+        if len(self) >= self.size:
+            del self[next(iter(self))]
+        self[key] = plan
+        return plan

@@ -374,6 +374,7 @@ NO_BAD_INPUT = {
                                            "NamedTuple cannot check its fields, so check_state, merge_states "
                                            "and state_lse check the states they are given",
     "kernels.matmul.hopper_configs": "takes no arguments: it returns the fixed list of autotuning configs",
+    "kernels.matmul.clear_launch_plans": "takes no arguments: it empties matmul's cache of launch plans",
 }
 
 
