@@ -17,6 +17,7 @@ import triton
 from triton.testing import do_bench
 
 import kernels.matmul as km
+from kernels import runtime
 
 SKINNY = [(16, 8192, 8192), (64, 8192, 8192), (128, 8192, 8192)]
 SMALL_K = (4096, 4096, 512)
@@ -72,7 +73,7 @@ def main() -> None:
     print("== skinny: fixed configs x splits (bf16); heuristic's pick marked *")
     for m, n, k in SKINNY:
         a, b, ref, t_cublas = headline(m, n, k, torch.bfloat16)
-        pick, s_pick = km.skinny_config(m, n, k, 2, km._multiprocessors(0))
+        pick, s_pick = km.skinny_config(m, n, k, 2, runtime.multiprocessors(torch.device("cuda", 0)))
         results = []
         block_m = pick["BLOCK_M"]
         for bn, bk in ((64, 128), (128, 128), (128, 64), (256, 64), (64, 256), (128, 256)):

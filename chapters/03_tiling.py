@@ -708,8 +708,6 @@ def check_matmul_config(config: dict) -> dict:
 
 # %%
 #| export kernels.matmul
-import functools
-
 SKINNY_M = 128          # at most this many rows: the skinny heuristic instead of autotuning
 PAD_MULTIPLE = 64       # padded sizes and row strides for unaligned operands
 PAD_MIN_FLOPS = 2**33   # pad only products at least this large (the copy must be amortised)
@@ -848,12 +846,6 @@ def _zero_padded(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return out
 
 
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(index: int) -> int:
-    """Multiprocessor count of CUDA device index (read once)."""
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _launch_options(config: dict) -> tuple[dict, dict]:
     """A configuration split into the kernel's block constexprs and Triton's launch options."""
     blocks = {key: config[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
@@ -968,7 +960,7 @@ def _make_plan(a, b, allow_tf32, config, split_k):
     interpreted = runtime.MODE == "interpreted"
     choose = config is None and not interpreted
     if choose and m <= SKINNY_M:
-        config, chosen = skinny_config(m, n, k, a.element_size(), _multiprocessors(a.device.index))
+        config, chosen = skinny_config(m, n, k, a.element_size(), runtime.multiprocessors(a.device))
         split_k = chosen if split_k is None else split_k
     elif choose and split_k is None and 2 * m * n * k >= PAD_MIN_FLOPS and _unaligned(a, b):
         k_pad, n_pad = (triton.cdiv(size, PAD_MULTIPLE) * PAD_MULTIPLE for size in (k, n))

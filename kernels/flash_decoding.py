@@ -24,6 +24,7 @@ import torch
 
 from kernels.flash_attention import (LOG2_E, MAX_HEAD_DIM, _attend_range, _interpreter_dtype, _last_dim_contiguous,
                                      check_flash_inputs, head_block)
+from kernels import runtime
 from kernels.runtime import check_launchable, tl, triton
 from lrn_lib import validate
 
@@ -148,19 +149,6 @@ def decode_splits(programs: int, n_keys: int, block_n: int, n_sm: int) -> int:
     return max(1, min(wanted, triton.cdiv(n_keys, 2 * block_n), DECODE_MAX_SPLITS))
 
 
-_MULTIPROCESSORS: dict[int, int] = {}   # by CUDA device index: asked once, not at every decoding step
-
-
-def _multiprocessors(device: torch.device) -> int:
-    """The GPU's multiprocessor count; 4 for the interpreter on the CPU (few programs, quick tests)."""
-    if device.type != "cuda":
-        return 4
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _MULTIPROCESSORS:
-        _MULTIPROCESSORS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _MULTIPROCESSORS[index]
-
-
 def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
                  scale: float | None = None, n_splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention for few queries by split keys (flash-decoding): O and L like flash_attention_forward.
@@ -185,7 +173,7 @@ def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
     block_m, block_n, warps, stages = decode_config(d, group * n_q)
     row_blocks = triton.cdiv(group * n_q, block_m)
     if n_splits is None:
-        n_splits = decode_splits(b * h_kv * row_blocks, n_k, block_n, _multiprocessors(q.device))
+        n_splits = decode_splits(b * h_kv * row_blocks, n_k, block_n, runtime.multiprocessors(q.device))
     chunk = triton.cdiv(triton.cdiv(n_k, n_splits), block_n) * block_n   # keys per chunk
     n_splits = triton.cdiv(n_k, chunk)                                   # no chunk is empty
     o_part = torch.empty((b, h, n_q, n_splits, d), dtype=torch.float32, device=q.device)

@@ -86,6 +86,21 @@ def check_launchable(name: str, x) -> None:
         raise ValueError(f"{name} is on {x.device}; Triton's interpreter runs on CPU tensors")
 
 
+_MULTIPROCESSORS: dict[int, int] = {}   # by CUDA device index: asked once, not at every launch
+
+
+def multiprocessors(device: torch.device) -> int:
+    """The streaming multiprocessors of a CUDA device (read once per device); 4 off CUDA, for the interpreter
+    (few programs, quick tests). Launchers size their grids from it."""
+    validate.instance(device, "device", torch.device)
+    if device.type != "cuda":
+        return 4
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _MULTIPROCESSORS:
+        _MULTIPROCESSORS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _MULTIPROCESSORS[index]
+
+
 def launch_device() -> int | None:
     """The CUDA device index Triton launches on now (the current device) when compiled, else None.
 
