@@ -854,11 +854,20 @@ print("held-out loss below 3 nats per byte:", held_out_loss < 3.0)
 #
 # $$L = \log \sum_{s=1}^{S} e^{L_s}, \qquad O = \sum_{s=1}^{S} e^{L_s - L}\, O_s \qquad (6.7)$$
 #
-# (computed with the largest $L_s$ subtracted first, in base 2 like the kernels). The number
-# of chunks is chosen so that there are about four programs per multiprocessor, with at
-# least two key blocks per chunk. (`benchmarks/sweep_decode.py` found fewer chunks, about one
-# program per multiprocessor, 14 to 21% faster at the shapes it swept on an H200: more chunks
-# mean more partials to write and merge and shorter loops. That choice is not yet adopted.)
+# (computed with the largest $L_s$ subtracted first, in base 2 like the kernels).
+#
+# **How many chunks.** More chunks keep more multiprocessors reading, but each chunk writes
+# a partial that the merge must read back, and a short chunk's loop has little to overlap.
+# The rule is one program per multiprocessor, and more chunks where that would leave chunks
+# longer than 2,048 keys, with at least two key blocks per chunk. It was measured side by side
+# with the rules on either side of it on an H200
+# (`benchmarks/results/decode_chunk_rule_NVIDIA_H200_2026-12-04.txt`, CUDA-graph replays at the
+# 24 shapes of the benchmark below): four programs per multiprocessor, our first choice, is
+# up to 1.46 times slower at 8k to 32k keys, where its chunks are two or four blocks long;
+# one program per multiprocessor alone is 5 to 11% slower at 128k keys with 32 heads on 8,
+# where 17 chunks of 7,700 keys leave too few programs to hide the memory's latency. Against
+# four per multiprocessor, in a second run, the rule was nowhere more than 1% slower and
+# gained as much as one per multiprocessor had (up to 1.46 times, at 8k and 32k keys).
 #
 # The inner loop is `_attend_range`, the key loop of chapter 4's forward kernel, unchanged:
 # the causal mask (bottom-right aligned, so query $i$ of $N_q$ sees keys up to
@@ -893,6 +902,7 @@ from lrn_lib import validate
 DECODE_MAX_QUERIES = 16   # causal_attention decodes with the split kernels up to this many queries
 DECODE_MIN_KEYS = 4096    # ... and from this many keys on: shorter caches cost less in one launch
 DECODE_MAX_SPLITS = 256   # the partials of one row: at most this many key chunks
+DECODE_CHUNK_KEYS = 2048  # split further when one program per multiprocessor leaves longer chunks
 
 
 @triton.jit
@@ -1001,14 +1011,15 @@ def decode_config(head_dim: int, rows: int) -> tuple[int, int, int, int]:
 
 
 def decode_splits(programs: int, n_keys: int, block_n: int, n_sm: int) -> int:
-    """Number of key chunks S: about four programs per multiprocessor, at least two key blocks per chunk.
+    """Number of key chunks S: one program per multiprocessor, chunks of at most DECODE_CHUNK_KEYS keys,
+    at least two key blocks per chunk.
 
     programs: the programs of one chunk (B * Hkv * row blocks); n_sm: multiprocessors of the GPU.
     Returns 1 <= S <= DECODE_MAX_SPLITS.
     """
     for name, value in (("programs", programs), ("n_keys", n_keys), ("block_n", block_n), ("n_sm", n_sm)):
         validate.integer(value, name, low=1)
-    wanted = triton.cdiv(4 * n_sm, programs)
+    wanted = max(triton.cdiv(n_sm, programs), triton.cdiv(n_keys, DECODE_CHUNK_KEYS))
     return max(1, min(wanted, triton.cdiv(n_keys, 2 * block_n), DECODE_MAX_SPLITS))
 
 
@@ -1135,24 +1146,25 @@ else:
 
 # %% [markdown]
 # Run on an H200 (2026-12-04, torch 2.11, triton 3.6:
-# `benchmarks/results/chapter06_decode_cell_NVIDIA_H200_2026-12-04.txt`), the cell printed
-# 8.1, 19.6, 48.9 and 151.3 µs for the split kernels at 1k, 8k, 32k and 128k keys, against
-# 10.7, 23.4, 49.8 and 152.9 µs for SDPA's FlashAttention-2 backend and 23 µs to 2.4 ms for
-# chapter 4's kernel. At 128k keys both read the cache at about 3.5 TB/s, near the memory's
-# speed, and which one is ahead there is within the spread between runs: this run has ours
-# 1% faster, the full benchmark below 6% slower.
+# `benchmarks/results/chapter06_decode_cell_NVIDIA_H200_2026-12-04.txt`) with our first chunk
+# rule (four programs per multiprocessor), the cell printed 8.1, 19.6, 48.9 and 151.3 µs for
+# the split kernels at 1k, 8k, 32k and 128k keys, against 10.7, 23.4, 49.8 and 152.9 µs for
+# SDPA's FlashAttention-2 backend and 23 µs to 2.4 ms for chapter 4's kernel. With the rule
+# above, the comparison of the chunk rules measured 8.2, 16.4, 48.4 and 149.6 µs at the same
+# shapes, against SDPA's 10.7, 23.8, 49.9 and 151.6 in the same run. At 128k keys both read
+# the cache at about 3.5 TB/s, near the memory's speed, so there the two are level.
 #
-# In the full benchmark (`benchmarks/results/decode_bench_NVIDIA_H200_2026-12-03.txt`),
-# as graph replays, the split kernels ran faster than SDPA's FlashAttention-2 backend at 23
-# of the benchmark's 24 shapes, by 1.03 to 3.3 times, and 2 to 69 times faster than
-# chapter 4's forward kernel. The gain over SDPA grows with $N_q$: with one query SDPA
-# packs a group's query heads as we do, while its times for several queries are those of
-# reading $K$ and $V$ once per query head (at 131,072 keys, about three times its
-# single-query time). The one exception, a single query against 131,072 keys with 32 heads
-# on 8, runs both near the memory's speed (about 3.4 TB/s for ours, 3.5 for SDPA): 0.94
-# times. Called eagerly from Python, a call costs 50 to a few hundred microseconds of host
-# time in Triton's launcher for the two kernels, against about 12 for SDPA, so below about
-# 32k keys an eager decoding step is bound by the host, not the GPU;
+# Over all 24 shapes of that comparison (one query to 16, 1k to 128k keys, 32 heads on 8 and
+# 4 on 1), the split kernels with this rule ran 1.01 to 3.4 times as fast as SDPA's
+# FlashAttention-2 backend, as graph replays; the earlier full benchmark, with the first rule
+# (`benchmarks/results/decode_bench_NVIDIA_H200_2026-12-03.txt`), had one exception (0.94
+# times, one query against 131,072 keys with 32 heads on 8) and showed the kernels 2 to 69
+# times as fast as chapter 4's forward kernel. The gain over SDPA grows with $N_q$: with one
+# query SDPA packs a group's query heads as we do, while its times for several queries are
+# those of reading $K$ and $V$ once per query head (at 131,072 keys, about three times its
+# single-query time). Called eagerly from Python, a call costs 50 to a few hundred
+# microseconds of host time in Triton's launcher for the two kernels, against about 12 for
+# SDPA, so below about 32k keys an eager decoding step is bound by the host, not the GPU;
 # the remedy is the graph, or one kernel launch instead of two.
 
 

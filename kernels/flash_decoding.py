@@ -12,7 +12,7 @@ Public names, by the section of chapter 06 that teaches them:
     flash_decode_split_kernel: Partial attention of one key chunk for BLOCK_M packed (query head, query) rows of one kv head.
     flash_decode_merge_kernel: Merge the split partials of one (batch, head, query) row by (6.7): O and L (natural log).
     decode_config: (BLOCK_M, BLOCK_N, num_warps, num_stages) of the split kernel for G * Nq packed rows.
-    decode_splits: Number of key chunks S: about four programs per multiprocessor, at least two key blocks per chunk.
+    decode_splits: Number of key chunks S: one program per multiprocessor, chunks of at most DECODE_CHUNK_KEYS keys,
     flash_decode: Attention for few queries by split keys (flash-decoding): O and L like flash_attention_forward.
     is_decoding_step: Whether flash_decode should run this attention: few queries, a long cache, no gradient needed.
 """
@@ -31,6 +31,7 @@ from lrn_lib import validate
 DECODE_MAX_QUERIES = 16   # causal_attention decodes with the split kernels up to this many queries
 DECODE_MIN_KEYS = 4096    # ... and from this many keys on: shorter caches cost less in one launch
 DECODE_MAX_SPLITS = 256   # the partials of one row: at most this many key chunks
+DECODE_CHUNK_KEYS = 2048  # split further when one program per multiprocessor leaves longer chunks
 
 
 @triton.jit
@@ -136,7 +137,8 @@ def decode_config(head_dim: int, rows: int) -> tuple[int, int, int, int]:
 
 
 def decode_splits(programs: int, n_keys: int, block_n: int, n_sm: int) -> int:
-    """Number of key chunks S: about four programs per multiprocessor, at least two key blocks per chunk.
+    """Number of key chunks S: one program per multiprocessor, chunks of at most DECODE_CHUNK_KEYS keys,
+    at least two key blocks per chunk.
 
     programs: the programs of one chunk (B * Hkv * row blocks); n_sm: multiprocessors of the GPU.
     Returns 1 <= S <= DECODE_MAX_SPLITS.
@@ -145,7 +147,7 @@ def decode_splits(programs: int, n_keys: int, block_n: int, n_sm: int) -> int:
     """
     for name, value in (("programs", programs), ("n_keys", n_keys), ("block_n", block_n), ("n_sm", n_sm)):
         validate.integer(value, name, low=1)
-    wanted = triton.cdiv(4 * n_sm, programs)
+    wanted = max(triton.cdiv(n_sm, programs), triton.cdiv(n_keys, DECODE_CHUNK_KEYS))
     return max(1, min(wanted, triton.cdiv(n_keys, 2 * block_n), DECODE_MAX_SPLITS))
 
 

@@ -174,3 +174,14 @@ def test_the_dispatch_decodes_few_queries_over_long_caches_without_gradients_onl
         assert not is_decoding_step(*qkv(DECODE_MAX_QUERIES + 1, DECODE_MIN_KEYS))
         assert not is_decoding_step(*qkv(1, DECODE_MIN_KEYS - 1))       # a short cache costs less in one launch
     assert not is_decoding_step(*qkv(1, DECODE_MIN_KEYS, grad=True))     # a gradient needs the forward kernel's L
+
+
+def test_decode_splits_gives_one_program_per_multiprocessor_and_chunks_of_at_most_2048_keys():
+    from kernels.flash_decoding import DECODE_CHUNK_KEYS, DECODE_MAX_SPLITS, decode_splits
+
+    assert decode_splits(8, 8192, 64, 132) == 17                   # 32:8 heads, one query: 17 x 8 programs
+    assert decode_splits(8, 131072, 64, 132) == 131072 // DECODE_CHUNK_KEYS   # long caches: 2,048-key chunks
+    assert decode_splits(1, 131072, 64, 132) == 132                # 4:1 heads: one program per multiprocessor
+    assert decode_splits(1, 8192, 64, 132) == 8192 // 128          # at least two key blocks per chunk
+    assert decode_splits(1, 10**7, 64, 132) == DECODE_MAX_SPLITS
+    assert decode_splits(1000, 100, 64, 132) == 1
