@@ -392,7 +392,8 @@ def exercises(chapter_id: str) -> list[str]:
     found = [f"{e.id}: {e.summary}; write {e.signature}"
              for e in (chapter_exercises(chapter).values() if chapter in known else ())]
     if not found:
-        raise ValueError(f"no exercises for chapter {chapter_id!r}; chapters with exercises: {', '.join(known)}")
+        raise ValueError(f"no exercises for chapter {chapter_id!r} to check (derive and measure exercises have no "
+                         f"checker); chapters with exercises: {', '.join(known)}")
     return found
 
 
