@@ -339,7 +339,7 @@ from typing import Callable
 
 import torch
 
-from kernels.runtime import LaunchPlans, check_launchable, launch_and_keep, launch_device, tl, triton
+from kernels.runtime import LaunchPlans, check_launchable, launch_and_keep, layout_key, tl, triton
 from lrn_lib import validate
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -518,11 +518,10 @@ _plans = LaunchPlans(4096)  # a launch for each layout of (x2, y2) seen, the old
 def _launch_softmax(x2: torch.Tensor, y2: torch.Tensor) -> None:
     """The fused kernel for rows that fit one block, the looped one for longer rows; x2, y2: (R, C).
 
-    The first launch for a layout (sizes, row strides, 16-byte alignment, dtype, device) goes
+    The first launch for a layout (sizes, strides, 16-byte alignment, dtype, device) goes
     through Triton's JIT; later ones hand the arguments to the binary it compiled.
     """
-    key = (x2.shape, x2.stride(0), y2.stride(0), x2.data_ptr() % 16 == 0, y2.data_ptr() % 16 == 0,
-           x2.dtype, x2.device, launch_device())
+    key = layout_key(x2, y2)
     launch = _plans.get(key)
     if launch is not None:
         return launch(x2, y2)

@@ -937,8 +937,7 @@ def clear_launch_plans() -> int:
 
 def _planned(a, b, allow_tf32, config, split_k):
     """a @ b for checked operands, through the plan of their layout (made and run on a first call)."""
-    key = (a.shape, b.shape, a.stride(), b.stride(), a.data_ptr() % 16 == 0, b.data_ptr() % 16 == 0, a.dtype,
-           a.device, runtime.launch_device(), allow_tf32, None if config is None else tuple(config.items()), split_k)
+    key = runtime.layout_key(a, b) + (allow_tf32, None if config is None else tuple(config.items()), split_k)
     plan = _plans.get(key)
     if plan is not None:
         return plan(a, b)

@@ -109,6 +109,12 @@ def launch_device() -> int | None:
     return torch.cuda.current_device() if MODE == "compiled" else None
 
 
+def layout_key(*tensors: torch.Tensor) -> tuple:
+    """What a launch plan for these tensors depends on: each one's shape, strides, 16-byte alignment, dtype and
+    device, and the CUDA device Triton launches on now (see launch_device)."""
+    return tuple((t.shape, t.stride(), t.data_ptr() % 16 == 0, t.dtype, t.device) for t in tensors) + (launch_device(),)
+
+
 def relauncher(kernel, grid: tuple[int, ...], compiled, constexprs: dict, options: dict):
     """A function of ``kernel``'s run-time arguments that launches it again on ``grid``.
 
