@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import kernels.flash_decoding as fa
+from kernels import runtime
 from kernels.bench import graph_times, rotating_sets
 
 SHAPES = [  # (H, Hkv, Nq, Nk)
@@ -48,7 +49,7 @@ def main() -> None:
         base = us(lambda *t: fa.flash_decode(*t, causal=False), sets)
         bm, bn, w, s = chosen(128, n_q * h // h_kv)
         programs = h_kv * -(-(n_q * h // h_kv) // bm)
-        default_splits = fa.decode_splits(programs, n_k, bn, torch.cuda.get_device_properties(0).multi_processor_count)
+        default_splits = fa.decode_splits(programs, n_k, bn, runtime.multiprocessors(q.device))
         print(f"\nH={h} Hkv={h_kv} Nq={n_q} Nk={n_k}: library {base:.1f} us ({default_splits} chunks, "
               f"{chosen(128, n_q * h // h_kv)}), SDPA flash {sdpa:.1f} us")
         line = []
